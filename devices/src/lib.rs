@@ -1,0 +1,1 @@
+//! Device models behind one bus trait.

@@ -1,0 +1,4 @@
+//! Boot protocol, e820, ACPI and option ROMs: everything that turns a
+//! machine description into bytes the guest reads.
+
+pub mod acpi;

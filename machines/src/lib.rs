@@ -1,0 +1,252 @@
+//! What the guest sees, as data.
+//!
+//! Every address, port, IRQ and limit a guest can observe lives here and
+//! nowhere else. Devices and firmware take their values from a
+//! [`MachineDescription`]; none of them hides a guest-visible constant.
+//!
+//! This crate holds a single machine description for now. Versioned machine
+//! types (`pc-1.0`, `pc-2.0`, …) are built on top of the same structures.
+
+use serde::{Deserialize, Serialize};
+
+/// One KiB.
+pub const KIB: u64 = 1 << 10;
+/// One MiB.
+pub const MIB: u64 = 1 << 20;
+/// One GiB.
+pub const GIB: u64 = 1 << 30;
+
+/// The guest physical memory map: where RAM goes and what is reserved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryMap {
+    /// End of the conventional (below 640 KiB) RAM reported in e820.
+    pub low_ram_end: u64,
+    /// Start of RAM above the legacy hole (usually 1 MiB).
+    pub high_ram_start: u64,
+    /// Start of the reserved BIOS area where ACPI tables live.
+    pub bios_area_start: u64,
+    /// End (exclusive) of the BIOS area.
+    pub bios_area_end: u64,
+    /// Start of the 32-bit PCI/MMIO hole; RAM below 4 GiB stops here.
+    pub pci_hole_start: u64,
+    /// End (exclusive) of the 32-bit hole: RAM resumes at this address.
+    pub pci_hole_end: u64,
+    /// IOAPIC MMIO base.
+    pub ioapic_addr: u64,
+    /// Local APIC MMIO base.
+    pub lapic_addr: u64,
+}
+
+/// A contiguous block of guest RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamRange {
+    /// Guest physical start.
+    pub start: u64,
+    /// Length in bytes.
+    pub size: u64,
+}
+
+impl MemoryMap {
+    /// Splits `total` bytes of RAM around the 32-bit hole.
+    ///
+    /// RAM starts at 0 and runs up to the hole; whatever does not fit goes
+    /// above 4 GiB (`pci_hole_end`).
+    pub fn ram_ranges(&self, total: u64) -> Vec<RamRange> {
+        let below = total.min(self.pci_hole_start);
+        let mut ranges = vec![RamRange {
+            start: 0,
+            size: below,
+        }];
+        if total > below {
+            ranges.push(RamRange {
+                start: self.pci_hole_end,
+                size: total - below,
+            });
+        }
+        ranges
+    }
+}
+
+/// Location of one legacy device on the port bus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PioDevice {
+    /// First port.
+    pub port: u16,
+    /// Number of ports.
+    pub len: u16,
+    /// ISA IRQ (== GSI on the IOAPIC), if the device raises one.
+    pub irq: Option<u32>,
+}
+
+/// The ACPI power-management block (PM1a event, PM1a control, PM timer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PmBlock {
+    /// Base port of the block; PM1a_EVT is at `base`, 4 bytes.
+    pub base: u16,
+    /// Offset of PM1a_CNT (2 bytes) from `base`.
+    pub cnt_offset: u16,
+    /// Offset of the 24-bit PM timer (4 bytes) from `base`.
+    pub tmr_offset: u16,
+    /// Total length of the block in ports.
+    pub len: u16,
+    /// SCI interrupt.
+    pub sci_irq: u32,
+    /// SLP_TYP value for S5 (soft off), as declared by the DSDT `_S5` object.
+    pub s5_slp_typ: u8,
+}
+
+impl PmBlock {
+    /// Port of PM1a_CNT.
+    pub fn cnt_port(&self) -> u16 {
+        self.base + self.cnt_offset
+    }
+    /// Port of the PM timer.
+    pub fn tmr_port(&self) -> u16 {
+        self.base + self.tmr_offset
+    }
+}
+
+/// The ACPI reset register (FADT `RESET_REG`), an I/O port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResetRegister {
+    /// Port.
+    pub port: u16,
+    /// Value the guest writes to reset.
+    pub value: u8,
+}
+
+/// Legacy (non-PCI) platform devices and their resources.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegacyDevices {
+    /// COM1 16550 UART.
+    pub com1: PioDevice,
+    /// i8042 keyboard controller (data port; command port is data + 4).
+    pub i8042: PioDevice,
+    /// CMOS RTC index/data pair.
+    pub rtc: PioDevice,
+    /// ACPI PM block.
+    pub pm: PmBlock,
+    /// ACPI reset register.
+    pub reset: ResetRegister,
+}
+
+/// Identification strings placed in ACPI tables.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcpiIds {
+    /// 6-byte OEM ID.
+    pub oem_id: String,
+    /// 8-byte OEM table ID.
+    pub oem_table_id: String,
+    /// OEM revision.
+    pub oem_revision: u32,
+    /// 4-byte creator ID.
+    pub creator_id: String,
+    /// Creator revision.
+    pub creator_revision: u32,
+}
+
+/// A complete description of the machine a guest sees.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineDescription {
+    /// Name of the machine.
+    pub name: String,
+    /// Memory map.
+    pub memory: MemoryMap,
+    /// Smallest guest memory accepted, in bytes.
+    pub min_memory: u64,
+    /// Largest guest memory accepted, in bytes.
+    pub max_memory: u64,
+    /// Largest vCPU count accepted.
+    pub max_vcpus: u32,
+    /// Legacy devices.
+    pub legacy: LegacyDevices,
+    /// ACPI identification.
+    pub acpi_ids: AcpiIds,
+    /// Longest kernel command line accepted, in bytes, excluding the NUL.
+    pub max_cmdline_len: usize,
+}
+
+/// The machine Abide builds today.
+pub fn pc() -> MachineDescription {
+    MachineDescription {
+        name: "pc".to_string(),
+        memory: MemoryMap {
+            low_ram_end: 0x9_fc00,
+            high_ram_start: MIB,
+            bios_area_start: 0xe_0000,
+            bios_area_end: 0x10_0000,
+            pci_hole_start: 3 * GIB,
+            pci_hole_end: 4 * GIB,
+            ioapic_addr: 0xfec0_0000,
+            lapic_addr: 0xfee0_0000,
+        },
+        min_memory: 32 * MIB,
+        max_memory: 1024 * GIB,
+        max_vcpus: 64,
+        legacy: LegacyDevices {
+            com1: PioDevice {
+                port: 0x3f8,
+                len: 8,
+                irq: Some(4),
+            },
+            i8042: PioDevice {
+                port: 0x60,
+                len: 5,
+                irq: Some(1),
+            },
+            rtc: PioDevice {
+                port: 0x70,
+                len: 2,
+                irq: Some(8),
+            },
+            pm: PmBlock {
+                base: 0x600,
+                cnt_offset: 4,
+                tmr_offset: 8,
+                len: 12,
+                sci_irq: 9,
+                s5_slp_typ: 5,
+            },
+            reset: ResetRegister {
+                port: 0xcf9,
+                value: 0x06,
+            },
+        },
+        acpi_ids: AcpiIds {
+            oem_id: "ABIDE ".to_string(),
+            oem_table_id: "ABIDEPC ".to_string(),
+            oem_revision: 1,
+            creator_id: "ABDE".to_string(),
+            creator_revision: 1,
+        },
+        max_cmdline_len: 4095,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_fits_below_hole() {
+        let m = pc();
+        let r = m.memory.ram_ranges(512 * MIB);
+        assert_eq!(
+            r,
+            vec![RamRange {
+                start: 0,
+                size: 512 * MIB
+            }]
+        );
+    }
+
+    #[test]
+    fn large_guest_splits_around_hole() {
+        let m = pc();
+        let r = m.memory.ram_ranges(6 * GIB);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].size, 3 * GIB);
+        assert_eq!(r[1].start, 4 * GIB);
+        assert_eq!(r[1].size, 3 * GIB);
+    }
+}

@@ -1,0 +1,1 @@
+//! Abide VMM library.
