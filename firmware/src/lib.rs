@@ -2,3 +2,5 @@
 //! machine description into bytes the guest reads.
 
 pub mod acpi;
+pub mod boot;
+pub mod e820;

@@ -145,6 +145,24 @@ pub struct AcpiIds {
     pub creator_revision: u32,
 }
 
+/// Where direct kernel boot puts its structures in low RAM.
+///
+/// These addresses are guest-visible (a kernel can read where its zero page or
+/// start-info block sits), so they belong to the machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootLayout {
+    /// The boot GDT (4 entries: null, unused, code 0x10, data 0x18).
+    pub gdt_addr: u64,
+    /// PVH `hvm_start_info`, followed by its memory map.
+    pub pvh_start_info_addr: u64,
+    /// Linux zero page (`boot_params`).
+    pub zero_page_addr: u64,
+    /// Kernel command line.
+    pub cmdline_addr: u64,
+    /// Where the kernel image is loaded (the 32-bit entry for bzImage).
+    pub kernel_addr: u64,
+}
+
 /// A complete description of the machine a guest sees.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineDescription {
@@ -164,6 +182,8 @@ pub struct MachineDescription {
     pub acpi_ids: AcpiIds,
     /// Longest kernel command line accepted, in bytes, excluding the NUL.
     pub max_cmdline_len: usize,
+    /// Direct-boot structure placement.
+    pub boot: BootLayout,
 }
 
 /// The machine Abide builds today.
@@ -220,6 +240,13 @@ pub fn pc() -> MachineDescription {
             creator_revision: 1,
         },
         max_cmdline_len: 4095,
+        boot: BootLayout {
+            gdt_addr: 0x500,
+            pvh_start_info_addr: 0x6000,
+            zero_page_addr: 0x7000,
+            cmdline_addr: 0x2_0000,
+            kernel_addr: MIB,
+        },
     }
 }
 

@@ -1,1 +1,137 @@
-//! Abide VMM library.
+//! Abide: a KVM virtual machine monitor whose machine types pin everything a
+//! guest can observe.
+//!
+//! [`run`] builds a VM from a [`config::VmConfig`] and runs it to completion.
+
+pub mod config;
+pub mod console;
+pub mod legacy;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::path::PathBuf;
+
+pub use abide_devices::ExitReason;
+
+/// Exit status of `abide run` when the guest powered off.
+pub const EXIT_POWEROFF: i32 = 0;
+/// Exit status on an error (bad input, host problem, guest crash).
+pub const EXIT_ERROR: i32 = 1;
+/// Exit status when the command line does not parse.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit status when the guest reset itself.
+pub const EXIT_RESET: i32 = 3;
+
+/// Everything that can stop `abide` from running a guest.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// A user-supplied file could not be opened.
+    #[error("cannot open the {what} '{}'", path.display())]
+    OpenFile {
+        /// What the file is for.
+        what: &'static str,
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The embedded guest could not be staged.
+    #[error("cannot stage the embedded guest")]
+    EmbeddedGuest(#[source] std::io::Error),
+    /// No permission on /dev/kvm.
+    #[error("permission denied opening /dev/kvm; add your user to the 'kvm' group or run as root")]
+    KvmPermission,
+    /// No /dev/kvm.
+    #[error("/dev/kvm does not exist; load the kvm module (kvm_intel or kvm_amd) or run on a host with KVM")]
+    KvmMissing,
+    /// A KVM ioctl failed.
+    #[error("KVM failed to {what}")]
+    Kvm {
+        /// What we were doing.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// More vCPUs than the host's KVM allows.
+    #[error("--cpus {given} exceeds this host's KVM limit of {max} vCPUs")]
+    HostVcpus {
+        /// Asked for.
+        given: u32,
+        /// KVM limit.
+        max: u32,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] abide_firmware::acpi::AcpiError),
+    /// Kernel loading.
+    #[error(transparent)]
+    Boot(#[from] abide_firmware::boot::BootError),
+    /// Writing into guest memory.
+    #[error("cannot write the {what} into guest memory")]
+    GuestWrite {
+        /// What.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// eventfd creation.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// Legacy devices.
+    #[error(transparent)]
+    Legacy(#[from] legacy::LegacyError),
+    /// vCPU setup.
+    #[error(transparent)]
+    Regs(#[from] vcpu::regs::RegsError),
+    /// A vCPU failed while running.
+    #[error(transparent)]
+    Vcpu(vcpu::VcpuError),
+    /// A thread could not be started.
+    #[error("cannot start a vCPU thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// An anonymous, unlinked in-memory file.
+pub fn anon_file(name: &str) -> std::io::Result<File> {
+    let cname = std::ffi::CString::new(name)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: `cname` is a valid NUL-terminated string; flags are valid.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create just returned this fd; nothing else owns it.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Builds and runs a VM of the default machine.
+pub fn run(cfg: &config::VmConfig) -> Result<ExitReason, Error> {
+    vm::Vm::build(abide_machines::pc(), cfg)?.run()
+}
+
+/// Formats an error and its sources on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+        src = cause.source();
+    }
+    s
+}

@@ -1,1 +1,92 @@
-fn main() {}
+//! The `abide` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use abide_vmm::config::{parse_serial, parse_size, KernelSource, VmConfig};
+use abide_vmm::{error_chain, ExitReason, EXIT_ERROR, EXIT_POWEROFF, EXIT_RESET, EXIT_USAGE};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "abide",
+    version,
+    about = "A KVM virtual machine monitor whose machine types keep a guest's hardware the same across upgrades",
+    after_help = "Exit status of `abide run`: 0 guest powered off, 3 guest reset, 1 error, 2 usage error."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a guest and run it until it powers off or resets.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Linux bzImage or PVH ELF vmlinux. Without it, the small guest built
+    /// into abide boots, reports what it sees and powers off.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// initramfs to load.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (default: "console=ttyS0" for --kernel, empty for the embedded guest).
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest memory, e.g. 512M or 2G (a bare number means MiB).
+    #[arg(long, default_value = "512M")]
+    memory: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// COM1 output: stdio, null or file:PATH.
+    #[arg(long, default_value = "stdio")]
+    serial: String,
+}
+
+fn build_config(a: RunArgs) -> Result<VmConfig, abide_vmm::Error> {
+    let kernel = match a.kernel {
+        Some(p) => KernelSource::Path(p),
+        None => KernelSource::Embedded,
+    };
+    let cmdline = a.cmdline.unwrap_or_else(|| match kernel {
+        KernelSource::Path(_) => "console=ttyS0".to_string(),
+        KernelSource::Embedded => String::new(),
+    });
+    Ok(VmConfig {
+        kernel,
+        initrd: a.initrd,
+        cmdline,
+        memory: parse_size(&a.memory)?,
+        cpus: a.cpus,
+        serial: parse_serial(&a.serial)?,
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE as u8 } else { 0 });
+        }
+    };
+    let result = match cli.command {
+        Command::Run(args) => build_config(args).and_then(|cfg| abide_vmm::run(&cfg)),
+    };
+    match result {
+        Ok(ExitReason::Poweroff) => ExitCode::from(EXIT_POWEROFF as u8),
+        Ok(ExitReason::Reset) => {
+            eprintln!("abide: the guest reset the machine");
+            ExitCode::from(EXIT_RESET as u8)
+        }
+        Err(e) => {
+            eprintln!("abide: error: {}", error_chain(&e));
+            ExitCode::from(EXIT_ERROR as u8)
+        }
+    }
+}

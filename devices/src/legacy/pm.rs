@@ -1,0 +1,173 @@
+//! The ACPI PM1a event/control block with the PM timer, and the ACPI reset
+//! register. Writing SLP_EN with the S5 sleep type powers the VM off.
+
+use std::time::Instant;
+
+use abide_machines::{PmBlock, ResetRegister};
+
+use crate::bus::BusDevice;
+use crate::exit::{ExitReason, ExitSignal};
+
+const PM_TIMER_HZ: u128 = 3_579_545;
+const SCI_EN: u16 = 1 << 0;
+const SLP_EN: u16 = 1 << 13;
+const SLP_TYP_SHIFT: u16 = 10;
+const SLP_TYP_MASK: u16 = 0x7;
+
+/// The PM1a block laid out as the machine description says.
+#[derive(Debug)]
+pub struct AcpiPm {
+    layout: PmBlock,
+    status: u16,
+    enable: u16,
+    control: u16,
+    start: Instant,
+    exit: ExitSignal,
+}
+
+impl AcpiPm {
+    /// A PM block that ends the VM through `exit` on S5.
+    pub fn new(layout: PmBlock, exit: ExitSignal) -> Self {
+        Self {
+            layout,
+            status: 0,
+            enable: 0,
+            // The FADT has no SMI command port, so ACPI is always enabled.
+            control: SCI_EN,
+            start: Instant::now(),
+            exit,
+        }
+    }
+
+    fn timer(&self) -> u32 {
+        let ticks = self.start.elapsed().as_nanos() * PM_TIMER_HZ / 1_000_000_000;
+        (ticks & 0x00ff_ffff) as u32
+    }
+
+    fn register(&self, offset: u64) -> Option<(u64, u32)> {
+        // (register base offset, value)
+        let cnt = u64::from(self.layout.cnt_offset);
+        let tmr = u64::from(self.layout.tmr_offset);
+        match offset {
+            0..=1 => Some((0, u32::from(self.status))),
+            2..=3 => Some((2, u32::from(self.enable))),
+            o if (cnt..cnt + 2).contains(&o) => Some((cnt, u32::from(self.control))),
+            o if (tmr..tmr + 4).contains(&o) => Some((tmr, self.timer())),
+            _ => None,
+        }
+    }
+}
+
+impl BusDevice for AcpiPm {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let Some((base, value)) = self.register(offset) {
+            let bytes = value.to_le_bytes();
+            let skip = (offset - base) as usize;
+            for (d, s) in data.iter_mut().zip(bytes.iter().skip(skip)) {
+                *d = *s;
+            }
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let mut buf = [0u8; 2];
+        for (b, d) in buf.iter_mut().zip(data) {
+            *b = *d;
+        }
+        let v = u16::from_le_bytes(buf);
+        let cnt = u64::from(self.layout.cnt_offset);
+        match offset {
+            // PM1_STS bits are write-one-to-clear.
+            0 => self.status &= !v,
+            2 => self.enable = v,
+            o if o == cnt => {
+                self.control = (v & !SLP_EN) | SCI_EN;
+                let slp_typ = (v >> SLP_TYP_SHIFT) & SLP_TYP_MASK;
+                if v & SLP_EN != 0 && slp_typ == u16::from(self.layout.s5_slp_typ) {
+                    self.exit.request(ExitReason::Poweroff);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The ACPI reset register (one I/O port).
+#[derive(Debug)]
+pub struct ResetControl {
+    layout: ResetRegister,
+    exit: ExitSignal,
+}
+
+impl ResetControl {
+    /// A reset register that ends the VM through `exit`.
+    pub fn new(layout: ResetRegister, exit: ExitSignal) -> Self {
+        Self { layout, exit }
+    }
+}
+
+impl BusDevice for ResetControl {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset == 0 && data.first() == Some(&self.layout.value) {
+            self.exit.request(ExitReason::Reset);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pm() -> (AcpiPm, ExitSignal) {
+        let exit = ExitSignal::new().expect("eventfd");
+        let layout = abide_machines::pc().legacy.pm;
+        (AcpiPm::new(layout, exit.clone()), exit)
+    }
+
+    #[test]
+    fn s5_powers_off() {
+        let (mut pm, exit) = pm();
+        let cnt = u64::from(pm.layout.cnt_offset);
+        let mut b = [0u8; 2];
+        pm.read(cnt, &mut b);
+        assert_eq!(u16::from_le_bytes(b) & SCI_EN, SCI_EN);
+        // S1-ish sleep type: no exit.
+        pm.write(cnt, &(SLP_EN | (1 << SLP_TYP_SHIFT)).to_le_bytes());
+        assert_eq!(exit.reason(), None);
+        let s5 = u16::from(pm.layout.s5_slp_typ) << SLP_TYP_SHIFT;
+        pm.write(cnt, &s5.to_le_bytes());
+        assert_eq!(exit.reason(), None, "no SLP_EN, no sleep");
+        pm.write(cnt, &(SLP_EN | s5).to_le_bytes());
+        assert_eq!(exit.reason(), Some(ExitReason::Poweroff));
+    }
+
+    #[test]
+    fn timer_advances_and_wraps_at_24_bits() {
+        let (mut pm, _) = pm();
+        let tmr = u64::from(pm.layout.tmr_offset);
+        let mut a = [0u8; 4];
+        pm.read(tmr, &mut a);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let mut b = [0u8; 4];
+        pm.read(tmr, &mut b);
+        let (a, b) = (u32::from_le_bytes(a), u32::from_le_bytes(b));
+        assert!(b > a, "timer advanced: {a} -> {b}");
+        assert!(b < 1 << 24);
+    }
+
+    #[test]
+    fn reset_register() {
+        let exit = ExitSignal::new().expect("eventfd");
+        let layout = abide_machines::pc().legacy.reset;
+        let mut r = ResetControl::new(layout, exit.clone());
+        r.write(0, &[0x02]);
+        assert_eq!(exit.reason(), None);
+        r.write(0, &[layout.value]);
+        assert_eq!(exit.reason(), Some(ExitReason::Reset));
+    }
+}

@@ -1,0 +1,66 @@
+#!/bin/sh
+# /init of the nested test host (busybox; see build-host-initramfs.sh).
+#
+# Loads kvm/kvm-amd and 9p, mounts the machine's root file system (shared
+# read-only by QEMU as 9p tag "host") at /mnt, puts tmpfs over the places that
+# must be writable, and runs the script named by abide.cmd=PATH in a chroot of
+# /mnt with bash. The command's output goes to the console (ttyS0); the lines
+#   ABIDE-NESTED-BEGIN-<token>
+#   ABIDE-NESTED-EXIT-<token>=<exit status>
+# (token from abide.token=) frame it for resources/nested/run.sh.
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+
+if [ ! -c /dev/console ]; then
+    mount -t devtmpfs devtmpfs /dev
+    exec </dev/console >/dev/console 2>&1
+fi
+mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+
+cmd='' token=none cache=loose
+# shellcheck disable=SC2013 # the command line is split into words on purpose
+for arg in $(cat /proc/cmdline); do
+    case $arg in
+        abide.cmd=*) cmd=${arg#abide.cmd=} ;;
+        abide.token=*) token=${arg#abide.token=} ;;
+        abide.9pcache=*) cache=${arg#abide.9pcache=} ;;
+    esac
+done
+
+say() { echo "abide-nested: $*"; }
+finish() {
+    echo "ABIDE-NESTED-EXIT-$token=$1"
+    poweroff -f
+    sleep 5
+    halt -f
+    while :; do sleep 3600; done
+}
+
+if [ -f /lib/modules/abide/load-order ]; then
+    while read -r m; do
+        err=$(insmod "/lib/modules/abide/$m" 2>&1) || say "insmod $m failed: $err"
+    done < /lib/modules/abide/load-order
+fi
+[ -c /dev/kvm ] || say "error: /dev/kvm does not exist (kvm-amd did not load?)"
+
+mount -t 9p -o "trans=virtio,version=9p2000.L,msize=512000,cache=$cache" host /mnt \
+    || { say "error: cannot mount the 9p share 'host'"; finish 125; }
+# The share is read-only: writable tmpfs where programs expect to write.
+for d in tmp var/tmp run; do
+    [ -d "/mnt/$d" ] && mount -t tmpfs -o mode=1777 tmpfs "/mnt/$d"
+done
+mount -t proc proc /mnt/proc
+mount -t sysfs sysfs /mnt/sys
+mount -o bind /dev /mnt/dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /mnt/dev/pts
+mount -t tmpfs -o mode=1777 tmpfs /mnt/dev/shm
+
+if [ -z "$cmd" ]; then
+    say "error: no abide.cmd= on the kernel command line"
+    finish 125
+fi
+echo "ABIDE-NESTED-BEGIN-$token"
+chroot /mnt /bin/bash "$cmd"
+finish $?

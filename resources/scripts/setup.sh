@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Install the host tools that the real-Linux test plumbing needs.
+#
+# Idempotent and fast when everything is present: each Debian package is
+# checked with `dpkg -s`; `apt-get update` runs at most once, and only when
+# something is missing. Also makes sure the `x86_64-unknown-none` Rust target
+# is installed.
+#
+# Usage: resources/scripts/setup.sh
+set -euo pipefail
+
+log() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+# Packages and why they are needed:
+#   qemu-system-x86 seabios ipxe-qemu  nested test host + reference VMM
+#   busybox-static cpio                initramfs contents and packing
+#   lz4                                extract the PVH vmlinux from the bzImage
+#   binutils                           readelf (PVH note check)
+#   xz-utils zstd                      decompress kernel modules if compressed
+#   python3                            timing helper of resources/bench
+#   time                               /usr/bin/time for ad-hoc RSS checks
+packages=(qemu-system-x86 seabios ipxe-qemu busybox-static cpio lz4 binutils
+          xz-utils zstd python3 time)
+
+missing=()
+for p in "${packages[@]}"; do
+    if ! dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed'; then
+        missing+=("$p")
+    fi
+done
+
+if ((${#missing[@]} == 0)); then
+    log "apt packages: all present (${packages[*]})"
+else
+    log "apt packages missing: ${missing[*]}"
+    sudo=()
+    if ((EUID != 0)); then
+        command -v sudo >/dev/null || die "not root and no sudo; install manually: apt-get install -y ${missing[*]}"
+        sudo=(sudo)
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    log "running apt-get update"
+    "${sudo[@]}" apt-get update -qq || die "apt-get update failed"
+    log "running apt-get install -y ${missing[*]}"
+    "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+        || die "apt-get install failed for: ${missing[*]}"
+    log "installed: ${missing[*]}"
+fi
+
+if command -v rustup >/dev/null 2>&1; then
+    if rustup target list --installed 2>/dev/null | grep -qx 'x86_64-unknown-none'; then
+        log "rust target x86_64-unknown-none: present"
+    else
+        log "adding rust target x86_64-unknown-none"
+        rustup target add x86_64-unknown-none || die "rustup target add x86_64-unknown-none failed"
+    fi
+else
+    log "warning: rustup not found; cannot add target x86_64-unknown-none"
+fi
+
+log "done"

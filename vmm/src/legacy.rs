@@ -1,0 +1,97 @@
+//! Wires the legacy PC devices onto the port bus and their IRQs to KVM.
+
+use std::sync::{Arc, Mutex};
+
+use abide_devices::legacy::{AcpiPm, IrqLine, ResetControl, Rtc, Serial, I8042};
+use abide_devices::{Bus, BusError, ExitSignal};
+use abide_machines::MachineDescription;
+use kvm_ioctls::VmFd;
+
+/// Errors attaching legacy devices.
+#[derive(Debug, thiserror::Error)]
+pub enum LegacyError {
+    /// An eventfd could not be created.
+    #[error("cannot create an interrupt eventfd for {0}")]
+    EventFd(&'static str, #[source] std::io::Error),
+    /// KVM refused an irqfd.
+    #[error("cannot route {device}'s interrupt to GSI {gsi}")]
+    Irqfd {
+        /// Device.
+        device: &'static str,
+        /// GSI.
+        gsi: u32,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Two devices claim the same ports.
+    #[error("cannot place {0} on the port bus")]
+    Bus(&'static str, #[source] BusError),
+}
+
+/// Handles the VMM keeps to legacy devices after attaching them.
+#[derive(Debug)]
+pub struct LegacyDevices {
+    /// COM1, for feeding input.
+    pub serial: Arc<Mutex<Serial>>,
+}
+
+fn irq_line(vm: &VmFd, device: &'static str, gsi: u32) -> Result<IrqLine, LegacyError> {
+    let line = IrqLine::new().map_err(|e| LegacyError::EventFd(device, e))?;
+    vm.register_irqfd(line.eventfd(), gsi)
+        .map_err(|source| LegacyError::Irqfd {
+            device,
+            gsi,
+            source,
+        })?;
+    Ok(line)
+}
+
+/// Creates COM1, the i8042, the RTC, the ACPI PM block and the reset
+/// register where `machine` places them.
+pub fn attach(
+    vm: &VmFd,
+    pio: &Bus,
+    machine: &MachineDescription,
+    serial_out: abide_devices::legacy::serial::SerialSink,
+    exit: &ExitSignal,
+) -> Result<LegacyDevices, LegacyError> {
+    let l = &machine.legacy;
+    let place = |name, dev: Arc<Mutex<dyn abide_devices::BusDevice>>, port: u16, len: u16| {
+        pio.insert(dev, u64::from(port), u64::from(len))
+            .map_err(|e| LegacyError::Bus(name, e))
+    };
+
+    let com1_irq = match l.com1.irq {
+        Some(gsi) => irq_line(vm, "COM1", gsi)?,
+        // A machine without a COM1 IRQ gets a polled-only UART.
+        None => IrqLine::new().map_err(|e| LegacyError::EventFd("COM1", e))?,
+    };
+    let serial = Arc::new(Mutex::new(Serial::new(com1_irq, serial_out)));
+    place("COM1", serial.clone(), l.com1.port, l.com1.len)?;
+    place(
+        "i8042",
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        l.i8042.port,
+        l.i8042.len,
+    )?;
+    place(
+        "RTC",
+        Arc::new(Mutex::new(Rtc::new())),
+        l.rtc.port,
+        l.rtc.len,
+    )?;
+    place(
+        "ACPI PM block",
+        Arc::new(Mutex::new(AcpiPm::new(l.pm, exit.clone()))),
+        l.pm.base,
+        l.pm.len,
+    )?;
+    place(
+        "ACPI reset register",
+        Arc::new(Mutex::new(ResetControl::new(l.reset, exit.clone()))),
+        l.reset.port,
+        1,
+    )?;
+    Ok(LegacyDevices { serial })
+}

@@ -1,0 +1,129 @@
+//! Guest RAM: one memfd, mapped as the machine's RAM ranges.
+//!
+//! Backing all of RAM with a single memfd lets snapshot and migration share
+//! or map the memory later without copying it.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
+use abide_machines::MachineDescription;
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
+
+/// Errors setting up guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// memfd_create or ftruncate failed.
+    #[error("cannot create the {size}-byte guest memory file")]
+    Memfd {
+        /// Requested size.
+        size: u64,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Mapping the memory failed.
+    #[error("cannot map {size:#x} bytes of guest memory at {addr:#x}: {reason}; the host may be out of memory or address space")]
+    Map {
+        /// Guest address.
+        addr: u64,
+        /// Size.
+        size: u64,
+        /// Why.
+        reason: String,
+    },
+    /// KVM refused a memory slot.
+    #[error("KVM refused guest memory slot {slot}")]
+    Slot {
+        /// Slot number.
+        slot: u32,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Guest RAM and the file that backs it.
+#[derive(Debug)]
+pub struct GuestRam {
+    /// The mapped memory.
+    pub mem: GuestMemoryMmap,
+    /// Size in bytes.
+    pub size: u64,
+    /// The memfd backing all of RAM, ranges laid out back to back.
+    pub file: File,
+}
+
+fn memfd(size: u64) -> Result<File, MemoryError> {
+    let err = |source| MemoryError::Memfd { size, source };
+    // SAFETY: the name is a valid NUL-terminated string and the flags are valid.
+    let fd = unsafe { libc::memfd_create(c"abide-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: memfd_create just returned this fd and nothing else owns it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).map_err(err)?;
+    Ok(file)
+}
+
+impl GuestRam {
+    /// Allocates `size` bytes of RAM laid out as `machine` says.
+    pub fn new(machine: &MachineDescription, size: u64) -> Result<Self, MemoryError> {
+        let file = memfd(size)?;
+        let mut regions = Vec::new();
+        let mut offset = 0u64;
+        for range in machine.memory.ram_ranges(size) {
+            let map_err = |reason: String| MemoryError::Map {
+                addr: range.start,
+                size: range.size,
+                reason,
+            };
+            let fo = FileOffset::new(
+                file.try_clone().map_err(|e| map_err(e.to_string()))?,
+                offset,
+            );
+            let len = usize::try_from(range.size).map_err(|e| map_err(e.to_string()))?;
+            let region = GuestRegionMmap::from_range(GuestAddress(range.start), len, Some(fo))
+                .map_err(|e| map_err(e.to_string()))?;
+            regions.push(region);
+            offset += range.size;
+        }
+        let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map {
+            addr: 0,
+            size,
+            reason: e.to_string(),
+        })?;
+        Ok(Self { mem, size, file })
+    }
+
+    /// Registers every region with KVM as a memory slot.
+    pub fn register(&self, vm: &VmFd) -> Result<(), MemoryError> {
+        for (slot, region) in self.mem.iter().enumerate() {
+            let slot = slot as u32;
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| MemoryError::Map {
+                    addr: region.start_addr().0,
+                    size: region.len(),
+                    reason: e.to_string(),
+                })?;
+            let desc = kvm_userspace_memory_region {
+                slot,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region is a live mapping owned by `self.mem`, which
+            // outlives the VM (the VM is dropped before its memory).
+            unsafe { vm.set_user_memory_region(desc) }
+                .map_err(|source| MemoryError::Slot { slot, source })?;
+        }
+        Ok(())
+    }
+}

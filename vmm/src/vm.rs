@@ -1,0 +1,243 @@
+//! Builds a VM from a machine description and a configuration, runs it, and
+//! reports how it ended.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::sync::{mpsc, Arc};
+
+use abide_devices::{Bus, ExitReason, ExitSignal};
+use abide_firmware::boot::{self, BootSource};
+use abide_machines::MachineDescription;
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::config::{KernelSource, SerialConfig, VmConfig};
+use crate::legacy::{self, LegacyDevices};
+use crate::memory::GuestRam;
+use crate::vcpu::{self, regs, RunControl, Vcpu};
+use crate::{console, Error};
+
+/// Address of the 3-page TSS region KVM needs on Intel hosts (just below the
+/// 4 GiB BIOS area, outside RAM and MMIO).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// The guest built into this binary.
+pub static EMBEDDED_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/abide-guest.elf"));
+
+/// A built, not yet running VM.
+pub struct Vm {
+    machine: MachineDescription,
+    vm: VmFd,
+    // Kept alive for as long as KVM maps it.
+    _ram: GuestRam,
+    vcpus: Vec<Vcpu>,
+    legacy: LegacyDevices,
+    exit: ExitSignal,
+    serial_is_console: bool,
+}
+
+fn open_kernel(cfg: &VmConfig) -> Result<File, Error> {
+    match &cfg.kernel {
+        KernelSource::Path(p) => File::open(p).map_err(|source| Error::OpenFile {
+            what: "kernel",
+            path: p.clone(),
+            source,
+        }),
+        KernelSource::Embedded => {
+            let mut f = crate::anon_file("abide-embedded-guest").map_err(Error::EmbeddedGuest)?;
+            f.write_all(EMBEDDED_GUEST).map_err(Error::EmbeddedGuest)?;
+            f.seek(SeekFrom::Start(0)).map_err(Error::EmbeddedGuest)?;
+            Ok(f)
+        }
+    }
+}
+
+fn serial_sink(cfg: &SerialConfig) -> Result<abide_devices::legacy::serial::SerialSink, Error> {
+    use abide_devices::legacy::serial::Unbuffered;
+    Ok(match cfg {
+        SerialConfig::Stdio => Box::new(Unbuffered(std::io::stdout())),
+        SerialConfig::Null => Box::new(std::io::sink()),
+        SerialConfig::File(p) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|source| Error::OpenFile {
+                    what: "serial output file",
+                    path: p.clone(),
+                    source,
+                })?;
+            Box::new(Unbuffered(f))
+        }
+    })
+}
+
+fn open_kvm() -> Result<Kvm, Error> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::EACCES | libc::EPERM => Error::KvmPermission,
+        libc::ENOENT | libc::ENXIO | libc::ENODEV => Error::KvmMissing,
+        _ => Error::Kvm {
+            what: "open /dev/kvm",
+            source: e,
+        },
+    })
+}
+
+impl Vm {
+    /// Builds the VM: memory, firmware tables, kernel, devices, vCPUs.
+    pub fn build(machine: MachineDescription, cfg: &VmConfig) -> Result<Self, Error> {
+        cfg.validate(&machine)?;
+        // Open user files first, so bad paths fail before any KVM work.
+        let mut kernel = open_kernel(cfg)?;
+        let mut initrd = match &cfg.initrd {
+            Some(p) => Some(File::open(p).map_err(|source| Error::OpenFile {
+                what: "initramfs",
+                path: p.clone(),
+                source,
+            })?),
+            None => None,
+        };
+        boot::detect_format(&mut kernel)?;
+        let serial_out = serial_sink(&cfg.serial)?;
+
+        let kvm = open_kvm()?;
+        let kvm_err = |what| move |source| Error::Kvm { what, source };
+        let max_vcpus = kvm.get_max_vcpus() as u32;
+        if cfg.cpus as usize > kvm.get_max_vcpus() {
+            return Err(Error::HostVcpus {
+                given: cfg.cpus,
+                max: max_vcpus,
+            });
+        }
+        let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+        vm.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("set the TSS address"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("create the in-kernel PIC/IOAPIC/LAPIC"))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("create the in-kernel PIT"))?;
+
+        let ram = GuestRam::new(&machine, cfg.memory)?;
+        ram.register(&vm)?;
+
+        let tables = abide_firmware::acpi::build(&machine, cfg.cpus)?;
+        for (addr, blob) in &tables.blobs {
+            ram.mem
+                .write_slice(blob, GuestAddress(*addr))
+                .map_err(|source| Error::GuestWrite {
+                    what: "ACPI tables",
+                    source,
+                })?;
+        }
+        let entry = boot::load(
+            &ram.mem,
+            &machine,
+            cfg.memory,
+            BootSource {
+                kernel: &mut kernel,
+                initrd: initrd.as_mut(),
+                cmdline: &cfg.cmdline,
+                rsdp_addr: tables.rsdp_addr,
+            },
+        )?;
+
+        let exit = ExitSignal::new().map_err(Error::EventFd)?;
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        let legacy = legacy::attach(&vm, &pio, &machine, serial_out, &exit)?;
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("read the supported CPUID"))?;
+        let msr_list = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("read the MSR index list"))?;
+        let mut vcpus = Vec::new();
+        for index in 0..cfg.cpus {
+            let fd = vm
+                .create_vcpu(u64::from(index))
+                .map_err(kvm_err("create a vCPU"))?;
+            fd.set_cpuid2(&vcpu::cpuid::for_vcpu(&supported, index, cfg.cpus))
+                .map_err(kvm_err("set CPUID"))?;
+            regs::setup_common(&fd, index, msr_list.as_slice())?;
+            if index == 0 {
+                regs::setup_boot_cpu(&fd, &entry)?;
+            }
+            vcpus.push(Vcpu {
+                index,
+                fd,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+            });
+        }
+        Ok(Self {
+            machine,
+            vm,
+            _ram: ram,
+            vcpus,
+            legacy,
+            exit,
+            serial_is_console: cfg.serial == SerialConfig::Stdio,
+        })
+    }
+
+    /// The machine this VM was built from.
+    pub fn machine(&self) -> &MachineDescription {
+        &self.machine
+    }
+
+    /// The KVM VM.
+    pub fn fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// Runs the guest until it powers off, resets, or a vCPU fails.
+    pub fn run(self) -> Result<ExitReason, Error> {
+        let _console = if self.serial_is_console {
+            Some(console::attach_stdin(self.legacy.serial.clone()))
+        } else {
+            None
+        };
+        let (tx, rx) = mpsc::channel();
+        let ctl = RunControl::new(self.exit.clone(), tx);
+        let mut threads = Vec::new();
+        for v in self.vcpus {
+            match v.spawn(ctl.clone()) {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    vcpu::stop_all(&ctl, threads);
+                    return Err(Error::Thread(e));
+                }
+            }
+        }
+        wait_readable(self.exit.eventfd());
+        vcpu::stop_all(&ctl, threads);
+        if let Ok(e) = rx.try_recv() {
+            return Err(Error::Vcpu(e));
+        }
+        // Either a device or a vCPU system event set the reason before waking us.
+        Ok(self.exit.reason().unwrap_or(ExitReason::Poweroff))
+    }
+}
+
+fn wait_readable(evt: &vmm_sys_util::eventfd::EventFd) {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: evt.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `pfd` is a valid pollfd for the duration of the call.
+        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if r > 0
+            || (r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted)
+        {
+            return;
+        }
+    }
+}
