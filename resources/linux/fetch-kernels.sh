@@ -13,6 +13,8 @@
 #   guest/modules/load-order   the .ko files in insmod order
 #   guest/release              kernel release string (uname -r)
 #   host/vmlinuz               generic bzImage
+#   host/vmlinux               its ELF vmlinux (PVH; boots faster under TCG:
+#                              no in-guest XZ decompression)
 #   host/modules/...           kvm/kvm-amd/virtio/9p modules, same layout
 #   stamp                      package names and versions of the above
 #
@@ -48,7 +50,7 @@ guest_mods=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virti
 
 outputs_present() {
     [[ -s $cache/stamp && -s $cache/guest/vmlinuz && -s $cache/guest/vmlinux &&
-       -s $cache/guest/modules/load-order && -s $cache/host/vmlinuz &&
+       -s $cache/guest/modules/load-order && -s $cache/host/vmlinuz && -s $cache/host/vmlinux &&
        -s $cache/host/modules/load-order ]]
 }
 
@@ -189,35 +191,46 @@ copy_modules() {
     log "  load order: $(tr '\n' ' ' < "$mod_dest/load-order")"
 }
 
-# extract_vmlinux <bzImage> <out>: the payload located via the boot protocol
-# header (setup_sects at 0x1f1, payload_offset/length at 0x248/0x24c) must be
-# a legacy LZ4 frame (magic 02 21 4c 18); fall back to scanning for the magic.
+# extract_vmlinux <bzImage> <out>: decompress the ELF vmlinux inside a
+# bzImage and check that it has a PVH entry point. The payload is located via
+# the boot protocol header (setup_sects at 0x1f1, payload_offset/length at
+# 0x248/0x24c) and its format recognised by magic: legacy LZ4 (02 21 4c 18;
+# the Debian cloud kernel), XZ (fd 37 7a 58 5a 00; the generic kernel), gzip,
+# zstd. If the header does not lead to a known magic, scan for the LZ4 magic.
 extract_vmlinux() {
-    local bz=$1 out=$2 setup_sects off len magic
+    local bz=$1 out=$2 setup_sects off len magic dec
     setup_sects=$(od -An -tu1 -j $((0x1f1)) -N1 "$bz" | tr -d ' ')
     ((setup_sects == 0)) && setup_sects=4
     off=$(od -An -tu4 -j $((0x248)) -N4 "$bz" | tr -d ' ')
     len=$(od -An -tu4 -j $((0x24c)) -N4 "$bz" | tr -d ' ')
     off=$(((setup_sects + 1) * 512 + off))
-    magic=$(od -An -tx1 -j "$off" -N4 "$bz" | tr -d ' ')
-    if [[ $magic != 02214c18 ]]; then
-        log "  payload at $off is not legacy LZ4 ($magic); scanning for the magic"
-        off=$(LC_ALL=C grep -obUaP '\x02\x21\x4c\x18' "$bz" | head -n1 | cut -d: -f1)
-        [[ -n $off ]] || die "no LZ4 legacy frame in $bz (kernel not LZ4-compressed?)"
-        len=$(($(stat -c %s "$bz") - off))
-    fi
-    # The payload ends with the 4-byte decompressed size, which lz4 reads as
-    # a bad frame header: it complains and exits non-zero after writing the
-    # full output. Judge success by the result instead.
-    tail -c +$((off + 1)) "$bz" | head -c "$len" | lz4 -dc > "$out" 2> "$out.lz4-log" || true
+    magic=$(od -An -tx1 -j "$off" -N6 "$bz" | tr -d ' ')
+    case $magic in
+        02214c18*) dec=(lz4 -dc) ;;
+        fd377a585a00) dec=(xz -dc) ;;
+        1f8b*) dec=(gzip -dc) ;;
+        28b52ffd*) dec=(zstd -qdc) ;;
+        *)
+            log "  payload at $off has unknown magic $magic; scanning for the LZ4 magic"
+            off=$(LC_ALL=C grep -obUaP '\x02\x21\x4c\x18' "$bz" | head -n1 | cut -d: -f1)
+            [[ -n $off ]] || die "cannot find the compressed vmlinux in $bz"
+            len=$(($(stat -c %s "$bz") - off))
+            dec=(lz4 -dc)
+            ;;
+    esac
+    # The payload ends with the 4-byte decompressed size, which the
+    # decompressors take for a truncated or bad next frame: they complain and
+    # exit non-zero after writing the full output. Judge by the result.
+    tail -c +$((off + 1)) "$bz" | head -c "$len" | "${dec[@]}" > "$out" 2> "$out.log" || true
     if ! readelf -h "$out" >/dev/null 2>&1; then
-        cat "$out.lz4-log" >&2
-        die "extracted vmlinux is not an ELF file"
+        cat "$out.log" >&2
+        die "vmlinux extracted from $bz with ${dec[0]} is not an ELF file"
     fi
-    rm -f "$out.lz4-log"
+    rm -f "$out.log"
     # PVH entry: ELF note owner "Xen", type 0x12 (XEN_ELFNOTE_PHYS32_ENTRY).
     readelf -n "$out" | grep -Eq '^[[:space:]]*Xen[[:space:]].*(\(0x00000012\)|PHYS32)' \
-        || die "extracted vmlinux has no PVH (Xen note 0x12) entry point"
+        || die "vmlinux extracted from $bz has no PVH entry point (Xen ELF note 0x12)"
+    log "  $out: ELF with PVH note (${dec[0]}-compressed payload)"
 }
 
 for kind in host guest; do
@@ -225,7 +238,8 @@ for kind in host guest; do
     else deb=$guest_deb mods=("${guest_mods[@]}"); fi
     log "extracting $(basename "$deb")"
     dpkg-deb -x "$deb" "$work/$kind"
-    rm -rf "${cache:?}/$kind"
+    # Only what this script makes: initramfs builds live beside it.
+    rm -rf "${cache:?}/$kind/"{vmlinuz,vmlinux,release,modules}
     mkdir -p "$cache/$kind"
     vmlinuz=$(find "$work/$kind/boot" -name 'vmlinuz-*' -type f | head -n1)
     [[ -n $vmlinuz ]] || die "no boot/vmlinuz-* in $deb"
@@ -233,10 +247,8 @@ for kind in host guest; do
     basename "$vmlinuz" | sed 's/^vmlinuz-//' > "$cache/$kind/release"
     log "$kind modules:"
     copy_modules "$work/$kind" "$cache/$kind/modules" "${mods[@]}"
-    if [[ $kind == guest ]]; then
-        log "extracting guest vmlinux (PVH ELF) from the bzImage"
-        extract_vmlinux "$cache/guest/vmlinuz" "$cache/guest/vmlinux"
-    fi
+    log "extracting the $kind vmlinux (PVH ELF) from the bzImage"
+    extract_vmlinux "$cache/$kind/vmlinuz" "$cache/$kind/vmlinux"
     rm -rf "${work:?}/$kind"
 done
 

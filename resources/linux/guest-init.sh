@@ -9,8 +9,10 @@
 # falling through to poweroff (or call `finish` themselves).
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 
+dev_mounted=0
 if [ ! -c /dev/console ]; then
     mount -t devtmpfs devtmpfs /dev
+    dev_mounted=1
     exec </dev/console >/dev/console 2>&1
 fi
 echo "abide-linux: userspace"
@@ -25,7 +27,7 @@ finish() {
     while :; do sleep 3600; done
 }
 
-mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
+[ $dev_mounted = 1 ] || mount -t devtmpfs devtmpfs /dev
 mount -t proc proc /proc
 test=basic
 # shellcheck disable=SC2013 # the command line is split into words on purpose

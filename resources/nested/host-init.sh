@@ -10,11 +10,13 @@
 # (token from abide.token=) frame it for resources/nested/run.sh.
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 
+dev_mounted=0
 if [ ! -c /dev/console ]; then
     mount -t devtmpfs devtmpfs /dev
+    dev_mounted=1
     exec </dev/console >/dev/console 2>&1
 fi
-mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
+[ $dev_mounted = 1 ] || mount -t devtmpfs devtmpfs /dev
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 

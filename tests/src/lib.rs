@@ -1,1 +1,236 @@
-//! Shared helpers for Abide integration tests.
+//! Shared helpers for Abide's integration tests: finding the `abide` binary,
+//! running it with a timeout, and parsing the test guest's report lines.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Path of the `abide` binary for this test profile, built on first use.
+///
+/// `ABIDE_BIN` overrides it. Otherwise the binary next to this test
+/// executable's profile directory is used, after `cargo build` brings it up
+/// to date (a no-op when the README's test command already built it).
+pub fn abide_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("ABIDE_BIN") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("current_exe");
+        // target/<profile>/deps/<test-binary>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary lives in target/<profile>/deps");
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(repo_root())
+            .args(["build", "-q", "-p", "abide-vmm", "--bin", "abide"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build for abide");
+        assert!(status.success(), "building abide failed");
+        let bin = profile_dir.join("abide");
+        assert!(bin.exists(), "abide binary missing at {}", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// What a finished `abide` process did.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Exit code (None if killed by a signal or the timeout).
+    pub code: Option<i32>,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Whether the timeout killed it.
+    pub timed_out: bool,
+}
+
+impl Outcome {
+    /// Lines the guest printed (`guest: ...`), parsed.
+    pub fn guest_lines(&self) -> Vec<GuestLine> {
+        self.stdout.lines().filter_map(GuestLine::parse).collect()
+    }
+
+    /// Guest lines with `topic`.
+    pub fn topic(&self, topic: &str) -> Vec<GuestLine> {
+        self.guest_lines()
+            .into_iter()
+            .filter(|l| l.topic == topic)
+            .collect()
+    }
+
+    /// The one guest line with `topic`; panics with the output otherwise.
+    pub fn one(&self, topic: &str) -> GuestLine {
+        let mut v = self.topic(topic);
+        assert_eq!(v.len(), 1, "expected one '{topic}' line\n{self}");
+        v.remove(0)
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit={:?} timed_out={} elapsed={:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code, self.timed_out, self.elapsed, self.stdout, self.stderr
+        )
+    }
+}
+
+/// One `guest: <topic> k=v k=v` line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestLine {
+    /// First word after `guest:`.
+    pub topic: String,
+    /// `key=value` pairs.
+    pub fields: BTreeMap<String, String>,
+}
+
+impl GuestLine {
+    /// Parses a line; None if it is not a guest report line.
+    pub fn parse(line: &str) -> Option<Self> {
+        let rest = line.trim_end_matches('\r').strip_prefix("guest: ")?;
+        let mut words = rest.split(' ');
+        let topic = words.next()?.to_string();
+        let fields = words
+            .filter_map(|w| w.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Some(Self { topic, fields })
+    }
+
+    /// A field's value; panics if missing.
+    pub fn get(&self, key: &str) -> &str {
+        self.fields
+            .get(key)
+            .unwrap_or_else(|| panic!("field '{key}' missing in {self:?}"))
+    }
+
+    /// A decimal or 0x-hex field as u64.
+    pub fn num(&self, key: &str) -> u64 {
+        let v = self.get(key);
+        let parsed = match v.strip_prefix("0x") {
+            Some(h) => u64::from_str_radix(h, 16),
+            None => v.parse(),
+        };
+        parsed.unwrap_or_else(|_| panic!("field '{key}'='{v}' is not a number"))
+    }
+}
+
+/// Runs `abide` with `args`, feeding `stdin`, killing it after `timeout`.
+pub fn run_abide(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Outcome {
+    run_command(Command::new(abide_bin()).args(args), stdin, timeout)
+}
+
+/// Runs a command with a timeout, capturing output.
+pub fn run_command(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -> Outcome {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn process");
+    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&data);
+        });
+    }
+    let mut out = child.stdout.take().expect("stdout pipe");
+    let mut err = child.stderr.take().expect("stderr pipe");
+    let out_t = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break Some(s);
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            timed_out = true;
+            break child.wait().ok();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = String::from_utf8_lossy(&out_t.join().unwrap_or_default()).into_owned();
+    let stderr = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
+    Outcome {
+        code: if timed_out {
+            None
+        } else {
+            status.and_then(|s| s.code())
+        },
+        stdout,
+        stderr,
+        elapsed: start.elapsed(),
+        timed_out,
+    }
+}
+
+/// A fresh temporary directory under the system temp dir.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("abide-test-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// Whether this host has hardware virtualization (vmx or svm).
+pub fn host_has_hw_virt() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| {
+            c.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        })
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_guest_lines() {
+        let l = GuestLine::parse("guest: cpu index=1 apic_id=0x2 online=1").expect("line");
+        assert_eq!(l.topic, "cpu");
+        assert_eq!(l.num("index"), 1);
+        assert_eq!(l.num("apic_id"), 2);
+        assert!(GuestLine::parse("Linux version 6.1").is_none());
+    }
+}

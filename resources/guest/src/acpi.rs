@@ -119,14 +119,22 @@ pub fn find_rsdp(hint: u64) -> Option<u64> {
 /// Validate a table header; print its line. Returns the length if usable.
 fn visit(addr: u64, quiet: bool, st: &mut Acpi) -> Option<u64> {
     if addr == 0 || addr >= FOUR_GIB - 36 {
-        Line::new("error").ks("what", "acpi-table-addr").kx16("addr", addr).print();
+        Line::new("error")
+            .ks("what", "acpi-table-addr")
+            .kx16("addr", addr)
+            .print();
         st.bad += 1;
         return None;
     }
     let sig = sig_at(addr);
     let len = phys_u32(addr + 4) as u64;
-    if len < 36 || len > MAX_TABLE_LEN || addr + len > FOUR_GIB {
-        Line::new("error").ks("what", "acpi-table-len").key("table").sanitized(&sig).kd("len", len).print();
+    if !(36..=MAX_TABLE_LEN).contains(&len) || addr + len > FOUR_GIB {
+        Line::new("error")
+            .ks("what", "acpi-table-len")
+            .key("table")
+            .sanitized(&sig)
+            .kd("len", len)
+            .print();
         st.bad += 1;
         return None;
     }
@@ -157,24 +165,41 @@ pub fn parse(hint: u64, quiet: bool, st: &mut Acpi) {
     };
     st.rsdp = rsdp;
     st.revision = phys_u8(rsdp + 15);
-    let xsdt = if st.revision >= 2 { phys_u64(rsdp + 24) } else { 0 };
+    let xsdt = if st.revision >= 2 {
+        phys_u64(rsdp + 24)
+    } else {
+        0
+    };
     let (root, entry_size) = if xsdt != 0 && xsdt < FOUR_GIB {
         st.xsdt = true;
         (xsdt, 8u64)
     } else {
         (phys_u32(rsdp + 16) as u64, 4u64)
     };
-    let root_len = if root != 0 && root < FOUR_GIB - 36 { phys_u32(root + 4) as u64 } else { 0 };
-    if root_len < 36 || root_len > MAX_TABLE_LEN || checksum(root, root_len) != 0 {
-        Line::new("error").ks("what", "acpi-root").kx16("addr", root).kd("len", root_len).print();
-        if root_len < 36 || root_len > MAX_TABLE_LEN {
+    let root_len = if root != 0 && root < FOUR_GIB - 36 {
+        phys_u32(root + 4) as u64
+    } else {
+        0
+    };
+    let root_len_ok = (36..=MAX_TABLE_LEN).contains(&root_len);
+    if !root_len_ok || checksum(root, root_len) != 0 {
+        Line::new("error")
+            .ks("what", "acpi-root")
+            .kx16("addr", root)
+            .kd("len", root_len)
+            .print();
+        if !root_len_ok {
             return;
         }
     }
     let n = (root_len - 36) / entry_size;
     for i in 0..n {
         let p = root + 36 + i * entry_size;
-        let t = if entry_size == 8 { phys_u64(p) } else { phys_u32(p) as u64 };
+        let t = if entry_size == 8 {
+            phys_u64(p)
+        } else {
+            phys_u32(p) as u64
+        };
         let len = match visit(t, quiet, st) {
             Some(l) => l,
             None => continue,
@@ -207,7 +232,10 @@ pub fn parse(hint: u64, quiet: bool, st: &mut Acpi) {
             .kx("reset_val", v as u64),
         None => l.ks("reset_reg", "none"),
     };
-    l.kx("lapic", st.lapic).kx("ioapic", st.ioapic).kd("madt_cpus", st.madt_cpus as u64).print();
+    l.kx("lapic", st.lapic)
+        .kx("ioapic", st.ioapic)
+        .kd("madt_cpus", st.madt_cpus as u64)
+        .print();
 }
 
 fn io_port(v: u64) -> u16 {
@@ -233,7 +261,10 @@ fn fadt(t: u64, len: u64, quiet: bool, st: &mut Acpi) {
     }
     let flags = phys_u32(t + 112);
     if len >= 129 && flags & (1 << 10) != 0 {
-        let g = Gas { space: phys_u8(t + 116), addr: phys_u64(t + 120) };
+        let g = Gas {
+            space: phys_u8(t + 116),
+            addr: phys_u64(t + 120),
+        };
         if (g.space == 0 || g.space == 1) && g.addr != 0 {
             st.reset = Some((g, phys_u8(t + 128)));
         }
@@ -268,7 +299,8 @@ fn find_s5(dsdt: u64, len: u64) -> Option<u8> {
     let mut p = dsdt + 36;
     while p + 4 <= end {
         if phys_u32(p) == pat {
-            let named = phys_u8(p - 1) == 0x08 || (phys_u8(p - 1) == b'\\' && phys_u8(p - 2) == 0x08);
+            let named =
+                phys_u8(p - 1) == 0x08 || (phys_u8(p - 1) == b'\\' && phys_u8(p - 2) == 0x08);
             if named && p + 5 < end && phys_u8(p + 4) == 0x12 {
                 // PkgLength: bits 7:6 of the lead byte = extra bytes.
                 let lead = phys_u8(p + 5);
@@ -310,22 +342,14 @@ fn madt(t: u64, len: u64, st: &mut Acpi) {
             break;
         }
         match kind {
-            0 if elen >= 8 => {
-                if phys_u32(p + 4) & 1 != 0 {
-                    add_cpu(st, phys_u8(p + 3) as u32);
-                }
-            }
-            1 if elen >= 12 => {
-                if st.ioapic == 0 {
-                    st.ioapic = phys_u32(p + 4) as u64;
-                }
-            }
+            // Processor Local APIC: enabled flag in bit 0.
+            0 if elen >= 8 && phys_u32(p + 4) & 1 != 0 => add_cpu(st, phys_u8(p + 3) as u32),
+            // I/O APIC: the first one is reported.
+            1 if elen >= 12 && st.ioapic == 0 => st.ioapic = phys_u32(p + 4) as u64,
+            // Local APIC address override.
             5 if elen >= 12 => st.lapic = phys_u64(p + 4),
-            9 if elen >= 16 => {
-                if phys_u32(p + 8) & 1 != 0 {
-                    add_cpu(st, phys_u32(p + 4));
-                }
-            }
+            // Processor Local x2APIC.
+            9 if elen >= 16 && phys_u32(p + 8) & 1 != 0 => add_cpu(st, phys_u32(p + 4)),
             _ => {}
         }
         p += elen;
@@ -338,6 +362,9 @@ fn add_cpu(st: &mut Acpi, id: u32) {
         st.cpus[st.ncpus] = id;
         st.ncpus += 1;
     } else {
-        Line::new("error").ks("what", "too-many-cpus").kd("apic_id", id as u64).print();
+        Line::new("error")
+            .ks("what", "too-many-cpus")
+            .kd("apic_id", id as u64)
+            .print();
     }
 }

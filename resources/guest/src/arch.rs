@@ -68,7 +68,10 @@ fn gate(handler: u64, dpl: u64) -> Gate {
         | ((KERNEL_CS as u64) << 16)
         | ((0x8E | (dpl << 5)) << 40)
         | ((handler >> 16) & 0xFFFF) << 48;
-    Gate { lo, hi: handler >> 32 }
+    Gate {
+        lo,
+        hi: handler >> 32,
+    }
 }
 
 /// BSP: TSS + IDT. APs only call `load_idt`.
@@ -90,15 +93,19 @@ pub fn init() {
         asm!("ltr {0:x}", in(reg) TSS_SEL, options(nostack));
     }
     let idt = IDT.get();
-    for v in 0..32 {
-        idt.0[v] = gate(unsafe { exception_stubs[v] }, 0);
+    let stubs: &[u64; 32] = unsafe { &exception_stubs };
+    for (g, &stub) in idt.0.iter_mut().zip(stubs.iter()) {
+        *g = gate(stub, 0);
     }
-    idt.0[SYSCALL_VECTOR] = gate(syscall_entry as usize as u64, 3);
+    idt.0[SYSCALL_VECTOR] = gate(syscall_entry as *const () as u64, 3);
     load_idt();
 }
 
 pub fn load_idt() {
-    let ptr = DescPtr { limit: (core::mem::size_of::<Idt>() - 1) as u16, base: IDT.get() as *const Idt as u64 };
+    let ptr = DescPtr {
+        limit: (core::mem::size_of::<Idt>() - 1) as u16,
+        base: IDT.get() as *const Idt as u64,
+    };
     unsafe { asm!("lidt [{0}]", in(reg) &ptr, options(readonly, nostack, preserves_flags)) }
 }
 
@@ -125,7 +132,10 @@ pub struct ExceptionFrame {
 #[no_mangle]
 extern "C" fn exception_handler(f: &ExceptionFrame) -> ! {
     let mut l = Line::new("panic");
-    l.kd("exception", f.vector).kx("rip", f.rip).kx("err", f.err).kd("cpl", f.cs & 3);
+    l.kd("exception", f.vector)
+        .kx("rip", f.rip)
+        .kx("err", f.err)
+        .kd("cpl", f.cs & 3);
     if f.vector == 14 {
         let cr2: u64;
         unsafe { asm!("mov {0}, cr2", out(reg) cr2, options(nomem, nostack)) };
@@ -152,7 +162,7 @@ extern "C" fn syscall_dispatch(nr: u64, a0: u64, a1: u64, _a2: u64) -> u64 {
 /// Enter ring 3 at `entry` with `stack` and `arg` in rdi; returns the value
 /// the workload passes to SYS_EXIT.
 pub fn enter_user(entry: extern "C" fn(u64) -> !, stack: u64, arg: u64) -> u64 {
-    unsafe { enter_user_asm(entry as usize as u64, stack, arg) }
+    unsafe { enter_user_asm(entry as *const () as u64, stack, arg) }
 }
 
 global_asm!(
@@ -181,14 +191,44 @@ exc_stub_\n:
     EXC_NOERR 3
     EXC_NOERR 4
     EXC_NOERR 5
-    EXC_NOERR 6
+    /* #UD: PVM does not deliver a ring-3 `int 0x80` through the gate;
+       it raises #UD at the instruction instead. Treat that as the
+       syscall (skip the 2-byte instruction). rcx is free: the syscall
+       clobbers it anyway. */
+    .balign 16
+exc_stub_6:
+    testb $3, 8(%rsp)
+    jz 1f
+    movq (%rsp), %rcx
+    cmpw $0x80cd, (%rcx)
+    jne 1f
+    addq $2, (%rsp)
+    jmp syscall_entry
+1:  pushq $0
+    pushq $6
+    jmp exception_common
     EXC_NOERR 7
     EXC_ERR   8
     EXC_NOERR 9
     EXC_ERR   10
     EXC_ERR   11
     EXC_ERR   12
-    EXC_ERR   13
+    /* #GP with error code "IDT vector 0x80" from ring 3 on `int 0x80`
+       (a hypervisor that only lets DPL-0 gates through): same trick. */
+    .balign 16
+exc_stub_13:
+    cmpq $0x402, (%rsp)
+    jne 1f
+    testb $3, 16(%rsp)
+    jz 1f
+    movq 8(%rsp), %rcx
+    cmpw $0x80cd, (%rcx)
+    jne 1f
+    addq $8, %rsp
+    addq $2, (%rsp)
+    jmp syscall_entry
+1:  pushq $13
+    jmp exception_common
     EXC_ERR   14
     EXC_NOERR 15
     EXC_NOERR 16

@@ -26,7 +26,6 @@ extern "C" {
     pub static ap_trampoline_start: u8;
     pub static ap_trampoline_end: u8;
     pub static mut gdt: [u64; 8];
-    pub static gdt_ptr: [u8; 10];
     pub static __image_start: u8;
     pub static __image_end: u8;
 }
@@ -126,7 +125,7 @@ pvh_start32:
     jnz 3b
     jmp enter_long
 
-    /* Common 32-bit -> 64-bit switch; %edx = 64-bit target.           */
+    /* BSP: 32-bit -> 64-bit switch (APs: see ap_entry32).            */
 enter_long:
     movl %cr4, %eax
     orl $0x20, %eax                 /* PAE                           */
@@ -225,6 +224,9 @@ ap_trampoline_end:
     ap_stack_size = const AP_STACK_SIZE,
     options(att_syntax)
 );
+
+// The AP stack computation in ap_entry64 shifts by 12.
+const _: () = assert!(AP_STACK_SIZE == 4096);
 
 #[no_mangle]
 static ap_ticket: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);

@@ -37,7 +37,11 @@ impl BootInfo {
             rsdp: 0,
             cmdline: [0; CMDLINE_MAX],
             cmdline_len: 0,
-            e820: [E820 { addr: 0, size: 0, kind: 0 }; MAX_E820],
+            e820: [E820 {
+                addr: 0,
+                size: 0,
+                kind: 0,
+            }; MAX_E820],
             e820_len: 0,
             e820_reported: 0,
         }
@@ -59,7 +63,11 @@ impl BootInfo {
     }
 
     pub fn parse(&mut self, paddr: u64) {
-        self.magic = if paddr != 0 && paddr < (1 << 32) { phys_u32(paddr) } else { 0 };
+        self.magic = if paddr != 0 && paddr < (1 << 32) {
+            phys_u32(paddr)
+        } else {
+            0
+        };
         if self.magic != START_MAGIC {
             return;
         }
@@ -87,7 +95,11 @@ impl BootInfo {
                 let n = (entries as usize).min(MAX_E820);
                 for i in 0..n {
                     let e = map + (i as u64) * 24;
-                    self.e820[i] = E820 { addr: phys_u64(e), size: phys_u64(e + 8), kind: phys_u32(e + 16) };
+                    self.e820[i] = E820 {
+                        addr: phys_u64(e),
+                        size: phys_u64(e + 8),
+                        kind: phys_u32(e + 16),
+                    };
                 }
                 self.e820_len = n;
             }

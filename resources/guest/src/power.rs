@@ -12,7 +12,12 @@ struct Power {
     reset: Option<(Gas, u8)>,
 }
 
-static POWER: Global<Power> = Global::new(Power { pm1a_cnt: 0, sleep_ctl: 0, s5: 0, reset: None });
+static POWER: Global<Power> = Global::new(Power {
+    pm1a_cnt: 0,
+    sleep_ctl: 0,
+    s5: 0,
+    reset: None,
+});
 
 pub fn init(acpi: &Acpi) {
     let p = POWER.get();

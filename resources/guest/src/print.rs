@@ -15,7 +15,10 @@ impl Line {
     /// Start a line: `guest: <topic>`.
     #[inline(never)]
     pub fn new(topic: &str) -> Line {
-        let mut l = Line { buf: [const { MaybeUninit::uninit() }; LINE_MAX], len: 0 };
+        let mut l = Line {
+            buf: [const { MaybeUninit::uninit() }; LINE_MAX],
+            len: 0,
+        };
         l.s("guest: ");
         l.s(topic);
         l

@@ -42,13 +42,18 @@ impl DateTime {
     pub fn epoch(&self) -> u64 {
         // Days from civil date (proleptic Gregorian), shifted so that
         // March is the first month of the year.
-        let (y, m) = if self.month <= 2 { (self.year as i64 - 1, self.month as i64 + 9) } else { (self.year as i64, self.month as i64 - 3) };
+        let (y, m) = if self.month <= 2 {
+            (self.year as i64 - 1, self.month as i64 + 9)
+        } else {
+            (self.year as i64, self.month as i64 - 3)
+        };
         let era = y.div_euclid(400);
         let yoe = y - era * 400;
         let doy = (153 * m + 2) / 5 + self.day as i64 - 1;
         let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
         let days = era * 146_097 + doe - 719_468;
-        (days * 86_400 + self.hour as i64 * 3600 + self.min as i64 * 60 + self.sec as i64).max(0) as u64
+        (days * 86_400 + self.hour as i64 * 3600 + self.min as i64 * 60 + self.sec as i64).max(0)
+            as u64
     }
 }
 
@@ -59,7 +64,15 @@ fn bcd(v: u8) -> u8 {
 struct Raw([u8; 7]);
 
 fn read_raw() -> Raw {
-    Raw([read(REG_SEC), read(REG_MIN), read(REG_HOUR), read(REG_DAY), read(REG_MON), read(REG_YEAR), read(REG_CENTURY)])
+    Raw([
+        read(REG_SEC),
+        read(REG_MIN),
+        read(REG_HOUR),
+        read(REG_DAY),
+        read(REG_MON),
+        read(REG_YEAR),
+        read(REG_CENTURY),
+    ])
 }
 
 fn wait_uip() {
@@ -97,6 +110,19 @@ pub fn now() -> DateTime {
     }
     let c = conv(century) as u32;
     let yy = conv(year) as u32;
-    let year = if (19..=21).contains(&c) { c * 100 + yy } else if yy < 70 { 2000 + yy } else { 1900 + yy };
-    DateTime { year, month: conv(mon) as u32, day: conv(day) as u32, hour, min: conv(min) as u32, sec: conv(sec) as u32 }
+    let year = if (19..=21).contains(&c) {
+        c * 100 + yy
+    } else if yy < 70 {
+        2000 + yy
+    } else {
+        1900 + yy
+    };
+    DateTime {
+        year,
+        month: conv(mon) as u32,
+        day: conv(day) as u32,
+        hour,
+        min: conv(min) as u32,
+        sec: conv(sec) as u32,
+    }
 }

@@ -5,6 +5,7 @@
 //! one per character: every port access is a VM exit.
 
 use crate::io::{inb, outb};
+use crate::Global;
 
 pub const COM1: u16 = 0x3F8;
 const THR: u16 = 0;
@@ -17,7 +18,25 @@ const LSR_DR: u8 = 0x01;
 const LSR_THRE: u8 = 0x20;
 const FIFO_DEPTH: usize = 16;
 
+/// Input that arrived before init: enabling the FIFO clears the receive
+/// side on a real 16550 (and QEMU), so it is drained first.
+struct Early {
+    buf: [u8; FIFO_DEPTH],
+    len: u8,
+    pos: u8,
+}
+static EARLY: Global<Early> = Global::new(Early {
+    buf: [0; FIFO_DEPTH],
+    len: 0,
+    pos: 0,
+});
+
 pub fn init() {
+    let early = EARLY.get();
+    while (early.len as usize) < FIFO_DEPTH && inb(COM1 + LSR) & LSR_DR != 0 {
+        early.buf[early.len as usize] = inb(COM1 + THR);
+        early.len += 1;
+    }
     outb(COM1 + IER, 0x00); // no interrupts
     outb(COM1 + LCR, 0x80); // DLAB
     outb(COM1 + THR, 0x01); // divisor 1 = 115200 baud
@@ -58,6 +77,11 @@ pub fn write(bytes: &[u8]) {
 
 /// Non-blocking read of one byte.
 pub fn try_read() -> Option<u8> {
+    let early = EARLY.get();
+    if early.pos < early.len {
+        early.pos += 1;
+        return Some(early.buf[early.pos as usize - 1]);
+    }
     if inb(COM1 + LSR) & LSR_DR != 0 {
         Some(inb(COM1 + THR))
     } else {

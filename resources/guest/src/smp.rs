@@ -51,10 +51,17 @@ fn send_ipi(lapic: u64, dest: u32, icr: u32) {
 pub fn start(acpi: &Acpi, boot_info: &BootInfo) {
     let bsp = io::apic_id();
     let cpus = &acpi.cpus[..acpi.ncpus];
-    let expected = if acpi.have_madt && acpi.ncpus > 0 { acpi.madt_cpus } else { 1 };
+    let expected = if acpi.have_madt && acpi.ncpus > 0 {
+        acpi.madt_cpus
+    } else {
+        1
+    };
     let aps = cpus.iter().filter(|&&id| id != bsp).count();
     if acpi.have_madt && !cpus.contains(&bsp) {
-        Line::new("error").ks("what", "bsp-not-in-madt").kd("apic_id", bsp as u64).print();
+        Line::new("error")
+            .ks("what", "bsp-not-in-madt")
+            .kd("apic_id", bsp as u64)
+            .print();
     }
 
     if aps > 0 && can_start(boot_info) {
@@ -63,7 +70,11 @@ pub fn start(acpi: &Acpi, boot_info: &BootInfo) {
         // Software-enable the local APIC (spurious vector 0xFF; IF stays 0).
         mmio_write32(lapic + APIC_SVR, mmio_read32(lapic + APIC_SVR) | 0x1FF);
         let vector = (TRAMPOLINE_ADDR >> 12) as u32;
-        let targets = || cpus.iter().copied().filter(move |&id| id != bsp && id < 0xFF);
+        let targets = || {
+            cpus.iter()
+                .copied()
+                .filter(move |&id| id != bsp && id < 0xFF)
+        };
         for id in targets() {
             send_ipi(lapic, id, ICR_INIT);
         }
@@ -88,17 +99,29 @@ pub fn start(acpi: &Acpi, boot_info: &BootInfo) {
         }
     }
 
-    Line::new("cpu").kd("index", 0).kd("apic_id", bsp as u64).kd("online", 1).print();
-    let mut index = 1;
-    for &id in cpus.iter().filter(|&&id| id != bsp) {
+    Line::new("cpu")
+        .kd("index", 0)
+        .kd("apic_id", bsp as u64)
+        .kd("online", 1)
+        .print();
+    for (index, &id) in (1u64..).zip(cpus.iter().filter(|&&id| id != bsp)) {
         if id >= 0xFF {
-            Line::new("error").ks("what", "apic-id-needs-x2apic").kd("apic_id", id as u64).print();
+            Line::new("error")
+                .ks("what", "apic-id-needs-x2apic")
+                .kd("apic_id", id as u64)
+                .print();
         }
-        Line::new("cpu").kd("index", index).kd("apic_id", id as u64).kd("online", ap_seen(id) as u64).print();
-        index += 1;
+        Line::new("cpu")
+            .kd("index", index)
+            .kd("apic_id", id as u64)
+            .kd("online", ap_seen(id) as u64)
+            .print();
     }
     let online = 1 + AP_ONLINE.load(Ordering::Acquire);
-    Line::new("cpus").kd("online", online as u64).kd("expected", expected as u64).print();
+    Line::new("cpus")
+        .kd("online", online as u64)
+        .kd("expected", expected as u64)
+        .print();
 }
 
 fn can_start(boot_info: &BootInfo) -> bool {
@@ -109,7 +132,10 @@ fn can_start(boot_info: &BootInfo) -> bool {
     // IA32_APIC_BASE: bit 11 = enabled, bit 10 = x2APIC mode.
     let base = io::rdmsr(0x1B);
     if base & (1 << 11) == 0 || base & (1 << 10) != 0 {
-        Line::new("error").ks("what", "apic-mode").kx("apic_base", base).print();
+        Line::new("error")
+            .ks("what", "apic-mode")
+            .kx("apic_base", base)
+            .print();
         return false;
     }
     true

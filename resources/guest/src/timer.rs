@@ -17,7 +17,11 @@ struct State {
     total: u64,
 }
 
-static STATE: Global<State> = Global::new(State { port: 0, last: 0, total: 0 });
+static STATE: Global<State> = Global::new(State {
+    port: 0,
+    last: 0,
+    total: 0,
+});
 
 pub fn init(port: u16) {
     let st = STATE.get();
@@ -25,10 +29,6 @@ pub fn init(port: u16) {
     if port != 0 {
         st.last = inl(port) & 0xFF_FFFF;
     }
-}
-
-pub fn port() -> u16 {
-    STATE.get().port
 }
 
 pub fn now() -> u64 {

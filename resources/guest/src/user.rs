@@ -23,7 +23,11 @@ struct UserArgs {
 #[repr(C, align(16))]
 struct Stack([u8; 16384]);
 static USTACK: Global<Stack> = Global::new(Stack([0; 16384]));
-static ARGS: Global<UserArgs> = Global::new(UserArgs { rounds: 0, buf: 0, len: 0 });
+static ARGS: Global<UserArgs> = Global::new(UserArgs {
+    rounds: 0,
+    buf: 0,
+    len: 0,
+});
 
 /// Run the checksum workload in ring 3 over `[buf, buf+len)`; returns the
 /// checksum the workload exited with.
@@ -97,7 +101,10 @@ extern "C" fn user_main(argp: u64) -> ! {
     let ticks = sys_ticks() - t0;
 
     let mut l = Line::new("user");
-    l.kd("cpl", cpl as u64).kd("rounds", a.rounds).kx16("checksum", sum).kd("ticks", ticks);
+    l.kd("cpl", cpl as u64)
+        .kd("rounds", a.rounds)
+        .kx16("checksum", sum)
+        .kd("ticks", ticks);
     sys_write(l.finish());
     sys_exit(sum)
 }

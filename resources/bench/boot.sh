@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Boot benchmark: time from VMM start to the guest's first userspace output,
+# and the VMM's memory overhead, for Abide and QEMU (reference), on the same
+# Debian cloud kernel and test initramfs with abide.test=marker.
+#
+# Configurations (each RUNS times, default 5, round-robin after one warm-up):
+#   abide-bzImage     $ABIDE_BIN run --kernel vmlinuz ... (Linux boot protocol)
+#   abide-pvh         $ABIDE_BIN run --kernel vmlinux ... (PVH entry)
+#   qemu-pc-bzImage   qemu -M pc (SeaBIOS) -kernel vmlinuz
+#   qemu-microvm-pvh  qemu -M microvm -kernel vmlinux (PVH)
+# Runs directly when this machine has vmx/svm, otherwise everything happens
+# inside the nested test host (resources/nested/run.sh), where timings are
+# those of KVM nested in QEMU TCG: compare rows with each other, not with
+# bare-metal numbers.
+#
+# Method: see resources/bench/boot_bench.py (wall = spawn -> marker line on
+# the serial console; peak RSS = ru_maxrss; overhead = peak RSS minus the RSS
+# of the guest-RAM mapping sampled at the marker).
+#
+# Usage: resources/bench/boot.sh [-n RUNS] [--warmup N] [--only NAME[,NAME...]]
+# Environment:
+#   ABIDE_BIN           abide binary (default <repo>/target/release/abide);
+#                       its rows say NOT MEASURED when it does not exist
+#   ABIDE_BENCH_CMDLINE guest command line
+#                       (default "console=ttyS0 quiet abide.test=marker")
+set -euo pipefail
+
+die() { printf 'boot-bench: error: %s\n' "$*" >&2; exit 1; }
+
+script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(git -C "$script_dir" rev-parse --show-toplevel 2>/dev/null || (cd "$script_dir/../.." && pwd))
+
+runs=5 warmup=1 only='' inner=0
+while (($#)); do
+    case $1 in
+        -n|--runs) runs=${2:?}; shift 2 ;;
+        --warmup) warmup=${2:?}; shift 2 ;;
+        --only) only=${2:?}; shift 2 ;;
+        --inner) inner=1; shift ;;
+        -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown argument: $1 (see --help)" ;;
+    esac
+done
+[[ $runs =~ ^[1-9][0-9]*$ ]] || die "-n needs a positive number"
+[[ $warmup =~ ^[0-9]+$ ]] || die "--warmup needs a number"
+
+abide_bin=${ABIDE_BIN:-$repo/target/release/abide}
+[[ $abide_bin == /* ]] || abide_bin="$repo/$abide_bin"
+
+if ((!inner)); then
+    # Build outside: inside the nested host the repository is read-only.
+    "$repo/resources/linux/build-guest-initramfs.sh" >&2
+    export ABIDE_BIN=$abide_bin
+    exec "$repo/resources/linux/run-direct-or-nested.sh" --timeout 1800 -- \
+        "${BASH_SOURCE[0]}" --inner -n "$runs" --warmup "$warmup" ${only:+--only "$only"}
+fi
+
+g="$repo/.cache/linux/guest"
+vmlinuz=$g/vmlinuz vmlinux=$g/vmlinux initrd=$g/initramfs.cpio.gz
+for f in "$vmlinuz" "$vmlinux" "$initrd"; do [[ -s $f ]] || die "missing $f"; done
+[[ -c /dev/kvm ]] || die "/dev/kvm missing"
+cmdline=${ABIDE_BENCH_CMDLINE:-console=ttyS0 quiet abide.test=marker}
+mem=512 cpus=2
+
+selected() { [[ -z $only || ,$only, == *",$1,"* ]]; }
+args=() skips=()
+for kind in bzImage pvh; do
+    name=abide-$kind
+    selected "$name" || continue
+    if [[ $kind == bzImage ]]; then k=$vmlinuz; else k=$vmlinux; fi
+    if [[ -x $abide_bin ]]; then
+        args+=(:: "$name" "$abide_bin" run --kernel "$k" --initrd "$initrd"
+               --cmdline "$cmdline" --memory "${mem}M" --cpus "$cpus" --serial stdio)
+    else
+        echo "boot-bench: NOT MEASURED: abide binary missing ($abide_bin) -> skipping $name" >&2
+        skips+=(--skip "$name=abide binary missing ($abide_bin)")
+    fi
+done
+if selected qemu-pc-bzImage; then
+    args+=(:: qemu-pc-bzImage qemu-system-x86_64 -enable-kvm -M pc -cpu host -m "$mem" -smp "$cpus"
+           -kernel "$vmlinuz" -initrd "$initrd" -append "$cmdline"
+           -nographic -nodefaults -serial stdio -no-reboot)
+fi
+if selected qemu-microvm-pvh; then
+    args+=(:: qemu-microvm-pvh qemu-system-x86_64 -enable-kvm -M microvm,rtc=on -cpu host -m "$mem" -smp "$cpus"
+           -kernel "$vmlinux" -initrd "$initrd" -append "$cmdline"
+           -nodefaults -no-user-config -nographic -serial stdio -no-reboot)
+fi
+if [[ -r /proc/cpuinfo ]] && grep -qw -e vmx -e svm /proc/cpuinfo && [[ -n ${ABIDE_NESTED:-} ]]; then
+    where="inside the nested test host (KVM on emulated AMD-V in QEMU TCG)"
+else
+    where="directly on this machine"
+fi
+echo "boot-bench: $where; kernel $(cat "$g/release" 2>/dev/null || echo '?'); cmdline: $cmdline" >&2
+python3 "$script_dir/boot_bench.py" --runs "$runs" --warmup "$warmup" --mem-mib "$mem" \
+    "${skips[@]}" "${args[@]}"
