@@ -1157,21 +1157,4 @@ mod tests {
         m.memory.bios_area_start += 4;
         assert!(matches!(build(&m, 1), Err(AcpiError::Misaligned { .. })));
     }
-
-    /// Writes the tables to `$ABIDE_ACPI_DUMP_DIR` for inspection with
-    /// `iasl -d`. Run with `cargo test -p abide-firmware -- --ignored dump`.
-    #[test]
-    #[ignore]
-    fn dump_tables() {
-        let dir = std::env::var("ABIDE_ACPI_DUMP_DIR").expect("set ABIDE_ACPI_DUMP_DIR");
-        let t = build_pc(4);
-        for (addr, blob) in &t.blobs {
-            let name = if *addr == t.rsdp_addr {
-                "rsdp".to_string()
-            } else {
-                String::from_utf8_lossy(&blob[..4]).to_lowercase()
-            };
-            std::fs::write(format!("{dir}/{name}.dat"), blob).expect("write table");
-        }
-    }
 }

@@ -174,7 +174,7 @@ impl VmConfig {
                 });
             }
         }
-        if self.memory % 4096 != 0 {
+        if !self.memory.is_multiple_of(4096) {
             return Err(ConfigError::MemoryUnaligned);
         }
         if self.cpus == 0 || self.cpus > machine.max_vcpus {

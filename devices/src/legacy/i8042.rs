@@ -1,38 +1,136 @@
-//! Minimal i8042 keyboard controller: enough for the guest to probe it and
-//! to pulse the CPU reset line (command 0xFE), which ends the VM.
+//! i8042 keyboard controller with no keyboard or mouse attached.
+//!
+//! It answers the controller commands an OS uses to probe it (read/write the
+//! configuration byte, self-tests, port enable/disable), so a guest finds a
+//! working controller quickly instead of timing out, and it pulses the CPU
+//! reset line on command 0xFE, which ends the VM.
+
+use std::collections::VecDeque;
 
 use crate::bus::BusDevice;
 use crate::exit::{ExitReason, ExitSignal};
 
 /// Offset of the command/status port from the data port.
-const COMMAND_OFFSET: u64 = 4;
+pub const COMMAND_OFFSET: u64 = 4;
 
-struct ResetTrigger(ExitSignal);
+const STATUS_OUTPUT_FULL: u8 = 1 << 0;
+const STATUS_SYSTEM_FLAG: u8 = 1 << 2;
+const STATUS_LAST_WAS_COMMAND: u8 = 1 << 3;
+const STATUS_AUX_DATA: u8 = 1 << 5;
 
-impl vm_superio::Trigger for ResetTrigger {
-    type E = std::convert::Infallible;
-    fn trigger(&self) -> Result<(), Self::E> {
-        self.0.request(ExitReason::Reset);
-        Ok(())
-    }
-}
+const CMD_READ_CTR: u8 = 0x20;
+const CMD_WRITE_CTR: u8 = 0x60;
+const CMD_DISABLE_AUX: u8 = 0xa7;
+const CMD_ENABLE_AUX: u8 = 0xa8;
+const CMD_TEST_AUX: u8 = 0xa9;
+const CMD_SELF_TEST: u8 = 0xaa;
+const CMD_TEST_KBD: u8 = 0xab;
+const CMD_DISABLE_KBD: u8 = 0xad;
+const CMD_ENABLE_KBD: u8 = 0xae;
+const CMD_READ_OUTPUT_PORT: u8 = 0xd0;
+const CMD_WRITE_OUTPUT_PORT: u8 = 0xd1;
+const CMD_WRITE_AUX_OUTPUT: u8 = 0xd3;
+const CMD_WRITE_AUX: u8 = 0xd4;
+const CMD_PULSE_RESET: u8 = 0xfe;
+
+const CTR_KBD_DISABLED: u8 = 1 << 4;
+const CTR_AUX_DISABLED: u8 = 1 << 5;
+const CTR_SYSTEM_FLAG: u8 = 1 << 2;
+/// Output port: bit 0 is the (active-low) reset line, bit 1 the A20 gate.
+const OUTPUT_PORT_DEFAULT: u8 = 0x03;
+
+const SELF_TEST_OK: u8 = 0x55;
+const PORT_TEST_OK: u8 = 0x00;
+/// What a device-less port answers to a byte sent to it: "no device".
+const NO_DEVICE: u8 = 0xfe;
 
 /// The i8042 at data port + command port (`base`, `base + 4`).
+#[derive(Debug)]
 pub struct I8042 {
-    inner: vm_superio::I8042Device<ResetTrigger>,
-}
-
-impl std::fmt::Debug for I8042 {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("I8042").finish_non_exhaustive()
-    }
+    ctr: u8,
+    output_port: u8,
+    pending_write: Option<u8>,
+    last_was_command: bool,
+    /// Bytes for the guest, with whether each came from the aux port.
+    output: VecDeque<(u8, bool)>,
+    exit: ExitSignal,
 }
 
 impl I8042 {
     /// A controller whose reset command ends the VM through `exit`.
     pub fn new(exit: ExitSignal) -> Self {
         Self {
-            inner: vm_superio::I8042Device::new(ResetTrigger(exit)),
+            ctr: CTR_SYSTEM_FLAG | CTR_KBD_DISABLED | CTR_AUX_DISABLED,
+            output_port: OUTPUT_PORT_DEFAULT,
+            pending_write: None,
+            last_was_command: false,
+            output: VecDeque::new(),
+            exit,
+        }
+    }
+
+    fn status(&self) -> u8 {
+        let mut s = STATUS_SYSTEM_FLAG;
+        if let Some(&(_, aux)) = self.output.front() {
+            s |= STATUS_OUTPUT_FULL;
+            if aux {
+                s |= STATUS_AUX_DATA;
+            }
+        }
+        if self.last_was_command {
+            s |= STATUS_LAST_WAS_COMMAND;
+        }
+        s
+    }
+
+    fn reply(&mut self, v: u8) {
+        self.push(v, false);
+    }
+
+    fn push(&mut self, v: u8, aux: bool) {
+        // Bounded: a guest issuing commands without reading gets old bytes dropped.
+        if self.output.len() >= 16 {
+            self.output.pop_front();
+        }
+        self.output.push_back((v, aux));
+    }
+
+    fn command(&mut self, cmd: u8) {
+        self.last_was_command = true;
+        match cmd {
+            CMD_READ_CTR => self.reply(self.ctr),
+            CMD_WRITE_CTR | CMD_WRITE_OUTPUT_PORT | CMD_WRITE_AUX_OUTPUT | CMD_WRITE_AUX => {
+                self.pending_write = Some(cmd)
+            }
+            CMD_DISABLE_AUX => self.ctr |= CTR_AUX_DISABLED,
+            CMD_ENABLE_AUX => self.ctr &= !CTR_AUX_DISABLED,
+            CMD_DISABLE_KBD => self.ctr |= CTR_KBD_DISABLED,
+            CMD_ENABLE_KBD => self.ctr &= !CTR_KBD_DISABLED,
+            CMD_SELF_TEST => self.reply(SELF_TEST_OK),
+            CMD_TEST_KBD | CMD_TEST_AUX => self.reply(PORT_TEST_OK),
+            CMD_READ_OUTPUT_PORT => self.reply(self.output_port),
+            CMD_PULSE_RESET => self.exit.request(ExitReason::Reset),
+            // Pulse output lines 0xf0-0xfd: bit 0 clear pulses reset too.
+            0xf0..=0xfd if cmd & 1 == 0 => self.exit.request(ExitReason::Reset),
+            _ => {}
+        }
+    }
+
+    fn data(&mut self, v: u8) {
+        self.last_was_command = false;
+        match self.pending_write.take() {
+            Some(CMD_WRITE_CTR) => self.ctr = v,
+            Some(CMD_WRITE_OUTPUT_PORT) => {
+                self.output_port = v;
+                if v & 1 == 0 {
+                    self.exit.request(ExitReason::Reset);
+                }
+            }
+            // Loop the byte back as if the mouse had sent it.
+            Some(CMD_WRITE_AUX_OUTPUT) => self.push(v, true),
+            // Nothing is attached to either port.
+            Some(CMD_WRITE_AUX) => self.push(NO_DEVICE, true),
+            _ => self.reply(NO_DEVICE),
         }
     }
 }
@@ -40,17 +138,24 @@ impl I8042 {
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        if let (Some(first), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
-            *first = self.inner.read(off);
-        }
+        let Some(first) = data.first_mut() else {
+            return;
+        };
+        *first = match offset {
+            0 => self.output.pop_front().map_or(0, |(v, _)| v),
+            COMMAND_OFFSET => self.status(),
+            _ => 0xff,
+        };
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if offset != COMMAND_OFFSET && offset != 0 {
+        let Some(&v) = data.first() else {
             return;
-        }
-        if let (Some(&v), Ok(off)) = (data.first(), u8::try_from(offset)) {
-            let _ = self.inner.write(off, v);
+        };
+        match offset {
+            0 => self.data(v),
+            COMMAND_OFFSET => self.command(v),
+            _ => {}
         }
     }
 }
@@ -59,13 +164,71 @@ impl BusDevice for I8042 {
 mod tests {
     use super::*;
 
+    fn kbd() -> (I8042, ExitSignal) {
+        let exit = ExitSignal::new().expect("eventfd");
+        (I8042::new(exit.clone()), exit)
+    }
+
+    fn read(k: &mut I8042, off: u64) -> u8 {
+        let mut b = [0u8];
+        k.read(off, &mut b);
+        b[0]
+    }
+
     #[test]
     fn reset_command_ends_vm() {
-        let exit = ExitSignal::new().expect("eventfd");
-        let mut kbd = I8042::new(exit.clone());
-        kbd.write(COMMAND_OFFSET, &[0x20]);
+        let (mut k, exit) = kbd();
+        k.write(COMMAND_OFFSET, &[CMD_READ_CTR]);
         assert_eq!(exit.reason(), None);
-        kbd.write(COMMAND_OFFSET, &[0xfe]);
+        k.write(COMMAND_OFFSET, &[CMD_PULSE_RESET]);
         assert_eq!(exit.reason(), Some(ExitReason::Reset));
+    }
+
+    #[test]
+    fn ctr_round_trip_and_self_test() {
+        let (mut k, exit) = kbd();
+        assert_eq!(read(&mut k, COMMAND_OFFSET) & STATUS_OUTPUT_FULL, 0);
+        k.write(COMMAND_OFFSET, &[CMD_READ_CTR]);
+        assert_ne!(read(&mut k, COMMAND_OFFSET) & STATUS_OUTPUT_FULL, 0);
+        let ctr = read(&mut k, 0);
+        assert_eq!(ctr & CTR_SYSTEM_FLAG, CTR_SYSTEM_FLAG);
+        k.write(COMMAND_OFFSET, &[CMD_WRITE_CTR]);
+        k.write(0, &[0x47]);
+        k.write(COMMAND_OFFSET, &[CMD_READ_CTR]);
+        assert_eq!(read(&mut k, 0), 0x47);
+        k.write(COMMAND_OFFSET, &[CMD_SELF_TEST]);
+        assert_eq!(read(&mut k, 0), SELF_TEST_OK);
+        k.write(COMMAND_OFFSET, &[CMD_TEST_KBD]);
+        assert_eq!(read(&mut k, 0), PORT_TEST_OK);
+        assert_eq!(exit.reason(), None);
+    }
+
+    #[test]
+    fn aux_loopback_sets_aux_bit() {
+        let (mut k, _) = kbd();
+        k.write(COMMAND_OFFSET, &[CMD_WRITE_AUX_OUTPUT]);
+        k.write(0, &[0x5a]);
+        assert_ne!(read(&mut k, COMMAND_OFFSET) & STATUS_AUX_DATA, 0);
+        assert_eq!(read(&mut k, 0), 0x5a);
+    }
+
+    #[test]
+    fn output_port_reset_line() {
+        let (mut k, exit) = kbd();
+        k.write(COMMAND_OFFSET, &[CMD_WRITE_OUTPUT_PORT]);
+        k.write(0, &[0x03]);
+        assert_eq!(exit.reason(), None);
+        k.write(COMMAND_OFFSET, &[CMD_WRITE_OUTPUT_PORT]);
+        k.write(0, &[0x02]);
+        assert_eq!(exit.reason(), Some(ExitReason::Reset));
+    }
+
+    #[test]
+    fn output_queue_is_bounded() {
+        let (mut k, _) = kbd();
+        for _ in 0..1000 {
+            k.write(COMMAND_OFFSET, &[CMD_SELF_TEST]);
+        }
+        assert!(k.output.len() <= 16);
     }
 }
