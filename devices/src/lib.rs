@@ -8,6 +8,7 @@
 pub mod bus;
 pub mod exit;
 pub mod legacy;
+pub mod pci;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use exit::{ExitReason, ExitSignal};

@@ -16,6 +16,8 @@ pub const COMMAND_OFFSET: u64 = 4;
 const STATUS_OUTPUT_FULL: u8 = 1 << 0;
 const STATUS_SYSTEM_FLAG: u8 = 1 << 2;
 const STATUS_LAST_WAS_COMMAND: u8 = 1 << 3;
+/// Keyboard not inhibited (no keylock).
+const STATUS_UNLOCKED: u8 = 1 << 4;
 const STATUS_AUX_DATA: u8 = 1 << 5;
 
 const CMD_READ_CTR: u8 = 0x20;
@@ -70,7 +72,7 @@ impl I8042 {
     }
 
     fn status(&self) -> u8 {
-        let mut s = STATUS_SYSTEM_FLAG;
+        let mut s = STATUS_SYSTEM_FLAG | STATUS_UNLOCKED;
         if let Some(&(_, aux)) = self.output.front() {
             s |= STATUS_OUTPUT_FULL;
             if aux {
@@ -187,7 +189,9 @@ mod tests {
     #[test]
     fn ctr_round_trip_and_self_test() {
         let (mut k, exit) = kbd();
-        assert_eq!(read(&mut k, COMMAND_OFFSET) & STATUS_OUTPUT_FULL, 0);
+        let status = read(&mut k, COMMAND_OFFSET);
+        assert_eq!(status & STATUS_OUTPUT_FULL, 0);
+        assert_ne!(status & STATUS_UNLOCKED, 0, "no keylock");
         k.write(COMMAND_OFFSET, &[CMD_READ_CTR]);
         assert_ne!(read(&mut k, COMMAND_OFFSET) & STATUS_OUTPUT_FULL, 0);
         let ctr = read(&mut k, 0);

@@ -1,0 +1,551 @@
+//! PCI bus 0: function slots, configuration access (0xCF8/0xCFC and ECAM),
+//! and BAR placement on the MMIO and port buses.
+//!
+//! Lock order: a bus map, then [`PciRoot`], then one function. The root never
+//! holds a function's lock while it changes a bus.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use crate::bus::{Bus, BusDevice};
+use crate::pci::config::{BarKind, BarMapping, PciConfig, ROM_BAR_INDEX};
+
+/// A PCI function on bus 0.
+pub trait PciFunction: Send {
+    /// Configuration space.
+    fn config(&self) -> &PciConfig;
+    /// Configuration space, mutable.
+    fn config_mut(&mut self) -> &mut PciConfig;
+    /// Guest read inside BAR `index`.
+    fn bar_read(&mut self, index: usize, offset: u64, data: &mut [u8]);
+    /// Guest write inside BAR `index`.
+    fn bar_write(&mut self, index: usize, offset: u64, data: &[u8]);
+    /// The option ROM image, if any (at most the ROM slot size).
+    fn rom(&self) -> Option<&[u8]> {
+        None
+    }
+}
+
+/// A shared function.
+pub type SharedFunction = Arc<Mutex<dyn PciFunction>>;
+
+/// Errors placing functions.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PciError {
+    /// Slot number out of range.
+    #[error("PCI slot {0} does not exist on bus 0 (valid: 0-31)")]
+    NoSuchSlot(u8),
+    /// Slot taken.
+    #[error("PCI slot {0} is already in use")]
+    SlotInUse(u8),
+}
+
+/// Where a config access goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConfigAddress {
+    /// Bus.
+    pub bus: u8,
+    /// Device (slot).
+    pub device: u8,
+    /// Function.
+    pub function: u8,
+    /// Register offset.
+    pub offset: usize,
+}
+
+struct Slot {
+    function: SharedFunction,
+    /// Regions currently placed on a bus.
+    placed: Vec<BarMapping>,
+}
+
+/// Bus 0 and the functions on it.
+pub struct PciRoot {
+    slots: BTreeMap<u8, Slot>,
+    mmio: Arc<Bus>,
+    pio: Arc<Bus>,
+}
+
+impl std::fmt::Debug for PciRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PciRoot")
+            .field("slots", &self.slots.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Forwards accesses inside a BAR (or the ROM) to its function.
+struct BarRegion {
+    function: SharedFunction,
+    index: usize,
+}
+
+impl BusDevice for BarRegion {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let mut f = self.function.lock().unwrap_or_else(|e| e.into_inner());
+        if self.index == ROM_BAR_INDEX {
+            // Read-only image, zero-padded to the slot size.
+            data.fill(0);
+            if let Some(rom) = f.rom() {
+                let start = usize::try_from(offset).unwrap_or(usize::MAX);
+                for (i, d) in data.iter_mut().enumerate() {
+                    if let Some(b) = start.checked_add(i).and_then(|p| rom.get(p)) {
+                        *d = *b;
+                    }
+                }
+            }
+        } else {
+            f.bar_read(self.index, offset, data);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if self.index != ROM_BAR_INDEX {
+            let mut f = self.function.lock().unwrap_or_else(|e| e.into_inner());
+            f.bar_write(self.index, offset, data);
+        }
+    }
+}
+
+impl PciRoot {
+    /// An empty bus 0 whose BARs go on `mmio` and `pio`.
+    pub fn new(mmio: Arc<Bus>, pio: Arc<Bus>) -> Self {
+        Self {
+            slots: BTreeMap::new(),
+            mmio,
+            pio,
+        }
+    }
+
+    /// Places `function` at `slot` (function 0).
+    pub fn add(&mut self, slot: u8, function: SharedFunction) -> Result<(), PciError> {
+        if slot >= 32 {
+            return Err(PciError::NoSuchSlot(slot));
+        }
+        if self.slots.contains_key(&slot) {
+            return Err(PciError::SlotInUse(slot));
+        }
+        self.slots.insert(
+            slot,
+            Slot {
+                function,
+                placed: Vec::new(),
+            },
+        );
+        self.remap(slot);
+        Ok(())
+    }
+
+    /// Occupied slots.
+    pub fn slots(&self) -> Vec<u8> {
+        self.slots.keys().copied().collect()
+    }
+
+    /// Guest configuration read. Absent functions read all-ones.
+    pub fn config_read(&self, addr: ConfigAddress, data: &mut [u8]) {
+        match self.target(addr) {
+            Some(slot) => slot
+                .function
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .config()
+                .read(addr.offset, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    /// Guest configuration write.
+    pub fn config_write(&mut self, addr: ConfigAddress, data: &[u8]) {
+        let Some(slot) = self.target(addr) else {
+            return;
+        };
+        let changed = slot
+            .function
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config_mut()
+            .write(addr.offset, data);
+        if changed {
+            self.remap(addr.device);
+        }
+    }
+
+    fn target(&self, addr: ConfigAddress) -> Option<&Slot> {
+        if addr.bus != 0 || addr.function != 0 {
+            return None;
+        }
+        self.slots.get(&addr.device)
+    }
+
+    fn bus_for(&self, kind: BarKind) -> &Bus {
+        match kind {
+            BarKind::Io => &self.pio,
+            _ => &self.mmio,
+        }
+    }
+
+    /// Brings the bus placement of `slot`'s regions in line with its config
+    /// space. A region that would overlap another device stays unplaced (the
+    /// guest programmed a conflict; it is retried on the next change).
+    fn remap(&mut self, slot: u8) {
+        let Some(s) = self.slots.get(&slot) else {
+            return;
+        };
+        let wanted = s
+            .function
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config()
+            .mappings();
+        let function = s.function.clone();
+        let old = s.placed.clone();
+        let mut placed = Vec::new();
+        for m in &old {
+            if wanted.contains(m) {
+                placed.push(*m);
+            } else {
+                self.bus_for(m.kind).remove(m.addr);
+            }
+        }
+        for m in &wanted {
+            if placed.contains(m) {
+                continue;
+            }
+            let region = Arc::new(Mutex::new(BarRegion {
+                function: function.clone(),
+                index: m.index,
+            }));
+            if self.bus_for(m.kind).insert(region, m.addr, m.size).is_ok() {
+                placed.push(*m);
+            }
+        }
+        if let Some(s) = self.slots.get_mut(&slot) {
+            s.placed = placed;
+        }
+    }
+
+    /// Regions of `slot` currently placed on a bus.
+    pub fn placed(&self, slot: u8) -> Vec<BarMapping> {
+        self.slots
+            .get(&slot)
+            .map(|s| s.placed.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// The legacy configuration mechanism: CONFIG_ADDRESS at port base (dword),
+/// CONFIG_DATA at base + 4..8. A byte written at base + 1 goes to `reset`
+/// (the PIIX-style reset control register at 0xCF9), if one is given.
+pub struct PciConfigIo {
+    root: Arc<Mutex<PciRoot>>,
+    address: u32,
+    reset: Option<Box<dyn BusDevice>>,
+}
+
+impl std::fmt::Debug for PciConfigIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PciConfigIo")
+            .field("address", &self.address)
+            .finish()
+    }
+}
+
+const CONFIG_ENABLE: u32 = 1 << 31;
+
+impl PciConfigIo {
+    /// Config I/O for `root`, with an optional reset register at base + 1.
+    pub fn new(root: Arc<Mutex<PciRoot>>, reset: Option<Box<dyn BusDevice>>) -> Self {
+        Self {
+            root,
+            address: 0,
+            reset,
+        }
+    }
+
+    fn decode(&self, data_offset: u64) -> Option<ConfigAddress> {
+        if self.address & CONFIG_ENABLE == 0 {
+            return None;
+        }
+        Some(ConfigAddress {
+            bus: (self.address >> 16) as u8,
+            device: ((self.address >> 11) & 0x1f) as u8,
+            function: ((self.address >> 8) & 0x7) as u8,
+            offset: (self.address & 0xfc) as usize + data_offset as usize,
+        })
+    }
+}
+
+impl BusDevice for PciConfigIo {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match offset {
+            0 if data.len() == 4 => data.copy_from_slice(&self.address.to_le_bytes()),
+            4..=7 => match self.decode(offset - 4) {
+                Some(a) => self
+                    .root
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .config_read(a, data),
+                None => data.fill(0xff),
+            },
+            1 if self.reset.is_some() => data.fill(0),
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        match offset {
+            0 if data.len() == 4 => {
+                let mut b = [0u8; 4];
+                b.copy_from_slice(data);
+                self.address = u32::from_le_bytes(b);
+            }
+            1 if data.len() == 1 => {
+                if let Some(r) = self.reset.as_mut() {
+                    r.write(0, data);
+                }
+            }
+            4..=7 => {
+                if let Some(a) = self.decode(offset - 4) {
+                    self.root
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .config_write(a, data);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The enhanced configuration mechanism (ECAM / MMCONFIG) window.
+pub struct PciEcam {
+    root: Arc<Mutex<PciRoot>>,
+}
+
+impl std::fmt::Debug for PciEcam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PciEcam").finish_non_exhaustive()
+    }
+}
+
+impl PciEcam {
+    /// ECAM access to `root`.
+    pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
+        Self { root }
+    }
+
+    fn decode(offset: u64) -> ConfigAddress {
+        ConfigAddress {
+            bus: (offset >> 20) as u8,
+            device: ((offset >> 15) & 0x1f) as u8,
+            function: ((offset >> 12) & 0x7) as u8,
+            offset: (offset & 0xfff) as usize,
+        }
+    }
+}
+
+impl BusDevice for PciEcam {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.root
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config_read(Self::decode(offset), data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.root
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config_write(Self::decode(offset), data);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::config::{command, BarSpec, PciIds};
+
+    struct Dummy {
+        config: PciConfig,
+        rom: Vec<u8>,
+        last_write: Option<(usize, u64, Vec<u8>)>,
+    }
+
+    impl PciFunction for Dummy {
+        fn config(&self) -> &PciConfig {
+            &self.config
+        }
+        fn config_mut(&mut self) -> &mut PciConfig {
+            &mut self.config
+        }
+        fn bar_read(&mut self, index: usize, offset: u64, data: &mut [u8]) {
+            data.fill((index as u8) << 4 | offset as u8);
+        }
+        fn bar_write(&mut self, index: usize, offset: u64, data: &[u8]) {
+            self.last_write = Some((index, offset, data.to_vec()));
+        }
+        fn rom(&self) -> Option<&[u8]> {
+            Some(&self.rom)
+        }
+    }
+
+    fn dummy() -> Arc<Mutex<Dummy>> {
+        let mut config = PciConfig::new(
+            PciIds {
+                vendor: 0x1af4,
+                device: 0x1041,
+                subsystem_vendor: 0x1af4,
+                subsystem: 1,
+                revision: 1,
+                class: 0x02_0000,
+            },
+            1,
+        );
+        config
+            .set_bar(
+                0,
+                BarSpec {
+                    kind: BarKind::Mem32,
+                    size: 0x1000,
+                    prefetchable: false,
+                },
+            )
+            .expect("bar");
+        config.set_rom_slot(0x2_0000).expect("rom");
+        Arc::new(Mutex::new(Dummy {
+            config,
+            rom: vec![0x55, 0xaa, 0x01],
+            last_write: None,
+        }))
+    }
+
+    struct Setup {
+        mmio: Arc<Bus>,
+        io: PciConfigIo,
+        ecam: PciEcam,
+        dev: Arc<Mutex<Dummy>>,
+        root: Arc<Mutex<PciRoot>>,
+    }
+
+    fn setup() -> Setup {
+        let mmio = Arc::new(Bus::new());
+        let pio = Arc::new(Bus::new());
+        let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone(), pio)));
+        let dev = dummy();
+        root.lock().expect("lock").add(3, dev.clone()).expect("add");
+        Setup {
+            mmio,
+            io: PciConfigIo::new(root.clone(), None),
+            ecam: PciEcam::new(root.clone()),
+            dev,
+            root,
+        }
+    }
+
+    fn cfg_addr(dev: u32, reg: u32) -> [u8; 4] {
+        (CONFIG_ENABLE | dev << 11 | reg).to_le_bytes()
+    }
+
+    fn io_read32(io: &mut PciConfigIo, dev: u32, reg: u32) -> u32 {
+        io.write(0, &cfg_addr(dev, reg));
+        let mut b = [0u8; 4];
+        io.read(4, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn io_write32(io: &mut PciConfigIo, dev: u32, reg: u32, v: u32) {
+        io.write(0, &cfg_addr(dev, reg));
+        io.write(4, &v.to_le_bytes());
+    }
+
+    #[test]
+    fn enumerates_through_both_mechanisms() {
+        let mut s = setup();
+        assert_eq!(io_read32(&mut s.io, 3, 0), 0x1041_1af4);
+        assert_eq!(io_read32(&mut s.io, 4, 0), 0xffff_ffff, "empty slot");
+        let mut b = [0u8; 4];
+        s.ecam.read(3 << 15, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0x1041_1af4);
+        s.ecam.read(1 << 20 | 3 << 15, &mut b);
+        assert_eq!(b, [0xff; 4], "bus 1 is empty");
+        s.ecam.read(3 << 15 | 1 << 12, &mut b);
+        assert_eq!(b, [0xff; 4], "function 1 is empty");
+        // Disabled CONFIG_ADDRESS reads all-ones.
+        s.io.write(0, &(3u32 << 11).to_le_bytes());
+        s.io.read(4, &mut b);
+        assert_eq!(b, [0xff; 4]);
+        // Sub-dword data-port access: device ID via 0xCFE.
+        s.io.write(0, &cfg_addr(3, 0));
+        let mut w = [0u8; 2];
+        s.io.read(6, &mut w);
+        assert_eq!(u16::from_le_bytes(w), 0x1041);
+    }
+
+    #[test]
+    fn bar_placement_follows_the_guest() {
+        let mut s = setup();
+        io_write32(&mut s.io, 3, 0x10, 0xc000_0000);
+        let mut b = [0u8; 1];
+        assert!(!s.mmio.read(0xc000_0004, &mut b), "decode still off");
+        io_write32(&mut s.io, 3, 0x04, u32::from(command::MEMORY));
+        assert!(s.mmio.read(0xc000_0004, &mut b));
+        assert_eq!(b[0], 0x04);
+        assert!(s.mmio.write(0xc000_0008, &[9]));
+        assert_eq!(
+            s.dev.lock().expect("lock").last_write,
+            Some((0, 8, vec![9]))
+        );
+        // Relocate: the old address goes dead, the new one answers.
+        io_write32(&mut s.io, 3, 0x10, 0xc010_0000);
+        assert!(!s.mmio.read(0xc000_0004, &mut b));
+        assert!(s.mmio.read(0xc010_0004, &mut b));
+        // Turning decode off removes it.
+        io_write32(&mut s.io, 3, 0x04, 0);
+        assert!(!s.mmio.read(0xc010_0004, &mut b));
+    }
+
+    #[test]
+    fn rom_is_read_only_and_padded() {
+        let mut s = setup();
+        io_write32(&mut s.io, 3, 0x04, u32::from(command::MEMORY));
+        io_write32(&mut s.io, 3, 0x30, 0xffff_f800);
+        assert_eq!(io_read32(&mut s.io, 3, 0x30), 0xfffe_0000, "slot size");
+        io_write32(&mut s.io, 3, 0x30, 0xd000_0001);
+        let mut b = [0u8; 4];
+        assert!(s.mmio.read(0xd000_0000, &mut b));
+        assert_eq!(b, [0x55, 0xaa, 0x01, 0x00]);
+        assert!(s.mmio.write(0xd000_0000, &[0, 0]));
+        assert!(s.mmio.read(0xd000_0000, &mut b));
+        assert_eq!(b[..2], [0x55, 0xaa], "ROM is read-only");
+        assert!(s.mmio.read(0xd001_fffc, &mut b));
+        assert_eq!(b, [0; 4], "padding to the slot end");
+        assert!(!s.mmio.read(0xd002_0000, &mut b), "slot ends at 128 KiB");
+    }
+
+    #[test]
+    fn overlapping_bars_stay_unplaced() {
+        let s = setup();
+        let other = dummy();
+        let mut root = s.root.lock().expect("lock");
+        root.add(4, other).expect("add");
+        assert_eq!(root.add(4, dummy()), Err(PciError::SlotInUse(4)));
+        assert_eq!(root.add(32, dummy()), Err(PciError::NoSuchSlot(32)));
+        let at = |d: u8, reg: usize| ConfigAddress {
+            bus: 0,
+            device: d,
+            function: 0,
+            offset: reg,
+        };
+        for d in [3, 4] {
+            root.config_write(at(d, 0x10), &0xc000_0000u32.to_le_bytes());
+            root.config_write(at(d, 4), &u32::from(command::MEMORY).to_le_bytes());
+        }
+        assert_eq!(root.placed(3).len(), 1);
+        assert!(root.placed(4).is_empty(), "conflicting BAR not placed");
+        // Moving the first away lets the second in on its next change.
+        root.config_write(at(3, 0x10), &0xc100_0000u32.to_le_bytes());
+        root.config_write(at(4, 4), &0u32.to_le_bytes());
+        root.config_write(at(4, 4), &u32::from(command::MEMORY).to_le_bytes());
+        assert_eq!(root.placed(4).len(), 1);
+    }
+}
