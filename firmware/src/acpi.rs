@@ -1,14 +1,19 @@
 //! ACPI tables built from a [`MachineDescription`].
 //!
-//! [`build`] produces an RSDP, an XSDT, a FADT, a DSDT and a MADT, laid out
-//! contiguously from `memory.bios_area_start`:
+//! [`build`] produces an RSDP, an XSDT, a FADT, a DSDT, a MADT and an MCFG,
+//! laid out contiguously from `memory.bios_area_start`:
 //!
 //! ```text
 //! bios_area_start  RSDP (revision 2, 36 bytes; 16-byte aligned for the legacy scan)
 //!                  DSDT (AML: \_SB devices, \_S5_)
-//!                  FADT, MADT, … (the tables listed in the XSDT, in XSDT order)
+//!                  FADT, MADT, MCFG (the tables listed in the XSDT, in XSDT order)
 //!                  XSDT
 //! ```
+//!
+//! The DSDT's `\_SB` holds COM1, PWRB, KBD_, RTC_ (ISA devices, at `\_SB`
+//! level rather than under the PCI root), `PCI0` (the PCI Express root bridge
+//! of bus 0) and `MRES` (motherboard resources: the ECAM window). The PCI
+//! parts are in the `pci` submodule (`acpi/pci.rs`).
 //!
 //! Every table starts on a [`TABLE_ALIGN`]-byte boundary. Addresses, ports,
 //! IRQs and IDs come from the machine description. Guest-visible choices that
@@ -35,9 +40,23 @@
 //!   is where KVM's default GSI routing delivers it.
 //! * The IOAPIC's ID register must read [`IOAPIC_ID`] (KVM's in-kernel IOAPIC
 //!   resets to 0).
+//! * PCI: CONFIG_ADDRESS/CONFIG_DATA at `pci.config_io_port` (8 ports; the
+//!   byte port `reset.port` may sit inside them), ECAM for buses
+//!   `0..ecam_size >> 20` at `pci.ecam_base` (segment 0). BARs are placed in
+//!   `pci.mmio32_*`, `pci.mmio64_*` and `pci.io_*`, all inside the `PCI0`
+//!   windows. INTx pin P (0 = INTA#) of slot N is wired to GSI
+//!   `pci.intx_gsis[(N + P) % 4]`, level-triggered, active-low as the guest
+//!   programs it: the device must keep the line asserted while its interrupt
+//!   is pending (re-raise after EOI) and drop it when the guest clears it.
+//!   Those GSIs must be IOAPIC pins (below 24) and not ISA IRQs.
+//! * The 64-bit window ends at `mmio64_base + mmio64_size - 1`; CPUID must
+//!   report enough physical address bits to reach it (40 for the `pc` machine),
+//!   or Linux drops the window.
 
 use abide_machines::{AcpiIds, MachineDescription, PioDevice, PmBlock};
 use acpi_tables::{aml, Aml, AmlSink};
+
+mod pci;
 
 // ---------------------------------------------------------------------------
 // Guest-visible choices not (yet) in the machine description.
@@ -261,6 +280,7 @@ pub fn build(machine: &MachineDescription, num_cpus: u32) -> Result<AcpiTables, 
     let xsdt_tables = vec![
         build_fadt(machine, &ids, dsdt_addr)?,
         build_madt(machine, &ids, num_cpus)?,
+        pci::build_mcfg(machine, &ids)?,
     ];
 
     let mut blobs = vec![(dsdt_addr, dsdt)];
@@ -658,8 +678,9 @@ fn device_irq(device: &'static str, dev: &PioDevice) -> Result<Option<IrqNoFlags
         .transpose()
 }
 
-/// Serializes `Device(name) { Name(_HID, EisaId(hid)), <names…>, Name(_CRS, …) }`.
-fn isa_device(
+/// Serializes `Device(name) { Name(_HID, EisaId(hid)), <names…>, Name(_CRS, …) }`
+/// (no `_CRS` if `resources` is empty).
+fn hid_device(
     name: &str,
     hid: &str,
     extra: &[(&str, &dyn Aml)],
@@ -687,7 +708,7 @@ fn com1_device(com1: &PioDevice) -> Result<Vec<u8>, AcpiError> {
     if let Some(irq) = &irq {
         resources.push(irq);
     }
-    Ok(isa_device(
+    Ok(hid_device(
         COM1_NAME,
         PNP_COM,
         &[("_UID", &COM1_UID), ("_STA", &STA_PRESENT_AND_FUNCTIONING)],
@@ -696,7 +717,7 @@ fn com1_device(com1: &PioDevice) -> Result<Vec<u8>, AcpiError> {
 }
 
 fn power_button_device() -> Vec<u8> {
-    isa_device(
+    hid_device(
         PWRB_NAME,
         PNP_POWER_BUTTON,
         &[("_UID", &PWRB_UID)],
@@ -719,7 +740,7 @@ fn keyboard_device(i8042: &PioDevice) -> Result<Vec<u8>, AcpiError> {
     if let Some(irq) = &irq {
         resources.push(irq);
     }
-    Ok(isa_device(KBD_NAME, PNP_PS2_KEYBOARD, &[], resources))
+    Ok(hid_device(KBD_NAME, PNP_PS2_KEYBOARD, &[], resources))
 }
 
 fn rtc_device(rtc: &PioDevice) -> Result<Vec<u8>, AcpiError> {
@@ -729,21 +750,21 @@ fn rtc_device(rtc: &PioDevice) -> Result<Vec<u8>, AcpiError> {
     if let Some(irq) = &irq {
         resources.push(irq);
     }
-    Ok(isa_device(RTC_NAME, PNP_RTC, &[], resources))
+    Ok(hid_device(RTC_NAME, PNP_RTC, &[], resources))
 }
 
-/// The devices in `\_SB`, each serialized.
-///
-/// Extension point: the PCI root bus (`PCI0` with `_HID`/`_CID`, `_CRS` and
-/// `_PRT`) is one more entry here.
+/// The devices in `\_SB`, each serialized: the legacy devices, then the PCI
+/// root bridge and the motherboard resources (see [`pci`]).
 fn system_bus_devices(machine: &MachineDescription) -> Result<Vec<Vec<u8>>, AcpiError> {
     let legacy = &machine.legacy;
-    Ok(vec![
+    let mut devices = vec![
         com1_device(&legacy.com1)?,
         power_button_device(),
         keyboard_device(&legacy.i8042)?,
         rtc_device(&legacy.rtc)?,
-    ])
+    ];
+    devices.extend(pci::system_bus_devices(machine)?);
+    Ok(devices)
 }
 
 /// Root-level `Name(_S5_, Package() { typ, typ, 0, 0 })`: SLP_TYPa, SLP_TYPb
@@ -772,32 +793,32 @@ mod tests {
     use super::*;
     use abide_machines::pc;
 
-    fn sum(bytes: &[u8]) -> u8 {
+    pub(super) fn sum(bytes: &[u8]) -> u8 {
         bytes.iter().fold(0u8, |s, b| s.wrapping_add(*b))
     }
 
-    fn u16_at(b: &[u8], off: usize) -> u16 {
+    pub(super) fn u16_at(b: &[u8], off: usize) -> u16 {
         u16::from_le_bytes([b[off], b[off + 1]])
     }
 
-    fn u32_at(b: &[u8], off: usize) -> u32 {
+    pub(super) fn u32_at(b: &[u8], off: usize) -> u32 {
         let mut a = [0u8; 4];
         a.copy_from_slice(&b[off..off + 4]);
         u32::from_le_bytes(a)
     }
 
-    fn u64_at(b: &[u8], off: usize) -> u64 {
+    pub(super) fn u64_at(b: &[u8], off: usize) -> u64 {
         let mut a = [0u8; 8];
         a.copy_from_slice(&b[off..off + 8]);
         u64::from_le_bytes(a)
     }
 
-    fn build_pc(num_cpus: u32) -> AcpiTables {
+    pub(super) fn build_pc(num_cpus: u32) -> AcpiTables {
         build(&pc(), num_cpus).expect("pc tables build")
     }
 
     /// The blob starting at `addr`.
-    fn blob_at(t: &AcpiTables, addr: u64) -> &[u8] {
+    pub(super) fn blob_at(t: &AcpiTables, addr: u64) -> &[u8] {
         &t.blobs
             .iter()
             .find(|(a, _)| *a == addr)
@@ -806,7 +827,7 @@ mod tests {
     }
 
     /// The SDT with `signature`, following RSDP -> XSDT (or FADT for DSDT).
-    fn table<'a>(t: &'a AcpiTables, signature: &[u8; 4]) -> &'a [u8] {
+    pub(super) fn table<'a>(t: &'a AcpiTables, signature: &[u8; 4]) -> &'a [u8] {
         let rsdp = blob_at(t, t.rsdp_addr);
         let xsdt = blob_at(t, u64_at(rsdp, 24));
         let entries = (SDT_HEADER_LEN..xsdt.len()).step_by(8);
@@ -823,7 +844,7 @@ mod tests {
     }
 
     /// EISA ID compression, written independently of the `acpi_tables` crate.
-    fn eisa_id(id: &str) -> [u8; 4] {
+    pub(super) fn eisa_id(id: &str) -> [u8; 4] {
         let b = id.as_bytes();
         let letters =
             (u16::from(b[0] - 0x40) << 10) | (u16::from(b[1] - 0x40) << 5) | u16::from(b[2] - 0x40);
@@ -833,12 +854,12 @@ mod tests {
         [l0, l1, n0, n1]
     }
 
-    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    pub(super) fn contains(haystack: &[u8], needle: &[u8]) -> bool {
         haystack.windows(needle.len()).any(|w| w == needle)
     }
 
     /// Decodes an AML PkgLength at `b[0..]`: (value, bytes used).
-    fn pkg_length(b: &[u8]) -> (usize, usize) {
+    pub(super) fn pkg_length(b: &[u8]) -> (usize, usize) {
         let follow = usize::from(b[0] >> 6);
         if follow == 0 {
             return (usize::from(b[0] & 0x3f), 1);
@@ -851,7 +872,7 @@ mod tests {
     }
 
     /// Decodes an AML integer constant: (value, bytes used).
-    fn aml_integer(b: &[u8]) -> (u64, usize) {
+    pub(super) fn aml_integer(b: &[u8]) -> (u64, usize) {
         match b[0] {
             0x00 => (0, 1),
             0x01 => (1, 1),
@@ -906,7 +927,7 @@ mod tests {
     fn checksums_and_lengths() {
         for cpus in [1, 2, 64, MAX_XAPIC_CPUS] {
             let t = build_pc(cpus);
-            assert_eq!(t.blobs.len(), 5);
+            assert_eq!(t.blobs.len(), 6);
             for (addr, blob) in &t.blobs {
                 if *addr == t.rsdp_addr {
                     assert_eq!(&blob[..8], RSDP_SIGNATURE);
@@ -941,7 +962,7 @@ mod tests {
     }
 
     #[test]
-    fn xsdt_points_at_fadt_and_madt() {
+    fn xsdt_points_at_fadt_madt_and_mcfg() {
         let t = build_pc(2);
         let rsdp = blob_at(&t, t.rsdp_addr);
         let xsdt = blob_at(&t, u64_at(rsdp, 24));
@@ -951,7 +972,7 @@ mod tests {
             .step_by(8)
             .map(|off| &blob_at(&t, u64_at(xsdt, off))[..4])
             .collect();
-        assert_eq!(signatures, [b"FACP", b"APIC"]);
+        assert_eq!(signatures, [b"FACP", b"APIC", b"MCFG"]);
     }
 
     #[test]

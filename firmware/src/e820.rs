@@ -43,6 +43,12 @@ pub fn build(machine: &MachineDescription, ram_bytes: u64) -> Vec<E820Entry> {
             kind: E820Type::Reserved,
         },
     ];
+    // The ECAM window must be reserved, or an OS may refuse to use MMCONFIG.
+    map.push(E820Entry {
+        addr: machine.pci.ecam_base,
+        size: machine.pci.ecam_size,
+        kind: E820Type::Reserved,
+    });
     for range in mem.ram_ranges(ram_bytes) {
         // The first range starts at 0; the part below 1 MiB is described above.
         let start = range.start.max(mem.high_ram_start);
@@ -55,6 +61,7 @@ pub fn build(machine: &MachineDescription, ram_bytes: u64) -> Vec<E820Entry> {
             });
         }
     }
+    map.sort_by_key(|e| e.addr);
     map
 }
 
@@ -67,11 +74,13 @@ mod tests {
     fn small_guest() {
         let m = abide_machines::pc();
         let map = build(&m, 512 * MIB);
-        assert_eq!(map.len(), 3);
+        assert_eq!(map.len(), 4);
         assert_eq!(map[0].size, 0x9_fc00);
         assert_eq!(map[1].kind, E820Type::Reserved);
         assert_eq!(map[2].addr, MIB);
         assert_eq!(map[2].size, 511 * MIB);
+        assert_eq!(map[3].addr, m.pci.ecam_base);
+        assert_eq!(map[3].kind, E820Type::Reserved);
     }
 
     #[test]

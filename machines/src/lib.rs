@@ -145,6 +145,50 @@ pub struct AcpiIds {
     pub creator_revision: u32,
 }
 
+/// PCI identity of a function (guest-visible).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciIdentity {
+    /// Vendor ID.
+    pub vendor: u16,
+    /// Device ID.
+    pub device: u16,
+    /// Subsystem vendor ID.
+    pub subsystem_vendor: u16,
+    /// Subsystem ID.
+    pub subsystem: u16,
+    /// Revision ID.
+    pub revision: u8,
+    /// Class code: class << 16 | subclass << 8 | programming interface.
+    pub class: u32,
+}
+
+/// The PCI host bridge and the address windows of bus 0.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciLayout {
+    /// Port of CONFIG_ADDRESS (CONFIG_DATA is at +4); 8 ports in all.
+    pub config_io_port: u16,
+    /// ECAM (MMCONFIG) window base; bus 0 only, so 1 MiB.
+    pub ecam_base: u64,
+    /// ECAM window size.
+    pub ecam_size: u64,
+    /// 32-bit BAR window base.
+    pub mmio32_base: u64,
+    /// 32-bit BAR window size.
+    pub mmio32_size: u64,
+    /// 64-bit BAR window base (above all RAM the machine allows).
+    pub mmio64_base: u64,
+    /// 64-bit BAR window size.
+    pub mmio64_size: u64,
+    /// I/O BAR window base.
+    pub io_base: u16,
+    /// I/O BAR window size.
+    pub io_size: u16,
+    /// GSIs of INTA#..INTD# at slot 0; slot N's pin P uses entry (N + P) % 4.
+    pub intx_gsis: [u32; 4],
+    /// Identity of the host bridge at 00:00.0.
+    pub host_bridge: PciIdentity,
+}
+
 /// Where direct kernel boot puts its structures in low RAM.
 ///
 /// These addresses are guest-visible (a kernel can read where its zero page or
@@ -184,6 +228,8 @@ pub struct MachineDescription {
     pub max_cmdline_len: usize,
     /// Direct-boot structure placement.
     pub boot: BootLayout,
+    /// PCI host bridge and windows.
+    pub pci: PciLayout,
 }
 
 /// The machine Abide builds today.
@@ -201,7 +247,8 @@ pub fn pc() -> MachineDescription {
             lapic_addr: 0xfee0_0000,
         },
         min_memory: 32 * MIB,
-        max_memory: 1024 * GIB,
+        // RAM above 4 GiB must stay below the 64-bit PCI window at 512 GiB.
+        max_memory: 256 * GIB,
         max_vcpus: 64,
         legacy: LegacyDevices {
             com1: PioDevice {
@@ -247,6 +294,26 @@ pub fn pc() -> MachineDescription {
             cmdline_addr: 0x2_0000,
             kernel_addr: MIB,
         },
+        pci: PciLayout {
+            config_io_port: 0xcf8,
+            ecam_base: 0xe000_0000,
+            ecam_size: MIB,
+            mmio32_base: 0xc000_0000,
+            mmio32_size: 0x2000_0000,
+            mmio64_base: 0x80_0000_0000,
+            mmio64_size: 0x80_0000_0000,
+            io_base: 0x1000,
+            io_size: 0xf000,
+            intx_gsis: [16, 17, 18, 19],
+            host_bridge: PciIdentity {
+                vendor: 0x1b36,
+                device: 0x0008,
+                subsystem_vendor: 0x1b36,
+                subsystem: 0x0008,
+                revision: 0,
+                class: 0x06_0000,
+            },
+        },
     }
 }
 
@@ -265,6 +332,46 @@ mod tests {
                 size: 512 * MIB
             }]
         );
+    }
+
+    fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+        a.0 < b.0 + b.1 && b.0 < a.0 + a.1
+    }
+
+    #[test]
+    fn windows_do_not_collide() {
+        let m = pc();
+        let p = &m.pci;
+        let hole = (
+            m.memory.pci_hole_start,
+            m.memory.pci_hole_end - m.memory.pci_hole_start,
+        );
+        let ecam = (p.ecam_base, p.ecam_size);
+        let mmio32 = (p.mmio32_base, p.mmio32_size);
+        let apics = (
+            m.memory.ioapic_addr,
+            m.memory.lapic_addr + 0x1000 - m.memory.ioapic_addr,
+        );
+        for w in [ecam, mmio32, apics] {
+            assert!(
+                w.0 >= hole.0 && w.0 + w.1 <= hole.0 + hole.1,
+                "{w:x?} outside the hole"
+            );
+        }
+        assert!(!overlaps(ecam, mmio32));
+        assert!(!overlaps(ecam, apics));
+        assert!(!overlaps(mmio32, apics));
+        // The largest guest's RAM ends below the 64-bit window.
+        let top = m
+            .memory
+            .ram_ranges(m.max_memory)
+            .iter()
+            .map(|r| r.start + r.size)
+            .max()
+            .expect("ram");
+        assert!(top <= p.mmio64_base);
+        assert!(u32::from(p.io_base) + u32::from(p.io_size) <= 0x1_0000);
+        assert!(p.config_io_port < p.io_base);
     }
 
     #[test]

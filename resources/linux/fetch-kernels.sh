@@ -44,7 +44,7 @@ for a in "$@"; do
 done
 
 host_mods=(irqbypass kvm ccp kvm-amd virtio_ring virtio virtio_pci_legacy_dev
-           virtio_pci_modern_dev virtio_pci netfs fscache 9pnet 9pnet_virtio 9p)
+           virtio_pci_modern_dev virtio_pci netfs fscache 9pnet 9pnet_virtio 9p overlay)
 guest_mods=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
             virtio_blk failover net_failover virtio_net rng-core virtio-rng)
 
@@ -54,8 +54,10 @@ outputs_present() {
        -s $cache/host/modules/load-order ]]
 }
 
-if ((!update && !force)) && outputs_present; then
-    log "up to date ($(tr '\n' ' ' < "$cache/stamp"))"
+mods_stamp="host-modules=${host_mods[*]}
+guest-modules=${guest_mods[*]}"
+if ((!update && !force)) && outputs_present && [[ $(tail -n +3 "$cache/stamp") == "$mods_stamp" ]]; then
+    log "up to date ($(head -n2 "$cache/stamp" | tr '\n' ' '))"
     exit 0
 fi
 
@@ -108,13 +110,14 @@ host_pkg=$(pkg_for "$abi" amd64) || die "package linux-image-$abi-amd64 not foun
 guest_pkg=$(pkg_for "$abi" cloud-amd64) || die "package linux-image-$abi-cloud-amd64 not found"
 ver() { apt-cache show --no-all-versions "$1" | sed -n 's/^Version: //p' | head -n1; }
 stamp_new="host=$host_pkg $(ver "$host_pkg")
-guest=$guest_pkg $(ver "$guest_pkg")"
+guest=$guest_pkg $(ver "$guest_pkg")
+$mods_stamp"
 
 if ((!force)) && outputs_present && [[ $(cat "$cache/stamp") == "$stamp_new" ]]; then
-    log "up to date ($(tr '\n' ' ' <<< "$stamp_new"))"
+    log "up to date ($(head -n2 <<< "$stamp_new" | tr '\n' ' '))"
     exit 0
 fi
-log "kernels: $(tr '\n' ' ' <<< "$stamp_new")"
+log "kernels: $(head -n2 <<< "$stamp_new" | tr '\n' ' ')"
 
 mkdir -p "$cache/debs"
 # As root, apt downloads as user _apt, which may not be able to write here.
@@ -253,4 +256,4 @@ for kind in host guest; do
 done
 
 printf '%s\n' "$stamp_new" > "$cache/stamp"
-log "done: $cache/{guest,host} ($(tr '\n' ' ' <<< "$stamp_new"))"
+log "done: $cache/{guest,host} ($(head -n2 <<< "$stamp_new" | tr '\n' ' '))"

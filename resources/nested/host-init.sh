@@ -2,8 +2,8 @@
 # /init of the nested test host (busybox; see build-host-initramfs.sh).
 #
 # Loads kvm/kvm-amd and 9p, mounts the machine's root file system (shared
-# read-only by QEMU as 9p tag "host") at /mnt, puts tmpfs over the places that
-# must be writable, and runs the script named by abide.cmd=PATH in a chroot of
+# read-only by QEMU as 9p tag "host") at /mnt with a RAM-backed writable
+# layer (see below), and runs the script named by abide.cmd=PATH in a chroot of
 # /mnt with bash. The command's output goes to the console (ttyS0); the lines
 #   ABIDE-NESTED-BEGIN-<token>
 #   ABIDE-NESTED-EXIT-<token>=<exit status>
@@ -20,13 +20,14 @@ fi
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 
-cmd='' token=none cache=loose
+cmd='' token=none cache=loose root=overlay
 # shellcheck disable=SC2013 # the command line is split into words on purpose
 for arg in $(cat /proc/cmdline); do
     case $arg in
         abide.cmd=*) cmd=${arg#abide.cmd=} ;;
         abide.token=*) token=${arg#abide.token=} ;;
         abide.9pcache=*) cache=${arg#abide.9pcache=} ;;
+        abide.root=*) root=${arg#abide.root=} ;;
     esac
 done
 
@@ -46,12 +47,28 @@ if [ -f /lib/modules/abide/load-order ]; then
 fi
 [ -c /dev/kvm ] || say "error: /dev/kvm does not exist (kvm-amd did not load?)"
 
-mount -t 9p -o "trans=virtio,version=9p2000.L,msize=512000,cache=$cache" host /mnt \
+# The machine's root, read-only over 9p, at /rom. By default (abide.root=
+# overlay) /mnt is an overlay of it with a tmpfs on top: everything looks
+# writable, writes are kept in RAM and dropped at power-off. With
+# abide.root=ro (or if overlayfs fails) /mnt is the read-only share with
+# fresh tmpfs on /tmp, /var/tmp and /run.
+mkdir -p /rom /rw
+mount -t 9p -o "trans=virtio,version=9p2000.L,msize=512000,cache=$cache" host /rom \
     || { say "error: cannot mount the 9p share 'host'"; finish 125; }
-# The share is read-only: writable tmpfs where programs expect to write.
-for d in tmp var/tmp run; do
-    [ -d "/mnt/$d" ] && mount -t tmpfs -o mode=1777 tmpfs "/mnt/$d"
-done
+if [ "$root" = overlay ]; then
+    mount -t tmpfs -o mode=755 tmpfs /rw
+    mkdir -p /rw/upper /rw/work
+    if ! mount -t overlay -o lowerdir=/rom,upperdir=/rw/upper,workdir=/rw/work overlay /mnt; then
+        say "warning: overlay root failed; using the read-only root"
+        root=ro
+    fi
+fi
+if [ "$root" != overlay ]; then
+    mount -o bind /rom /mnt
+    for d in tmp var/tmp run; do
+        [ -d "/mnt/$d" ] && mount -t tmpfs -o mode=1777 tmpfs "/mnt/$d"
+    done
+fi
 mount -t proc proc /mnt/proc
 mount -t sysfs sysfs /mnt/sys
 mount -o bind /dev /mnt/dev

@@ -3,9 +3,11 @@
 # whose Linux kernel loads kvm-amd and so offers a real /dev/kvm. The host
 # chroots into this machine's own root file system (shared read-only over
 # 9p), so COMMAND, its binaries and the current directory are the same paths
-# as outside. Writable inside: /tmp (TMPDIR), /var/tmp, /run, /dev/shm —
-# all fresh tmpfs, so the outside /tmp is NOT visible inside. Everything
-# else is read-only.
+# as outside. Inside, the root is an overlay: the machine's files with a tmpfs
+# on top, so everything is writable, but writes stay inside and vanish when
+# the nested host powers off (nothing written inside reaches this machine).
+# TMPDIR=/tmp. Files created outside after the nested host started may not be
+# visible inside.
 #
 # COMMAND's stdout+stderr stream to this script's stdout (CRs stripped); the
 # exit status is COMMAND's, or 125 (with a message on stderr) when the nested
@@ -21,8 +23,11 @@
 #   ABIDE_NESTED_MEM    memory of the nested host in MiB (default 6144)
 #   ABIDE_NESTED_SMP    its vCPUs (default 2)
 #   ABIDE_NESTED_9P_CACHE  9p cache mode for the shared root (default loose)
+#   ABIDE_NESTED_ROOT=ro   no overlay: read-only root with fresh tmpfs on
+#                          /tmp, /var/tmp and /run (outside /tmp hidden)
 #   ABIDE_NESTED_DEBUG=1   show the nested host's kernel log and console
 #   ABIDE_NESTED_KERNEL    host kernel (default .cache/linux/host/vmlinux)
+#   ABIDE_NESTED_CMDLINE   extra host kernel command line arguments
 set -euo pipefail
 
 die() { printf 'abide-nested: error: %s\n' "$*" >&2; exit 125; }
@@ -95,7 +100,7 @@ token=$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
 begin="ABIDE-NESTED-BEGIN-$token"
 endm="ABIDE-NESTED-EXIT-$token="
 if [[ $debug == 1 ]]; then klog="loglevel=7"; else klog="quiet loglevel=0"; fi
-append="console=ttyS0 $klog panic=-1 abide.cmd=$cmdfile abide.token=$token abide.9pcache=$p9cache"
+append="console=ttyS0 $klog panic=-1 ${ABIDE_NESTED_CMDLINE:-} abide.cmd=$cmdfile abide.token=$token abide.9pcache=$p9cache abide.root=${ABIDE_NESTED_ROOT:-overlay}"
 # shellcheck disable=SC2054 # the commas are part of QEMU options
 qemu=(qemu-system-x86_64 -accel tcg,thread=multi -cpu EPYC,+svm,+npt -smp "$smp" -m "$mem"
       -M pc -kernel "$kernel" -initrd "$initrd" -append "$append"

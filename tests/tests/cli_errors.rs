@@ -60,7 +60,7 @@ fn missing_initrd() {
 #[test]
 fn memory_bounds() {
     refused(&["run", "--memory", "1M"], "too small");
-    refused(&["run", "--memory", "2048G"], "too large");
+    refused(&["run", "--memory", "512G"], "too large");
     refused(&["run", "--memory", "lots"], "invalid size");
 }
 

@@ -232,7 +232,7 @@ mod tests {
             Err(ConfigError::MemoryTooSmall { .. })
         ));
         let huge = VmConfig {
-            memory: 4096 * GIB,
+            memory: 512 * GIB,
             ..VmConfig::default()
         };
         assert!(matches!(

@@ -87,11 +87,14 @@ pub fn attach(
         l.pm.base,
         l.pm.len,
     )?;
-    place(
-        "ACPI reset register",
-        Arc::new(Mutex::new(ResetControl::new(l.reset, exit.clone()))),
-        l.reset.port,
-        1,
-    )?;
+    // A reset register inside the PCI config ports belongs to that device.
+    if !crate::pci::reset_in_config_ports(machine) {
+        place(
+            "ACPI reset register",
+            Arc::new(Mutex::new(ResetControl::new(l.reset, exit.clone()))),
+            l.reset.port,
+            1,
+        )?;
+    }
     Ok(LegacyDevices { serial })
 }

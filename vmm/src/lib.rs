@@ -7,6 +7,7 @@ pub mod config;
 pub mod console;
 pub mod legacy;
 pub mod memory;
+pub mod pci;
 pub mod vcpu;
 pub mod vm;
 
@@ -92,6 +93,9 @@ pub enum Error {
     /// Legacy devices.
     #[error(transparent)]
     Legacy(#[from] legacy::LegacyError),
+    /// PCI platform.
+    #[error(transparent)]
+    Pci(#[from] pci::PciSetupError),
     /// vCPU setup.
     #[error(transparent)]
     Regs(#[from] vcpu::regs::RegsError),

@@ -15,6 +15,7 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::config::{KernelSource, SerialConfig, VmConfig};
 use crate::legacy::{self, LegacyDevices};
 use crate::memory::GuestRam;
+use crate::pci::PciPlatform;
 use crate::vcpu::{self, regs, RunControl, Vcpu};
 use crate::{console, Error};
 
@@ -33,6 +34,7 @@ pub struct Vm {
     _ram: GuestRam,
     vcpus: Vec<Vcpu>,
     legacy: LegacyDevices,
+    _pci: PciPlatform,
     exit: ExitSignal,
     serial_is_console: bool,
 }
@@ -149,6 +151,8 @@ impl Vm {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
         let legacy = legacy::attach(&vm, &pio, &machine, serial_out, &exit)?;
+        let pci = PciPlatform::new(&machine, &pio, &mmio, &exit)?;
+        pci.assign_resources(&machine)?;
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -180,6 +184,7 @@ impl Vm {
             _ram: ram,
             vcpus,
             legacy,
+            _pci: pci,
             exit,
             serial_is_console: cfg.serial == SerialConfig::Stdio,
         })

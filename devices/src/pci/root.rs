@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use crate::bus::{Bus, BusDevice};
-use crate::pci::config::{BarKind, BarMapping, PciConfig, ROM_BAR_INDEX};
+use crate::pci::config::{reg, BarKind, BarMapping, PciConfig, ROM_BAR_INDEX};
 
 /// A PCI function on bus 0.
 pub trait PciFunction: Send {
@@ -224,12 +224,99 @@ impl PciRoot {
         }
     }
 
+    /// Gives every BAR and ROM BAR an address, as firmware would: slots in
+    /// order, BARs in index order, each naturally aligned in its window.
+    /// Decode stays off (the guest enables it); ROM BARs are not enabled.
+    pub fn assign_resources(&mut self, windows: &Windows) -> Result<(), AllocError> {
+        let mut mem32 = Cursor::new("32-bit MMIO", windows.mmio32);
+        let mut mem64 = Cursor::new("64-bit MMIO", windows.mmio64);
+        let mut io = Cursor::new("I/O", windows.io);
+        for slot in self.slots.values() {
+            let mut f = slot.function.lock().unwrap_or_else(|e| e.into_inner());
+            let config = f.config_mut();
+            for index in 0..6 {
+                let Some(spec) = config.bar(index) else {
+                    continue;
+                };
+                let addr = match spec.kind {
+                    BarKind::Mem32 => mem32.take(spec.size)?,
+                    BarKind::Mem64 => mem64.take(spec.size)?,
+                    BarKind::Io => io.take(spec.size)?,
+                };
+                let off = reg::BAR0 + 4 * index;
+                config.write(off, &(addr as u32).to_le_bytes());
+                if spec.kind == BarKind::Mem64 {
+                    config.write(off + 4, &((addr >> 32) as u32).to_le_bytes());
+                }
+            }
+            if config.rom_size() > 0 {
+                let addr = mem32.take(config.rom_size())?;
+                config.write(reg::ROM, &(addr as u32).to_le_bytes());
+            }
+        }
+        Ok(())
+    }
+
     /// Regions of `slot` currently placed on a bus.
     pub fn placed(&self, slot: u8) -> Vec<BarMapping> {
         self.slots
             .get(&slot)
             .map(|s| s.placed.clone())
             .unwrap_or_default()
+    }
+}
+
+/// Address windows BARs are allocated from: (base, size).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Windows {
+    /// 32-bit memory window.
+    pub mmio32: (u64, u64),
+    /// 64-bit memory window.
+    pub mmio64: (u64, u64),
+    /// I/O port window.
+    pub io: (u64, u64),
+}
+
+/// A window ran out of space.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[error("the PCI {window} window has no room for a {size:#x}-byte BAR; use fewer devices")]
+pub struct AllocError {
+    /// Which window.
+    pub window: &'static str,
+    /// BAR size.
+    pub size: u64,
+}
+
+struct Cursor {
+    name: &'static str,
+    next: u64,
+    end: u64,
+}
+
+impl Cursor {
+    fn new(name: &'static str, (base, size): (u64, u64)) -> Self {
+        Self {
+            name,
+            next: base,
+            end: base + size,
+        }
+    }
+
+    fn take(&mut self, size: u64) -> Result<u64, AllocError> {
+        let err = AllocError {
+            window: self.name,
+            size,
+        };
+        let addr = self
+            .next
+            .checked_next_multiple_of(size)
+            .ok_or(err.clone())?;
+        let end = addr.checked_add(size).ok_or(err.clone())?;
+        if end > self.end {
+            return Err(err);
+        }
+        self.next = end;
+        Ok(addr)
     }
 }
 
@@ -482,6 +569,22 @@ mod tests {
     }
 
     #[test]
+    fn reset_byte_inside_config_ports() {
+        use crate::exit::{ExitReason, ExitSignal};
+        let s = setup();
+        let exit = ExitSignal::new().expect("eventfd");
+        let layout = abide_machines::pc().legacy.reset;
+        let reset = crate::legacy::ResetControl::new(layout, exit.clone());
+        let mut io = PciConfigIo::new(s.root.clone(), Some(Box::new(reset)));
+        // A dword CONFIG_ADDRESS write does not reset.
+        io.write(0, &cfg_addr(3, 0));
+        assert_eq!(exit.reason(), None);
+        assert_eq!(io_read32(&mut io, 3, 0), 0x1041_1af4);
+        io.write(1, &[layout.value]);
+        assert_eq!(exit.reason(), Some(ExitReason::Reset));
+    }
+
+    #[test]
     fn bar_placement_follows_the_guest() {
         let mut s = setup();
         io_write32(&mut s.io, 3, 0x10, 0xc000_0000);
@@ -520,6 +623,44 @@ mod tests {
         assert!(s.mmio.read(0xd001_fffc, &mut b));
         assert_eq!(b, [0; 4], "padding to the slot end");
         assert!(!s.mmio.read(0xd002_0000, &mut b), "slot ends at 128 KiB");
+    }
+
+    #[test]
+    fn resources_are_assigned_in_slot_order() {
+        let s = setup();
+        let mut root = s.root.lock().expect("lock");
+        root.add(5, dummy()).expect("add");
+        let w = Windows {
+            mmio32: (0xc000_0000, 0x10_0000),
+            mmio64: (0x80_0000_0000, 0x1000_0000),
+            io: (0x1000, 0x1000),
+        };
+        root.assign_resources(&w).expect("assign");
+        let bar = |d: u8, off: usize| {
+            let mut b = [0u8; 4];
+            root.config_read(
+                ConfigAddress {
+                    bus: 0,
+                    device: d,
+                    function: 0,
+                    offset: off,
+                },
+                &mut b,
+            );
+            u32::from_le_bytes(b)
+        };
+        // Slot 3: BAR0 at the window base, its 128 KiB ROM aligned after it.
+        assert_eq!(bar(3, 0x10), 0xc000_0000);
+        assert_eq!(bar(3, 0x30), 0xc002_0000, "ROM assigned but not enabled");
+        assert_eq!(bar(5, 0x10), 0xc004_0000);
+        assert_eq!(bar(5, 0x30), 0xc006_0000);
+        // Nothing decodes until the guest enables it.
+        assert!(root.placed(3).is_empty());
+        let tiny = Windows {
+            mmio32: (0xc000_0000, 0x1000),
+            ..w
+        };
+        assert!(root.assign_resources(&tiny).is_err());
     }
 
     #[test]

@@ -29,6 +29,15 @@ pub fn outw(port: u16, val: u16) {
 }
 
 #[inline(always)]
+pub fn inw(port: u16) -> u16 {
+    let v: u16;
+    unsafe {
+        asm!("in ax, dx", out("ax") v, in("dx") port, options(nomem, nostack, preserves_flags))
+    }
+    v
+}
+
+#[inline(always)]
 pub fn outl(port: u16, val: u32) {
     unsafe {
         asm!("out dx, eax", in("dx") port, in("eax") val, options(nomem, nostack, preserves_flags))
@@ -44,7 +53,8 @@ pub fn inl(port: u16) -> u32 {
     v
 }
 
-/// Volatile 32-bit MMIO read (addresses below 4 GiB are identity-mapped).
+/// Volatile 32-bit MMIO read (addresses below 4 GiB are identity-mapped;
+/// anything else must be mapped first, see `paging::map`).
 #[inline(always)]
 pub fn mmio_read32(addr: u64) -> u32 {
     unsafe { core::ptr::read_volatile(addr as *const u32) }
@@ -53,6 +63,26 @@ pub fn mmio_read32(addr: u64) -> u32 {
 #[inline(always)]
 pub fn mmio_write32(addr: u64, val: u32) {
     unsafe { core::ptr::write_volatile(addr as *mut u32, val) }
+}
+
+#[inline(always)]
+pub fn mmio_read16(addr: u64) -> u16 {
+    unsafe { core::ptr::read_volatile(addr as *const u16) }
+}
+
+#[inline(always)]
+pub fn mmio_write16(addr: u64, val: u16) {
+    unsafe { core::ptr::write_volatile(addr as *mut u16, val) }
+}
+
+#[inline(always)]
+pub fn mmio_read8(addr: u64) -> u8 {
+    unsafe { core::ptr::read_volatile(addr as *const u8) }
+}
+
+#[inline(always)]
+pub fn mmio_write8(addr: u64, val: u8) {
+    unsafe { core::ptr::write_volatile(addr as *mut u8, val) }
 }
 
 /// Physical memory accessors (identity map, first 4 GiB).

@@ -70,6 +70,23 @@ impl Line {
         self.key(k).hex(v, 16)
     }
 
+    /// ` key=0x<hex, at least `digits` digits>`
+    pub fn kxw(&mut self, k: &str, v: u64, digits: u32) -> &mut Self {
+        self.key(k).hex(v, digits)
+    }
+
+    /// Hex without the `0x` prefix, exactly `digits` digits (low ones).
+    #[inline(never)]
+    pub fn hex_raw(&mut self, v: u64, digits: u32) -> &mut Self {
+        let mut d = digits;
+        while d > 0 {
+            d -= 1;
+            let n = ((v >> (d * 4)) & 0xF) as u8;
+            self.byte(if n < 10 { b'0' + n } else { b'a' + n - 10 });
+        }
+        self
+    }
+
     /// ` key=<string>`
     pub fn ks(&mut self, k: &str, v: &str) -> &mut Self {
         self.key(k).s(v)
@@ -142,7 +159,8 @@ impl Line {
         unsafe { core::slice::from_raw_parts(self.buf.as_ptr() as *const u8, self.len + 1) }
     }
 
-    /// Finish and write to the serial port (ring 0 only).
+    /// Finish and write to the serial port. Also usable from ring 3: the
+    /// workload runs with IOPL=3, so the UART's ports are accessible.
     #[inline(never)]
     pub fn print(&mut self) {
         crate::serial::write(self.finish());

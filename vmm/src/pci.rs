@@ -1,0 +1,134 @@
+//! Builds PCI bus 0 from the machine description: host bridge, config
+//! access (ports and ECAM), and BAR windows.
+
+use std::sync::{Arc, Mutex};
+
+use abide_devices::legacy::ResetControl;
+use abide_devices::pci::{HostBridge, PciConfigIo, PciEcam, PciFunction, PciIds, PciRoot, Windows};
+use abide_devices::{Bus, BusError, ExitSignal};
+use abide_machines::{MachineDescription, PciIdentity};
+
+/// Errors building the PCI platform.
+#[derive(Debug, thiserror::Error)]
+pub enum PciSetupError {
+    /// Config access window could not be placed.
+    #[error("cannot place the PCI {0} on its bus")]
+    Bus(&'static str, #[source] BusError),
+    /// A function could not be added.
+    #[error("cannot add PCI function {name} at slot {slot}")]
+    Add {
+        /// Function name.
+        name: String,
+        /// Slot.
+        slot: u8,
+        /// Cause.
+        #[source]
+        source: abide_devices::pci::root::PciError,
+    },
+    /// BAR allocation failed.
+    #[error(transparent)]
+    Alloc(#[from] abide_devices::pci::AllocError),
+}
+
+/// Converts the machine's identity record to the device model's.
+pub fn ids(id: &PciIdentity) -> PciIds {
+    PciIds {
+        vendor: id.vendor,
+        device: id.device,
+        subsystem_vendor: id.subsystem_vendor,
+        subsystem: id.subsystem,
+        revision: id.revision,
+        class: id.class,
+    }
+}
+
+/// Whether the machine's reset register sits inside the PCI config ports
+/// (the PIIX-style 0xCF9), in which case the config device carries it.
+pub fn reset_in_config_ports(machine: &MachineDescription) -> bool {
+    let base = machine.pci.config_io_port;
+    (base..base + 8).contains(&machine.legacy.reset.port)
+}
+
+/// PCI bus 0 of a VM.
+#[derive(Debug)]
+pub struct PciPlatform {
+    /// The root bus.
+    pub root: Arc<Mutex<PciRoot>>,
+}
+
+impl PciPlatform {
+    /// Creates bus 0 with the host bridge and places the config mechanisms.
+    pub fn new(
+        machine: &MachineDescription,
+        pio: &Arc<Bus>,
+        mmio: &Arc<Bus>,
+        exit: &ExitSignal,
+    ) -> Result<Self, PciSetupError> {
+        let p = &machine.pci;
+        let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone(), pio.clone())));
+        let bridge: Arc<Mutex<dyn PciFunction>> =
+            Arc::new(Mutex::new(HostBridge::new(ids(&p.host_bridge))));
+        root.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(0, bridge)
+            .map_err(|source| PciSetupError::Add {
+                name: "host bridge".into(),
+                slot: 0,
+                source,
+            })?;
+        let reset: Option<Box<dyn abide_devices::BusDevice>> = if reset_in_config_ports(machine) {
+            Some(Box::new(ResetControl::new(
+                machine.legacy.reset,
+                exit.clone(),
+            )))
+        } else {
+            None
+        };
+        pio.insert(
+            Arc::new(Mutex::new(PciConfigIo::new(root.clone(), reset))),
+            u64::from(p.config_io_port),
+            8,
+        )
+        .map_err(|e| PciSetupError::Bus("configuration ports", e))?;
+        mmio.insert(
+            Arc::new(Mutex::new(PciEcam::new(root.clone()))),
+            p.ecam_base,
+            p.ecam_size,
+        )
+        .map_err(|e| PciSetupError::Bus("ECAM window", e))?;
+        Ok(Self { root })
+    }
+
+    /// Adds a function at `slot`.
+    pub fn add(
+        &self,
+        name: &str,
+        slot: u8,
+        function: Arc<Mutex<dyn PciFunction>>,
+    ) -> Result<(), PciSetupError> {
+        self.root
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(slot, function)
+            .map_err(|source| PciSetupError::Add {
+                name: name.into(),
+                slot,
+                source,
+            })
+    }
+
+    /// Assigns BAR addresses once every function is present.
+    pub fn assign_resources(&self, machine: &MachineDescription) -> Result<(), PciSetupError> {
+        let p = &machine.pci;
+        let windows = Windows {
+            mmio32: (p.mmio32_base, p.mmio32_size),
+            mmio64: (p.mmio64_base, p.mmio64_size),
+            io: (u64::from(p.io_base), u64::from(p.io_size)),
+        };
+        self.root
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .assign_resources(&windows)?;
+        Ok(())
+    }
+}
