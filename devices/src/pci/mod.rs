@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod host_bridge;
+pub mod msix;
 pub mod root;
 
 pub use config::{BarKind, BarSpec, PciConfig, PciIds};

@@ -24,6 +24,9 @@ pub trait PciFunction: Send {
     fn rom(&self) -> Option<&[u8]> {
         None
     }
+    /// Called after the guest wrote `len` bytes at config `offset`, so the
+    /// function can react (e.g. MSI-X enable and mask).
+    fn config_written(&mut self, _offset: usize, _len: usize) {}
 }
 
 /// A shared function.
@@ -159,12 +162,12 @@ impl PciRoot {
         let Some(slot) = self.target(addr) else {
             return;
         };
-        let changed = slot
-            .function
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .config_mut()
-            .write(addr.offset, data);
+        let changed = {
+            let mut f = slot.function.lock().unwrap_or_else(|e| e.into_inner());
+            let changed = f.config_mut().write(addr.offset, data);
+            f.config_written(addr.offset, data.len());
+            changed
+        };
         if changed {
             self.remap(addr.device);
         }
