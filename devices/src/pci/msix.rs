@@ -183,7 +183,7 @@ impl Msix {
     /// Guest write in the table. Only aligned dword and qword writes are
     /// honoured, as the PCI spec allows.
     pub fn write_table(&mut self, offset: u64, data: &[u8]) {
-        if offset % 4 != 0 || (data.len() != 4 && data.len() != 8) {
+        if !offset.is_multiple_of(4) || (data.len() != 4 && data.len() != 8) {
             return;
         }
         for (n, chunk) in data.chunks(4).enumerate() {
@@ -213,11 +213,14 @@ impl Msix {
         if effective(before) != effective(after) {
             let _ = self.controller.set_route(v as u16, effective(after));
         }
-        if before.masked() && !after.masked() && self.enabled && !self.function_masked {
-            if self.is_pending(v) {
-                self.set_pending(v, false);
-                let _ = self.controller.trigger(v as u16);
-            }
+        if before.masked()
+            && !after.masked()
+            && self.enabled
+            && !self.function_masked
+            && self.is_pending(v)
+        {
+            self.set_pending(v, false);
+            let _ = self.controller.trigger(v as u16);
         }
     }
 

@@ -1,0 +1,131 @@
+//! Virtio 1.x devices and their PCI transport.
+//!
+//! A device model implements [`VirtioDevice`]: it states its type, queues,
+//! features and config space, and when the driver sets DRIVER_OK it is
+//! handed its queues (with kick eventfds) and an interrupt handle, and starts
+//! its own worker on an event-manager thread. The vCPU threads never run
+//! device work.
+
+pub mod pci;
+
+use std::sync::Arc;
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// `VIRTIO_F_VERSION_1`: the modern interface; required.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_RING_F_EVENT_IDX`.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// Device status bits.
+pub mod status {
+    /// Guest noticed the device.
+    pub const ACKNOWLEDGE: u8 = 1;
+    /// Guest has a driver.
+    pub const DRIVER: u8 = 2;
+    /// Driver is ready.
+    pub const DRIVER_OK: u8 = 4;
+    /// Feature negotiation finished.
+    pub const FEATURES_OK: u8 = 8;
+    /// The device hit an error and needs a reset.
+    pub const DEVICE_NEEDS_RESET: u8 = 0x40;
+    /// The driver gave up.
+    pub const FAILED: u8 = 0x80;
+}
+
+/// Virtio device type IDs.
+pub mod device_type {
+    /// Network card.
+    pub const NET: u16 = 1;
+    /// Block device.
+    pub const BLOCK: u16 = 2;
+    /// Entropy source.
+    pub const RNG: u16 = 4;
+}
+
+/// How a device tells the driver about used buffers and errors.
+pub trait VirtioInterrupt: Send + Sync {
+    /// Buffers were added to queue `index`'s used ring.
+    fn signal_used_queue(&self, index: u16);
+    /// The device configuration changed.
+    fn signal_config_change(&self);
+    /// The device cannot go on: set DEVICE_NEEDS_RESET and tell the driver.
+    fn set_needs_reset(&self);
+}
+
+/// A queue handed to a device at activation.
+#[derive(Debug)]
+pub struct ActiveQueue {
+    /// Queue index.
+    pub index: u16,
+    /// The queue, configured and validated against guest memory.
+    pub queue: virtio_queue::Queue,
+    /// Signalled when the driver notifies this queue.
+    pub kick: EventFd,
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct Activation {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// Features both sides agreed on.
+    pub features: u64,
+    /// The enabled queues.
+    pub queues: Vec<ActiveQueue>,
+    /// Interrupt delivery.
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+impl std::fmt::Debug for Activation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Activation")
+            .field("features", &self.features)
+            .field("queues", &self.queues)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why activation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver enabled a queue layout the device cannot use.
+    #[error("invalid queue configuration: {0}")]
+    BadQueues(String),
+    /// The worker thread could not start.
+    #[error("cannot start the device worker")]
+    Worker(#[source] std::io::Error),
+}
+
+/// A virtio device model.
+pub trait VirtioDevice: Send {
+    /// Virtio device type ([`device_type`]).
+    fn device_type(&self) -> u16;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Features offered (must include [`VIRTIO_F_VERSION_1`]).
+    fn features(&self) -> u64;
+    /// Size of the device-specific configuration space in bytes.
+    fn config_len(&self) -> u32;
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device with the driver's queues.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// Stops the device and returns it to its initial state. No request may
+    /// be in flight when this returns.
+    fn reset(&mut self);
+}
+
+/// Reads `data.len()` bytes at `offset` from a config-space image, leaving
+/// bytes past its end as zero.
+pub fn read_config_bytes(image: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let start = usize::try_from(offset).unwrap_or(usize::MAX);
+    for (i, d) in data.iter_mut().enumerate() {
+        if let Some(b) = start.checked_add(i).and_then(|p| image.get(p)) {
+            *d = *b;
+        }
+    }
+}
