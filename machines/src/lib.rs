@@ -189,6 +189,55 @@ pub struct PciLayout {
     pub host_bridge: PciIdentity,
 }
 
+/// Where the virtio-pci transport's regions sit in BAR 0 (guest-visible).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioBarLayout {
+    /// BAR 0 size (64-bit memory BAR).
+    pub bar_size: u64,
+    /// Common configuration offset.
+    pub common: u32,
+    /// ISR offset.
+    pub isr: u32,
+    /// Device configuration offset.
+    pub device: u32,
+    /// Notification area offset.
+    pub notify: u32,
+    /// Bytes between queue notification addresses.
+    pub notify_multiplier: u32,
+    /// MSI-X table offset.
+    pub msix_table: u32,
+    /// MSI-X pending-bit array offset.
+    pub msix_pba: u32,
+}
+
+/// One virtio device model as the guest sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioModel {
+    /// PCI identity.
+    pub pci: PciIdentity,
+    /// MSI-X vectors (one per queue plus one for configuration changes).
+    pub msix_vectors: u16,
+    /// Number of virtqueues.
+    pub num_queues: u16,
+    /// Maximum size of each virtqueue.
+    pub queue_size: u16,
+    /// Expansion ROM slot size, for models that can carry an option ROM.
+    pub rom_slot: Option<u64>,
+}
+
+/// The virtio device models of a machine.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioModels {
+    /// Transport layout shared by all models.
+    pub layout: VirtioBarLayout,
+    /// virtio-blk.
+    pub blk: VirtioModel,
+    /// virtio-net.
+    pub net: VirtioModel,
+    /// virtio-rng.
+    pub rng: VirtioModel,
+}
+
 /// Where direct kernel boot puts its structures in low RAM.
 ///
 /// These addresses are guest-visible (a kernel can read where its zero page or
@@ -230,6 +279,33 @@ pub struct MachineDescription {
     pub boot: BootLayout,
     /// PCI host bridge and windows.
     pub pci: PciLayout,
+    /// Virtio device models.
+    pub virtio: VirtioModels,
+}
+
+fn virtio_model(
+    device: u16,
+    class: u32,
+    msix_vectors: u16,
+    num_queues: u16,
+    queue_size: u16,
+    rom_slot: Option<u64>,
+) -> VirtioModel {
+    VirtioModel {
+        pci: PciIdentity {
+            vendor: 0x1af4,
+            device,
+            subsystem_vendor: 0x1af4,
+            // Modern virtio devices use subsystem IDs of 0x40 and up.
+            subsystem: 0x40 + (device - 0x1040),
+            revision: 1,
+            class,
+        },
+        msix_vectors,
+        num_queues,
+        queue_size,
+        rom_slot,
+    }
 }
 
 /// The machine Abide builds today.
@@ -313,6 +389,21 @@ pub fn pc() -> MachineDescription {
                 revision: 0,
                 class: 0x06_0000,
             },
+        },
+        virtio: VirtioModels {
+            layout: VirtioBarLayout {
+                bar_size: 0x8000,
+                common: 0x0000,
+                isr: 0x1000,
+                device: 0x2000,
+                notify: 0x3000,
+                notify_multiplier: 4,
+                msix_table: 0x4000,
+                msix_pba: 0x5000,
+            },
+            blk: virtio_model(0x1042, 0x01_0000, 2, 1, 256, None),
+            net: virtio_model(0x1041, 0x02_0000, 3, 2, 256, Some(128 * KIB)),
+            rng: virtio_model(0x1044, 0x00_ff00, 2, 1, 256, None),
         },
     }
 }

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use abide_machines::{MachineDescription, MIB};
 
+use crate::devices_config::{DiskConfig, NetConfig, RngConfig};
+
 /// Where the guest's kernel comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KernelSource {
@@ -93,6 +95,12 @@ pub struct VmConfig {
     pub cpus: u32,
     /// COM1 output.
     pub serial: SerialConfig,
+    /// virtio-blk disks.
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net cards.
+    pub nets: Vec<NetConfig>,
+    /// virtio-rng.
+    pub rng: Option<RngConfig>,
 }
 
 impl Default for VmConfig {
@@ -104,6 +112,9 @@ impl Default for VmConfig {
             memory: 512 * MIB,
             cpus: 1,
             serial: SerialConfig::Stdio,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            rng: None,
         }
     }
 }

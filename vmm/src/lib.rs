@@ -5,10 +5,13 @@
 
 pub mod config;
 pub mod console;
+pub mod devices_config;
+pub mod irq;
 pub mod legacy;
 pub mod memory;
 pub mod pci;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 use std::fs::File;
@@ -96,6 +99,41 @@ pub enum Error {
     /// PCI platform.
     #[error(transparent)]
     Pci(#[from] pci::PciSetupError),
+    /// Device options.
+    #[error(transparent)]
+    DeviceConfig(#[from] devices_config::DeviceConfigError),
+    /// An option ROM larger than the machine's slot for its device.
+    #[error("{device}: option ROM '{}' is {rom} bytes, larger than the {slot}-byte ROM slot machine '{machine}' gives {model}; use a smaller ROM (e.g. pxe-virtio.rom instead of efi-virtio.rom) or a machine type with a larger slot", path.display())]
+    RomTooLarge {
+        /// Device label.
+        device: String,
+        /// Model name.
+        model: &'static str,
+        /// ROM path.
+        path: PathBuf,
+        /// ROM size.
+        rom: u64,
+        /// Slot size.
+        slot: u64,
+        /// Machine name.
+        machine: String,
+    },
+    /// A ROM for a model without a ROM slot.
+    #[error("{device}: {model} has no option ROM slot on machine '{machine}'")]
+    NoRomSlot {
+        /// Device label.
+        device: String,
+        /// Model name.
+        model: &'static str,
+        /// Machine name.
+        machine: String,
+    },
+    /// Interrupt routing.
+    #[error(transparent)]
+    Irq(#[from] irq::IrqError),
+    /// Virtio devices.
+    #[error(transparent)]
+    Virtio(#[from] virtio::VirtioSetupError),
     /// vCPU setup.
     #[error(transparent)]
     Regs(#[from] vcpu::regs::RegsError),

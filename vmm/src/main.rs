@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use abide_vmm::config::{parse_serial, parse_size, KernelSource, VmConfig};
+use abide_vmm::devices_config::{parse_disk, parse_net, parse_rng};
 use abide_vmm::{error_chain, ExitReason, EXIT_ERROR, EXIT_POWEROFF, EXIT_RESET, EXIT_USAGE};
 use clap::{Parser, Subcommand};
 
@@ -46,6 +47,15 @@ struct RunArgs {
     /// COM1 output: stdio, null or file:PATH.
     #[arg(long, default_value = "stdio")]
     serial: String,
+    /// virtio-blk disk: path=FILE[,readonly=on][,serial=ID][,direct=on][,addr=SLOT]. Repeatable.
+    #[arg(long = "disk", value_name = "OPTIONS")]
+    disks: Vec<String>,
+    /// virtio-net card: tap=NAME|fd=N[,mac=MAC][,addr=SLOT][,rom=PATH]. Repeatable.
+    #[arg(long = "net", value_name = "OPTIONS")]
+    nets: Vec<String>,
+    /// Add a virtio-rng device (optionally addr=SLOT).
+    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
+    rng: Option<String>,
 }
 
 fn build_config(a: RunArgs) -> Result<VmConfig, abide_vmm::Error> {
@@ -64,6 +74,17 @@ fn build_config(a: RunArgs) -> Result<VmConfig, abide_vmm::Error> {
         memory: parse_size(&a.memory)?,
         cpus: a.cpus,
         serial: parse_serial(&a.serial)?,
+        disks: a
+            .disks
+            .iter()
+            .map(|d| parse_disk(d))
+            .collect::<Result<_, _>>()?,
+        nets: a
+            .nets
+            .iter()
+            .map(|n| parse_net(n))
+            .collect::<Result<_, _>>()?,
+        rng: a.rng.as_deref().map(parse_rng).transpose()?,
     })
 }
 

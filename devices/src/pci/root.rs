@@ -27,6 +27,8 @@ pub trait PciFunction: Send {
     /// Called after the guest wrote `len` bytes at config `offset`, so the
     /// function can react (e.g. MSI-X enable and mask).
     fn config_written(&mut self, _offset: usize, _len: usize) {}
+    /// Called after the function's regions were (re)placed on the buses.
+    fn bars_placed(&mut self, _placed: &[BarMapping]) {}
 }
 
 /// A shared function.
@@ -222,6 +224,10 @@ impl PciRoot {
                 placed.push(*m);
             }
         }
+        function
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .bars_placed(&placed);
         if let Some(s) = self.slots.get_mut(&slot) {
             s.placed = placed;
         }

@@ -51,6 +51,15 @@ pub struct VirtioPciLayout {
     pub msix_pba: u32,
 }
 
+/// Registers queue-notification eventfds with the hypervisor so that a
+/// guest's notify write signals the eventfd without a VM exit to userspace.
+pub trait NotifyRegistrar: Send + Sync {
+    /// Signal `fd` on guest writes to MMIO `addr`.
+    fn register(&self, fd: &EventFd, addr: u64) -> std::io::Result<()>;
+    /// Undo [`NotifyRegistrar::register`].
+    fn unregister(&self, fd: &EventFd, addr: u64) -> std::io::Result<()>;
+}
+
 /// Everything the transport needs besides the device model.
 pub struct VirtioPciParams {
     /// PCI identity.
@@ -67,6 +76,9 @@ pub struct VirtioPciParams {
     pub mem: GuestMemoryMmap,
     /// Expansion ROM: slot size and image (image no larger than the slot).
     pub rom: Option<(u64, Vec<u8>)>,
+    /// ioeventfd registration for notifications (None: notifications go
+    /// through the MMIO exit path).
+    pub notify: Option<Arc<dyn NotifyRegistrar>>,
 }
 
 /// Interrupt state shared with the device's worker thread.
@@ -137,6 +149,9 @@ pub struct VirtioPci {
     active: bool,
     rom: Option<Vec<u8>>,
     msix_cap: usize,
+    notify: Option<Arc<dyn NotifyRegistrar>>,
+    /// BAR 0 base at which the kick eventfds are registered.
+    notify_base: Option<u64>,
 }
 
 impl std::fmt::Debug for VirtioPci {
@@ -262,6 +277,8 @@ impl VirtioPci {
             active: false,
             rom,
             msix_cap,
+            notify: p.notify,
+            notify_base: None,
         })
     }
 
@@ -635,5 +652,38 @@ impl PciFunction for VirtioPci {
 
     fn rom(&self) -> Option<&[u8]> {
         self.rom.as_deref()
+    }
+
+    fn bars_placed(&mut self, placed: &[crate::pci::config::BarMapping]) {
+        let Some(reg) = self.notify.clone() else {
+            return;
+        };
+        let base = placed.iter().find(|m| m.index == 0).map(|m| m.addr);
+        if base == self.notify_base {
+            return;
+        }
+        let step = u64::from(self.layout.notify_multiplier);
+        let notify = u64::from(self.layout.notify);
+        if let Some(old) = self.notify_base.take() {
+            for (i, k) in self.kicks.iter().enumerate() {
+                let _ = reg.unregister(k, old + notify + i as u64 * step);
+            }
+        }
+        if let Some(new) = base {
+            let ok = self
+                .kicks
+                .iter()
+                .enumerate()
+                .all(|(i, k)| reg.register(k, new + notify + i as u64 * step).is_ok());
+            // If any registration failed, notifications still arrive through
+            // the MMIO exit path; keep the bookkeeping consistent.
+            if ok {
+                self.notify_base = Some(new);
+            } else {
+                for (i, k) in self.kicks.iter().enumerate() {
+                    let _ = reg.unregister(k, new + notify + i as u64 * step);
+                }
+            }
+        }
     }
 }
