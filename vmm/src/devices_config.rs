@@ -362,8 +362,8 @@ mod tests {
         assert_eq!(assign_slots(&[Some(7), None]), Ok(vec![7, 1]));
         assert!(assign_slots(&[Some(2), Some(2)]).is_err());
         assert!(assign_slots(&[Some(0)]).is_err());
-        assert!(assign_slots(&vec![None; 32]).is_err());
-        assert_eq!(assign_slots(&vec![None; 31]).expect("31 fit").len(), 31);
+        assert!(assign_slots(&[None; 32]).is_err());
+        assert_eq!(assign_slots(&[None; 31]).expect("31 fit").len(), 31);
         assert_eq!(parse_rng("").expect("rng"), RngConfig::default());
         assert_eq!(parse_rng("addr=9").expect("rng").addr, Some(9));
     }
