@@ -687,3 +687,230 @@ impl PciFunction for VirtioPci {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::msix::MsiMessage;
+    use std::sync::atomic::AtomicUsize;
+    use vm_memory::GuestAddress;
+
+    struct NoMsi;
+    impl MsiController for NoMsi {
+        fn set_route(&self, _: u16, _: Option<MsiMessage>) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn trigger(&self, _: u16) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct Counters {
+        activations: AtomicUsize,
+        resets: AtomicUsize,
+        queues: AtomicUsize,
+    }
+
+    struct Dummy(Arc<Counters>);
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u16 {
+            4
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![16, 16]
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_VERSION_1 | 1
+        }
+        fn config_len(&self) -> u32 {
+            8
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            crate::virtio::read_config_bytes(&[1, 2, 3, 4, 5, 6, 7, 8], offset, data);
+        }
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn activate(&mut self, a: Activation) -> Result<(), crate::virtio::ActivateError> {
+            self.0.activations.fetch_add(1, Ordering::SeqCst);
+            self.0.queues.store(a.queues.len(), Ordering::SeqCst);
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.0.resets.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    const LAYOUT: VirtioPciLayout = VirtioPciLayout {
+        bar_size: 0x8000,
+        common: 0,
+        isr: 0x1000,
+        device: 0x2000,
+        notify: 0x3000,
+        notify_multiplier: 4,
+        msix_table: 0x4000,
+        msix_pba: 0x5000,
+    };
+
+    fn device() -> (VirtioPci, Arc<Counters>) {
+        let c = Arc::new(Counters::default());
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mem");
+        let dev = VirtioPci::new(
+            Box::new(Dummy(c.clone())),
+            VirtioPciParams {
+                ids: PciIds {
+                    vendor: 0x1af4,
+                    device: 0x1044,
+                    subsystem_vendor: 0x1af4,
+                    subsystem: 0x44,
+                    revision: 1,
+                    class: 0xff00,
+                },
+                layout: LAYOUT,
+                msix_vectors: 3,
+                msi: Arc::new(NoMsi),
+                intx: None,
+                mem,
+                rom: None,
+                notify: None,
+            },
+        )
+        .expect("transport");
+        (dev, c)
+    }
+
+    fn w(d: &mut VirtioPci, off: u64, v: u64, len: usize) {
+        d.bar_write(0, off, &v.to_le_bytes()[..len]);
+    }
+
+    fn r(d: &mut VirtioPci, off: u64, len: usize) -> u64 {
+        let mut b = [0u8; 8];
+        d.bar_read(0, off, &mut b[..len]);
+        u64::from_le_bytes(b)
+    }
+
+    fn negotiate(d: &mut VirtioPci, features: u64) -> u8 {
+        w(d, 0x14, u64::from(status::ACKNOWLEDGE | status::DRIVER), 1);
+        w(d, 0x08, 0, 4);
+        w(d, 0x0c, features & 0xffff_ffff, 4);
+        w(d, 0x08, 1, 4);
+        w(d, 0x0c, features >> 32, 4);
+        w(
+            d,
+            0x14,
+            u64::from(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK),
+            1,
+        );
+        r(d, 0x14, 1) as u8
+    }
+
+    fn setup_queue(d: &mut VirtioPci, q: u16, base: u64) {
+        w(d, 0x16, u64::from(q), 2);
+        w(d, 0x18, 8, 2);
+        w(d, 0x20, base, 8);
+        w(d, 0x28, base + 0x1000, 8);
+        w(d, 0x30, base + 0x2000, 8);
+        w(d, 0x1c, 1, 2);
+    }
+
+    #[test]
+    fn header_and_capabilities() {
+        let (d, _) = device();
+        let mut b = [0u8; 4];
+        d.config().read(0, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0x1044_1af4);
+        // Walk the capability list: four virtio caps then MSI-X.
+        let mut ptr = [0u8; 1];
+        d.config().read(0x34, &mut ptr);
+        let mut ids = Vec::new();
+        let mut p = usize::from(ptr[0]);
+        while p != 0 {
+            let mut hdr = [0u8; 4];
+            d.config().read(p, &mut hdr);
+            ids.push((hdr[0], hdr[3]));
+            p = usize::from(hdr[1]);
+        }
+        assert_eq!(ids.len(), 5);
+        assert_eq!(&ids[..4], &[(9, 1), (9, 2), (9, 3), (9, 4)]);
+        assert_eq!(ids[4].0, 0x11);
+    }
+
+    #[test]
+    fn refuses_drivers_without_version_1() {
+        let (mut d, c) = device();
+        assert_eq!(r(&mut d, 0x12, 2), 2, "num_queues");
+        w(&mut d, 0x00, 1, 4);
+        assert_eq!(r(&mut d, 0x04, 4), 1, "VERSION_1 in the high word");
+        let st = negotiate(&mut d, 1);
+        assert_eq!(st & status::FEATURES_OK, 0, "legacy driver refused");
+        // Unoffered bits are refused too.
+        w(&mut d, 0x14, 0, 1);
+        let st = negotiate(&mut d, VIRTIO_F_VERSION_1 | 1 << 5);
+        assert_eq!(st & status::FEATURES_OK, 0);
+        w(&mut d, 0x14, 0, 1);
+        let st = negotiate(&mut d, VIRTIO_F_VERSION_1 | 1);
+        assert_ne!(st & status::FEATURES_OK, 0);
+        assert_eq!(c.activations.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn activation_and_reset() {
+        let (mut d, c) = device();
+        negotiate(&mut d, VIRTIO_F_VERSION_1);
+        setup_queue(&mut d, 0, 0x1_0000);
+        assert_eq!(r(&mut d, 0x18, 2), 8);
+        assert_eq!(r(&mut d, 0x20, 4), 0x1_0000);
+        w(&mut d, 0x1a, 1, 2);
+        assert_eq!(r(&mut d, 0x1a, 2), 1);
+        w(&mut d, 0x1a, 99, 2);
+        assert_eq!(
+            r(&mut d, 0x1a, 2),
+            u64::from(NO_VECTOR),
+            "out-of-range vector"
+        );
+        w(&mut d, 0x14, 0x0f, 1);
+        assert_eq!(c.activations.load(Ordering::SeqCst), 1);
+        assert_eq!(c.queues.load(Ordering::SeqCst), 1, "only queue 0 enabled");
+        // Queue registers are frozen once running.
+        w(&mut d, 0x18, 4, 2);
+        assert_eq!(r(&mut d, 0x18, 2), 8);
+        // A notify write kicks the queue's eventfd.
+        w(&mut d, 0x3000, 0, 2);
+        assert_eq!(d.kicks()[0].read().expect("kicked"), 1);
+        assert_eq!(r(&mut d, 0x2002, 2), 0x0403, "device config");
+        w(&mut d, 0x14, 0, 1);
+        assert_eq!(c.resets.load(Ordering::SeqCst), 1);
+        assert_eq!(r(&mut d, 0x14, 1), 0);
+        w(&mut d, 0x16, 0, 2);
+        assert_eq!(r(&mut d, 0x1c, 2), 0, "queue disabled by reset");
+    }
+
+    #[test]
+    fn rings_outside_memory_need_reset() {
+        let (mut d, c) = device();
+        negotiate(&mut d, VIRTIO_F_VERSION_1);
+        // The used ring would straddle the end of the 1 MiB of RAM.
+        setup_queue(&mut d, 0, 0x10_0000 - 0x2000 - 8);
+        w(&mut d, 0x14, 0x0f, 1);
+        assert_eq!(c.activations.load(Ordering::SeqCst), 0);
+        let st = r(&mut d, 0x14, 1) as u8;
+        assert_ne!(st & status::DEVICE_NEEDS_RESET, 0);
+        // Reset clears it and the device can start again.
+        w(&mut d, 0x14, 0, 1);
+        negotiate(&mut d, VIRTIO_F_VERSION_1);
+        setup_queue(&mut d, 0, 0x1_0000);
+        w(&mut d, 0x14, 0x0f, 1);
+        assert_eq!(c.activations.load(Ordering::SeqCst), 1);
+        assert_eq!(r(&mut d, 0x14, 1) as u8 & status::DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn isr_reads_clear() {
+        let (mut d, _) = device();
+        d.irq.signal_used_queue(0);
+        assert_eq!(r(&mut d, 0x1000, 1), 1);
+        assert_eq!(r(&mut d, 0x1000, 1), 0);
+        d.irq.set_needs_reset();
+        assert_eq!(r(&mut d, 0x1000, 1), 2);
+        assert_ne!(r(&mut d, 0x14, 1) as u8 & status::DEVICE_NEEDS_RESET, 0);
+    }
+}
