@@ -36,6 +36,10 @@ pub struct Acpi {
     pub ncpus: usize,
     /// Enabled CPUs listed by the MADT (may exceed MAX_CPUS).
     pub madt_cpus: u32,
+    /// ECAM window of segment 0 (address of bus `ecam_bus0`), 0 if no MCFG.
+    pub ecam: u64,
+    pub ecam_bus0: u8,
+    pub ecam_bus_end: u8,
 }
 
 impl Acpi {
@@ -57,6 +61,9 @@ impl Acpi {
             cpus: [0; MAX_CPUS],
             ncpus: 0,
             madt_cpus: 0,
+            ecam: 0,
+            ecam_bus0: 0,
+            ecam_bus_end: 0,
         }
     }
 }
@@ -207,6 +214,7 @@ pub fn parse(hint: u64, quiet: bool, st: &mut Acpi) {
         match &sig_at(t) {
             b"FACP" => fadt(t, len, quiet, st),
             b"APIC" => madt(t, len, st),
+            b"MCFG" => mcfg(t, len, st),
             _ => {}
         }
     }
@@ -353,6 +361,23 @@ fn madt(t: u64, len: u64, st: &mut Acpi) {
             _ => {}
         }
         p += elen;
+    }
+}
+
+/// MCFG: 44-byte header, then 16-byte allocations (base, segment, start
+/// bus, end bus). The first segment-0 entry that covers bus 0 is used.
+fn mcfg(t: u64, len: u64, st: &mut Acpi) {
+    let mut p = t + 44;
+    while p + 16 <= t + len {
+        let base = phys_u64(p);
+        let seg = phys_u16(p + 8);
+        let (b0, b1) = (phys_u8(p + 10), phys_u8(p + 11));
+        if st.ecam == 0 && seg == 0 && b0 == 0 && b1 >= b0 && base != 0 {
+            st.ecam = base;
+            st.ecam_bus0 = b0;
+            st.ecam_bus_end = b1;
+        }
+        p += 16;
     }
 }
 

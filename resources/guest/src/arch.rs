@@ -11,6 +11,8 @@ pub const SYSCALL_VECTOR: usize = 0x80;
 pub const SYS_EXIT: u64 = 0;
 pub const SYS_WRITE: u64 = 1;
 pub const SYS_TICKS: u64 = 2;
+/// map(addr, len, uncached): see `paging::map`; returns 1 on success.
+pub const SYS_MAP: u64 = 3;
 
 #[repr(C, packed)]
 struct Tss {
@@ -145,8 +147,66 @@ extern "C" fn exception_handler(f: &ExceptionFrame) -> ! {
     crate::power::reset()
 }
 
+/// Registers saved by the #GP stub (see `exc_stub_13`), then the CPU frame.
+#[repr(C)]
+pub struct GpFrame {
+    r11: u64,
+    r10: u64,
+    r9: u64,
+    r8: u64,
+    rdi: u64,
+    rsi: u64,
+    rdx: u64,
+    rcx: u64,
+    rax: u64,
+    err: u64,
+    rip: u64,
+    cs: u64,
+    rflags: u64,
+    rsp: u64,
+    ss: u64,
+}
+
+/// Ring-3 `in`/`out` (imm8 or dx forms, 8/16/32 bits) that raised #GP:
+/// do it here and step over it. Returns false for anything else.
 #[no_mangle]
-extern "C" fn syscall_dispatch(nr: u64, a0: u64, a1: u64, _a2: u64) -> u64 {
+extern "C" fn gp_emulate_io(f: &mut GpFrame) -> bool {
+    use crate::io::{inb, inl, inw, outb, outl, outw};
+    let code = |i: u64| unsafe { core::ptr::read_volatile((f.rip + i) as *const u8) };
+    let mut len = 0;
+    let mut op = code(0);
+    let wide = if op == 0x66 {
+        len = 1;
+        op = code(1);
+        2
+    } else {
+        4
+    };
+    let (port, imm) = match op {
+        0xE4..=0xE7 => (code(len + 1) as u16, true),
+        0xEC..=0xEF => (f.rdx as u16, false),
+        _ => return false,
+    };
+    let width = if op & 1 == 0 { 1 } else { wide };
+    if op & 2 == 0 {
+        f.rax = match width {
+            1 => (f.rax & !0xFF) | inb(port) as u64,
+            2 => (f.rax & !0xFFFF) | inw(port) as u64,
+            _ => inl(port) as u64,
+        };
+    } else {
+        match width {
+            1 => outb(port, f.rax as u8),
+            2 => outw(port, f.rax as u16),
+            _ => outl(port, f.rax as u32),
+        }
+    }
+    f.rip += len + if imm { 2 } else { 1 };
+    true
+}
+
+#[no_mangle]
+extern "C" fn syscall_dispatch(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
     match nr {
         SYS_WRITE => {
             let len = a1.min(4096) as usize;
@@ -155,6 +215,7 @@ extern "C" fn syscall_dispatch(nr: u64, a0: u64, a1: u64, _a2: u64) -> u64 {
             len as u64
         }
         SYS_TICKS => crate::timer::now(),
+        SYS_MAP => crate::paging::map(a0, a1, a2 != 0) as u64,
         _ => u64::MAX,
     }
 }
@@ -227,7 +288,39 @@ exc_stub_13:
     addq $8, %rsp
     addq $2, (%rsp)
     jmp syscall_entry
-1:  pushq $13
+    /* #GP with error code 0 from ring 3: maybe port I/O that the
+       hypervisor does not allow at IOPL=3 (PVM): emulate it. */
+1:  cmpq $0, (%rsp)
+    jne 3f
+    testb $3, 16(%rsp)
+    jz 3f
+    pushq %rax
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r11
+    movq %rsp, %rdi
+    subq $8, %rsp
+    call gp_emulate_io
+    addq $8, %rsp
+    testb %al, %al
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rax
+    jz 3f
+    addq $8, %rsp
+    iretq
+3:  pushq $13
     jmp exception_common
     EXC_ERR   14
     EXC_NOERR 15

@@ -12,7 +12,10 @@ mod acpi;
 mod arch;
 mod boot;
 mod bootinfo;
+mod drivers;
 mod io;
+mod paging;
+mod pci;
 mod power;
 mod print;
 mod rtc;
@@ -20,6 +23,7 @@ mod serial;
 mod smp;
 mod timer;
 mod user;
+mod virtio;
 
 use core::cell::UnsafeCell;
 
@@ -52,6 +56,7 @@ struct Args {
     triple: bool,
     rounds: u64,
     quiet: bool,
+    dev: drivers::DriverArgs,
 }
 
 fn parse_dec(s: &[u8]) -> Option<u64> {
@@ -75,6 +80,19 @@ fn parse_args(cmdline: &[u8]) -> Args {
         triple: false,
         rounds: user::DEFAULT_ROUNDS,
         quiet: false,
+        dev: drivers::DriverArgs {
+            pci: false,
+            blk: false,
+            blk_write: None,
+            blk_read: None,
+            blk_id: false,
+            rng: false,
+            hostile: false,
+            ecam: 0,
+            ram_end: 0,
+            scratch: 0,
+            scratch_len: 0,
+        },
     };
     for tok in cmdline
         .split(|c| c.is_ascii_whitespace())
@@ -97,6 +115,39 @@ fn parse_args(cmdline: &[u8]) -> Args {
                 a.quiet = true;
                 true
             }
+            b"pci" => {
+                a.dev.pci = true;
+                true
+            }
+            b"virtio-blk" => {
+                a.dev.blk = true;
+                true
+            }
+            b"blk-id" => {
+                a.dev.blk = true;
+                a.dev.blk_id = true;
+                true
+            }
+            b"rng" => {
+                a.dev.rng = true;
+                true
+            }
+            b"hostile" => {
+                a.dev.hostile = true;
+                true
+            }
+            _ if tok.starts_with(b"blk-write=") => parse_dec(&tok[10..])
+                .map(|n| {
+                    a.dev.blk = true;
+                    a.dev.blk_write = Some(n)
+                })
+                .is_some(),
+            _ if tok.starts_with(b"blk-read=") => parse_dec(&tok[9..])
+                .map(|n| {
+                    a.dev.blk = true;
+                    a.dev.blk_read = Some(n)
+                })
+                .is_some(),
             _ if tok.starts_with(b"echo=") => parse_dec(&tok[5..]).map(|n| a.echo = n).is_some(),
             _ if tok.starts_with(b"rounds=") => {
                 parse_dec(&tok[7..]).map(|n| a.rounds = n).is_some()
@@ -186,7 +237,7 @@ extern "C" fn kmain(start_info: u32) -> ! {
             .kd("entries", bi.e820_reported as u64)
             .print();
     }
-    let args = parse_args(bi.cmdline());
+    let mut args = parse_args(bi.cmdline());
 
     // Memory map.
     let mut ram = 0u64;
@@ -248,11 +299,30 @@ extern "C" fn kmain(start_info: u32) -> ! {
             .print();
     }
 
-    match user_buffer(bi) {
+    let ubuf = user_buffer(bi);
+    match ubuf {
         Some(buf) => {
             user::run(args.rounds, buf, user::BUFFER_SIZE);
         }
         None => error("no-user-buffer"),
+    }
+
+    // Device work (PCI, virtio), in ring 3, only when asked for.
+    if args.dev.any() {
+        let d = &mut args.dev;
+        d.ecam = acpi.ecam;
+        d.ram_end = bi
+            .e820()
+            .iter()
+            .filter(|e| e.kind == bootinfo::E820_RAM)
+            .map(|e| e.addr.saturating_add(e.size))
+            .max()
+            .unwrap_or(0);
+        if let Some(buf) = ubuf {
+            d.scratch = buf;
+            d.scratch_len = user::BUFFER_SIZE;
+        }
+        drivers::run(d);
     }
 
     if args.echo > 0 {

@@ -3,7 +3,7 @@
 
 use core::arch::asm;
 
-use crate::arch::{enter_user, SYS_EXIT, SYS_TICKS, SYS_WRITE};
+use crate::arch::{enter_user, SYS_EXIT, SYS_MAP, SYS_TICKS, SYS_WRITE};
 use crate::print::Line;
 use crate::Global;
 
@@ -42,24 +42,43 @@ pub fn run(rounds: u64, buf: u64, len: u64) -> u64 {
     enter_user(user_main, top, a as *const UserArgs as u64)
 }
 
+/// Run `entry(arg)` in ring 3 on the workload stack (which is free once
+/// `run` has returned); returns the value passed to SYS_EXIT.
+pub fn call(entry: extern "C" fn(u64) -> !, arg: u64) -> u64 {
+    let st = USTACK.get();
+    let top = st.0.as_ptr() as u64 + st.0.len() as u64 - 8;
+    enter_user(entry, top, arg)
+}
+
 #[inline(always)]
 fn syscall(nr: u64, a0: u64, a1: u64) -> u64 {
+    syscall3(nr, a0, a1, 0)
+}
+
+#[inline(always)]
+fn syscall3(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
     let ret: u64;
     unsafe {
-        asm!("int 0x80", inlateout("rax") nr => ret, in("rdi") a0, in("rsi") a1, clobber_abi("C"));
+        asm!("int 0x80", inlateout("rax") nr => ret, in("rdi") a0, in("rsi") a1, in("rdx") a2,
+             clobber_abi("C"));
     }
     ret
 }
 
-fn sys_write(b: &[u8]) {
+/// Ring 3: make `[addr, addr+len)` accessible (identity), uncached if asked.
+pub fn sys_map(addr: u64, len: u64, uncached: bool) -> bool {
+    syscall3(SYS_MAP, addr, len, uncached as u64) == 1
+}
+
+pub fn sys_write(b: &[u8]) {
     syscall(SYS_WRITE, b.as_ptr() as u64, b.len() as u64);
 }
 
-fn sys_ticks() -> u64 {
+pub fn sys_ticks() -> u64 {
     syscall(SYS_TICKS, 0, 0)
 }
 
-fn sys_exit(v: u64) -> ! {
+pub fn sys_exit(v: u64) -> ! {
     syscall(SYS_EXIT, v, 0);
     loop {
         core::hint::spin_loop();
