@@ -3,6 +3,7 @@
 //!
 //! [`run`] builds a VM from a [`config::VmConfig`] and runs it to completion.
 
+pub mod backends;
 pub mod config;
 pub mod console;
 pub mod devices_config;
