@@ -14,9 +14,10 @@ Per run:
             (time.monotonic()).
   peak RSS  ru_maxrss of the VMM process from wait4() (its VmHWM; KiB).
   guest RAM RSS of the guest-RAM mappings in /proc/PID/smaps, sampled as
-            soon as the marker is seen: the largest anonymous mappings whose
-            sizes add up to the guest memory size (for QEMU: the one pc.ram /
-            microvm.ram mapping). The guest hardly touches memory between
+            soon as the marker is seen: the largest anonymous or memfd
+            mappings whose sizes add up to the guest memory size (QEMU: the
+            one pc.ram / microvm.ram mapping; Abide: its "abide-guest-ram"
+            memfd). The guest hardly touches memory between
             the marker and power-off, so
   overhead  = peak RSS - guest RAM RSS  approximates the VMM's own memory.
 """
@@ -43,7 +44,8 @@ def guest_ram_rss_kib(pid, mem_kib):
                 if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
                     parts = line.split()
                     path = parts[5] if len(parts) > 5 else ""
-                    anon = path == "" or path.startswith("[anon")
+                    # Guest RAM is anonymous memory (QEMU) or a memfd (Abide).
+                    anon = path == "" or path.startswith("[anon") or path.startswith("/memfd:")
                     cur = {"anon": anon, "size": 0, "rss": 0}
                     maps.append(cur)
                 elif cur is not None and line.startswith("Size:"):
@@ -109,7 +111,7 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--mem-mib", type=int, default=512)
-    ap.add_argument("--timeout", type=float, default=180)
+    ap.add_argument("--timeout", type=float, default=60)
     ap.add_argument("--logdir", default=os.environ.get("TMPDIR", "/tmp"))
     ap.add_argument("--skip", action="append", default=[], metavar="NAME=REASON")
     # Configurations follow the options: ":: NAME COMMAND [ARGS...]" each.

@@ -38,7 +38,7 @@ for arg in $(cat /proc/cmdline); do
 done
 
 # Boot benchmark: nothing but the marker above.
-if [ "$test" = marker ]; then poweroff -f; fi
+if [ "$test" = marker ]; then poweroff -f; finish; fi
 
 mount -t sysfs sysfs /sys
 mkdir -p /dev/pts /dev/shm

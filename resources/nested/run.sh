@@ -18,7 +18,9 @@
 # Usage: resources/nested/run.sh [--timeout SECS] [-i|--interactive] -- COMMAND [ARGS...]
 #   --timeout SECS   kill the nested host after SECS seconds (default 600)
 #   -i               interactive: connect the terminal to the console
-#                    (no output filtering; markers and CRs stay visible)
+#                    (no output filtering; markers and CRs stay visible;
+#                    Ctrl-A x kills the nested host). Without -i, COMMAND's
+#                    stdin is /dev/null.
 # Environment:
 #   ABIDE_NESTED_MEM    memory of the nested host in MiB (default 6144)
 #   ABIDE_NESTED_SMP    its vCPUs (default 2)
@@ -75,6 +77,7 @@ qpid=''
 # shellcheck disable=SC2317 # invoked by the trap
 cleanup() {
     [[ -n $qpid ]] && kill "$qpid" 2>/dev/null
+    [[ -f $console_log ]] && cp "$console_log" "$last_log" 2>/dev/null
     rm -rf "$cmdfile" "$tmpdir"
 }
 trap cleanup EXIT
@@ -91,7 +94,8 @@ trap 'exit 130' INT TERM
     done
     echo "export ABIDE_NESTED=1 TMPDIR=/tmp"
     printf 'cd -- %q || { echo "abide-nested: cannot cd to %q inside the nested host" >&2; exit 125; }\n' "$cwd" "$cwd"
-    printf 'exec 2>&1\n'
+    # Without -i nothing can type on the console: give COMMAND an empty stdin.
+    if ((interactive)); then echo 'exec 2>&1'; else echo 'exec </dev/null 2>&1'; fi
     printf 'exec'; printf ' %q' "$@"; printf '\n'
 } > "$cmdfile"
 chmod 644 "$cmdfile"
@@ -101,17 +105,23 @@ begin="ABIDE-NESTED-BEGIN-$token"
 endm="ABIDE-NESTED-EXIT-$token="
 if [[ $debug == 1 ]]; then klog="loglevel=7"; else klog="quiet loglevel=0"; fi
 append="console=ttyS0 $klog panic=-1 ${ABIDE_NESTED_CMDLINE:-} abide.cmd=$cmdfile abide.token=$token abide.9pcache=$p9cache abide.root=${ABIDE_NESTED_ROOT:-overlay}"
+# EPYC with SVM and nested paging; the '-' features are ones TCG cannot
+# emulate (QEMU would drop them anyway, with a warning per feature and vCPU).
+cpu=EPYC,+svm,+npt,-rdseed,-sha-ni,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-nrip-save,-xsavec
 # shellcheck disable=SC2054 # the commas are part of QEMU options
-qemu=(qemu-system-x86_64 -accel tcg,thread=multi -cpu EPYC,+svm,+npt -smp "$smp" -m "$mem"
+qemu=(qemu-system-x86_64 -accel tcg,thread=multi -cpu "$cpu" -smp "$smp" -m "$mem"
       -M pc -kernel "$kernel" -initrd "$initrd" -append "$append"
       -nographic -no-reboot -nodefaults -serial stdio
       -device virtio-9p-pci,fsdev=h,mount_tag=host
       -fsdev local,id=h,path=/,security_model=none,readonly=on,multidevs=remap)
-console_log="$cache/last-console.log"
+console_log="$tmpdir/console.log"
+last_log="$cache/last-console.log"
 qemu_err="$tmpdir/qemu.stderr"
 
 if ((interactive)); then
     set +e
+    # mon:stdio: Ctrl-A x quits, Ctrl-A h lists the other keys.
+    qemu=("${qemu[@]/#stdio/mon:stdio}")
     timeout -k 10 "$timeout_s" "${qemu[@]}" 2> "$qemu_err" | tee "$console_log"
     qrc=${PIPESTATUS[0]}
     set -e
@@ -166,6 +176,7 @@ if [[ -s $qemu_err ]]; then
     echo "abide-nested: qemu stderr:" >&2
     sed 's/^/  /' "$qemu_err" >&2
 fi
-echo "abide-nested: nested host console (before the command): $console_log" >&2
+echo "abide-nested: nested host console (before the command): $last_log" >&2
+echo "abide-nested: (ABIDE_NESTED_DEBUG=1 shows the nested host's kernel log)" >&2
 tail -n 20 "$console_log" | sed 's/^/  /' >&2
 exit 125
