@@ -223,6 +223,8 @@ pub struct VirtioModel {
     pub queue_size: u16,
     /// Expansion ROM slot size, for models that can carry an option ROM.
     pub rom_slot: Option<u64>,
+    /// Virtio feature bits offered to the driver.
+    pub features: u64,
 }
 
 /// The virtio device models of a machine.
@@ -283,6 +285,14 @@ pub struct MachineDescription {
     pub virtio: VirtioModels,
 }
 
+/// `VIRTIO_F_VERSION_1`.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const BLK_F_SEG_MAX: u64 = 1 << 2;
+const BLK_F_BLK_SIZE: u64 = 1 << 6;
+const BLK_F_FLUSH: u64 = 1 << 9;
+const NET_F_MAC: u64 = 1 << 5;
+const NET_F_STATUS: u64 = 1 << 16;
+
 fn virtio_model(
     device: u16,
     class: u32,
@@ -290,6 +300,7 @@ fn virtio_model(
     num_queues: u16,
     queue_size: u16,
     rom_slot: Option<u64>,
+    features: u64,
 ) -> VirtioModel {
     VirtioModel {
         pci: PciIdentity {
@@ -305,6 +316,7 @@ fn virtio_model(
         num_queues,
         queue_size,
         rom_slot,
+        features,
     }
 }
 
@@ -401,9 +413,25 @@ pub fn pc() -> MachineDescription {
                 msix_table: 0x4000,
                 msix_pba: 0x5000,
             },
-            blk: virtio_model(0x1042, 0x01_0000, 2, 1, 256, None),
-            net: virtio_model(0x1041, 0x02_0000, 3, 2, 256, Some(128 * KIB)),
-            rng: virtio_model(0x1044, 0x00_ff00, 2, 1, 256, None),
+            blk: virtio_model(
+                0x1042,
+                0x01_0000,
+                2,
+                1,
+                256,
+                None,
+                VIRTIO_F_VERSION_1 | BLK_F_SEG_MAX | BLK_F_BLK_SIZE | BLK_F_FLUSH,
+            ),
+            net: virtio_model(
+                0x1041,
+                0x02_0000,
+                3,
+                2,
+                256,
+                Some(128 * KIB),
+                VIRTIO_F_VERSION_1 | NET_F_MAC | NET_F_STATUS,
+            ),
+            rng: virtio_model(0x1044, 0x00_ff00, 2, 1, 256, None, VIRTIO_F_VERSION_1),
         },
     }
 }

@@ -1,7 +1,12 @@
 //! Builds virtio-pci functions from the machine's device models and the
 //! user's device options, and attaches them to PCI bus 0.
 
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
+
+use abide_devices::virtio::blk::{Block, BlockParams};
+use abide_devices::virtio::net::{Net, NetParams, Tap};
+use abide_devices::virtio::rng::{Rng, RngParams};
 
 use abide_devices::legacy::IrqLine;
 use abide_devices::pci::PciFunction;
@@ -12,6 +17,8 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::backends::Backends;
+use crate::devices_config::NetBackend;
 use crate::irq::{GsiRouter, IrqError, MsiVectors};
 use crate::pci::{ids, PciPlatform, PciSetupError};
 
@@ -48,6 +55,88 @@ pub enum VirtioSetupError {
     /// Placement.
     #[error(transparent)]
     Pci(#[from] PciSetupError),
+    /// The device model refused its parameters.
+    #[error("cannot create {name}")]
+    Device {
+        /// Device name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The tap could not be opened.
+    #[error("{name}: cannot open the tap device (needs CAP_NET_ADMIN and /dev/net/tun)")]
+    Tap {
+        /// Device name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Creates every device the user asked for and attaches it at its slot.
+pub fn attach_all(ctx: &VirtioAttach<'_>, b: Backends) -> Result<(), crate::Error> {
+    let models = &ctx.machine.virtio;
+    for (i, d) in b.disks.into_iter().enumerate() {
+        let name = format!("virtio-blk #{i} ({})", d.config.path.display());
+        let mut params = BlockParams::new(d.file);
+        params.read_only = d.config.readonly;
+        params.serial = d.config.serial.clone();
+        params.direct = d.config.direct;
+        params.num_queues = models.blk.num_queues;
+        params.queue_size = models.blk.queue_size;
+        params.features = models.blk.features;
+        let dev = Block::new(params).map_err(|source| VirtioSetupError::Device {
+            name: name.clone(),
+            source: Box::new(source),
+        })?;
+        ctx.attach(&name, &models.blk, d.slot, Box::new(dev), None)?;
+    }
+    for (i, n) in b.nets.into_iter().enumerate() {
+        let name = format!("virtio-net #{i}");
+        let tap = match &n.config.backend {
+            NetBackend::Tap(ifname) => Tap::open(ifname),
+            NetBackend::Fd(fd) => open_tap_fd(*fd),
+        }
+        .map_err(|source| VirtioSetupError::Tap {
+            name: name.clone(),
+            source,
+        })?;
+        let mut params = NetParams::new(tap, n.mac);
+        params.queue_size = models.net.queue_size;
+        params.features = models.net.features;
+        let dev = Net::new(params).map_err(|source| VirtioSetupError::Device {
+            name: name.clone(),
+            source: Box::new(source),
+        })?;
+        ctx.attach(&name, &models.net, n.slot, Box::new(dev), n.rom)?;
+    }
+    if let Some(slot) = b.rng_slot {
+        let dev = Rng::new(RngParams {
+            queue_size: models.rng.queue_size,
+            features: models.rng.features,
+            ..RngParams::default()
+        })
+        .map_err(|source| VirtioSetupError::Device {
+            name: "virtio-rng".into(),
+            source: Box::new(source),
+        })?;
+        ctx.attach("virtio-rng", &models.rng, slot, Box::new(dev), None)?;
+    }
+    Ok(())
+}
+
+/// Takes ownership of a tap fd an orchestrator passed in.
+fn open_tap_fd(fd: i32) -> std::io::Result<Tap> {
+    // SAFETY: F_GETFD only queries the descriptor table.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the fd is open (checked above) and the user handed it to
+    // abide for this device; nothing else in abide owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Tap::from_fd(owned)
 }
 
 /// ioeventfd registration through KVM.

@@ -13,6 +13,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::config::{KernelSource, SerialConfig, VmConfig};
+use crate::irq::GsiRouter;
 use crate::legacy::{self, LegacyDevices};
 use crate::memory::GuestRam;
 use crate::pci::PciPlatform;
@@ -29,7 +30,7 @@ pub static EMBEDDED_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/abi
 /// A built, not yet running VM.
 pub struct Vm {
     machine: MachineDescription,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     // Kept alive for as long as KVM maps it.
     _ram: GuestRam,
     vcpus: Vec<Vcpu>,
@@ -112,7 +113,8 @@ impl Vm {
                 max: max_vcpus,
             });
         }
-        let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+        let backends = crate::backends::open(&machine, cfg)?;
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
         vm.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("set the TSS address"))?;
         vm.create_irq_chip()
@@ -152,6 +154,18 @@ impl Vm {
         let mmio = Arc::new(Bus::new());
         let legacy = legacy::attach(&vm, &pio, &machine, serial_out, &exit)?;
         let pci = PciPlatform::new(&machine, &pio, &mmio, &exit)?;
+        let max_gsi = kvm.check_extension_int(kvm_ioctls::Cap::IrqRouting).max(0) as u32;
+        let router = GsiRouter::new(vm.clone(), max_gsi)?;
+        crate::virtio::attach_all(
+            &crate::virtio::VirtioAttach {
+                machine: &machine,
+                vm: &vm,
+                router: &router,
+                mem: &ram.mem,
+                pci: &pci,
+            },
+            backends,
+        )?;
         pci.assign_resources(&machine)?;
 
         let supported = kvm

@@ -6,7 +6,11 @@
 //! its own worker on an event-manager thread. The vCPU threads never run
 //! device work.
 
+pub mod blk;
+pub mod net;
 pub mod pci;
+pub mod rng;
+mod worker;
 
 use std::sync::Arc;
 

@@ -1,0 +1,1302 @@
+//! virtio-blk (virtio 1.x, section 5.2): a raw image file behind one or
+//! more request queues.
+//!
+//! Requests are IN (read), OUT (write), FLUSH (`fdatasync`) and GET_ID.
+//! Every request is checked before any I/O: a 16-byte device-readable
+//! header first, data buffers in the direction of the request, a
+//! device-writable status byte last, and a sector range inside the image.
+//! A request that breaks a rule is completed with `VIRTIO_BLK_S_IOERR`
+//! (`S_UNSUPP` for unknown types); one whose status byte cannot be
+//! written, or whose chain does not end, cannot be completed at all and
+//! puts the device into DEVICE_NEEDS_RESET.
+//!
+//! I/O is positional (`pread`/`pwrite`), straight between the file and
+//! guest memory through vm-memory slices. With `direct` (the VMM opened the
+//! image with `O_DIRECT`) it goes through an aligned bounce buffer instead,
+//! as guest buffers need not be aligned.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events};
+use virtio_queue::DescriptorChain;
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{
+    Bytes, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile, VolatileMemoryError, VolatileSlice,
+    WriteVolatile,
+};
+
+use super::worker::{
+    collect_chain, take_queues, total_len, Handler, SegCursor, Segment, Unusable, Worker,
+    WorkerQueue,
+};
+use super::{
+    device_type, read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
+
+/// `VIRTIO_BLK_F_SEG_MAX`: `seg_max` is valid.
+pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+/// `VIRTIO_BLK_F_RO`: the device is read-only.
+pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+/// `VIRTIO_BLK_F_BLK_SIZE`: `blk_size` is valid.
+pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
+/// `VIRTIO_BLK_F_FLUSH`: FLUSH is supported.
+pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+/// `VIRTIO_BLK_F_MQ`: `num_queues` is valid.
+pub const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
+/// `VIRTIO_RING_F_INDIRECT_DESC`.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+
+/// The features this model can offer. `RO` is offered exactly when the
+/// device is read-only and `MQ` when it has more than one queue; the rest
+/// are offered when they are in [`BlockParams::features`].
+pub const BLOCK_SUPPORTED_FEATURES: u64 = VIRTIO_F_VERSION_1
+    | VIRTIO_BLK_F_SEG_MAX
+    | VIRTIO_BLK_F_BLK_SIZE
+    | VIRTIO_BLK_F_FLUSH
+    | VIRTIO_BLK_F_MQ
+    | VIRTIO_RING_F_INDIRECT_DESC
+    | VIRTIO_RING_F_EVENT_IDX;
+
+/// The default feature mask of [`BlockParams::new`].
+pub const BLOCK_DEFAULT_FEATURES: u64 = VIRTIO_F_VERSION_1
+    | VIRTIO_BLK_F_SEG_MAX
+    | VIRTIO_BLK_F_BLK_SIZE
+    | VIRTIO_BLK_F_FLUSH
+    | VIRTIO_BLK_F_MQ;
+
+/// Request types.
+pub const VIRTIO_BLK_T_IN: u32 = 0;
+/// Write.
+pub const VIRTIO_BLK_T_OUT: u32 = 1;
+/// Flush.
+pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+/// Device identification string.
+pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+
+/// Request status: success.
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+/// Request status: I/O error (also: malformed request).
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+/// Request status: unsupported request type.
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+
+/// The protocol's sector size.
+pub const SECTOR_SIZE: u64 = 512;
+/// `blk_size` in the configuration space.
+pub const BLK_SIZE: u32 = 512;
+/// Length of the GET_ID string.
+pub const ID_LEN: usize = 20;
+/// Size of the device configuration space exposed (through the
+/// `write_zeroes_may_unmap` field of `struct virtio_blk_config`).
+pub const CONFIG_LEN: usize = 0x3c;
+
+/// Request header size.
+const HEADER_LEN: u32 = 16;
+/// Most bytes per `pread`/`pwrite`.
+const CHUNK: usize = 1 << 20;
+/// Bounce buffer size for `direct`.
+const BOUNCE_LEN: usize = 256 << 10;
+/// Bounce buffer alignment for `direct`.
+const BOUNCE_ALIGN: usize = 4096;
+/// Requests handled per wakeup before the worker looks at other events.
+const BUDGET: usize = 256;
+
+/// Everything the VMM decides about a virtio-blk device.
+#[derive(Debug)]
+pub struct BlockParams {
+    /// The raw image. Its size, rounded down to sectors, is the capacity.
+    pub file: File,
+    /// Refuse writes and offer `VIRTIO_BLK_F_RO`.
+    pub read_only: bool,
+    /// GET_ID string, at most 20 bytes.
+    pub serial: Option<String>,
+    /// The file was opened with `O_DIRECT`: use aligned bounce buffers.
+    pub direct: bool,
+    /// Request queues (at least 1).
+    pub num_queues: u16,
+    /// Maximum size of each queue (a power of two, at least 4).
+    pub queue_size: u16,
+    /// Features that may be offered (see [`BLOCK_SUPPORTED_FEATURES`]).
+    pub features: u64,
+}
+
+impl BlockParams {
+    /// One queue of 256, writable, no serial, buffered I/O, default
+    /// features.
+    pub fn new(file: File) -> Self {
+        Self {
+            file,
+            read_only: false,
+            serial: None,
+            direct: false,
+            num_queues: 1,
+            queue_size: 256,
+            features: BLOCK_DEFAULT_FEATURES,
+        }
+    }
+}
+
+/// Errors creating a block device.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The image size could not be read.
+    #[error("cannot read the image size")]
+    Metadata(#[source] io::Error),
+    /// Serial longer than 20 bytes.
+    #[error("serial is {0} bytes; at most 20 are allowed")]
+    Serial(usize),
+    /// Bad queue parameters.
+    #[error("invalid queue parameters: {0} queues of {1}")]
+    Queues(u16, u16),
+}
+
+/// The image and its fixed properties, shared with the worker.
+#[derive(Debug)]
+struct Disk {
+    file: File,
+    /// In sectors.
+    capacity: u64,
+    read_only: bool,
+    direct: bool,
+    id: [u8; ID_LEN],
+}
+
+/// A virtio-blk device.
+#[derive(Debug)]
+pub struct Block {
+    disk: Arc<Disk>,
+    features: u64,
+    num_queues: u16,
+    queue_size: u16,
+    config: [u8; CONFIG_LEN],
+    worker: Option<Worker<BlockWorker>>,
+}
+
+impl Block {
+    /// Creates the device.
+    pub fn new(p: BlockParams) -> Result<Self, BlockError> {
+        let len = p.file.metadata().map_err(BlockError::Metadata)?.len();
+        let serial = p.serial.unwrap_or_default();
+        if serial.len() > ID_LEN {
+            return Err(BlockError::Serial(serial.len()));
+        }
+        if p.num_queues == 0
+            || p.queue_size < 4
+            || !p.queue_size.is_power_of_two()
+            || p.queue_size > 32768
+        {
+            return Err(BlockError::Queues(p.num_queues, p.queue_size));
+        }
+        let mut id = [0u8; ID_LEN];
+        id[..serial.len()].copy_from_slice(serial.as_bytes());
+        let capacity = len / SECTOR_SIZE;
+
+        let mut features = VIRTIO_F_VERSION_1
+            | (p.features & BLOCK_SUPPORTED_FEATURES & !(VIRTIO_BLK_F_MQ | VIRTIO_BLK_F_RO));
+        if p.num_queues > 1 && p.features & VIRTIO_BLK_F_MQ != 0 {
+            features |= VIRTIO_BLK_F_MQ;
+        }
+        if p.read_only {
+            features |= VIRTIO_BLK_F_RO;
+        }
+
+        let mut config = [0u8; CONFIG_LEN];
+        config[0..8].copy_from_slice(&capacity.to_le_bytes());
+        // size_max (0x08) is not offered.
+        config[0x0c..0x10].copy_from_slice(&u32::from(p.queue_size - 2).to_le_bytes());
+        config[0x14..0x18].copy_from_slice(&BLK_SIZE.to_le_bytes());
+        config[0x22..0x24].copy_from_slice(&p.num_queues.to_le_bytes());
+
+        Ok(Self {
+            disk: Arc::new(Disk {
+                file: p.file,
+                capacity,
+                read_only: p.read_only,
+                direct: p.direct,
+                id,
+            }),
+            features,
+            num_queues: p.num_queues,
+            queue_size: p.queue_size,
+            config,
+            worker: None,
+        })
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.disk.capacity
+    }
+
+    fn worker_for(&self, a: Activation) -> Result<BlockWorker, ActivateError> {
+        let event_idx = a.features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let queues = take_queues(a.queues, usize::from(self.num_queues), event_idx)?;
+        if queues.is_empty() {
+            return Err(ActivateError::BadQueues("no queue enabled".into()));
+        }
+        Ok(BlockWorker {
+            io: BlockIo {
+                disk: self.disk.clone(),
+                mem: a.mem,
+                bounce: self.disk.direct.then(Bounce::new),
+            },
+            queues,
+            irq: a.interrupt,
+        })
+    }
+
+    /// Whether a worker thread is running (for tests).
+    #[cfg(test)]
+    fn running(&self) -> bool {
+        self.worker.as_ref().is_some_and(|w| !w.finished())
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u16 {
+        device_type::BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![self.queue_size; usize::from(self.num_queues)]
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn config_len(&self) -> u32 {
+        CONFIG_LEN as u32
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // Nothing is writable without VIRTIO_BLK_F_CONFIG_WCE.
+    }
+
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        self.reset();
+        let worker = self.worker_for(a)?;
+        self.worker = Some(Worker::spawn("virtio-blk", worker).map_err(ActivateError::Worker)?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop();
+        }
+    }
+}
+
+/// An aligned scratch buffer for `O_DIRECT` I/O.
+#[derive(Debug)]
+struct Bounce {
+    raw: Vec<u8>,
+    start: usize,
+}
+
+impl Bounce {
+    fn new() -> Self {
+        let raw = vec![0u8; BOUNCE_LEN + BOUNCE_ALIGN];
+        let start = raw.as_ptr().align_offset(BOUNCE_ALIGN);
+        // `align_offset` may give up (usize::MAX); then the kernel will
+        // refuse the I/O with EINVAL, which the guest sees as IOERR.
+        let start = if start < BOUNCE_ALIGN { start } else { 0 };
+        Self { raw, start }
+    }
+
+    fn buf(&mut self, len: usize) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + len]
+    }
+}
+
+/// Positional I/O on a file as a vm-memory reader/writer: each call is one
+/// `pread`/`pwrite` at `offset`, which then advances.
+struct FileAt<'a> {
+    file: &'a File,
+    offset: u64,
+}
+
+impl FileAt<'_> {
+    fn off(&self) -> Result<libc::off_t, VolatileMemoryError> {
+        libc::off_t::try_from(self.offset)
+            .map_err(|_| VolatileMemoryError::IOError(io::Error::from_raw_os_error(libc::EINVAL)))
+    }
+}
+
+impl ReadVolatile for FileAt<'_> {
+    fn read_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &mut VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        let off = self.off()?;
+        let guard = buf.ptr_guard_mut();
+        // SAFETY: the descriptor is valid while `self.file` is borrowed;
+        // `guard` keeps `guard.len()` bytes of guest memory mapped and
+        // writable at `guard.as_ptr()` (vm-memory checked the range when it
+        // made the slice), and pread writes at most that many bytes.
+        let n = unsafe {
+            libc::pread(
+                self.file.as_raw_fd(),
+                guard.as_ptr().cast(),
+                guard.len(),
+                off,
+            )
+        };
+        if n < 0 {
+            buf.bitmap().mark_dirty(0, buf.len());
+            return Err(VolatileMemoryError::IOError(io::Error::last_os_error()));
+        }
+        let n = n as usize;
+        buf.bitmap().mark_dirty(0, n);
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
+impl WriteVolatile for FileAt<'_> {
+    fn write_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        let off = self.off()?;
+        let guard = buf.ptr_guard();
+        // SAFETY: the descriptor is valid while `self.file` is borrowed;
+        // `guard` keeps `guard.len()` bytes of guest memory mapped at
+        // `guard.as_ptr()`, and pwrite only reads them.
+        let n = unsafe {
+            libc::pwrite(
+                self.file.as_raw_fd(),
+                guard.as_ptr().cast(),
+                guard.len(),
+                off,
+            )
+        };
+        if n < 0 {
+            return Err(VolatileMemoryError::IOError(io::Error::last_os_error()));
+        }
+        let n = n as usize;
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
+fn vm_err(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
+    io::Error::other(e)
+}
+
+/// Request execution against the image.
+#[derive(Debug)]
+struct BlockIo {
+    disk: Arc<Disk>,
+    mem: GuestMemoryMmap,
+    bounce: Option<Bounce>,
+}
+
+impl BlockIo {
+    /// Handles one chain; returns the bytes written into it.
+    fn handle(
+        &mut self,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        max: usize,
+    ) -> Result<u32, Unusable> {
+        let segs = collect_chain(chain, max)?;
+        let (status, rest) = segs.split_last().ok_or(Unusable)?;
+        if !status.writable || status.len == 0 || !status.in_memory(&self.mem) {
+            return Err(Unusable);
+        }
+        let (code, written) = match self.execute(rest) {
+            Ok(n) => (VIRTIO_BLK_S_OK, n),
+            Err(code) => (code, 0),
+        };
+        self.mem
+            .write_obj(code, status.addr)
+            .map_err(|_| Unusable)?;
+        Ok(written + 1)
+    }
+
+    /// Runs a request (header and data segments); returns the data bytes
+    /// written to the guest or the error status.
+    fn execute(&mut self, segs: &[Segment]) -> Result<u32, u8> {
+        const IOERR: u8 = VIRTIO_BLK_S_IOERR;
+        let (hdr, data) = segs.split_first().ok_or(IOERR)?;
+        if hdr.writable || hdr.len != HEADER_LEN {
+            return Err(IOERR);
+        }
+        let raw: [u8; 16] = self.mem.read_obj(hdr.addr).map_err(|_| IOERR)?;
+        let mut t = [0u8; 4];
+        t.copy_from_slice(&raw[0..4]);
+        let mut s = [0u8; 8];
+        s.copy_from_slice(&raw[8..16]);
+        let (typ, sector) = (u32::from_le_bytes(t), u64::from_le_bytes(s));
+
+        let want_writable = match typ {
+            VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID => true,
+            VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_FLUSH => false,
+            _ => return Err(VIRTIO_BLK_S_UNSUPP),
+        };
+        if data
+            .iter()
+            .any(|d| d.writable != want_writable || d.len == 0 || !d.in_memory(&self.mem))
+        {
+            return Err(IOERR);
+        }
+        let total = total_len(data);
+        match typ {
+            VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+                if typ == VIRTIO_BLK_T_OUT && self.disk.read_only {
+                    return Err(IOERR);
+                }
+                let written = u32::try_from(total).map_err(|_| IOERR)?;
+                if !total.is_multiple_of(SECTOR_SIZE) {
+                    return Err(IOERR);
+                }
+                let end = sector.checked_add(total / SECTOR_SIZE).ok_or(IOERR)?;
+                if end > self.disk.capacity {
+                    return Err(IOERR);
+                }
+                let offset = sector * SECTOR_SIZE;
+                if typ == VIRTIO_BLK_T_IN {
+                    self.read(data, offset).map_err(|_| IOERR)?;
+                    Ok(written)
+                } else {
+                    self.write(data, offset).map_err(|_| IOERR)?;
+                    Ok(0)
+                }
+            }
+            VIRTIO_BLK_T_FLUSH => {
+                if !data.is_empty() {
+                    return Err(IOERR);
+                }
+                self.disk.file.sync_data().map_err(|_| IOERR)?;
+                Ok(0)
+            }
+            _ => {
+                let n = (total as usize).min(ID_LEN);
+                let done = SegCursor::new(data)
+                    .write_from(&self.mem, &self.disk.id[..n])
+                    .map_err(|_| IOERR)?;
+                Ok(done as u32)
+            }
+        }
+    }
+
+    /// Reads the image at `offset` into the segments.
+    fn read(&mut self, segs: &[Segment], offset: u64) -> io::Result<()> {
+        let file = &self.disk.file;
+        if let Some(bounce) = &mut self.bounce {
+            let total = total_len(segs);
+            let mut cursor = SegCursor::new(segs);
+            let mut done = 0u64;
+            while done < total {
+                let n = (total - done).min(BOUNCE_LEN as u64) as usize;
+                let buf = bounce.buf(n);
+                file.read_exact_at(buf, offset + done)?;
+                if cursor.write_from(&self.mem, buf).map_err(vm_err)? != n {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                done += n as u64;
+            }
+            return Ok(());
+        }
+        let mut at = FileAt { file, offset };
+        for s in segs {
+            for slice in GuestMemoryBackend::get_slices(&self.mem, s.addr, s.len as usize) {
+                let slice = slice.map_err(vm_err)?;
+                let mut pos = 0;
+                while pos < slice.len() {
+                    let n = (slice.len() - pos).min(CHUNK);
+                    let mut sub = slice.subslice(pos, n).map_err(vm_err)?;
+                    at.read_exact_volatile(&mut sub).map_err(vm_err)?;
+                    pos += n;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the segments to the image at `offset`.
+    fn write(&mut self, segs: &[Segment], offset: u64) -> io::Result<()> {
+        let file = &self.disk.file;
+        if let Some(bounce) = &mut self.bounce {
+            let total = total_len(segs);
+            let mut cursor = SegCursor::new(segs);
+            let mut done = 0u64;
+            while done < total {
+                let n = (total - done).min(BOUNCE_LEN as u64) as usize;
+                let buf = bounce.buf(n);
+                if cursor.read_into(&self.mem, buf).map_err(vm_err)? != n {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                file.write_all_at(buf, offset + done)?;
+                done += n as u64;
+            }
+            return Ok(());
+        }
+        let mut at = FileAt { file, offset };
+        for s in segs {
+            for slice in GuestMemoryBackend::get_slices(&self.mem, s.addr, s.len as usize) {
+                let slice = slice.map_err(vm_err)?;
+                let mut pos = 0;
+                while pos < slice.len() {
+                    let n = (slice.len() - pos).min(CHUNK);
+                    let sub = slice.subslice(pos, n).map_err(vm_err)?;
+                    at.write_all_volatile(&sub).map_err(vm_err)?;
+                    pos += n;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The block device's worker: its queues and the image.
+struct BlockWorker {
+    io: BlockIo,
+    queues: Vec<WorkerQueue>,
+    irq: Arc<dyn VirtioInterrupt>,
+}
+
+impl BlockWorker {
+    /// Processes the available requests of queue slot `slot`.
+    fn process_queue(&mut self, slot: usize) {
+        let Some(q) = self.queues.get_mut(slot) else {
+            return;
+        };
+        let io = &mut self.io;
+        let mem = io.mem.clone();
+        let max = q.max_chain();
+        q.drain(&mem, self.irq.as_ref(), BUDGET, |chain| {
+            io.handle(chain, max)
+        });
+    }
+}
+
+impl Handler for BlockWorker {
+    fn init(&mut self, ops: &mut EventOps) -> Result<(), event_manager::Error> {
+        for (slot, q) in self.queues.iter().enumerate() {
+            ops.add(Events::with_data(&q.kick, slot as u32, EventSet::IN))?;
+        }
+        Ok(())
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let slot = events.data() as usize;
+        if let Some(q) = self.queues.get(slot) {
+            let _ = q.kick.read();
+        }
+        self.process_queue(slot);
+    }
+
+    fn failed(&mut self) {
+        self.irq.set_needs_reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Address, GuestAddress};
+    use vmm_sys_util::tempfile::TempFile;
+
+    use super::super::worker::testutil::*;
+    use super::super::worker::{test_irq, TestInterrupt};
+    use super::*;
+
+    const QSIZE: u16 = 16;
+    const QBASE: u64 = 0x1000;
+    const HDR: u64 = 0x8000;
+    const STATUS: u64 = 0x9000;
+    const BUF: u64 = 0x10_0000;
+    const BUF2: u64 = 0x20_0000;
+    const OOB: u64 = 0xFFF_FFFF_F000;
+    const SECTORS: u64 = 64;
+    /// A status value the device never writes.
+    const NO_STATUS: u8 = 0xee;
+
+    struct Rig {
+        _tmp: TempFile,
+        file: File,
+        block: Block,
+    }
+
+    fn rig(read_only: bool, direct: bool) -> Rig {
+        let tmp = TempFile::new().expect("tempfile");
+        let file = tmp.as_file().try_clone().expect("clone");
+        file.set_len(SECTORS * SECTOR_SIZE).expect("set_len");
+        let mut p = BlockParams::new(tmp.as_file().try_clone().expect("clone"));
+        p.read_only = read_only;
+        p.direct = direct;
+        p.serial = Some("abide-serial".into());
+        p.queue_size = QSIZE;
+        Rig {
+            _tmp: tmp,
+            file,
+            block: Block::new(p).expect("block"),
+        }
+    }
+
+    fn worker(b: &Block, mem: &GuestMemoryMmap, d: &Driver) -> (BlockWorker, Arc<TestInterrupt>) {
+        let (t, irq) = test_irq();
+        let w = b
+            .worker_for(Activation {
+                mem: mem.clone(),
+                features: b.features(),
+                queues: vec![d.active(0)],
+                interrupt: irq,
+            })
+            .expect("worker");
+        (w, t)
+    }
+
+    fn header(mem: &GuestMemoryMmap, typ: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&typ.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(HDR)).expect("header");
+        mem.write_obj(NO_STATUS, GuestAddress(STATUS))
+            .expect("status");
+    }
+
+    fn status(mem: &GuestMemoryMmap) -> u8 {
+        mem.read_obj(GuestAddress(STATUS)).expect("status")
+    }
+
+    /// Submits a request and runs the queue; returns (status, used len).
+    fn request(
+        w: &mut BlockWorker,
+        d: &mut Driver,
+        typ: u32,
+        sector: u64,
+        data: &[(u64, u32, bool)],
+    ) -> (u8, u32) {
+        header(d.mem, typ, sector);
+        let mut bufs = vec![(HDR, 16, false)];
+        bufs.extend_from_slice(data);
+        bufs.push((STATUS, 1, true));
+        let head = d.chain(&bufs);
+        d.submit(head);
+        let before = d.used_idx();
+        w.process_queue(0);
+        assert_eq!(
+            d.used_idx(),
+            before.wrapping_add(1),
+            "request not completed"
+        );
+        let (id, len) = d.used(before);
+        assert_eq!(id, u32::from(head));
+        (status(d.mem), len)
+    }
+
+    fn good_read(w: &mut BlockWorker, d: &mut Driver) {
+        let (s, len) = request(w, d, VIRTIO_BLK_T_IN, 0, &[(BUF2, 512, true)]);
+        assert_eq!((s, len), (VIRTIO_BLK_S_OK, 513));
+    }
+
+    #[test]
+    fn config_and_features() {
+        let r = rig(false, false);
+        let b = &r.block;
+        assert_eq!(b.device_type(), device_type::BLOCK);
+        assert_eq!(b.queue_max_sizes(), vec![QSIZE]);
+        let f = b.features();
+        assert_ne!(f & VIRTIO_F_VERSION_1, 0);
+        assert_ne!(f & VIRTIO_BLK_F_SEG_MAX, 0);
+        assert_ne!(f & VIRTIO_BLK_F_BLK_SIZE, 0);
+        assert_ne!(f & VIRTIO_BLK_F_FLUSH, 0);
+        assert_eq!(
+            f & (VIRTIO_BLK_F_RO | VIRTIO_BLK_F_MQ | VIRTIO_RING_F_EVENT_IDX),
+            0
+        );
+        let mut c = [0u8; 8];
+        b.read_config(0, &mut c);
+        assert_eq!(u64::from_le_bytes(c), SECTORS);
+        let mut c = [0u8; 4];
+        b.read_config(0x0c, &mut c);
+        assert_eq!(u32::from_le_bytes(c), u32::from(QSIZE - 2));
+        b.read_config(0x14, &mut c);
+        assert_eq!(u32::from_le_bytes(c), 512);
+        let mut c = [0u8; 2];
+        b.read_config(0x22, &mut c);
+        assert_eq!(u16::from_le_bytes(c), 1);
+        // Past the end reads as zero.
+        let mut c = [0xffu8; 4];
+        b.read_config(CONFIG_LEN as u64, &mut c);
+        assert_eq!(c, [0; 4]);
+    }
+
+    #[test]
+    fn multiqueue_and_masks() {
+        let tmp = TempFile::new().expect("tempfile");
+        let mut p = BlockParams::new(tmp.as_file().try_clone().expect("clone"));
+        p.num_queues = 4;
+        p.read_only = true;
+        p.features = VIRTIO_BLK_F_MQ;
+        let b = Block::new(p).expect("block");
+        assert_eq!(
+            b.features(),
+            VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_MQ | VIRTIO_BLK_F_RO
+        );
+        assert_eq!(b.queue_max_sizes(), vec![256; 4]);
+        let mut c = [0u8; 2];
+        b.read_config(0x22, &mut c);
+        assert_eq!(u16::from_le_bytes(c), 4);
+
+        let mut p = BlockParams::new(tmp.as_file().try_clone().expect("clone"));
+        p.serial = Some("x".repeat(21));
+        assert!(matches!(Block::new(p), Err(BlockError::Serial(21))));
+        let mut p = BlockParams::new(tmp.as_file().try_clone().expect("clone"));
+        p.num_queues = 0;
+        assert!(Block::new(p).is_err());
+    }
+
+    fn round_trip(direct: bool) {
+        let r = rig(false, direct);
+        let mem = memory();
+        let mut d = Driver::new(&mem, QBASE, QSIZE);
+        let (mut w, irq) = worker(&r.block, &mem, &d);
+
+        // Write 3 sectors at sector 5 from unevenly split buffers.
+        let pattern: Vec<u8> = (0..1536u32).map(|i| (i * 7 + 3) as u8).collect();
+        mem.write_slice(&pattern[..100], GuestAddress(BUF))
+            .expect("fill");
+        mem.write_slice(&pattern[100..], GuestAddress(BUF + 0x1000))
+            .expect("fill");
+        let (s, len) = request(
+            &mut w,
+            &mut d,
+            VIRTIO_BLK_T_OUT,
+            5,
+            &[(BUF, 100, false), (BUF + 0x1000, 1436, false)],
+        );
+        assert_eq!((s, len), (VIRTIO_BLK_S_OK, 1));
+        let mut on_disk = vec![0u8; 1536];
+        r.file
+            .read_exact_at(&mut on_disk, 5 * 512)
+            .expect("read back");
+        assert_eq!(on_disk, pattern);
+
+        // Read them back into other, differently split buffers.
+        let (s, len) = request(
+            &mut w,
+            &mut d,
+            VIRTIO_BLK_T_IN,
+            5,
+            &[(BUF2, 1000, true), (BUF2 + 0x1000, 536, true)],
+        );
+        assert_eq!((s, len), (VIRTIO_BLK_S_OK, 1537));
+        let mut got = vec![0u8; 1536];
+        mem.read_slice(&mut got[..1000], GuestAddress(BUF2))
+            .expect("read");
+        mem.read_slice(&mut got[1000..], GuestAddress(BUF2 + 0x1000))
+            .expect("read");
+        assert_eq!(got, pattern);
+
+        // Flush.
+        let (s, len) = request(&mut w, &mut d, VIRTIO_BLK_T_FLUSH, 0, &[]);
+        assert_eq!((s, len), (VIRTIO_BLK_S_OK, 1));
+
+        // GET_ID.
+        let (s, len) = request(&mut w, &mut d, VIRTIO_BLK_T_GET_ID, 0, &[(BUF2, 20, true)]);
+        assert_eq!((s, len), (VIRTIO_BLK_S_OK, 21));
+        let mut id = [0u8; 20];
+        mem.read_slice(&mut id, GuestAddress(BUF2)).expect("id");
+        assert_eq!(&id[..12], b"abide-serial");
+        assert_eq!(&id[12..], &[0u8; 8]);
+
+        // The last sector is in range; a request ending past it is not.
+        let (s, _) = request(
+            &mut w,
+            &mut d,
+            VIRTIO_BLK_T_IN,
+            SECTORS - 1,
+            &[(BUF2, 512, true)],
+        );
+        assert_eq!(s, VIRTIO_BLK_S_OK);
+        assert_eq!(irq.signals(0), 5);
+        assert!(!irq.needs_reset());
+    }
+
+    #[test]
+    fn read_write_flush_get_id() {
+        round_trip(false);
+    }
+
+    #[test]
+    fn read_write_through_bounce_buffer() {
+        // `direct` without O_DIRECT on the file still takes the bounce path.
+        round_trip(true);
+    }
+
+    #[test]
+    fn large_request_spans_bounce_chunks() {
+        let tmp = TempFile::new().expect("tempfile");
+        let file = tmp.as_file().try_clone().expect("clone");
+        file.set_len(4 << 20).expect("set_len");
+        let pattern: Vec<u8> = (0..(600 << 10) as u32).map(|i| (i % 251) as u8).collect();
+        file.write_all_at(&pattern, 4096).expect("fill");
+        let mut p = BlockParams::new(file);
+        p.direct = true;
+        p.queue_size = QSIZE;
+        let b = Block::new(p).expect("block");
+        let mem = memory();
+        let mut d = Driver::new(&mem, QBASE, QSIZE);
+        let (mut w, _irq) = worker(&b, &mem, &d);
+        let (s, len) = request(
+            &mut w,
+            &mut d,
+            VIRTIO_BLK_T_IN,
+            8,
+            &[(BUF, 600 << 10, true)],
+        );
+        assert_eq!((s, len), (VIRTIO_BLK_S_OK, (600 << 10) + 1));
+        let mut got = vec![0u8; 600 << 10];
+        mem.read_slice(&mut got, GuestAddress(BUF)).expect("read");
+        assert!(got == pattern);
+    }
+
+    #[test]
+    fn read_only_refuses_writes() {
+        let r = rig(true, false);
+        assert_ne!(r.block.features() & VIRTIO_BLK_F_RO, 0);
+        let mem = memory();
+        let mut d = Driver::new(&mem, QBASE, QSIZE);
+        let (mut w, irq) = worker(&r.block, &mem, &d);
+        mem.write_slice(&[0xaa; 512], GuestAddress(BUF))
+            .expect("fill");
+        let (s, len) = request(&mut w, &mut d, VIRTIO_BLK_T_OUT, 0, &[(BUF, 512, false)]);
+        assert_eq!((s, len), (VIRTIO_BLK_S_IOERR, 1));
+        let mut on_disk = [0u8; 512];
+        r.file.read_exact_at(&mut on_disk, 0).expect("read");
+        assert_eq!(on_disk, [0u8; 512]);
+        // Reads and flushes still work.
+        good_read(&mut w, &mut d);
+        let (s, _) = request(&mut w, &mut d, VIRTIO_BLK_T_FLUSH, 0, &[]);
+        assert_eq!(s, VIRTIO_BLK_S_OK);
+        assert!(!irq.needs_reset());
+    }
+
+    /// Requests the device must complete with an error status; the queue
+    /// keeps working afterwards.
+    #[test]
+    fn malformed_requests_get_an_error_status() {
+        let r = rig(false, false);
+        let mem = memory();
+        let mut d = Driver::new(&mem, QBASE, QSIZE);
+        let (mut w, irq) = worker(&r.block, &mem, &d);
+        let ioerr = (VIRTIO_BLK_S_IOERR, 1);
+        type Case = (&'static str, u32, u64, Vec<(u64, u32, bool)>, (u8, u32));
+        let cases: Vec<Case> = vec![
+            (
+                "data out of RAM",
+                VIRTIO_BLK_T_IN,
+                0,
+                vec![(OOB, 512, true)],
+                ioerr,
+            ),
+            (
+                "data straddling the end of RAM",
+                VIRTIO_BLK_T_IN,
+                0,
+                vec![(RAM - 256, 512, true)],
+                ioerr,
+            ),
+            (
+                "zero-length data",
+                VIRTIO_BLK_T_IN,
+                0,
+                vec![(BUF, 0, true)],
+                ioerr,
+            ),
+            (
+                "zero-length among data",
+                VIRTIO_BLK_T_IN,
+                0,
+                vec![(BUF, 512, true), (BUF, 0, true)],
+                ioerr,
+            ),
+            (
+                "read into readable",
+                VIRTIO_BLK_T_IN,
+                0,
+                vec![(BUF, 512, false)],
+                ioerr,
+            ),
+            (
+                "write from writable",
+                VIRTIO_BLK_T_OUT,
+                0,
+                vec![(BUF, 512, true)],
+                ioerr,
+            ),
+            (
+                "id into readable",
+                VIRTIO_BLK_T_GET_ID,
+                0,
+                vec![(BUF, 20, false)],
+                ioerr,
+            ),
+            (
+                "flush with data",
+                VIRTIO_BLK_T_FLUSH,
+                0,
+                vec![(BUF, 512, false)],
+                ioerr,
+            ),
+            (
+                "partial sector",
+                VIRTIO_BLK_T_IN,
+                0,
+                vec![(BUF, 100, true)],
+                ioerr,
+            ),
+            (
+                "sector at capacity",
+                VIRTIO_BLK_T_IN,
+                SECTORS,
+                vec![(BUF, 512, true)],
+                ioerr,
+            ),
+            (
+                "range past capacity",
+                VIRTIO_BLK_T_OUT,
+                SECTORS - 1,
+                vec![(BUF, 1024, false)],
+                ioerr,
+            ),
+            (
+                "sector overflow",
+                VIRTIO_BLK_T_IN,
+                u64::MAX,
+                vec![(BUF, 512, true)],
+                ioerr,
+            ),
+            (
+                "sector * 512 overflow",
+                VIRTIO_BLK_T_IN,
+                u64::MAX / 256,
+                vec![(BUF, 512, true)],
+                ioerr,
+            ),
+            ("unknown type", 99, 0, vec![], (VIRTIO_BLK_S_UNSUPP, 1)),
+            (
+                "discard (not offered)",
+                11,
+                0,
+                vec![(BUF, 16, false)],
+                (VIRTIO_BLK_S_UNSUPP, 1),
+            ),
+        ];
+        for (name, typ, sector, data, want) in cases {
+            assert_eq!(request(&mut w, &mut d, typ, sector, &data), want, "{name}");
+            good_read(&mut w, &mut d);
+        }
+
+        // Header problems: writable, short, long, outside RAM.
+        for (name, hdr) in [
+            ("writable header", (HDR, 16, true)),
+            ("short header", (HDR, 8, false)),
+            ("long header", (HDR, 32, false)),
+            ("header out of RAM", (OOB, 16, false)),
+        ] {
+            header(&mem, VIRTIO_BLK_T_IN, 0);
+            let head = d.chain(&[hdr, (BUF, 512, true), (STATUS, 1, true)]);
+            d.submit(head);
+            let before = d.used_idx();
+            w.process_queue(0);
+            assert_eq!(d.used_idx(), before.wrapping_add(1), "{name}");
+            assert_eq!(d.used(before), (u32::from(head), 1), "{name}");
+            assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR, "{name}");
+            good_read(&mut w, &mut d);
+        }
+
+        // Only a status byte.
+        mem.write_obj(NO_STATUS, GuestAddress(STATUS))
+            .expect("status");
+        let head = d.chain(&[(STATUS, 1, true)]);
+        d.submit(head);
+        w.process_queue(0);
+        assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR);
+        good_read(&mut w, &mut d);
+        assert!(!irq.needs_reset());
+    }
+
+    /// Submits `head` and runs the queue; checks the device gave up.
+    fn expect_needs_reset(
+        r: &Rig,
+        mem: &GuestMemoryMmap,
+        d: &mut Driver,
+        setup: impl Fn(&Driver) -> u16,
+    ) {
+        let (mut w, irq) = worker(&r.block, mem, d);
+        header(mem, VIRTIO_BLK_T_IN, 0);
+        let head = setup(d);
+        d.submit(head);
+        let before = d.used_idx();
+        w.process_queue(0);
+        assert!(irq.needs_reset());
+        assert_eq!(d.used_idx(), before);
+        assert_eq!(status(mem), NO_STATUS);
+        // The queue stays stopped, even for a good request.
+        let head = d.chain(&[(HDR, 16, false), (BUF, 512, true), (STATUS, 1, true)]);
+        d.submit(head);
+        w.process_queue(0);
+        assert_eq!(d.used_idx(), before);
+        assert_eq!(irq.signals(0), 0);
+    }
+
+    /// Requests that cannot be completed: NEEDS_RESET, the queue stops, and
+    /// after a reset (a fresh queue and worker) the device works again.
+    #[test]
+    fn unreportable_requests_need_reset() {
+        let r = rig(false, false);
+        type Setup = Box<dyn Fn(&Driver) -> u16>;
+        let cases: Vec<(&str, Setup)> = vec![
+            (
+                "status not writable",
+                Box::new(|d: &Driver| {
+                    d.raw_desc(0, HDR, 16, F_NEXT, 1);
+                    d.raw_desc(1, BUF, 512, F_NEXT | F_WRITE, 2);
+                    d.raw_desc(2, STATUS, 1, 0, 0);
+                    0
+                }),
+            ),
+            (
+                "zero-length status",
+                Box::new(|d: &Driver| {
+                    d.raw_desc(0, HDR, 16, F_NEXT, 1);
+                    d.raw_desc(1, STATUS, 0, F_WRITE, 0);
+                    0
+                }),
+            ),
+            (
+                "status out of RAM",
+                Box::new(|d: &Driver| {
+                    d.raw_desc(0, HDR, 16, F_NEXT, 1);
+                    d.raw_desc(1, OOB, 1, F_WRITE, 0);
+                    0
+                }),
+            ),
+            (
+                "self loop",
+                Box::new(|d: &Driver| {
+                    d.raw_desc(0, HDR, 16, F_NEXT, 0);
+                    0
+                }),
+            ),
+            (
+                "loop back to 1 (longer than the queue)",
+                Box::new(|d: &Driver| {
+                    d.raw_desc(0, HDR, 16, F_NEXT, 1);
+                    for i in 1..QSIZE {
+                        let next = if i + 1 < QSIZE { i + 1 } else { 1 };
+                        d.raw_desc(i, BUF + 16 * u64::from(i), 16, F_NEXT | F_WRITE, next);
+                    }
+                    0
+                }),
+            ),
+            (
+                "next index past the table",
+                Box::new(|d: &Driver| {
+                    d.raw_desc(0, HDR, 16, F_NEXT, QSIZE + 3);
+                    0
+                }),
+            ),
+            (
+                "head index past the table",
+                Box::new(|d: &Driver| {
+                    d.raw_desc(0, HDR, 16, F_NEXT, 1);
+                    d.raw_desc(1, BUF, 512, F_NEXT | F_WRITE, 2);
+                    d.raw_desc(2, STATUS, 1, F_WRITE, 0);
+                    QSIZE
+                }),
+            ),
+            (
+                "indirect table out of RAM",
+                Box::new(|d: &Driver| {
+                    d.raw_desc(0, OOB, 64, 4, 0);
+                    0
+                }),
+            ),
+        ];
+        for (name, setup) in cases {
+            let mem = memory();
+            let mut d = Driver::new(&mem, QBASE, QSIZE);
+            expect_needs_reset(&r, &mem, &mut d, setup);
+            // Reset: the driver sets the queue up again.
+            let mut d = Driver::new(&mem, QBASE + 0x2000, QSIZE);
+            let (mut w, irq) = worker(&r.block, &mem, &d);
+            good_read(&mut w, &mut d);
+            assert!(!irq.needs_reset(), "{name}");
+        }
+    }
+
+    #[test]
+    fn impossible_avail_index_needs_reset() {
+        let r = rig(false, false);
+        let mem = memory();
+        let d = Driver::new(&mem, QBASE, QSIZE);
+        let (mut w, irq) = worker(&r.block, &mem, &d);
+        mem.write_obj(QSIZE + 1, d.mock.avail_addr().unchecked_add(2))
+            .expect("avail idx");
+        w.process_queue(0);
+        assert!(irq.needs_reset());
+        assert_eq!(d.used_idx(), 0);
+    }
+
+    #[test]
+    fn indirect_chain() {
+        let r = rig(false, false);
+        let mem = memory();
+        let d = Driver::new(&mem, QBASE, QSIZE);
+        let (mut w, irq) = worker(&r.block, &mem, &d);
+        header(&mem, VIRTIO_BLK_T_GET_ID, 0);
+        let table = 0x3000u64;
+        let descs = [
+            (HDR, 16u32, F_NEXT, 1u16),
+            (BUF, 20, F_NEXT | F_WRITE, 2),
+            (STATUS, 1, F_WRITE, 0),
+        ];
+        for (i, (a, l, f, n)) in descs.iter().enumerate() {
+            let raw = virtio_queue::desc::RawDescriptor::from(
+                virtio_queue::desc::split::Descriptor::new(*a, *l, *f, *n),
+            );
+            mem.write_obj(raw, GuestAddress(table + 16 * i as u64))
+                .expect("indirect");
+        }
+        d.raw_desc(0, table, 48, 4, 0);
+        d.submit(0);
+        w.process_queue(0);
+        assert_eq!(d.used(0), (0, 21));
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+        assert!(!irq.needs_reset());
+    }
+
+    #[test]
+    fn budget_bounds_one_wakeup() {
+        let r = rig(false, false);
+        let mem = memory();
+        let mut d = Driver::new(&mem, QBASE, 512);
+        let (t, irq) = test_irq();
+        let mut w = r
+            .block
+            .worker_for(Activation {
+                mem: mem.clone(),
+                features: r.block.features(),
+                queues: vec![d.active(0)],
+                interrupt: irq,
+            })
+            .expect("worker");
+        header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+        for _ in 0..300 {
+            let h = d.chain(&[(HDR, 16, false), (STATUS, 1, true)]);
+            d.submit(h);
+        }
+        w.process_queue(0);
+        assert_eq!(usize::from(d.used_idx()), BUDGET);
+        // The queue kicked itself to come back.
+        assert_eq!(w.queues[0].kick.read().expect("self kick"), 1);
+        w.process_queue(0);
+        assert_eq!(d.used_idx(), 300);
+        assert_eq!(t.signals(0), 2);
+    }
+
+    #[test]
+    fn event_idx_suppresses_interrupts() {
+        let tmp = TempFile::new().expect("tempfile");
+        let mut p = BlockParams::new(tmp.as_file().try_clone().expect("clone"));
+        p.queue_size = QSIZE;
+        p.features |= VIRTIO_RING_F_EVENT_IDX;
+        let b = Block::new(p).expect("block");
+        assert_ne!(b.features() & VIRTIO_RING_F_EVENT_IDX, 0);
+        let mem = memory();
+        let mut d = Driver::new(&mem, QBASE, QSIZE);
+        let (mut w, irq) = worker(&b, &mem, &d);
+        let used_event = d.mock.avail_addr().unchecked_add(4 + 2 * u64::from(QSIZE));
+        let avail_event = d.used_addr().unchecked_add(4 + 8 * u64::from(QSIZE));
+        // used_event 0: interrupt after the first completion.
+        mem.write_obj(0u16, used_event).expect("used_event");
+        let (s, _) = request(&mut w, &mut d, VIRTIO_BLK_T_FLUSH, 0, &[]);
+        assert_eq!(s, VIRTIO_BLK_S_OK);
+        assert_eq!(irq.signals(0), 1);
+        // The device asks to be kicked for the next entry.
+        assert_eq!(mem.read_obj::<u16>(avail_event).expect("avail_event"), 1);
+        // The driver wants an interrupt only after entry 10.
+        mem.write_obj(10u16, used_event).expect("used_event");
+        let (s, _) = request(&mut w, &mut d, VIRTIO_BLK_T_FLUSH, 0, &[]);
+        assert_eq!(s, VIRTIO_BLK_S_OK);
+        assert_eq!(irq.signals(0), 1);
+        assert_eq!(mem.read_obj::<u16>(avail_event).expect("avail_event"), 2);
+    }
+
+    #[test]
+    fn threaded_activate_kick_reset() {
+        let mut r = rig(false, false);
+        let mem = memory();
+        for round in 0..2u64 {
+            // After a reset the driver sets its queue up again.
+            let mut d = Driver::new(&mem, QBASE + round * 0x2000, QSIZE);
+            let (t, irq) = test_irq();
+            let q = d.active(0);
+            let kick = q.kick.try_clone().expect("kick");
+            r.block
+                .activate(Activation {
+                    mem: mem.clone(),
+                    features: r.block.features(),
+                    queues: vec![q],
+                    interrupt: irq,
+                })
+                .expect("activate");
+            assert!(r.block.running());
+            header(&mem, VIRTIO_BLK_T_GET_ID, 0);
+            let head = d.chain(&[(HDR, 16, false), (BUF, 20, true), (STATUS, 1, true)]);
+            d.submit(head);
+            kick.write(1).expect("kick");
+            assert!(d.wait_used(1), "used ring did not advance");
+            assert!(wait_for(|| t.signals(0) == 1));
+            assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+            r.block.reset();
+            assert!(!r.block.running());
+            // The worker's handle on the image went away with its thread.
+            assert_eq!(Arc::strong_count(&r.block.disk), 1);
+        }
+        // Dropping an active device stops its thread too.
+        let (_t, irq) = test_irq();
+        let d = Driver::new(&mem, QBASE + 0x8000, QSIZE);
+        r.block
+            .activate(Activation {
+                mem: mem.clone(),
+                features: r.block.features(),
+                queues: vec![d.active(0)],
+                interrupt: irq,
+            })
+            .expect("activate");
+        let disk = r.block.disk.clone();
+        assert_eq!(Arc::strong_count(&disk), 3);
+        drop(r.block);
+        assert_eq!(Arc::strong_count(&disk), 1);
+    }
+
+    #[test]
+    fn activation_rejects_unknown_queues() {
+        let mut r = rig(false, false);
+        let mem = memory();
+        let d = Driver::new(&mem, QBASE, QSIZE);
+        let (_t, irq) = test_irq();
+        let res = r.block.activate(Activation {
+            mem: mem.clone(),
+            features: r.block.features(),
+            queues: vec![d.active(1)],
+            interrupt: irq,
+        });
+        assert!(matches!(res, Err(ActivateError::BadQueues(_))));
+        assert!(!r.block.running());
+    }
+}

@@ -1,0 +1,406 @@
+//! virtio-rng (virtio 1.x, section 5.4): one queue of device-writable
+//! buffers, filled from the host's `getrandom`.
+//!
+//! At most [`RngParams::max_bytes_per_request`] bytes go into one request,
+//! so a guest offering huge buffers cannot stall the worker; the used
+//! length says how much was filled. A chain with a device-readable,
+//! zero-length or out-of-RAM buffer is returned with length 0.
+
+use std::io;
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events};
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+use super::worker::{collect_chain, take_queues, Handler, Unusable, Worker, WorkerQueue};
+use super::{
+    device_type, ActivateError, Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
+
+/// The features this model can offer.
+pub const RNG_SUPPORTED_FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX;
+
+/// Requests handled per wakeup before the worker looks at other events.
+const BUDGET: usize = 64;
+
+/// Everything the VMM decides about a virtio-rng device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RngParams {
+    /// Maximum size of the queue (a power of two).
+    pub queue_size: u16,
+    /// Features that may be offered (see [`RNG_SUPPORTED_FEATURES`]).
+    pub features: u64,
+    /// Most bytes filled per request.
+    pub max_bytes_per_request: u32,
+}
+
+impl Default for RngParams {
+    /// A queue of 256, VERSION_1 only, 64 KiB per request.
+    fn default() -> Self {
+        Self {
+            queue_size: 256,
+            features: VIRTIO_F_VERSION_1,
+            max_bytes_per_request: 64 << 10,
+        }
+    }
+}
+
+/// Errors creating an entropy device.
+#[derive(Debug, thiserror::Error)]
+pub enum RngError {
+    /// Bad queue size.
+    #[error("invalid queue size {0}")]
+    QueueSize(u16),
+    /// `max_bytes_per_request` is 0.
+    #[error("max_bytes_per_request must be at least 1")]
+    MaxBytes,
+}
+
+/// A virtio-rng device.
+#[derive(Debug)]
+pub struct Rng {
+    params: RngParams,
+    features: u64,
+    worker: Option<Worker<RngWorker>>,
+}
+
+impl Rng {
+    /// Creates the device.
+    pub fn new(params: RngParams) -> Result<Self, RngError> {
+        if params.queue_size == 0
+            || !params.queue_size.is_power_of_two()
+            || params.queue_size > 32768
+        {
+            return Err(RngError::QueueSize(params.queue_size));
+        }
+        if params.max_bytes_per_request == 0 {
+            return Err(RngError::MaxBytes);
+        }
+        Ok(Self {
+            features: VIRTIO_F_VERSION_1 | (params.features & RNG_SUPPORTED_FEATURES),
+            params,
+            worker: None,
+        })
+    }
+
+    fn worker_for(&self, a: Activation) -> Result<RngWorker, ActivateError> {
+        let event_idx = a.features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let queue = take_queues(a.queues, 1, event_idx)?
+            .pop()
+            .ok_or_else(|| ActivateError::BadQueues("request queue not enabled".into()))?;
+        Ok(RngWorker {
+            mem: a.mem,
+            queue,
+            irq: a.interrupt,
+            scratch: vec![0u8; self.params.max_bytes_per_request as usize],
+        })
+    }
+
+    /// Whether a worker thread is running (for tests).
+    #[cfg(test)]
+    fn running(&self) -> bool {
+        self.worker.as_ref().is_some_and(|w| !w.finished())
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u16 {
+        device_type::RNG
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![self.params.queue_size]
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn config_len(&self) -> u32 {
+        0
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        self.reset();
+        let worker = self.worker_for(a)?;
+        self.worker = Some(Worker::spawn("virtio-rng", worker).map_err(ActivateError::Worker)?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop();
+        }
+    }
+}
+
+/// Fills `buf` from the kernel's random source.
+fn getrandom(buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: `rest` is valid for writes of `rest.len()` bytes and
+        // getrandom writes at most that many.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// The entropy device's worker.
+struct RngWorker {
+    mem: GuestMemoryMmap,
+    queue: WorkerQueue,
+    irq: Arc<dyn VirtioInterrupt>,
+    scratch: Vec<u8>,
+}
+
+/// Fills one chain; returns the bytes written.
+fn fill(
+    mem: &GuestMemoryMmap,
+    scratch: &mut [u8],
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    max: usize,
+) -> Result<u32, Unusable> {
+    let segs = collect_chain(chain, max)?;
+    if segs
+        .iter()
+        .any(|s| !s.writable || s.len == 0 || !s.in_memory(mem))
+    {
+        return Ok(0);
+    }
+    let mut written = 0usize;
+    for s in segs {
+        let room = scratch.len() - written;
+        if room == 0 {
+            break;
+        }
+        let n = (s.len as usize).min(room);
+        let buf = &mut scratch[written..written + n];
+        if getrandom(buf).is_err() || mem.write_slice(buf, s.addr).is_err() {
+            break;
+        }
+        written += n;
+    }
+    Ok(written as u32)
+}
+
+impl RngWorker {
+    fn process_queue(&mut self) {
+        let max = self.queue.max_chain();
+        let (mem, scratch) = (&self.mem, &mut self.scratch);
+        self.queue.drain(mem, self.irq.as_ref(), BUDGET, |chain| {
+            fill(mem, scratch, chain, max)
+        });
+    }
+}
+
+impl Handler for RngWorker {
+    fn init(&mut self, ops: &mut EventOps) -> Result<(), event_manager::Error> {
+        ops.add(Events::new(&self.queue.kick, EventSet::IN))
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.queue.kick.read();
+        self.process_queue();
+    }
+
+    fn failed(&mut self) {
+        self.irq.set_needs_reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::GuestAddress;
+
+    use super::super::worker::testutil::*;
+    use super::super::worker::{test_irq, TestInterrupt};
+    use super::*;
+
+    const QBASE: u64 = 0x1000;
+    const BUF: u64 = 0x10_0000;
+
+    fn worker(r: &Rng, mem: &GuestMemoryMmap, d: &Driver) -> (RngWorker, Arc<TestInterrupt>) {
+        let (t, irq) = test_irq();
+        let w = r
+            .worker_for(Activation {
+                mem: mem.clone(),
+                features: r.features(),
+                queues: vec![d.active(0)],
+                interrupt: irq,
+            })
+            .expect("worker");
+        (w, t)
+    }
+
+    fn nonzero(mem: &GuestMemoryMmap, addr: u64, len: usize) -> bool {
+        let mut b = vec![0u8; len];
+        mem.read_slice(&mut b, GuestAddress(addr)).expect("read");
+        // 64 random bytes all zero: probability 2^-512.
+        b.chunks(64).all(|c| c.iter().any(|&x| x != 0))
+    }
+
+    #[test]
+    fn params_and_features() {
+        let r = Rng::new(RngParams::default()).expect("rng");
+        assert_eq!(r.device_type(), device_type::RNG);
+        assert_eq!(r.queue_max_sizes(), vec![256]);
+        assert_eq!(r.features(), VIRTIO_F_VERSION_1);
+        assert_eq!(r.config_len(), 0);
+        let r = Rng::new(RngParams {
+            features: 0,
+            ..RngParams::default()
+        })
+        .expect("rng");
+        assert_eq!(r.features(), VIRTIO_F_VERSION_1);
+        assert!(Rng::new(RngParams {
+            queue_size: 3,
+            ..RngParams::default()
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn fills_buffers() {
+        let r = Rng::new(RngParams {
+            queue_size: 16,
+            ..RngParams::default()
+        })
+        .expect("rng");
+        let mem = memory();
+        let mut d = Driver::new(&mem, QBASE, 16);
+        let (mut w, irq) = worker(&r, &mem, &d);
+        let h = d.chain(&[(BUF, 128, true), (BUF + 0x1000, 64, true)]);
+        d.submit(h);
+        w.process_queue();
+        assert_eq!(d.used(0), (u32::from(h), 192));
+        assert!(nonzero(&mem, BUF, 128));
+        assert!(nonzero(&mem, BUF + 0x1000, 64));
+        assert_eq!(irq.signals(0), 1);
+    }
+
+    #[test]
+    fn caps_bytes_per_request() {
+        let r = Rng::new(RngParams {
+            queue_size: 16,
+            max_bytes_per_request: 4096,
+            ..RngParams::default()
+        })
+        .expect("rng");
+        let mem = memory();
+        let mut d = Driver::new(&mem, QBASE, 16);
+        let (mut w, _irq) = worker(&r, &mem, &d);
+        let h = d.chain(&[(BUF, 3000, true), (BUF + 0x10000, 0x20_0000, true)]);
+        d.submit(h);
+        w.process_queue();
+        assert_eq!(d.used(0), (u32::from(h), 4096));
+        let mut tail = vec![0u8; 4096];
+        mem.read_slice(&mut tail, GuestAddress(BUF + 0x10000 + 1096))
+            .expect("read");
+        assert!(tail.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn hostile_chains() {
+        let r = Rng::new(RngParams {
+            queue_size: 16,
+            ..RngParams::default()
+        })
+        .expect("rng");
+        let mem = memory();
+        let mut d = Driver::new(&mem, QBASE, 16);
+        let (mut w, irq) = worker(&r, &mem, &d);
+        // Returned with nothing written.
+        let bad: [&[(u64, u32, bool)]; 4] = [
+            &[(BUF, 64, false)],
+            &[(BUF, 64, true), (BUF, 0, true)],
+            &[(0xFFF_FFFF_F000, 64, true)],
+            &[(RAM - 32, 64, true)],
+        ];
+        let mut k = 0u16;
+        for (n, bufs) in bad.iter().enumerate() {
+            let h = d.chain(bufs);
+            d.submit(h);
+            w.process_queue();
+            assert_eq!(d.used(k), (u32::from(h), 0), "case {n}");
+            // A good one still works.
+            let h = d.chain(&[(BUF, 64, true)]);
+            d.submit(h);
+            w.process_queue();
+            assert_eq!(d.used(k + 1), (u32::from(h), 64), "after case {n}");
+            k += 2;
+        }
+        assert!(!irq.needs_reset());
+        // A loop cannot be returned.
+        d.raw_desc(0, BUF, 64, F_NEXT | F_WRITE, 0);
+        d.submit(0);
+        let before = d.used_idx();
+        w.process_queue();
+        assert!(irq.needs_reset());
+        assert_eq!(d.used_idx(), before);
+    }
+
+    #[test]
+    fn bad_head_needs_reset() {
+        let r = Rng::new(RngParams {
+            queue_size: 16,
+            ..RngParams::default()
+        })
+        .expect("rng");
+        let mem = memory();
+        let d = Driver::new(&mem, QBASE, 16);
+        let (mut w, irq) = worker(&r, &mem, &d);
+        d.submit(16);
+        w.process_queue();
+        assert!(irq.needs_reset());
+        assert_eq!(d.used_idx(), 0);
+    }
+
+    #[test]
+    fn threaded_activate_kick_reset() {
+        let mut r = Rng::new(RngParams {
+            queue_size: 16,
+            ..RngParams::default()
+        })
+        .expect("rng");
+        let mem = memory();
+        for round in 0..2u64 {
+            let mut d = Driver::new(&mem, QBASE + round * 0x2000, 16);
+            let (t, irq) = test_irq();
+            let q = d.active(0);
+            let kick = q.kick.try_clone().expect("kick");
+            r.activate(Activation {
+                mem: mem.clone(),
+                features: r.features(),
+                queues: vec![q],
+                interrupt: irq,
+            })
+            .expect("activate");
+            assert!(r.running());
+            let h = d.chain(&[(BUF, 32, true)]);
+            d.submit(h);
+            kick.write(1).expect("kick");
+            assert!(d.wait_used(1));
+            assert!(wait_for(|| t.signals(0) == 1));
+            r.reset();
+            assert!(!r.running());
+            assert!(r.worker.is_none());
+        }
+    }
+}

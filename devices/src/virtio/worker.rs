@@ -1,0 +1,812 @@
+//! Plumbing shared by the virtio device workers.
+//!
+//! Each active device runs on its own thread ([`Worker`]): an event-manager
+//! loop waiting on the device's event sources (queue kicks, backend fds) and
+//! on a stop eventfd. Stopping writes the stop eventfd and joins the thread;
+//! because the loop only looks at the stop event between two handler calls,
+//! no request is ever left half-done.
+//!
+//! The rest of this module turns guest descriptor chains into checked
+//! [`Segment`] lists ([`collect_chain`]), moves bytes between guest memory
+//! and host buffers ([`SegCursor`]) and drives a queue
+//! ([`WorkerQueue::drain`]). The guest controls every descriptor, so all of
+//! it is defensive: a chain that does not end, a head index past the queue,
+//! a ring that cannot be read or written is reported as [`Unusable`] and the
+//! queue is given up on (DEVICE_NEEDS_RESET) rather than guessed at.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::thread::JoinHandle;
+
+use event_manager::{
+    EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
+};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{ActiveQueue, VirtioInterrupt};
+
+/// Device work running on a [`Worker`] thread.
+pub(crate) trait Handler: Send + 'static {
+    /// Registers the handler's event sources.
+    fn init(&mut self, ops: &mut EventOps) -> Result<(), event_manager::Error>;
+    /// Handles one ready event source of the handler's.
+    fn process(&mut self, events: Events, ops: &mut EventOps);
+    /// The event loop itself failed; the worker is about to exit.
+    fn failed(&mut self) {}
+}
+
+/// Wraps a handler with the stop eventfd.
+struct Runner<H> {
+    handler: H,
+    stop: EventFd,
+    stopped: bool,
+    init_error: Option<event_manager::Error>,
+}
+
+impl<H: Handler> MutEventSubscriber for Runner<H> {
+    fn init(&mut self, ops: &mut EventOps) {
+        let r = ops
+            .add(Events::new(&self.stop, EventSet::IN))
+            .and_then(|()| self.handler.init(ops));
+        if let Err(e) = r {
+            self.init_error = Some(e);
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if self.stopped {
+            return;
+        }
+        if events.fd() == self.stop.as_raw_fd() {
+            let _ = self.stop.read();
+            self.stopped = true;
+            return;
+        }
+        self.handler.process(events, ops);
+    }
+}
+
+fn em_error(e: event_manager::Error) -> io::Error {
+    io::Error::other(e)
+}
+
+/// A device worker thread. Dropping it stops and joins the thread.
+pub(crate) struct Worker<H> {
+    stop: EventFd,
+    thread: Option<JoinHandle<Option<H>>>,
+}
+
+impl<H> std::fmt::Debug for Worker<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("running", &self.thread.is_some())
+            .finish()
+    }
+}
+
+impl<H: Handler> Worker<H> {
+    /// Registers `handler`'s event sources and starts its thread.
+    pub(crate) fn spawn(name: &str, handler: H) -> io::Result<Self> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let mut em = EventManager::<Runner<H>>::new().map_err(em_error)?;
+        let id = em.add_subscriber(Runner {
+            handler,
+            stop: stop.try_clone()?,
+            stopped: false,
+            init_error: None,
+        });
+        let init_error = em.subscriber_mut(id).map_err(em_error)?.init_error.take();
+        if let Some(e) = init_error {
+            return Err(em_error(e));
+        }
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || run(em, id))?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl<H> Worker<H> {
+    /// Stops the thread, waits for it, and returns the handler (`None` if the
+    /// thread panicked).
+    pub(crate) fn stop(mut self) -> Option<H> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Option<H> {
+        let thread = self.thread.take()?;
+        // Only fails if the counter would overflow, and then it is non-zero
+        // anyway: the thread wakes up either way.
+        let _ = self.stop.write(1);
+        thread.join().ok().flatten()
+    }
+
+    /// Whether the thread has exited (for tests).
+    #[cfg(test)]
+    pub(crate) fn finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+}
+
+impl<H> Drop for Worker<H> {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn run<H: Handler>(mut em: EventManager<Runner<H>>, id: SubscriberId) -> Option<H> {
+    loop {
+        let result = em.run();
+        let runner = em.subscriber_mut(id).ok()?;
+        if runner.stopped {
+            break;
+        }
+        if result.is_err() {
+            runner.handler.failed();
+            break;
+        }
+    }
+    em.remove_subscriber(id).ok().map(|r| r.handler)
+}
+
+/// A request that cannot be completed, not even with an error status: the
+/// device gives up on the queue and asks the driver for a reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Unusable;
+
+/// One descriptor of a chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Segment {
+    /// Guest address.
+    pub addr: GuestAddress,
+    /// Length in bytes.
+    pub len: u32,
+    /// Device-writable.
+    pub writable: bool,
+}
+
+impl Segment {
+    /// Whether the whole segment lies in guest RAM.
+    pub(crate) fn in_memory(&self, mem: &GuestMemoryMmap) -> bool {
+        GuestMemoryBackend::check_range(mem, self.addr, self.len as usize)
+    }
+}
+
+/// Reads a chain's descriptors. Fails (the chain cannot even be returned
+/// with an error) when the chain is empty or does not end: a head index
+/// past the queue, a loop, more than `max` descriptors, a `next` index past
+/// the table, an unreadable descriptor or a bad indirect table. Buffer
+/// addresses are not checked here.
+pub(crate) fn collect_chain(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    max: usize,
+) -> Result<Vec<Segment>, Unusable> {
+    let mut segs = Vec::new();
+    let mut ended = false;
+    // The iterator stops by itself after at most a table's worth of
+    // descriptors; it just does not say whether the chain really ended.
+    for d in chain {
+        if segs.len() == max {
+            return Err(Unusable);
+        }
+        segs.push(Segment {
+            addr: d.addr(),
+            len: d.len(),
+            writable: d.is_write_only(),
+        });
+        ended = !d.has_next();
+    }
+    if ended {
+        Ok(segs)
+    } else {
+        Err(Unusable)
+    }
+}
+
+/// Total length of `segs`.
+pub(crate) fn total_len(segs: &[Segment]) -> u64 {
+    segs.iter().map(|s| u64::from(s.len)).sum()
+}
+
+/// A position in a list of segments, copying to or from guest memory.
+#[derive(Debug)]
+pub(crate) struct SegCursor<'a> {
+    segs: &'a [Segment],
+    index: usize,
+    offset: u32,
+}
+
+impl<'a> SegCursor<'a> {
+    pub(crate) fn new(segs: &'a [Segment]) -> Self {
+        Self {
+            segs,
+            index: 0,
+            offset: 0,
+        }
+    }
+
+    /// The next piece of at most `max` bytes, advancing past it.
+    fn next_piece(&mut self, max: usize) -> Option<(GuestAddress, usize)> {
+        loop {
+            let s = self.segs.get(self.index)?;
+            let left = s.len - self.offset;
+            if left == 0 {
+                self.index += 1;
+                self.offset = 0;
+                continue;
+            }
+            let n = (left as usize).min(max);
+            let addr = s.addr.checked_add(u64::from(self.offset))?;
+            self.offset += n as u32;
+            return Some((addr, n));
+        }
+    }
+
+    /// Skips `n` bytes; returns how many were skipped.
+    pub(crate) fn skip(&mut self, mut n: usize) -> usize {
+        let mut done = 0;
+        while n > 0 {
+            let Some((_, k)) = self.next_piece(n) else {
+                break;
+            };
+            n -= k;
+            done += k;
+        }
+        done
+    }
+
+    /// Copies `buf` into guest memory at the cursor; returns the bytes
+    /// copied (less than `buf.len()` when the segments run out).
+    pub(crate) fn write_from(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        buf: &[u8],
+    ) -> Result<usize, GuestMemoryError> {
+        let mut done = 0;
+        while done < buf.len() {
+            let Some((addr, n)) = self.next_piece(buf.len() - done) else {
+                break;
+            };
+            mem.write_slice(&buf[done..done + n], addr)?;
+            done += n;
+        }
+        Ok(done)
+    }
+
+    /// Fills `buf` from guest memory at the cursor; returns the bytes
+    /// copied (less than `buf.len()` when the segments run out).
+    pub(crate) fn read_into(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        buf: &mut [u8],
+    ) -> Result<usize, GuestMemoryError> {
+        let mut done = 0;
+        while done < buf.len() {
+            let Some((addr, n)) = self.next_piece(buf.len() - done) else {
+                break;
+            };
+            mem.read_slice(&mut buf[done..done + n], addr)?;
+            done += n;
+        }
+        Ok(done)
+    }
+}
+
+/// A queue owned by a device worker.
+pub(crate) struct WorkerQueue {
+    /// Queue index in the device.
+    pub index: u16,
+    /// The queue.
+    pub queue: Queue,
+    /// The driver's notifications.
+    pub kick: EventFd,
+    /// The device gave up on this queue (DEVICE_NEEDS_RESET was raised).
+    pub broken: bool,
+    /// Used entries added since the last interrupt.
+    pending_used: bool,
+}
+
+impl std::fmt::Debug for WorkerQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerQueue")
+            .field("index", &self.index)
+            .field("broken", &self.broken)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerQueue {
+    /// Takes over an activated queue.
+    pub(crate) fn new(q: ActiveQueue, event_idx: bool) -> Self {
+        let mut queue = q.queue;
+        queue.set_event_idx(event_idx);
+        Self {
+            index: q.index,
+            queue,
+            kick: q.kick,
+            broken: false,
+            pending_used: false,
+        }
+    }
+
+    /// The most descriptors a chain may have.
+    pub(crate) fn max_chain(&self) -> usize {
+        usize::from(self.queue.size())
+    }
+
+    /// Whether the driver has made buffers available that were not taken.
+    pub(crate) fn has_available(&self, mem: &GuestMemoryMmap) -> Result<bool, Unusable> {
+        let avail = self
+            .queue
+            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .map_err(|_| Unusable)?;
+        Ok(avail.0 != self.queue.next_avail())
+    }
+
+    /// Takes the next available chain. `Ok(None)` when there is none;
+    /// `Err` when the available ring cannot be read or its index is
+    /// impossible (more entries than the queue holds).
+    pub(crate) fn pop<'m>(
+        &mut self,
+        mem: &'m GuestMemoryMmap,
+    ) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, Unusable> {
+        if self.broken {
+            return Err(Unusable);
+        }
+        if !self.has_available(mem)? {
+            return Ok(None);
+        }
+        let mut iter = self.queue.iter(mem).map_err(|_| Unusable)?;
+        // The driver said there is an entry but it cannot be read.
+        iter.next().map(Some).ok_or(Unusable)
+    }
+
+    /// Returns chain `head` to the driver with `len` bytes written.
+    pub(crate) fn add_used(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        len: u32,
+    ) -> Result<(), Unusable> {
+        self.queue.add_used(mem, head, len).map_err(|_| Unusable)?;
+        self.pending_used = true;
+        Ok(())
+    }
+
+    /// Gives up on the queue and asks the driver for a reset.
+    pub(crate) fn fail(&mut self, irq: &dyn VirtioInterrupt) {
+        if !self.broken {
+            self.broken = true;
+            irq.set_needs_reset();
+        }
+    }
+
+    /// Interrupts the driver if used entries were added (and, with
+    /// EVENT_IDX, the driver asked for it).
+    pub(crate) fn notify(&mut self, mem: &GuestMemoryMmap, irq: &dyn VirtioInterrupt) {
+        if !self.pending_used {
+            return;
+        }
+        self.pending_used = false;
+        if self.queue.needs_notification(mem).unwrap_or(true) {
+            irq.signal_used_queue(self.index);
+        }
+    }
+
+    /// Re-arms driver notifications once the queue looks empty. Returns
+    /// whether more chains arrived meanwhile.
+    pub(crate) fn rearm(&mut self, mem: &GuestMemoryMmap) -> Result<bool, Unusable> {
+        if self.queue.event_idx_enabled() {
+            self.queue.enable_notification(mem).map_err(|_| Unusable)
+        } else {
+            Ok(false)
+        }
+    }
+
+    /// Completes up to `budget` chains with `handle`, which returns the
+    /// number of bytes it wrote into the chain, then interrupts the driver.
+    /// If the budget runs out the queue kicks itself so the worker comes
+    /// back after looking at its other events (a stop request in
+    /// particular). Any [`Unusable`] gives up on the queue.
+    pub(crate) fn drain<F>(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        irq: &dyn VirtioInterrupt,
+        budget: usize,
+        mut handle: F,
+    ) where
+        F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> Result<u32, Unusable>,
+    {
+        let mut done = 0;
+        let result = loop {
+            if self.broken {
+                break Ok(());
+            }
+            if done == budget {
+                let _ = self.kick.write(1);
+                break Ok(());
+            }
+            let chain = match self.pop(mem) {
+                Ok(Some(c)) => c,
+                Ok(None) => match self.rearm(mem) {
+                    Ok(true) => continue,
+                    Ok(false) => break Ok(()),
+                    Err(e) => break Err(e),
+                },
+                Err(e) => break Err(e),
+            };
+            done += 1;
+            let head = chain.head_index();
+            if let Err(e) = handle(chain).and_then(|len| self.add_used(mem, head, len)) {
+                break Err(e);
+            }
+        };
+        self.notify(mem, irq);
+        if result.is_err() {
+            self.fail(irq);
+        }
+    }
+}
+
+/// Splits a device's activation queues into worker queues, checking each
+/// index against `count`.
+pub(crate) fn take_queues(
+    queues: Vec<ActiveQueue>,
+    count: usize,
+    event_idx: bool,
+) -> Result<Vec<WorkerQueue>, super::ActivateError> {
+    let mut out: Vec<WorkerQueue> = Vec::with_capacity(queues.len());
+    for q in queues {
+        if usize::from(q.index) >= count || out.iter().any(|w| w.index == q.index) {
+            return Err(super::ActivateError::BadQueues(format!(
+                "unexpected queue {}",
+                q.index
+            )));
+        }
+        out.push(WorkerQueue::new(q, event_idx));
+    }
+    Ok(out)
+}
+
+/// An interrupt handle for tests: counts signals and records NEEDS_RESET.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct TestInterrupt {
+    pub used: std::sync::Mutex<Vec<u16>>,
+    pub needs_reset: std::sync::atomic::AtomicBool,
+}
+
+#[cfg(test)]
+impl TestInterrupt {
+    pub(crate) fn needs_reset(&self) -> bool {
+        self.needs_reset.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub(crate) fn signals(&self, index: u16) -> usize {
+        self.used
+            .lock()
+            .map(|v| v.iter().filter(|&&i| i == index).count())
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+impl VirtioInterrupt for TestInterrupt {
+    fn signal_used_queue(&self, index: u16) {
+        if let Ok(mut v) = self.used.lock() {
+            v.push(index);
+        }
+    }
+
+    fn signal_config_change(&self) {}
+
+    fn set_needs_reset(&self) {
+        self.needs_reset
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Wraps a test interrupt for an [`super::Activation`].
+#[cfg(test)]
+pub(crate) fn test_irq() -> (
+    std::sync::Arc<TestInterrupt>,
+    std::sync::Arc<dyn VirtioInterrupt>,
+) {
+    let t = std::sync::Arc::new(TestInterrupt::default());
+    let d: std::sync::Arc<dyn VirtioInterrupt> = t.clone();
+    (t, d)
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! Driver-side helpers for device tests: a split queue in guest memory
+    //! built with virtio-queue's mock, and descriptor writers.
+
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::EventFd;
+
+    use crate::virtio::ActiveQueue;
+
+    pub(crate) const F_NEXT: u16 = 1;
+    pub(crate) const F_WRITE: u16 = 2;
+
+    /// Guest RAM size for tests.
+    pub(crate) const RAM: u64 = 0x40_0000;
+
+    pub(crate) fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).expect("guest memory")
+    }
+
+    /// A driver's view of one queue at `base`.
+    ///
+    /// The descriptor table and available ring come from virtio-queue's
+    /// mock; the used ring is placed here, because the mock (0.18) puts it
+    /// `size` bytes rather than `2 * size` bytes after the available ring
+    /// start, overlapping the end of the available ring.
+    pub(crate) struct Driver<'m> {
+        pub mock: MockSplitQueue<'m, GuestMemoryMmap>,
+        pub mem: &'m GuestMemoryMmap,
+        pub size: u16,
+        used_addr: GuestAddress,
+        next_desc: u16,
+    }
+
+    impl<'m> Driver<'m> {
+        pub(crate) fn new(mem: &'m GuestMemoryMmap, base: u64, size: u16) -> Self {
+            let mock = MockSplitQueue::create(mem, GuestAddress(base), size);
+            let avail_end = mock.avail_addr().raw_value() + 6 + 2 * u64::from(size);
+            let used_addr = GuestAddress((avail_end + 3) & !3);
+            mem.write_slice(&vec![0u8; 6 + 8 * usize::from(size)], used_addr)
+                .expect("used ring");
+            Self {
+                mock,
+                mem,
+                size,
+                used_addr,
+                next_desc: 0,
+            }
+        }
+
+        /// The device-side queue.
+        pub(crate) fn queue(&self) -> Queue {
+            let mut q = self.mock.create_queue::<Queue>().expect("queue");
+            let a = self.used_addr.raw_value();
+            q.set_used_ring_address(Some(a as u32), Some((a >> 32) as u32));
+            q
+        }
+
+        /// The used ring's address.
+        pub(crate) fn used_addr(&self) -> GuestAddress {
+            self.used_addr
+        }
+
+        /// An activation queue with a fresh kick eventfd.
+        pub(crate) fn active(&self, index: u16) -> ActiveQueue {
+            ActiveQueue {
+                index,
+                queue: self.queue(),
+                kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+            }
+        }
+
+        /// Writes descriptor `i` as given (no `next` fix-ups).
+        pub(crate) fn raw_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+            self.mock
+                .desc_table()
+                .store(
+                    i,
+                    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next)),
+                )
+                .expect("store descriptor");
+        }
+
+        /// Writes a chain of (addr, len, writable) buffers into free table
+        /// slots, linking them with NEXT; returns the head index.
+        pub(crate) fn chain(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
+            let n = bufs.len() as u16;
+            if self.next_desc + n > self.size {
+                self.next_desc = 0;
+            }
+            let head = self.next_desc;
+            for (k, &(addr, len, w)) in bufs.iter().enumerate() {
+                let i = head + k as u16;
+                let last = k + 1 == bufs.len();
+                let flags = if w { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
+                self.raw_desc(i, addr, len, flags, if last { 0 } else { i + 1 });
+            }
+            self.next_desc += n;
+            head
+        }
+
+        /// Publishes `head` in the available ring.
+        pub(crate) fn submit(&self, head: u16) {
+            let avail = self.mock.avail_addr();
+            let idx: u16 = self
+                .mem
+                .read_obj(avail.unchecked_add(2))
+                .expect("avail idx");
+            let slot = avail.unchecked_add(4 + 2 * u64::from(idx % self.size));
+            self.mem.write_obj(head, slot).expect("avail ring");
+            self.mem
+                .write_obj(idx.wrapping_add(1), avail.unchecked_add(2))
+                .expect("avail idx");
+        }
+
+        /// The used ring index.
+        pub(crate) fn used_idx(&self) -> u16 {
+            self.mem
+                .load(self.used_addr.unchecked_add(2), Ordering::Acquire)
+                .expect("used idx")
+        }
+
+        /// Used element `n`: (head, len).
+        pub(crate) fn used(&self, n: u16) -> (u32, u32) {
+            let e = self
+                .used_addr
+                .unchecked_add(4 + 8 * u64::from(n % self.size));
+            let id: u32 = self.mem.read_obj(e).expect("used id");
+            let len: u32 = self.mem.read_obj(e.unchecked_add(4)).expect("used len");
+            (id, len)
+        }
+
+        /// Waits (bounded) until the used index reaches `want`.
+        pub(crate) fn wait_used(&self, want: u16) -> bool {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if self.used_idx() == want {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            false
+        }
+    }
+
+    /// Waits (bounded) for `f`.
+    pub(crate) fn wait_for(mut f: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::testutil::*;
+    use super::*;
+
+    struct Counter {
+        fd: EventFd,
+        hits: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Handler for Counter {
+        fn init(&mut self, ops: &mut EventOps) -> Result<(), event_manager::Error> {
+            ops.add(Events::new(&self.fd, EventSet::IN))
+        }
+
+        fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+            let _ = self.fd.read();
+            self.hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn worker_runs_and_stops() {
+        let fd = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let w = Worker::spawn(
+            "test-worker",
+            Counter {
+                fd: fd.try_clone().expect("clone"),
+                hits: hits.clone(),
+            },
+        )
+        .expect("spawn");
+        fd.write(1).expect("kick");
+        assert!(wait_for(
+            || hits.load(std::sync::atomic::Ordering::SeqCst) == 1
+        ));
+        let h = w.stop().expect("handler back");
+        assert_eq!(h.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn dropping_the_worker_joins_it() {
+        let fd = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let w = Worker::spawn(
+            "test-worker",
+            Counter {
+                fd,
+                hits: hits.clone(),
+            },
+        )
+        .expect("spawn");
+        drop(w);
+        // The handler (and its Arc) went away with the thread.
+        assert_eq!(Arc::strong_count(&hits), 1);
+    }
+
+    #[test]
+    fn chains_that_do_not_end_are_unusable() {
+        let mem = memory();
+        let d = Driver::new(&mem, 0x1000, 8);
+        let mut q = d.queue();
+        // Loop: 0 -> 1 -> 0.
+        d.raw_desc(0, 0x10_0000, 16, F_NEXT, 1);
+        d.raw_desc(1, 0x10_0000, 16, F_NEXT, 0);
+        d.submit(0);
+        // Next index past the table.
+        d.raw_desc(2, 0x10_0000, 16, F_NEXT, 200);
+        d.submit(2);
+        // Head past the table.
+        d.submit(9);
+        // A good one.
+        d.raw_desc(3, 0x10_0000, 16, 0, 0);
+        d.submit(3);
+        let mut it = q.iter(&mem).expect("iter");
+        for _ in 0..3 {
+            let c = it.next().expect("chain");
+            assert_eq!(collect_chain(c, 8), Err(Unusable));
+        }
+        let c = it.next().expect("chain");
+        assert_eq!(collect_chain(c, 8).expect("good").len(), 1);
+    }
+
+    #[test]
+    fn impossible_avail_index_is_unusable() {
+        let mem = memory();
+        let d = Driver::new(&mem, 0x1000, 8);
+        let mut wq = WorkerQueue::new(d.active(0), false);
+        mem.write_obj(100u16, d.mock.avail_addr().unchecked_add(2))
+            .expect("avail idx");
+        assert!(wq.pop(&mem).is_err());
+    }
+
+    #[test]
+    fn cursor_scatters_and_gathers() {
+        let mem = memory();
+        let segs = [
+            Segment {
+                addr: GuestAddress(0x1000),
+                len: 3,
+                writable: true,
+            },
+            Segment {
+                addr: GuestAddress(0x2000),
+                len: 5,
+                writable: true,
+            },
+        ];
+        let mut c = SegCursor::new(&segs);
+        assert_eq!(c.skip(2), 2);
+        assert_eq!(c.write_from(&mem, b"abcdefgh").expect("write"), 6);
+        let mut out = [0u8; 6];
+        let mut c = SegCursor::new(&segs);
+        c.skip(2);
+        assert_eq!(c.read_into(&mem, &mut out).expect("read"), 6);
+        assert_eq!(&out, b"abcdef");
+    }
+}
