@@ -184,3 +184,58 @@ fn hostile_guest_breaks_nothing() {
     // No file bytes outside the test sector were written by the attacks.
     out.one("hostile-done");
 }
+
+const PXE_ROM: &str = "/usr/lib/ipxe/qemu/pxe-virtio.rom";
+const EFI_ROM: &str = "/usr/lib/ipxe/qemu/efi-virtio.rom";
+
+/// A tap name unique to this test process.
+fn tap_name(tag: &str) -> String {
+    format!("ab{}{}", tag, std::process::id() % 100_000)
+}
+
+fn can_open_taps() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    root && Path::new("/dev/net/tun").exists()
+}
+
+#[test]
+fn net_rom_bar_is_the_slot_size() {
+    if !can_open_taps() {
+        eprintln!("NOT RUN: net_rom_bar_is_the_slot_size needs root and /dev/net/tun");
+        return;
+    }
+    assert!(
+        Path::new(PXE_ROM).exists(),
+        "{PXE_ROM} missing: resources/scripts/setup.sh installs ipxe-qemu"
+    );
+    let net = format!("tap={},rom={PXE_ROM}", tap_name("r"));
+    let out = boot(&["--net", &net, "--cmdline", "pci quiet"]);
+    let m = abide_machines::pc();
+    let nic = out
+        .topic("pci")
+        .into_iter()
+        .find(|l| l.num("device") == u64::from(m.virtio.net.pci.device))
+        .unwrap_or_else(|| panic!("no virtio-net function\n{out}"));
+    assert_eq!(nic.get("bdf"), "00:01.0");
+    let rom = out.one("pci-rom");
+    let slot = m.virtio.net.rom_slot.expect("virtio-net has a ROM slot");
+    // 75,776-byte file, 128 KiB BAR: the slot, never the file, sets the size.
+    assert_eq!(rom.num("size"), slot, "{out}");
+    assert_eq!(rom.get("signature"), "0x55aa", "{out}");
+}
+
+#[test]
+fn oversized_rom_is_refused_before_start() {
+    assert!(Path::new(EFI_ROM).exists(), "{EFI_ROM} missing");
+    // The check runs before any tap is opened, so no privileges are needed.
+    let net = format!("tap=unused0,rom={EFI_ROM}");
+    let out = run_abide(&["run", "--net", &net], None, TIMEOUT);
+    assert_eq!(out.code, Some(1), "{out}");
+    let err = out.stderr.trim();
+    assert_eq!(err.lines().count(), 1, "{out}");
+    for needle in ["virtio-net", "249344 bytes", "131072-byte ROM slot", "'pc'"] {
+        assert!(err.contains(needle), "error should mention {needle}\n{out}");
+    }
+    assert!(out.stdout.is_empty(), "no guest ran\n{out}");
+}
