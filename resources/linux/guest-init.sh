@@ -71,6 +71,65 @@ run_test() {
                 say "virtio ${d##*/} device=$(cat "$d/device") driver=$(basename "$(readlink "$d/driver" 2>/dev/null)" 2>/dev/null)"
             done
             ;;
+        pci)
+            # PCI and virtio as Linux sees them (tests/tests/linux_pci.rs).
+            for d in /sys/bus/pci/devices/*; do
+                [ -e "$d" ] || continue
+                # Line 7 of `resource` is the expansion ROM: start end flags.
+                rom=$(sed -n 7p "$d/resource")
+                # shellcheck disable=SC2086 # split "start end flags" on purpose
+                set -- $rom
+                rom_size=0
+                if [ "$((${1:-0}))" != 0 ]; then rom_size=$(($2 - $1 + 1)); fi
+                drv=$(basename "$(readlink "$d/driver" 2>/dev/null)" 2>/dev/null)
+                say "pci bdf=${d##*/} vendor=$(cat "$d/vendor") device=$(cat "$d/device") class=$(cat "$d/class") rom_size=$rom_size driver=${drv:-none}"
+            done
+            for d in /sys/bus/virtio/devices/*; do
+                [ -e "$d" ] || continue
+                say "virtio dev=${d##*/} type=$(cat "$d/device")"
+            done
+            # virtio-blk: an ext2 file system in the first 8 MiB of vda, and a
+            # raw pattern at sector 20000 that the host reads back.
+            if [ -b /dev/vda ]; then
+                if mke2fs -q -b 1024 /dev/vda 8192 >/dev/null 2>&1 && mkdir -p /mnt &&
+                    mount -t ext2 /dev/vda /mnt && echo abide > /mnt/hello &&
+                    umount /mnt; then
+                    say "vda mkfs=ok"
+                else
+                    say "vda mkfs=failed"
+                fi
+                if printf 'abide-linux-blk-pattern' |
+                    dd of=/dev/vda bs=512 seek=20000 conv=fsync 2>/dev/null; then
+                    say "vda dd=ok"
+                else
+                    say "vda dd=failed"
+                fi
+            fi
+            if [ -b /dev/vdb ]; then
+                say "vdb ro=$(cat /sys/block/vdb/ro)"
+                if dd if=/dev/zero of=/dev/vdb bs=512 count=1 conv=fsync 2>/dev/null; then
+                    say "vdb write=succeeded"
+                else
+                    say "vdb write=refused"
+                fi
+            fi
+            if [ -c /dev/hwrng ]; then
+                say "hwrng current=$(cat /sys/class/misc/hw_random/rng_current) bytes=$(dd if=/dev/hwrng bs=32 count=1 2>/dev/null | od -An -tx1 | tr -d ' \n')"
+            fi
+            if ip link show eth0 >/dev/null 2>&1; then
+                ip link set eth0 up
+                ip addr add 192.168.213.2/24 dev eth0
+                if ping -c 2 -W 3 192.168.213.1 >/dev/null 2>&1; then
+                    say "net ping=ok mac=$(cat /sys/class/net/eth0/address)"
+                else
+                    say "net ping=failed mac=$(cat /sys/class/net/eth0/address)"
+                fi
+            fi
+            # Interrupts: each virtio line of /proc/interrupts, spaces squeezed.
+            grep virtio /proc/interrupts | tr -s ' ' | while read -r line; do
+                say "irq $line"
+            done
+            ;;
         shell)
             say "interactive shell; exit it to power off"
             setsid cttyhack sh -l || sh

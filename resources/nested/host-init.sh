@@ -47,6 +47,11 @@ if [ -f /lib/modules/abide/load-order ]; then
 fi
 [ -c /dev/kvm ] || say "error: /dev/kvm does not exist (kvm-amd did not load?)"
 
+# Host tuning Abide documents (README, "Supported hosts"): guest RAM is a
+# memfd, which gets transparent huge pages only when shmem THP is allowed.
+echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null ||
+    say "warning: cannot allow shmem THP; guest RAM uses 4 KiB pages"
+
 # The machine's root, read-only over 9p, at /rom. By default (abide.root=
 # overlay) /mnt is an overlay of it with a tmpfs on top: everything looks
 # writable, writes are kept in RAM and dropped at power-off. With

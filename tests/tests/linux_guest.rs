@@ -8,6 +8,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use abide_tests::{abide_bin, repo_root, run_command, Outcome};
@@ -50,7 +51,35 @@ const SCENARIOS: &[Scenario] = &[
     },
 ];
 
-fn session() -> (Outcome, i64, i64) {
+/// Option ROM given to the Linux guest's virtio-net.
+const PXE_ROM: &str = "/usr/lib/ipxe/qemu/pxe-virtio.rom";
+
+/// The PCI scenario: two disks (one read-only), a tap-backed NIC with an
+/// iPXE ROM, an rng. The tap and the host end of the link are created inside
+/// the test host; afterwards the disk images are checked there.
+fn pci_scenario(abide: &str, kernel: &str, initrd: &str) -> String {
+    format!(
+        r#"T=$(mktemp -d)
+truncate -s 16M "$T/rw.img"; truncate -s 4M "$T/ro.img"
+ip tuntap add dev abtap0 mode tap && ip addr add 192.168.213.1/24 dev abtap0 && ip link set abtap0 up
+echo '@@@ begin pci'
+'{abide}' run --kernel '{kernel}' --initrd '{initrd}' --cmdline 'console=ttyS0 quiet abide.test=pci' \
+  --cpus 2 --memory 512M --disk "path=$T/rw.img" --disk "path=$T/ro.img,readonly=on" \
+  --net tap=abtap0,mac=52:54:00:ab:cd:01,rom={PXE_ROM} --rng </dev/null
+echo "@@@ end pci rc=$?"
+echo "host-check ext2_magic=$(od -An -tx1 -j 1080 -N 2 "$T/rw.img" | tr -d ' ')"
+echo "host-check pattern=$(dd if="$T/rw.img" bs=512 skip=20000 count=1 2>/dev/null | head -c 23)"
+echo "host-check ro_nonzero=$(tr -d '\000' < "$T/ro.img" | wc -c)"
+"#
+    )
+}
+
+fn session() -> &'static (Outcome, i64, i64) {
+    static SESSION: OnceLock<(Outcome, i64, i64)> = OnceLock::new();
+    SESSION.get_or_init(run_session)
+}
+
+fn run_session() -> (Outcome, i64, i64) {
     let abide = abide_bin();
     let initrd = guest_file("initramfs.cpio.gz");
     let mut script = String::new();
@@ -67,6 +96,11 @@ fn session() -> (Outcome, i64, i64) {
             cmdline = s.cmdline,
         ));
     }
+    script.push_str(&pci_scenario(
+        &abide.display().to_string(),
+        &guest_file("vmlinuz").display().to_string(),
+        &initrd.display().to_string(),
+    ));
     let start = now();
     let out = run_command(
         Command::new(repo_root().join("resources/linux/run-direct-or-nested.sh"))
@@ -107,6 +141,7 @@ fn field<'a>(text: &'a str, key: &str) -> &'a str {
 #[test]
 fn linux_boots_as_bzimage_and_pvh() {
     let (out, start, end) = session();
+    let (start, end) = (*start, *end);
     eprintln!("{}", out.stderr.lines().next().unwrap_or(""));
     assert_eq!(out.code, Some(0), "test host session failed\n{out}");
     for s in SCENARIOS {
@@ -143,4 +178,87 @@ fn linux_boots_as_bzimage_and_pvh() {
             s.name
         );
     }
+}
+
+fn lines<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
+    text.lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix(prefix))
+        .collect()
+}
+
+#[test]
+fn linux_sees_pci_and_virtio() {
+    let (out, _, _) = session();
+    assert_eq!(out.code, Some(0), "test host session failed\n{out}");
+    let (text, rc) = section(&out.stdout, "pci");
+    eprintln!("--- what Linux saw ---");
+    for l in lines(text, "abide-linux: ") {
+        eprintln!("{l}");
+    }
+    assert_eq!(rc, Some(0), "abide should exit 0 after poweroff\n{text}");
+    let m = abide_machines::pc();
+    let pci = lines(text, "abide-linux: pci ");
+    let find = |bdf: &str| {
+        pci.iter()
+            .find(|l| l.starts_with(&format!("bdf=0000:{bdf} ")))
+            .unwrap_or_else(|| panic!("no {bdf} in sysfs\n{text}"))
+            .to_string()
+    };
+    let hex = |v: u16| format!("0x{v:04x}");
+    let expect = [
+        ("00:00.0", m.pci.host_bridge, 0),
+        ("00:01.0", m.virtio.blk.pci, 0),
+        ("00:02.0", m.virtio.blk.pci, 0),
+        ("00:03.0", m.virtio.net.pci, m.virtio.net.rom_slot.expect("slot")),
+        ("00:04.0", m.virtio.rng.pci, 0),
+    ];
+    assert_eq!(pci.len(), expect.len(), "unexpected functions\n{text}");
+    for (bdf, id, rom) in expect {
+        let l = find(bdf);
+        assert!(l.contains(&format!("vendor={}", hex(id.vendor))), "{l}");
+        assert!(l.contains(&format!("device={}", hex(id.device))), "{l}");
+        assert!(l.contains(&format!("class=0x{:06x}", id.class)), "{l}");
+        assert!(l.contains(&format!("rom_size={rom} ")), "{l}");
+        if bdf != "00:00.0" {
+            assert!(l.ends_with("driver=virtio-pci"), "{l}");
+        }
+    }
+    // virtio-blk: file system and raw data reached the host file.
+    assert!(text.contains("abide-linux: vda mkfs=ok"), "{text}");
+    assert!(text.contains("abide-linux: vda dd=ok"), "{text}");
+    assert!(out.stdout.contains("host-check ext2_magic=53ef"), "{out}");
+    assert!(
+        out.stdout.contains("host-check pattern=abide-linux-blk-pattern"),
+        "{out}"
+    );
+    // The read-only disk refused the write and stayed zero.
+    assert!(text.contains("abide-linux: vdb ro=1"), "{text}");
+    assert!(text.contains("abide-linux: vdb write=refused"), "{text}");
+    assert!(out.stdout.contains("host-check ro_nonzero=0"), "{out}");
+    // virtio-rng behind /dev/hwrng.
+    let rng = lines(text, "abide-linux: hwrng ");
+    assert_eq!(rng.len(), 1, "{text}");
+    assert!(rng[0].contains("current=virtio_rng"), "{}", rng[0]);
+    let bytes = rng[0].rsplit("bytes=").next().unwrap_or("");
+    assert_eq!(bytes.len(), 64, "32 bytes in hex: {}", rng[0]);
+    // virtio-net: the guest reaches the tap's host end.
+    assert!(
+        text.contains("abide-linux: net ping=ok mac=52:54:00:ab:cd:01"),
+        "{text}"
+    );
+    // Every virtio interrupt is an MSI-X vector, and queues delivered some.
+    let irqs = lines(text, "abide-linux: irq ");
+    assert!(irqs.len() >= 5, "expected config+queue vectors\n{text}");
+    let mut delivered = 0u64;
+    for l in &irqs {
+        assert!(l.contains("PCI-MSI"), "not MSI-X: {l}");
+        let cpus: u64 = l
+            .split_whitespace()
+            .skip(1)
+            .take(2)
+            .filter_map(|c| c.parse::<u64>().ok())
+            .sum();
+        delivered += cpus;
+    }
+    assert!(delivered > 0, "no interrupts delivered\n{text}");
 }

@@ -227,10 +227,14 @@ impl VirtioPci {
             &[],
         )?;
         config.add_capability(&vendor_cap(CAP_ISR, l.isr, 1, None), &[])?;
-        config.add_capability(
-            &vendor_cap(CAP_DEVICE, l.device, device.config_len(), None),
-            &[],
-        )?;
+        // Devices without configuration (virtio-rng) must not announce an
+        // empty region: drivers reject a zero-length capability.
+        if device.config_len() > 0 {
+            config.add_capability(
+                &vendor_cap(CAP_DEVICE, l.device, device.config_len(), None),
+                &[],
+            )?;
+        }
         let msix = Msix::new(p.msix_vectors, p.msi);
         let (cap, writable) = msix.capability(0, l.msix_table, l.msix_pba);
         let msix_cap = config.add_capability(&cap, &writable)?;
