@@ -57,7 +57,11 @@ fn pci_functions_match_the_machine() {
     // Virtio functions: common, notify, ISR and (where the device has a
     // configuration space) device capabilities, then MSI-X; one 64-bit BAR.
     assert_eq!(fns[1].get("caps"), "0x09,0x09,0x09,0x09,0x11", "{out}");
-    assert_eq!(fns[2].get("caps"), "0x09,0x09,0x09,0x11", "rng: no config\n{out}");
+    assert_eq!(
+        fns[2].get("caps"),
+        "0x09,0x09,0x09,0x11",
+        "rng: no config\n{out}"
+    );
     for f in &fns[1..] {
         assert_eq!(f.num("irq_pin"), 1);
     }
@@ -169,7 +173,11 @@ fn hostile_guest_breaks_nothing() {
     }
     for c in &cases {
         let name = c.get("case");
-        assert_eq!(c.get("recovered"), "1", "{name}: device must recover\n{out}");
+        assert_eq!(
+            c.get("recovered"),
+            "1",
+            "{name}: device must recover\n{out}"
+        );
         if name.starts_with("bar-") {
             continue;
         }

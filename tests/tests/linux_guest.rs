@@ -209,7 +209,11 @@ fn linux_sees_pci_and_virtio() {
         ("00:00.0", m.pci.host_bridge, 0),
         ("00:01.0", m.virtio.blk.pci, 0),
         ("00:02.0", m.virtio.blk.pci, 0),
-        ("00:03.0", m.virtio.net.pci, m.virtio.net.rom_slot.expect("slot")),
+        (
+            "00:03.0",
+            m.virtio.net.pci,
+            m.virtio.net.rom_slot.expect("slot"),
+        ),
         ("00:04.0", m.virtio.rng.pci, 0),
     ];
     assert_eq!(pci.len(), expect.len(), "unexpected functions\n{text}");
@@ -228,7 +232,8 @@ fn linux_sees_pci_and_virtio() {
     assert!(text.contains("abide-linux: vda dd=ok"), "{text}");
     assert!(out.stdout.contains("host-check ext2_magic=53ef"), "{out}");
     assert!(
-        out.stdout.contains("host-check pattern=abide-linux-blk-pattern"),
+        out.stdout
+            .contains("host-check pattern=abide-linux-blk-pattern"),
         "{out}"
     );
     // The read-only disk refused the write and stayed zero.
