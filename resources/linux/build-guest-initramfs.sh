@@ -30,7 +30,8 @@ esac
 "$script_dir/fetch-kernels.sh"
 busybox=$(find_static_busybox) || die "no static busybox found; run resources/scripts/setup.sh (busybox-static)"
 mapfile -t mods < "$guest/modules/load-order"
-inputs=("$script_dir/guest-init.sh" "$script_dir/initramfs-lib.sh" "$busybox" "$guest/modules/load-order")
+blkbench_src="$repo/resources/bench/blkbench.c"
+inputs=("$script_dir/guest-init.sh" "$script_dir/initramfs-lib.sh" "$busybox" "$guest/modules/load-order" "$blkbench_src")
 for m in "${mods[@]}"; do inputs+=("$guest/modules/$m"); done
 hash=$(inputs_hash "${inputs[@]}")
 if ((!force)) && [[ -s $out && $(cat "$out.stamp" 2>/dev/null) == "$hash" ]]; then
@@ -43,6 +44,8 @@ initramfs_skeleton "$root" "$busybox"
 install -m 755 "$script_dir/guest-init.sh" "$root/init"
 mkdir -p "$root/lib/modules/abide"
 cp "$guest/modules/load-order" "${mods[@]/#/$guest/modules/}" "$root/lib/modules/abide/"
+# The storage benchmark tool (resources/bench/blk.sh), static so it needs no libc.
+gcc -O2 -static -o "$root/bin/blkbench" "$blkbench_src" || die "cannot build blkbench (gcc with static glibc)"
 initramfs_pack "$root" "$out"
 rm -rf "$root"
 printf '%s\n' "$hash" > "$out.stamp"

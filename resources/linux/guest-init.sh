@@ -130,6 +130,17 @@ run_test() {
                 say "irq $line"
             done
             ;;
+        blkbench)
+            # Storage benchmark (resources/bench/blk.sh): QD1 O_DIRECT reads.
+            secs=5
+            # shellcheck disable=SC2013 # the command line is split into words on purpose
+            for arg in $(cat /proc/cmdline); do
+                case $arg in abide.bench_secs=*) secs=${arg#abide.bench_secs=} ;; esac
+            done
+            for mode in randread seqread; do
+                say "$(blkbench /dev/vda "$mode" "$secs" 2>&1)"
+            done
+            ;;
         shell)
             say "interactive shell; exit it to power off"
             setsid cttyhack sh -l || sh

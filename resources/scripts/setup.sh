@@ -21,7 +21,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 #   python3                            timing helper of resources/bench
 #   time                               /usr/bin/time for ad-hoc RSS checks
 packages=(qemu-system-x86 seabios ipxe-qemu busybox-static cpio lz4 binutils
-          xz-utils zstd python3 time)
+          xz-utils zstd python3 time gcc libc6-dev)
 
 missing=()
 for p in "${packages[@]}"; do
