@@ -70,6 +70,13 @@ echo "@@@ end pci rc=$?"
 echo "host-check ext2_magic=$(od -An -tx1 -j 1080 -N 2 "$T/rw.img" | tr -d ' ')"
 echo "host-check pattern=$(dd if="$T/rw.img" bs=512 skip=20000 count=1 2>/dev/null | head -c 23)"
 echo "host-check ro_nonzero=$(tr -d '\000' < "$T/ro.img" | wc -c)"
+truncate -s 16M "$T/intx.img"
+echo '@@@ begin intx'
+'{abide}' run --kernel '{kernel}' --initrd '{initrd}' \
+  --cmdline 'console=ttyS0 quiet pci=nomsi abide.test=pci' \
+  --cpus 2 --memory 512M --disk "path=$T/intx.img" --rng </dev/null
+echo "@@@ end intx rc=$?"
+echo "host-check intx_pattern=$(dd if="$T/intx.img" bs=512 skip=20000 count=1 2>/dev/null | head -c 23)"
 "#
     )
 }
@@ -266,4 +273,36 @@ fn linux_sees_pci_and_virtio() {
         delivered += cpus;
     }
     assert!(delivered > 0, "no interrupts delivered\n{text}");
+}
+
+#[test]
+fn linux_falls_back_to_intx() {
+    let (out, _, _) = session();
+    assert_eq!(out.code, Some(0), "test host session failed\n{out}");
+    let (text, rc) = section(&out.stdout, "intx");
+    assert_eq!(rc, Some(0), "{text}");
+    let m = abide_machines::pc();
+    // With MSI off, each virtio function uses INTA# on the IOAPIC, at the
+    // GSI the machine's _PRT swizzle gives its slot.
+    let irqs = lines(text, "abide-linux: irq ");
+    assert_eq!(irqs.len(), 2, "one line per device\n{text}");
+    for (slot, l) in [1usize, 2].iter().zip(&irqs) {
+        let gsi = m.pci.intx_gsis[slot % 4];
+        assert!(l.contains("IO-APIC"), "{l}");
+        assert!(
+            l.starts_with(&format!("{gsi}:")),
+            "slot {slot} on GSI {gsi}: {l}"
+        );
+        assert!(l.contains("fasteoi"), "level-triggered: {l}");
+    }
+    assert!(text.contains("abide-linux: vda dd=ok"), "{text}");
+    assert!(
+        text.contains("abide-linux: hwrng current=virtio_rng"),
+        "{text}"
+    );
+    assert!(
+        out.stdout
+            .contains("host-check intx_pattern=abide-linux-blk-pattern"),
+        "{out}"
+    );
 }

@@ -7,6 +7,7 @@ pub mod backends;
 pub mod config;
 pub mod console;
 pub mod devices_config;
+pub mod intx;
 pub mod irq;
 pub mod legacy;
 pub mod memory;
@@ -141,6 +142,9 @@ pub enum Error {
     /// A vCPU failed while running.
     #[error(transparent)]
     Vcpu(vcpu::VcpuError),
+    /// The INTx resample thread could not be started.
+    #[error("cannot start the INTx resample thread")]
+    Resampler(#[source] std::io::Error),
     /// A thread could not be started.
     #[error("cannot start a vCPU thread")]
     Thread(#[source] std::io::Error),

@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::backends::Backends;
 use crate::devices_config::NetBackend;
+use crate::intx::Resampler;
 use crate::irq::{GsiRouter, IrqError, MsiVectors};
 use crate::pci::{ids, PciPlatform, PciSetupError};
 
@@ -181,6 +182,8 @@ pub struct VirtioAttach<'a> {
     pub mem: &'a GuestMemoryMmap,
     /// Bus 0.
     pub pci: &'a PciPlatform,
+    /// INTx resample thread.
+    pub resampler: &'a Resampler,
 }
 
 impl VirtioAttach<'_> {
@@ -206,12 +209,14 @@ impl VirtioAttach<'_> {
             name: named(name),
             source,
         })?;
+        let intx_err = |source| VirtioSetupError::Intx {
+            name: named(name),
+            source,
+        };
+        let resample = EventFd::new(libc::EFD_NONBLOCK).map_err(intx_err)?;
         self.vm
-            .register_irqfd(intx.eventfd(), gsi)
-            .map_err(|e| VirtioSetupError::Intx {
-                name: named(name),
-                source: std::io::Error::from_raw_os_error(e.errno()),
-            })?;
+            .register_irqfd_with_resample(intx.eventfd(), &resample, gsi)
+            .map_err(|e| intx_err(std::io::Error::from_raw_os_error(e.errno())))?;
         let rom = match (model.rom_slot, rom) {
             (Some(slot_size), Some(image)) => Some((slot_size, image)),
             _ => None,
@@ -233,6 +238,9 @@ impl VirtioAttach<'_> {
             name: named(name),
             source,
         })?;
+        self.resampler
+            .add(resample, function.intx_resample())
+            .map_err(intx_err)?;
         let function: Arc<Mutex<dyn PciFunction>> = Arc::new(Mutex::new(function));
         self.pci.add(name, slot, function)?;
         Ok(())

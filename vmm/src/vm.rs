@@ -13,6 +13,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::config::{KernelSource, SerialConfig, VmConfig};
+use crate::intx::Resampler;
 use crate::irq::GsiRouter;
 use crate::legacy::{self, LegacyDevices};
 use crate::memory::GuestRam;
@@ -36,6 +37,7 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     legacy: LegacyDevices,
     _pci: PciPlatform,
+    _resampler: Resampler,
     exit: ExitSignal,
     serial_is_console: bool,
 }
@@ -156,6 +158,7 @@ impl Vm {
         let pci = PciPlatform::new(&machine, &pio, &mmio, &exit)?;
         let max_gsi = kvm.check_extension_int(kvm_ioctls::Cap::IrqRouting).max(0) as u32;
         let router = GsiRouter::new(vm.clone(), max_gsi)?;
+        let resampler = Resampler::new().map_err(Error::Resampler)?;
         crate::virtio::attach_all(
             &crate::virtio::VirtioAttach {
                 machine: &machine,
@@ -163,6 +166,7 @@ impl Vm {
                 router: &router,
                 mem: &ram.mem,
                 pci: &pci,
+                resampler: &resampler,
             },
             backends,
         )?;
@@ -199,6 +203,7 @@ impl Vm {
             vcpus,
             legacy,
             _pci: pci,
+            _resampler: resampler,
             exit,
             serial_is_console: cfg.serial == SerialConfig::Stdio,
         })

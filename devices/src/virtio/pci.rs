@@ -292,6 +292,19 @@ impl VirtioPci {
         &self.kicks
     }
 
+    /// What to run after the guest's EOI of an INTx interrupt: re-assert
+    /// the line while the ISR still has a bit set (level semantics).
+    pub fn intx_resample(&self) -> Box<dyn Fn() + Send> {
+        let irq = self.irq.clone();
+        Box::new(move || {
+            if irq.isr.load(Ordering::Acquire) != 0 {
+                if let Some(l) = &irq.intx {
+                    let _ = l.trigger();
+                }
+            }
+        })
+    }
+
     /// The BAR layout.
     pub fn layout(&self) -> VirtioPciLayout {
         self.layout
@@ -905,6 +918,57 @@ mod tests {
         w(&mut d, 0x14, 0x0f, 1);
         assert_eq!(c.activations.load(Ordering::SeqCst), 1);
         assert_eq!(r(&mut d, 0x14, 1) as u8 & status::DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[derive(Default)]
+    struct Registry(Mutex<Vec<(bool, u64)>>);
+    impl NotifyRegistrar for Registry {
+        fn register(&self, _: &EventFd, addr: u64) -> std::io::Result<()> {
+            self.0.lock().expect("lock").push((true, addr));
+            Ok(())
+        }
+        fn unregister(&self, _: &EventFd, addr: u64) -> std::io::Result<()> {
+            self.0.lock().expect("lock").push((false, addr));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn ioeventfds_follow_the_bar() {
+        use crate::pci::config::BarMapping;
+        let (mut d, _) = device();
+        let reg = Arc::new(Registry::default());
+        d.notify = Some(reg.clone());
+        let at = |addr| BarMapping {
+            index: 0,
+            kind: BarKind::Mem64,
+            addr,
+            size: LAYOUT.bar_size,
+        };
+        d.bars_placed(&[at(0x8000_0000)]);
+        assert_eq!(
+            *reg.0.lock().expect("lock"),
+            vec![(true, 0x8000_3000), (true, 0x8000_3004)],
+            "one per queue at notify + index * multiplier"
+        );
+        reg.0.lock().expect("lock").clear();
+        d.bars_placed(&[at(0x9000_0000)]);
+        assert_eq!(
+            *reg.0.lock().expect("lock"),
+            vec![
+                (false, 0x8000_3000),
+                (false, 0x8000_3004),
+                (true, 0x9000_3000),
+                (true, 0x9000_3004)
+            ]
+        );
+        reg.0.lock().expect("lock").clear();
+        d.bars_placed(&[]);
+        assert_eq!(
+            *reg.0.lock().expect("lock"),
+            vec![(false, 0x9000_3000), (false, 0x9000_3004)],
+            "decode off removes them"
+        );
     }
 
     #[test]
