@@ -791,7 +791,7 @@ fn build_dsdt(machine: &MachineDescription, ids: &TableIds) -> Result<Vec<u8>, A
 #[cfg(test)]
 mod tests {
     use super::*;
-    use abide_machines::pc;
+    use abide_machines::pc_1_0 as pc;
 
     pub(super) fn sum(bytes: &[u8]) -> u8 {
         bytes.iter().fold(0u8, |s, b| s.wrapping_add(*b))

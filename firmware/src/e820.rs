@@ -72,7 +72,7 @@ mod tests {
 
     #[test]
     fn small_guest() {
-        let m = abide_machines::pc();
+        let m = abide_machines::pc_1_0();
         let map = build(&m, 512 * MIB);
         assert_eq!(map.len(), 4);
         assert_eq!(map[0].size, 0x9_fc00);
@@ -85,7 +85,7 @@ mod tests {
 
     #[test]
     fn big_guest_has_ram_above_4g() {
-        let m = abide_machines::pc();
+        let m = abide_machines::pc_1_0();
         let map = build(&m, 5 * GIB);
         let ram: u64 = map
             .iter()

@@ -9,6 +9,11 @@
 
 use serde::{Deserialize, Serialize};
 
+mod types;
+pub use types::{
+    machine_types, newest, pc_2_0, resolve, types_alias, MachineTypeInfo, UnknownMachine,
+};
+
 /// One KiB.
 pub const KIB: u64 = 1 << 10;
 /// One MiB.
@@ -258,11 +263,22 @@ pub struct BootLayout {
     pub kernel_addr: u64,
 }
 
+/// Devices a machine type has without being asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DefaultDevices {
+    /// A virtio-rng device.
+    pub rng: bool,
+}
+
 /// A complete description of the machine a guest sees.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineDescription {
-    /// Name of the machine.
+    /// Canonical machine type name (`pc-1.0`, …).
     pub name: String,
+    /// Name of the CPU model used when the user does not choose one.
+    pub default_cpu_model: String,
+    /// Devices present by default.
+    pub default_devices: DefaultDevices,
     /// Memory map.
     pub memory: MemoryMap,
     /// Smallest guest memory accepted, in bytes.
@@ -320,10 +336,12 @@ fn virtio_model(
     }
 }
 
-/// The machine Abide builds today.
-pub fn pc() -> MachineDescription {
+/// The first released machine type. Frozen: never change a value here.
+pub fn pc_1_0() -> MachineDescription {
     MachineDescription {
-        name: "pc".to_string(),
+        name: "pc-1.0".to_string(),
+        default_cpu_model: "abide-v1".to_string(),
+        default_devices: DefaultDevices { rng: false },
         memory: MemoryMap {
             low_ram_end: 0x9_fc00,
             high_ram_start: MIB,
@@ -439,6 +457,10 @@ pub fn pc() -> MachineDescription {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pc() -> MachineDescription {
+        resolve("pc").expect("pc resolves")
+    }
 
     #[test]
     fn small_guest_fits_below_hole() {

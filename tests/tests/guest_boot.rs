@@ -8,6 +8,11 @@ use abide_tests::{run_abide, Outcome};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The machine `abide run` uses without `--machine`.
+fn default_machine() -> abide_machines::MachineDescription {
+    abide_machines::resolve("pc").expect("pc")
+}
+
 fn boot(args: &[&str]) -> Outcome {
     let mut all = vec!["run"];
     all.extend_from_slice(args);
@@ -54,12 +59,12 @@ fn check_e820(memory: u64, arg: &str) {
         .iter()
         .map(|l| (l.num("addr"), l.num("size"), l.num("type")))
         .collect();
-    let want: Vec<(u64, u64, u64)> = e820::build(&abide_machines::pc(), memory)
+    let want: Vec<(u64, u64, u64)> = e820::build(&default_machine(), memory)
         .iter()
         .map(|e| (e.addr, e.size, e.kind as u64))
         .collect();
     assert_eq!(got, want, "guest e820 differs from the VMM's\n{out}");
-    let ram: u64 = e820::build(&abide_machines::pc(), memory)
+    let ram: u64 = e820::build(&default_machine(), memory)
         .iter()
         .filter(|e| e.kind == E820Type::Ram)
         .map(|e| e.size)

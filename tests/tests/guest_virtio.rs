@@ -36,11 +36,19 @@ fn pci_functions_match_the_machine() {
     let dir = temp_dir("pci");
     let img = disk(&dir, 16);
     let d = format!("path={}", img.display());
-    let out = boot(&["--disk", &d, "--rng", "--cmdline", "pci quiet"]);
+    let out = boot(&[
+        "--machine",
+        "pc-1.0",
+        "--disk",
+        &d,
+        "--rng",
+        "--cmdline",
+        "pci quiet",
+    ]);
     let fns = out.topic("pci");
     let bdfs: Vec<&str> = fns.iter().map(|l| l.get("bdf")).collect();
     assert_eq!(bdfs, ["00:00.0", "00:01.0", "00:02.0"], "{out}");
-    let m = abide_machines::pc();
+    let m = abide_machines::pc_1_0();
     let expect = [
         (&fns[0], m.pci.host_bridge),
         (&fns[1], m.virtio.blk.pci),
@@ -209,30 +217,58 @@ fn can_open_taps() -> bool {
     root && Path::new("/dev/net/tun").exists()
 }
 
-#[test]
-fn net_rom_bar_is_the_slot_size() {
+/// Boots `machine` with a virtio-net carrying `rom` and checks the ROM BAR
+/// the guest sees: the machine's slot size, with a valid image in it.
+fn rom_bar(machine: &str, rom: &str, tag: &str) {
     if !can_open_taps() {
-        eprintln!("NOT RUN: net_rom_bar_is_the_slot_size needs root and /dev/net/tun");
+        eprintln!("NOT RUN: ROM BAR check on {machine} needs root and /dev/net/tun");
         return;
     }
     assert!(
-        Path::new(PXE_ROM).exists(),
-        "{PXE_ROM} missing: resources/scripts/setup.sh installs ipxe-qemu"
+        Path::new(rom).exists(),
+        "{rom} missing: resources/scripts/setup.sh installs ipxe-qemu"
     );
-    let net = format!("tap={},rom={PXE_ROM}", tap_name("r"));
-    let out = boot(&["--net", &net, "--cmdline", "pci quiet"]);
-    let m = abide_machines::pc();
+    let net = format!("tap={},rom={rom}", tap_name(tag));
+    let out = boot(&[
+        "--machine",
+        machine,
+        "--net",
+        &net,
+        "--cmdline",
+        "pci quiet",
+    ]);
+    let m = abide_machines::resolve(machine).expect("machine");
     let nic = out
         .topic("pci")
         .into_iter()
         .find(|l| l.num("device") == u64::from(m.virtio.net.pci.device))
         .unwrap_or_else(|| panic!("no virtio-net function\n{out}"));
     assert_eq!(nic.get("bdf"), "00:01.0");
-    let rom = out.one("pci-rom");
+    let found = out.one("pci-rom");
     let slot = m.virtio.net.rom_slot.expect("virtio-net has a ROM slot");
-    // 75,776-byte file, 128 KiB BAR: the slot, never the file, sets the size.
-    assert_eq!(rom.num("size"), slot, "{out}");
-    assert_eq!(rom.get("signature"), "0x55aa", "{out}");
+    // The slot, never the file, sets the BAR size.
+    assert_eq!(found.num("size"), slot, "{out}");
+    assert_eq!(found.get("signature"), "0x55aa", "{out}");
+}
+
+#[test]
+fn pc_1_0_pxe_rom_in_a_128k_slot() {
+    // 75,776-byte file, 128 KiB BAR.
+    assert_eq!(
+        abide_machines::pc_1_0().virtio.net.rom_slot,
+        Some(128 << 10)
+    );
+    rom_bar("pc-1.0", PXE_ROM, "p");
+}
+
+#[test]
+fn pc_2_0_efi_rom_in_a_256k_slot() {
+    // 249,344 bytes: too big for pc-1.0, fits pc-2.0's 256 KiB slot.
+    assert_eq!(
+        abide_machines::pc_2_0().virtio.net.rom_slot,
+        Some(256 << 10)
+    );
+    rom_bar("pc-2.0", EFI_ROM, "e");
 }
 
 #[test]
@@ -240,11 +276,20 @@ fn oversized_rom_is_refused_before_start() {
     assert!(Path::new(EFI_ROM).exists(), "{EFI_ROM} missing");
     // The check runs before any tap is opened, so no privileges are needed.
     let net = format!("tap=unused0,rom={EFI_ROM}");
-    let out = run_abide(&["run", "--net", &net], None, TIMEOUT);
+    let out = run_abide(
+        &["run", "--machine", "pc-1.0", "--net", &net],
+        None,
+        TIMEOUT,
+    );
     assert_eq!(out.code, Some(1), "{out}");
     let err = out.stderr.trim();
     assert_eq!(err.lines().count(), 1, "{out}");
-    for needle in ["virtio-net", "249344 bytes", "131072-byte ROM slot", "'pc'"] {
+    for needle in [
+        "virtio-net",
+        "249344 bytes",
+        "131072-byte ROM slot",
+        "'pc-1.0'",
+    ] {
         assert!(err.contains(needle), "error should mention {needle}\n{out}");
     }
     assert!(out.stdout.is_empty(), "no guest ran\n{out}");

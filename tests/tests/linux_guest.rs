@@ -64,7 +64,7 @@ truncate -s 16M "$T/rw.img"; truncate -s 4M "$T/ro.img"
 ip tuntap add dev abtap0 mode tap && ip addr add 192.168.213.1/24 dev abtap0 && ip link set abtap0 up
 echo '@@@ begin pci'
 '{abide}' run --kernel '{kernel}' --initrd '{initrd}' --cmdline 'console=ttyS0 quiet abide.test=pci' \
-  --cpus 2 --memory 512M --disk "path=$T/rw.img" --disk "path=$T/ro.img,readonly=on" \
+  --machine pc-1.0 --cpus 2 --memory 512M --disk "path=$T/rw.img" --disk "path=$T/ro.img,readonly=on" \
   --net tap=abtap0,mac=52:54:00:ab:cd:01,rom={PXE_ROM} --rng </dev/null
 echo "@@@ end pci rc=$?"
 echo "host-check ext2_magic=$(od -An -tx1 -j 1080 -N 2 "$T/rw.img" | tr -d ' ')"
@@ -203,7 +203,8 @@ fn linux_sees_pci_and_virtio() {
         eprintln!("{l}");
     }
     assert_eq!(rc, Some(0), "abide should exit 0 after poweroff\n{text}");
-    let m = abide_machines::pc();
+    // This scenario runs pc-1.0: iPXE's pxe-virtio.rom in a 128 KiB slot.
+    let m = abide_machines::pc_1_0();
     let pci = lines(text, "abide-linux: pci ");
     let find = |bdf: &str| {
         pci.iter()
@@ -281,7 +282,7 @@ fn linux_falls_back_to_intx() {
     assert_eq!(out.code, Some(0), "test host session failed\n{out}");
     let (text, rc) = section(&out.stdout, "intx");
     assert_eq!(rc, Some(0), "{text}");
-    let m = abide_machines::pc();
+    let m = abide_machines::resolve("pc").expect("pc");
     // With MSI off, each virtio function uses INTA# on the IOAPIC, at the
     // GSI the machine's _PRT swizzle gives its slot.
     let irqs = lines(text, "abide-linux: irq ");

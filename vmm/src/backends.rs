@@ -85,9 +85,14 @@ fn default_mac(index: usize) -> [u8; 6] {
 
 /// Resolves slots, opens disk images and reads ROMs.
 pub fn open(machine: &MachineDescription, cfg: &VmConfig) -> Result<Backends, Error> {
+    // The machine's default rng, unless the user configured one.
+    let rng = cfg
+        .rng
+        .clone()
+        .or_else(|| machine.default_devices.rng.then(Default::default));
     let mut requests: Vec<Option<u8>> = cfg.disks.iter().map(|d| d.addr).collect();
     requests.extend(cfg.nets.iter().map(|n| n.addr));
-    if let Some(r) = &cfg.rng {
+    if let Some(r) = &rng {
         requests.push(r.addr);
     }
     let slots = assign_slots(&requests)?;
@@ -132,7 +137,7 @@ pub fn open(machine: &MachineDescription, cfg: &VmConfig) -> Result<Backends, Er
             slot: next_slot(),
         });
     }
-    let rng_slot = cfg.rng.as_ref().map(|_| next_slot());
+    let rng_slot = rng.as_ref().map(|_| next_slot());
     Ok(Backends {
         disks,
         nets,
@@ -146,7 +151,7 @@ mod tests {
 
     #[test]
     fn rom_slot_is_enforced() {
-        let m = abide_machines::pc();
+        let m = abide_machines::pc_1_0();
         let dir = std::env::temp_dir().join(format!("abide-rom-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let small = dir.join("small.rom");
@@ -161,8 +166,11 @@ mod tests {
         assert!(err.contains("249344 bytes"), "{err}");
         assert!(err.contains("131072-byte ROM slot"), "{err}");
         assert!(err.contains("virtio-net"), "{err}");
-        assert!(err.contains("'pc'"), "{err}");
+        assert!(err.contains("'pc-1.0'"), "{err}");
         assert!(load_rom(&m, &m.virtio.blk, "virtio-blk", "--disk #0", &small).is_err());
+        // The same ROM fits pc-2.0's larger slot.
+        let m2 = abide_machines::pc_2_0();
+        assert!(load_rom(&m2, &m2.virtio.net, "virtio-net", "--net #0", &big).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -83,6 +83,8 @@ pub enum ConfigError {
 /// A VM to build.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
+    /// Machine type name or alias (`pc-1.0`, `pc`, …).
+    pub machine: String,
     /// Kernel.
     pub kernel: KernelSource,
     /// Optional initramfs.
@@ -106,6 +108,7 @@ pub struct VmConfig {
 impl Default for VmConfig {
     fn default() -> Self {
         Self {
+            machine: abide_machines::types_alias().to_string(),
             kernel: KernelSource::Embedded,
             initrd: None,
             cmdline: String::new(),
@@ -231,7 +234,7 @@ mod tests {
 
     #[test]
     fn validation() {
-        let m = abide_machines::pc();
+        let m = abide_machines::pc_1_0();
         let ok = VmConfig::default();
         assert_eq!(ok.validate(&m), Ok(()));
         let small = VmConfig {

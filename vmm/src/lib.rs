@@ -101,6 +101,9 @@ pub enum Error {
     /// PCI platform.
     #[error(transparent)]
     Pci(#[from] pci::PciSetupError),
+    /// Unknown machine type.
+    #[error(transparent)]
+    Machine(#[from] abide_machines::UnknownMachine),
     /// Device options.
     #[error(transparent)]
     DeviceConfig(#[from] devices_config::DeviceConfigError),
@@ -163,9 +166,10 @@ pub fn anon_file(name: &str) -> std::io::Result<File> {
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
-/// Builds and runs a VM of the default machine.
+/// Builds and runs a VM of the configured machine type.
 pub fn run(cfg: &config::VmConfig) -> Result<ExitReason, Error> {
-    vm::Vm::build(abide_machines::pc(), cfg)?.run()
+    let machine = abide_machines::resolve(&cfg.machine)?;
+    vm::Vm::build(machine, cfg)?.run()
 }
 
 /// Formats an error and its sources on one line.

@@ -28,6 +28,9 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// Machine type (pc-1.0, pc-2.0; pc is the newest).
+    #[arg(long, default_value = "pc")]
+    machine: String,
     /// Linux bzImage or PVH ELF vmlinux. Without it, the small guest built
     /// into abide boots, reports what it sees and powers off.
     #[arg(long)]
@@ -68,6 +71,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig, abide_vmm::Error> {
         KernelSource::Embedded => String::new(),
     });
     Ok(VmConfig {
+        machine: a.machine,
         kernel,
         initrd: a.initrd,
         cmdline,

@@ -125,7 +125,7 @@ mod tests {
 
     fn pm() -> (AcpiPm, ExitSignal) {
         let exit = ExitSignal::new().expect("eventfd");
-        let layout = abide_machines::pc().legacy.pm;
+        let layout = abide_machines::pc_1_0().legacy.pm;
         (AcpiPm::new(layout, exit.clone()), exit)
     }
 
@@ -163,7 +163,7 @@ mod tests {
     #[test]
     fn reset_register() {
         let exit = ExitSignal::new().expect("eventfd");
-        let layout = abide_machines::pc().legacy.reset;
+        let layout = abide_machines::pc_1_0().legacy.reset;
         let mut r = ResetControl::new(layout, exit.clone());
         r.write(0, &[0x02]);
         assert_eq!(exit.reason(), None);

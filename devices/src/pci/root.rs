@@ -582,7 +582,7 @@ mod tests {
         use crate::exit::{ExitReason, ExitSignal};
         let s = setup();
         let exit = ExitSignal::new().expect("eventfd");
-        let layout = abide_machines::pc().legacy.reset;
+        let layout = abide_machines::pc_1_0().legacy.reset;
         let reset = crate::legacy::ResetControl::new(layout, exit.clone());
         let mut io = PciConfigIo::new(s.root.clone(), Some(Box::new(reset)));
         // A dword CONFIG_ADDRESS write does not reset.

@@ -306,7 +306,7 @@ mod tests {
         aml_integer, build_pc, contains, eisa_id, pkg_length, sum, table, u16_at, u32_at, u64_at,
     };
     use crate::acpi::{build, AcpiTables, SDT_LENGTH_OFFSET};
-    use abide_machines::pc;
+    use abide_machines::pc_1_0 as pc;
 
     /// The body (after the NameSeg) of `Device(name)` anywhere in `aml`.
     fn device_body<'a>(aml: &'a [u8], name: &[u8; 4]) -> &'a [u8] {

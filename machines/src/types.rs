@@ -1,0 +1,161 @@
+//! The machine-type registry: every released machine type, and aliases.
+//!
+//! A released machine type is frozen. A change a guest could notice goes
+//! into a new machine type, built here from its predecessor with the
+//! differences spelled out.
+
+use serde::Serialize;
+
+use crate::{pc_1_0, MachineDescription, KIB};
+
+/// `VIRTIO_BLK_F_MQ`.
+const BLK_F_MQ: u64 = 1 << 12;
+
+/// pc-2.0: pc-1.0 plus a larger virtio-net ROM slot (room for the combined
+/// EFI+PXE iPXE ROM), multi-queue virtio-blk with deeper queues, a virtio-rng
+/// by default and a richer default CPU model. Frozen once released.
+pub fn pc_2_0() -> MachineDescription {
+    let mut m = pc_1_0();
+    m.name = "pc-2.0".to_string();
+    m.default_cpu_model = "abide-v2".to_string();
+    m.default_devices.rng = true;
+    m.virtio.net.rom_slot = Some(256 * KIB);
+    m.virtio.blk.num_queues = 4;
+    m.virtio.blk.queue_size = 1024;
+    // One vector per queue plus one for configuration changes.
+    m.virtio.blk.msix_vectors = 5;
+    m.virtio.blk.features |= BLK_F_MQ;
+    m.acpi_ids.oem_revision = 2;
+    m
+}
+
+struct Entry {
+    name: &'static str,
+    build: fn() -> MachineDescription,
+    deprecated: bool,
+}
+
+/// Oldest first; the last entry is the newest.
+const TYPES: &[Entry] = &[
+    Entry {
+        name: "pc-1.0",
+        build: pc_1_0,
+        deprecated: false,
+    },
+    Entry {
+        name: "pc-2.0",
+        build: pc_2_0,
+        deprecated: false,
+    },
+];
+
+/// Alias for the newest machine type.
+pub const NEWEST_ALIAS: &str = "pc";
+
+/// A machine type as listed by `abide machines` and `abide capabilities`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MachineTypeInfo {
+    /// Canonical name.
+    pub name: String,
+    /// Aliases that resolve to it.
+    pub aliases: Vec<String>,
+    /// Whether it is what `abide run` uses without `--machine`.
+    pub default: bool,
+    /// Whether it is deprecated.
+    pub deprecated: bool,
+}
+
+/// An unknown machine type name.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown machine type '{name}'; valid machine types: {valid}")]
+pub struct UnknownMachine {
+    /// The name given.
+    pub name: String,
+    /// Valid names and aliases.
+    pub valid: String,
+}
+
+/// The alias `abide run` uses when no machine type is given.
+pub fn types_alias() -> &'static str {
+    NEWEST_ALIAS
+}
+
+/// The newest machine type's canonical name.
+pub fn newest() -> &'static str {
+    TYPES.last().map_or("pc-1.0", |e| e.name)
+}
+
+/// Every machine type, newest first (the first one is the default).
+pub fn machine_types() -> Vec<MachineTypeInfo> {
+    TYPES
+        .iter()
+        .rev()
+        .map(|e| MachineTypeInfo {
+            name: e.name.to_string(),
+            aliases: if e.name == newest() {
+                vec![NEWEST_ALIAS.to_string()]
+            } else {
+                Vec::new()
+            },
+            default: e.name == newest(),
+            deprecated: e.deprecated,
+        })
+        .collect()
+}
+
+/// Resolves a machine type name or alias to its description.
+pub fn resolve(name: &str) -> Result<MachineDescription, UnknownMachine> {
+    let canonical = if name == NEWEST_ALIAS { newest() } else { name };
+    TYPES
+        .iter()
+        .find(|e| e.name == canonical)
+        .map(|e| (e.build)())
+        .ok_or_else(|| UnknownMachine {
+            name: name.to_string(),
+            valid: TYPES
+                .iter()
+                .map(|e| e.name)
+                .chain([NEWEST_ALIAS])
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alias_resolves_to_newest() {
+        let m = resolve("pc").expect("pc");
+        assert_eq!(m.name, "pc-2.0");
+        assert_eq!(resolve("pc-1.0").expect("1.0").name, "pc-1.0");
+        let err = resolve("pc-9.9").expect_err("unknown");
+        assert!(err.to_string().contains("pc-1.0, pc-2.0, pc"), "{err}");
+        let list = machine_types();
+        assert_eq!(list[0].name, "pc-2.0");
+        assert!(list[0].default);
+        assert_eq!(list[0].aliases, ["pc"]);
+        assert!(!list[1].default);
+    }
+
+    #[test]
+    fn pc_2_0_differs_from_pc_1_0_where_documented() {
+        let (a, b) = (pc_1_0(), pc_2_0());
+        assert_eq!(a.virtio.net.rom_slot, Some(128 * KIB));
+        assert_eq!(b.virtio.net.rom_slot, Some(256 * KIB));
+        assert!(b.virtio.blk.num_queues > a.virtio.blk.num_queues);
+        assert!(b.virtio.blk.queue_size > a.virtio.blk.queue_size);
+        assert_eq!(
+            b.virtio.blk.msix_vectors,
+            b.virtio.blk.num_queues + 1,
+            "a vector per queue plus config"
+        );
+        assert!(!a.default_devices.rng && b.default_devices.rng);
+        assert_ne!(a.default_cpu_model, b.default_cpu_model);
+        // Everything else is shared.
+        assert_eq!(a.memory, b.memory);
+        assert_eq!(a.pci, b.pci);
+        assert_eq!(a.legacy, b.legacy);
+    }
+}
