@@ -4,8 +4,9 @@
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
+use abide_devices::pci::msix::{MsiController, MsiMessage};
 use abide_devices::virtio::blk::{Block, BlockParams};
-use abide_devices::virtio::net::{Net, NetParams, Tap};
+use abide_devices::virtio::net::{Detached, Net, NetParams, Tap};
 use abide_devices::virtio::rng::{Rng, RngParams};
 
 use abide_devices::legacy::IrqLine;
@@ -96,22 +97,24 @@ pub fn attach_all(ctx: &VirtioAttach<'_>, b: Backends) -> Result<(), crate::Erro
     }
     for (i, n) in b.nets.into_iter().enumerate() {
         let name = format!("virtio-net #{i}");
-        let tap = match &n.config.backend {
-            NetBackend::Tap(ifname) => Tap::open(ifname),
-            NetBackend::Fd(fd) => open_tap_fd(*fd),
-        }
-        .map_err(|source| VirtioSetupError::Tap {
-            name: name.clone(),
-            source,
-        })?;
-        let mut params = NetParams::new(tap, n.mac);
-        params.queue_size = models.net.queue_size;
-        params.features = models.net.features;
-        let dev = Net::new(params).map_err(|source| VirtioSetupError::Device {
-            name: name.clone(),
-            source: Box::new(source),
-        })?;
-        ctx.attach(&name, &models.net, n.slot, Box::new(dev), n.rom)?;
+        let dev: Box<dyn VirtioDevice> = if ctx.wiring.connects_networks() {
+            let tap = match &n.config.backend {
+                NetBackend::Tap(ifname) => Tap::open(ifname),
+                NetBackend::Fd(fd) => open_tap_fd(*fd),
+            }
+            .map_err(|source| VirtioSetupError::Tap {
+                name: name.clone(),
+                source,
+            })?;
+            net_device(&name, &models.net, tap, n.mac)?
+        } else {
+            let detached = Detached::new().map_err(|source| VirtioSetupError::Tap {
+                name: name.clone(),
+                source,
+            })?;
+            net_device(&name, &models.net, detached, n.mac)?
+        };
+        ctx.attach(&name, &models.net, n.slot, dev, n.rom)?;
     }
     if let Some(slot) = b.rng_slot {
         let dev = Rng::new(RngParams {
@@ -126,6 +129,22 @@ pub fn attach_all(ctx: &VirtioAttach<'_>, b: Backends) -> Result<(), crate::Erro
         ctx.attach("virtio-rng", &models.rng, slot, Box::new(dev), None)?;
     }
     Ok(())
+}
+
+fn net_device<B: abide_devices::virtio::net::NetBackend>(
+    name: &str,
+    model: &VirtioModel,
+    backend: B,
+    mac: [u8; 6],
+) -> Result<Box<dyn VirtioDevice>, VirtioSetupError> {
+    let mut params = NetParams::new(backend, mac);
+    params.queue_size = model.queue_size;
+    params.features = model.features;
+    let dev = Net::new(params).map_err(|source| VirtioSetupError::Device {
+        name: name.to_string(),
+        source: Box::new(source),
+    })?;
+    Ok(Box::new(dev))
 }
 
 /// Takes ownership of a tap fd an orchestrator passed in.
@@ -170,20 +189,96 @@ fn layout(l: &VirtioBarLayout) -> VirtioPciLayout {
     }
 }
 
-/// Shared context for attaching virtio devices.
-pub struct VirtioAttach<'a> {
-    /// Machine.
-    pub machine: &'a MachineDescription,
+/// How a function's interrupts and notifications reach the hypervisor.
+pub trait Wiring {
+    /// MSI-X delivery for `vectors` vectors.
+    fn msi(&self, vectors: u16) -> Result<Arc<dyn MsiController>, IrqError>;
+    /// An INTx line on `gsi`; `resample` runs after each EOI.
+    fn intx(&self, gsi: u32, resample: Box<dyn Fn() + Send>) -> std::io::Result<IrqLine>;
+    /// ioeventfd registration for queue notifications.
+    fn notify(&self) -> Option<Arc<dyn NotifyRegistrar>>;
+    /// Whether network cards get their real host side (taps).
+    fn connects_networks(&self) -> bool;
+}
+
+/// Wiring to a running KVM VM.
+pub struct KvmWiring<'a> {
     /// VM.
     pub vm: &'a Arc<VmFd>,
     /// GSI routing.
     pub router: &'a Arc<GsiRouter>,
+    /// INTx resample thread.
+    pub resampler: &'a Resampler,
+}
+
+impl Wiring for KvmWiring<'_> {
+    fn msi(&self, vectors: u16) -> Result<Arc<dyn MsiController>, IrqError> {
+        Ok(Arc::new(MsiVectors::new(
+            self.vm,
+            self.router.clone(),
+            vectors,
+        )?))
+    }
+
+    fn intx(&self, gsi: u32, resample: Box<dyn Fn() + Send>) -> std::io::Result<IrqLine> {
+        let line = IrqLine::new()?;
+        let resample_fd = EventFd::new(libc::EFD_NONBLOCK)?;
+        self.vm
+            .register_irqfd_with_resample(line.eventfd(), &resample_fd, gsi)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        self.resampler.add(resample_fd, resample)?;
+        Ok(line)
+    }
+
+    fn notify(&self) -> Option<Arc<dyn NotifyRegistrar>> {
+        Some(Arc::new(KvmNotify(self.vm.clone())))
+    }
+
+    fn connects_networks(&self) -> bool {
+        true
+    }
+}
+
+/// Wiring to nothing: builds functions only to describe them (`abide manifest`).
+#[derive(Debug, Default)]
+pub struct DetachedWiring;
+
+struct NoMsi;
+
+impl MsiController for NoMsi {
+    fn set_route(&self, _: u16, _: Option<MsiMessage>) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn trigger(&self, _: u16) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Wiring for DetachedWiring {
+    fn msi(&self, _vectors: u16) -> Result<Arc<dyn MsiController>, IrqError> {
+        Ok(Arc::new(NoMsi))
+    }
+    fn intx(&self, _gsi: u32, _resample: Box<dyn Fn() + Send>) -> std::io::Result<IrqLine> {
+        IrqLine::new()
+    }
+    fn notify(&self) -> Option<Arc<dyn NotifyRegistrar>> {
+        None
+    }
+    fn connects_networks(&self) -> bool {
+        false
+    }
+}
+
+/// Shared context for attaching virtio devices.
+pub struct VirtioAttach<'a> {
+    /// Machine.
+    pub machine: &'a MachineDescription,
+    /// Interrupt and notification wiring.
+    pub wiring: &'a dyn Wiring,
     /// Guest memory.
     pub mem: &'a GuestMemoryMmap,
     /// Bus 0.
     pub pci: &'a PciPlatform,
-    /// INTx resample thread.
-    pub resampler: &'a Resampler,
 }
 
 impl VirtioAttach<'_> {
@@ -197,26 +292,13 @@ impl VirtioAttach<'_> {
         rom: Option<Vec<u8>>,
     ) -> Result<(), VirtioSetupError> {
         let named = |s: &str| s.to_string();
-        let msi = MsiVectors::new(self.vm, self.router.clone(), model.msix_vectors).map_err(
-            |source| VirtioSetupError::Irq {
+        let msi = self
+            .wiring
+            .msi(model.msix_vectors)
+            .map_err(|source| VirtioSetupError::Irq {
                 name: named(name),
                 source,
-            },
-        )?;
-        // INTA# of this slot, per the machine's swizzle.
-        let gsi = self.machine.pci.intx_gsis[usize::from(slot) % 4];
-        let intx = IrqLine::new().map_err(|source| VirtioSetupError::Intx {
-            name: named(name),
-            source,
-        })?;
-        let intx_err = |source| VirtioSetupError::Intx {
-            name: named(name),
-            source,
-        };
-        let resample = EventFd::new(libc::EFD_NONBLOCK).map_err(intx_err)?;
-        self.vm
-            .register_irqfd_with_resample(intx.eventfd(), &resample, gsi)
-            .map_err(|e| intx_err(std::io::Error::from_raw_os_error(e.errno())))?;
+            })?;
         let rom = match (model.rom_slot, rom) {
             (Some(slot_size), Some(image)) => Some((slot_size, image)),
             _ => None,
@@ -227,20 +309,27 @@ impl VirtioAttach<'_> {
                 ids: ids(&model.pci),
                 layout: layout(&self.machine.virtio.layout),
                 msix_vectors: model.msix_vectors,
-                msi: Arc::new(msi),
-                intx: Some(intx),
+                msi,
+                intx: None,
                 mem: self.mem.clone(),
                 rom,
-                notify: Some(Arc::new(KvmNotify(self.vm.clone()))),
+                notify: self.wiring.notify(),
             },
         )
         .map_err(|source| VirtioSetupError::Transport {
             name: named(name),
             source,
         })?;
-        self.resampler
-            .add(resample, function.intx_resample())
-            .map_err(intx_err)?;
+        // INTA# of this slot, per the machine's swizzle.
+        let gsi = self.machine.pci.intx_gsis[usize::from(slot) % 4];
+        let line = self
+            .wiring
+            .intx(gsi, function.intx_resample())
+            .map_err(|source| VirtioSetupError::Intx {
+                name: named(name),
+                source,
+            })?;
+        function.set_intx(line);
         let function: Arc<Mutex<dyn PciFunction>> = Arc::new(Mutex::new(function));
         self.pci.add(name, slot, function)?;
         Ok(())

@@ -162,11 +162,13 @@ impl Vm {
         crate::virtio::attach_all(
             &crate::virtio::VirtioAttach {
                 machine: &machine,
-                vm: &vm,
-                router: &router,
+                wiring: &crate::virtio::KvmWiring {
+                    vm: &vm,
+                    router: &router,
+                    resampler: &resampler,
+                },
                 mem: &ram.mem,
                 pci: &pci,
-                resampler: &resampler,
             },
             backends,
         )?;

@@ -1016,3 +1016,34 @@ mod tests {
         );
     }
 }
+
+/// A backend with no host side, for describing a card without running it
+/// (`abide manifest`): sent frames are dropped and nothing ever arrives.
+#[derive(Debug)]
+pub struct Detached {
+    never_readable: vmm_sys_util::eventfd::EventFd,
+}
+
+impl Detached {
+    /// A detached backend.
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            never_readable: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+}
+
+impl AsRawFd for Detached {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.never_readable.as_raw_fd()
+    }
+}
+
+impl NetBackend for Detached {
+    fn recv(&self, _buf: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+    fn send(&self, _frame: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+}

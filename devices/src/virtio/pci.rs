@@ -88,7 +88,7 @@ struct Interrupts {
     config_vector: Mutex<u16>,
     isr: AtomicU8,
     status: AtomicU8,
-    intx: Option<IrqLine>,
+    intx: std::sync::OnceLock<IrqLine>,
 }
 
 impl Interrupts {
@@ -101,7 +101,7 @@ impl Interrupts {
                 .unwrap_or_else(|e| e.into_inner())
                 .notify(vector);
         if !delivered {
-            if let Some(l) = &self.intx {
+            if let Some(l) = self.intx.get() {
                 let _ = l.trigger();
             }
         }
@@ -263,7 +263,7 @@ impl VirtioPci {
             config_vector: Mutex::new(NO_VECTOR),
             isr: AtomicU8::new(0),
             status: AtomicU8::new(0),
-            intx: p.intx,
+            intx: p.intx.map(std::sync::OnceLock::from).unwrap_or_default(),
         });
         Ok(Self {
             config,
@@ -292,13 +292,19 @@ impl VirtioPci {
         &self.kicks
     }
 
+    /// Connects the INTx line (INTA#), used while MSI-X is disabled. A line
+    /// given in the parameters is kept; only the first call has effect.
+    pub fn set_intx(&self, line: IrqLine) {
+        let _ = self.irq.intx.set(line);
+    }
+
     /// What to run after the guest's EOI of an INTx interrupt: re-assert
     /// the line while the ISR still has a bit set (level semantics).
     pub fn intx_resample(&self) -> Box<dyn Fn() + Send> {
         let irq = self.irq.clone();
         Box::new(move || {
             if irq.isr.load(Ordering::Acquire) != 0 {
-                if let Some(l) = &irq.intx {
+                if let Some(l) = irq.intx.get() {
                     let _ = l.trigger();
                 }
             }
