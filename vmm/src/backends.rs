@@ -83,8 +83,26 @@ fn default_mac(index: usize) -> [u8; 6] {
     [0x52, 0x54, 0x00, 0xab, 0x1d, index as u8]
 }
 
-/// Resolves slots, opens disk images and reads ROMs.
+/// Why backends are opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// To run a VM: disks as configured.
+    Run,
+    /// To describe a VM (`abide manifest`): disks read-only, no O_DIRECT.
+    Describe,
+}
+
+/// Resolves slots, opens disk images and reads ROMs, to run a VM.
 pub fn open(machine: &MachineDescription, cfg: &VmConfig) -> Result<Backends, Error> {
+    open_for(machine, cfg, Purpose::Run)
+}
+
+/// Resolves slots, opens disk images and reads ROMs.
+pub fn open_for(
+    machine: &MachineDescription,
+    cfg: &VmConfig,
+    purpose: Purpose,
+) -> Result<Backends, Error> {
     // The machine's default rng, unless the user configured one.
     let rng = cfg
         .rng
@@ -102,8 +120,9 @@ pub fn open(machine: &MachineDescription, cfg: &VmConfig) -> Result<Backends, Er
     let mut disks = Vec::new();
     for d in &cfg.disks {
         let mut opts = OpenOptions::new();
-        opts.read(true).write(!d.readonly);
-        if d.direct {
+        opts.read(true)
+            .write(!d.readonly && purpose == Purpose::Run);
+        if d.direct && purpose == Purpose::Run {
             opts.custom_flags(libc::O_DIRECT);
         }
         let file = opts.open(&d.path).map_err(|source| Error::OpenFile {

@@ -10,6 +10,7 @@ pub mod devices_config;
 pub mod intx;
 pub mod irq;
 pub mod legacy;
+pub mod manifest;
 pub mod memory;
 pub mod pci;
 pub mod vcpu;

@@ -49,11 +49,24 @@ pub fn reset_in_config_ports(machine: &MachineDescription) -> bool {
     (base..base + 8).contains(&machine.legacy.reset.port)
 }
 
+/// A virtio function on the bus, kept for describing it.
+#[derive(Debug, Clone)]
+pub struct VirtioFunction {
+    /// Slot.
+    pub slot: u8,
+    /// Model name (virtio-blk, …).
+    pub model: &'static str,
+    /// The function.
+    pub function: Arc<Mutex<abide_devices::virtio::pci::VirtioPci>>,
+}
+
 /// PCI bus 0 of a VM.
 #[derive(Debug)]
 pub struct PciPlatform {
     /// The root bus.
     pub root: Arc<Mutex<PciRoot>>,
+    /// Virtio functions, in the order they were added.
+    pub virtio: Mutex<Vec<VirtioFunction>>,
 }
 
 impl PciPlatform {
@@ -96,7 +109,28 @@ impl PciPlatform {
             p.ecam_size,
         )
         .map_err(|e| PciSetupError::Bus("ECAM window", e))?;
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            virtio: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Reads the first 256 bytes of a slot's configuration space.
+    pub fn config_space(&self, slot: u8) -> Vec<u8> {
+        let root = self.root.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = vec![0u8; 256];
+        for (i, chunk) in out.chunks_mut(4).enumerate() {
+            root.config_read(
+                abide_devices::pci::root::ConfigAddress {
+                    bus: 0,
+                    device: slot,
+                    function: 0,
+                    offset: i * 4,
+                },
+                chunk,
+            );
+        }
+        out
     }
 
     /// Adds a function at `slot`.

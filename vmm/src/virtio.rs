@@ -93,7 +93,14 @@ pub fn attach_all(ctx: &VirtioAttach<'_>, b: Backends) -> Result<(), crate::Erro
             name: name.clone(),
             source: Box::new(source),
         })?;
-        ctx.attach(&name, &models.blk, d.slot, Box::new(dev), None)?;
+        ctx.attach(
+            &name,
+            "virtio-blk",
+            &models.blk,
+            d.slot,
+            Box::new(dev),
+            None,
+        )?;
     }
     for (i, n) in b.nets.into_iter().enumerate() {
         let name = format!("virtio-net #{i}");
@@ -114,7 +121,7 @@ pub fn attach_all(ctx: &VirtioAttach<'_>, b: Backends) -> Result<(), crate::Erro
             })?;
             net_device(&name, &models.net, detached, n.mac)?
         };
-        ctx.attach(&name, &models.net, n.slot, dev, n.rom)?;
+        ctx.attach(&name, "virtio-net", &models.net, n.slot, dev, n.rom)?;
     }
     if let Some(slot) = b.rng_slot {
         let dev = Rng::new(RngParams {
@@ -126,7 +133,14 @@ pub fn attach_all(ctx: &VirtioAttach<'_>, b: Backends) -> Result<(), crate::Erro
             name: "virtio-rng".into(),
             source: Box::new(source),
         })?;
-        ctx.attach("virtio-rng", &models.rng, slot, Box::new(dev), None)?;
+        ctx.attach(
+            "virtio-rng",
+            "virtio-rng",
+            &models.rng,
+            slot,
+            Box::new(dev),
+            None,
+        )?;
     }
     Ok(())
 }
@@ -286,6 +300,7 @@ impl VirtioAttach<'_> {
     pub fn attach(
         &self,
         name: &str,
+        kind: &'static str,
         model: &VirtioModel,
         slot: u8,
         device: Box<dyn VirtioDevice>,
@@ -330,8 +345,18 @@ impl VirtioAttach<'_> {
                 source,
             })?;
         function.set_intx(line);
-        let function: Arc<Mutex<dyn PciFunction>> = Arc::new(Mutex::new(function));
+        let typed = Arc::new(Mutex::new(function));
+        let function: Arc<Mutex<dyn PciFunction>> = typed.clone();
         self.pci.add(name, slot, function)?;
+        self.pci
+            .virtio
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(crate::pci::VirtioFunction {
+                slot,
+                model: kind,
+                function: typed,
+            });
         Ok(())
     }
 }

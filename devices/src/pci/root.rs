@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use crate::bus::{Bus, BusDevice};
-use crate::pci::config::{reg, BarKind, BarMapping, PciConfig, ROM_BAR_INDEX};
+use crate::pci::config::{reg, BarKind, BarMapping, BarSpec, PciConfig, ROM_BAR_INDEX};
 
 /// A PCI function on bus 0.
 pub trait PciFunction: Send {
@@ -264,6 +264,25 @@ impl PciRoot {
             }
         }
         Ok(())
+    }
+
+    /// The BARs of `slot` (index, spec, programmed address) and its ROM BAR
+    /// (slot size, programmed address), as the guest would find them.
+    pub fn resources(&self, slot: u8) -> (Vec<(usize, BarSpec, u64)>, Option<(u64, u64)>) {
+        let Some(s) = self.slots.get(&slot) else {
+            return (Vec::new(), None);
+        };
+        let f = s.function.lock().unwrap_or_else(|e| e.into_inner());
+        let c = f.config();
+        let bars = (0..6)
+            .filter_map(|i| Some((i, c.bar(i)?, c.bar_addr(i)?)))
+            .collect();
+        let rom = (c.rom_size() > 0).then(|| {
+            let mut b = [0u8; 4];
+            c.read(reg::ROM, &mut b);
+            (c.rom_size(), u64::from(u32::from_le_bytes(b) & !0x7ff))
+        });
+        (bars, rom)
     }
 
     /// Regions of `slot` currently placed on a bus.

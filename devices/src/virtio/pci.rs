@@ -60,6 +60,21 @@ pub trait NotifyRegistrar: Send + Sync {
     fn unregister(&self, fd: &EventFd, addr: u64) -> std::io::Result<()>;
 }
 
+/// The guest-visible facts of a virtio function beyond its config space.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VirtioDescription {
+    /// Virtio device type.
+    pub device_type: u16,
+    /// Features offered.
+    pub features: u64,
+    /// Maximum size of each queue.
+    pub queue_sizes: Vec<u16>,
+    /// MSI-X vectors.
+    pub msix_vectors: u16,
+    /// Device configuration space.
+    pub config: Vec<u8>,
+}
+
 /// Everything the transport needs besides the device model.
 pub struct VirtioPciParams {
     /// PCI identity.
@@ -309,6 +324,24 @@ impl VirtioPci {
                 }
             }
         })
+    }
+
+    /// What a driver can learn about the device without starting it.
+    pub fn describe(&self) -> VirtioDescription {
+        let mut config = vec![0u8; self.device.config_len() as usize];
+        self.device.read_config(0, &mut config);
+        VirtioDescription {
+            device_type: self.device.device_type(),
+            features: self.device.features(),
+            queue_sizes: self.device.queue_max_sizes(),
+            msix_vectors: self
+                .irq
+                .msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .vectors(),
+            config,
+        }
     }
 
     /// The BAR layout.

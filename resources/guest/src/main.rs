@@ -13,6 +13,7 @@ mod arch;
 mod boot;
 mod bootinfo;
 mod drivers;
+mod fingerprint;
 mod io;
 mod paging;
 mod pci;
@@ -56,6 +57,7 @@ struct Args {
     triple: bool,
     rounds: u64,
     quiet: bool,
+    fingerprint: bool,
     dev: drivers::DriverArgs,
 }
 
@@ -80,6 +82,7 @@ fn parse_args(cmdline: &[u8]) -> Args {
         triple: false,
         rounds: user::DEFAULT_ROUNDS,
         quiet: false,
+        fingerprint: false,
         dev: drivers::DriverArgs {
             pci: false,
             blk: false,
@@ -113,6 +116,10 @@ fn parse_args(cmdline: &[u8]) -> Args {
             }
             b"quiet" => {
                 a.quiet = true;
+                true
+            }
+            b"fingerprint" => {
+                a.fingerprint = true;
                 true
             }
             b"pci" => {
@@ -305,6 +312,14 @@ extern "C" fn kmain(start_info: u32) -> ! {
             user::run(args.rounds, buf, user::BUFFER_SIZE);
         }
         None => error("no-user-buffer"),
+    }
+
+    // ABI fingerprint (ring 3), before any device work touches PCI.
+    if args.fingerprint {
+        fingerprint::run(&fingerprint::FpArgs {
+            acpi: acpi as *const acpi::Acpi,
+            boot_info: bi as *const bootinfo::BootInfo,
+        });
     }
 
     // Device work (PCI, virtio), in ring 3, only when asked for.

@@ -10,7 +10,7 @@
 use crate::io::{
     inl, inw, mmio_read16, mmio_read32, mmio_read8, mmio_write16, mmio_write32, outl, outw,
 };
-use crate::print::Line;
+use crate::print::{Line, LineBuf};
 use crate::user::sys_map;
 use crate::Global;
 
@@ -90,6 +90,7 @@ pub struct Pci {
     pub funcs: [Func; MAX_FUNCS],
     pub nfuncs: usize,
     pub scanned: bool,
+    access_ready: bool,
     next32: u64,
     next64: u64,
     next_io: u64,
@@ -118,6 +119,7 @@ pub static PCI: Global<Pci> = Global::new(Pci {
     funcs: [EMPTY_FUNC; MAX_FUNCS],
     nfuncs: 0,
     scanned: false,
+    access_ready: false,
     // Set by `scan` (all-zero initialiser: .bss, not .data).
     next32: 0,
     next64: 0,
@@ -414,6 +416,24 @@ fn alloc(p: &mut Pci, kind: BarKind, size: u64) -> u64 {
     next
 }
 
+/// Set up configuration access (once): map the ECAM window if there is
+/// one, so that `read*`/`write*` use it; else they use 0xCF8/0xCFC.
+pub fn access(ecam: u64) {
+    let p = PCI.get();
+    if p.access_ready {
+        return;
+    }
+    p.access_ready = true;
+    if ecam != 0 && sys_map(ecam, 1 << 20, true) {
+        p.ecam = ecam;
+    } else if ecam != 0 {
+        Line::new("error")
+            .ks("what", "ecam-map")
+            .kx("addr", ecam)
+            .print();
+    }
+}
+
 /// Enumerate bus 0 (once). `ecam` is the MCFG base, 0 if none.
 #[inline(never)]
 pub fn scan(ecam: u64) {
@@ -425,14 +445,7 @@ pub fn scan(ecam: u64) {
     p.next32 = ALLOC_MEM32;
     p.next64 = ALLOC_MEM64;
     p.next_io = ALLOC_IO;
-    if ecam != 0 && sys_map(ecam, 1 << 20, true) {
-        p.ecam = ecam;
-    } else if ecam != 0 {
-        Line::new("error")
-            .ks("what", "ecam-map")
-            .kx("addr", ecam)
-            .print();
-    }
+    access(ecam);
     for dev in 0u8..32 {
         for func in 0u8..8 {
             let df = dev << 3 | func;
@@ -483,12 +496,12 @@ pub fn scan(ecam: u64) {
 // ---------------------------------------------------------------------
 // Report.
 
-pub fn bdf(l: &mut Line, df: u8) {
+pub fn bdf<const N: usize>(l: &mut LineBuf<N>, df: u8) {
     bdf_key(l, "bdf", df);
 }
 
 /// ` key=00:dd.f`
-pub fn bdf_key(l: &mut Line, key: &str, df: u8) {
+pub fn bdf_key<const N: usize>(l: &mut LineBuf<N>, key: &str, df: u8) {
     l.key(key)
         .hex_raw(0, 2)
         .byte(b':')

@@ -2,21 +2,28 @@
 //! core::fmt: it is large and slow, and ring-0 instructions are expensive.
 
 pub const LINE_MAX: usize = 512;
+/// Capacity of `LongLine` (fingerprint lines with long hex dumps; built
+/// in ring 3, where the larger buffer costs nothing).
+pub const LONG_LINE_MAX: usize = 2048;
 
 use core::mem::MaybeUninit;
 
-pub struct Line {
+/// A line of at most `N - 1` bytes plus the newline; longer text is cut.
+pub struct LineBuf<const N: usize> {
     // Uninitialised on purpose: zeroing it would cost ring-0 instructions.
-    buf: [MaybeUninit<u8>; LINE_MAX],
+    buf: [MaybeUninit<u8>; N],
     len: usize,
 }
 
-impl Line {
+pub type Line = LineBuf<LINE_MAX>;
+pub type LongLine = LineBuf<LONG_LINE_MAX>;
+
+impl<const N: usize> LineBuf<N> {
     /// Start a line: `guest: <topic>`.
     #[inline(never)]
-    pub fn new(topic: &str) -> Line {
-        let mut l = Line {
-            buf: [const { MaybeUninit::uninit() }; LINE_MAX],
+    pub fn new(topic: &str) -> Self {
+        let mut l = LineBuf {
+            buf: [const { MaybeUninit::uninit() }; N],
             len: 0,
         };
         l.s("guest: ");
@@ -40,7 +47,7 @@ impl Line {
     #[inline(always)]
     pub fn byte(&mut self, c: u8) -> &mut Self {
         // Keep one byte for the newline.
-        if self.len < LINE_MAX - 1 {
+        if self.len < N - 1 {
             self.buf[self.len] = MaybeUninit::new(c);
             self.len += 1;
         }

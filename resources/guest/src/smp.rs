@@ -20,17 +20,46 @@ const ICR_SIPI: u32 = 0x0000_4600; // start-up, vector = page number
 /// APIC ID + 1 reported by the AP holding each ticket (0 = none yet).
 static AP_IDS: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
 static AP_ONLINE: AtomicU32 = AtomicU32::new(0);
+/// CPUID 1 EBX and 0xB EDX as each AP saw them (indexed like AP_IDS).
+static AP_LEAF1_EBX: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+static AP_LEAFB_EDX: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
 
 /// Rust entry of an AP (called from ap_entry64 on its own stack).
 #[no_mangle]
 extern "C" fn ap_main(ticket: u32) -> ! {
     crate::arch::load_idt();
-    let id = io::apic_id();
+    // The same APIC ID as io::apic_id(), keeping the raw CPUID values for
+    // the fingerprint (no extra CPUID exits).
+    let max = io::cpuid(0, 0).eax;
+    let leaf1_ebx = io::cpuid(1, 0).ebx;
+    let leafb = if max >= 0xB {
+        Some(io::cpuid(0xB, 0))
+    } else {
+        None
+    };
+    let id = match &leafb {
+        Some(b) if b.ebx != 0 => b.edx,
+        _ => leaf1_ebx >> 24,
+    };
     if (ticket as usize) < MAX_CPUS {
-        AP_IDS[ticket as usize].store(id + 1, Ordering::Release);
+        let t = ticket as usize;
+        AP_LEAF1_EBX[t].store(leaf1_ebx, Ordering::Relaxed);
+        AP_LEAFB_EDX[t].store(leafb.map_or(0, |b| b.edx), Ordering::Relaxed);
+        AP_IDS[t].store(id + 1, Ordering::Release);
     }
     AP_ONLINE.fetch_add(1, Ordering::Release);
     io::halt_forever()
+}
+
+/// CPUID (1).EBX and (0xB, 0).EDX recorded by the AP with this APIC ID.
+pub fn ap_cpuid(id: u32) -> Option<(u32, u32)> {
+    let t = AP_IDS
+        .iter()
+        .position(|s| s.load(Ordering::Acquire) == id + 1)?;
+    Some((
+        AP_LEAF1_EBX[t].load(Ordering::Relaxed),
+        AP_LEAFB_EDX[t].load(Ordering::Relaxed),
+    ))
 }
 
 fn ap_seen(id: u32) -> bool {

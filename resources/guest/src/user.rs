@@ -3,7 +3,7 @@
 
 use core::arch::asm;
 
-use crate::arch::{enter_user, SYS_EXIT, SYS_MAP, SYS_TICKS, SYS_WRITE};
+use crate::arch::{enter_user, SYS_CPUID, SYS_EXIT, SYS_MAP, SYS_TICKS, SYS_WRITE};
 use crate::print::Line;
 use crate::Global;
 
@@ -68,6 +68,22 @@ fn syscall3(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
 /// Ring 3: make `[addr, addr+len)` accessible (identity), uncached if asked.
 pub fn sys_map(addr: u64, len: u64, uncached: bool) -> bool {
     syscall3(SYS_MAP, addr, len, uncached as u64) == 1
+}
+
+/// CPUID executed by the kernel (ring 0).
+pub fn sys_cpuid(leaf: u32, sub: u32) -> crate::io::Cpuid {
+    let mut r = [0u32; 4];
+    syscall(
+        SYS_CPUID,
+        leaf as u64 | (sub as u64) << 32,
+        r.as_mut_ptr() as u64,
+    );
+    crate::io::Cpuid {
+        eax: r[0],
+        ebx: r[1],
+        ecx: r[2],
+        edx: r[3],
+    }
 }
 
 pub fn sys_write(b: &[u8]) {
