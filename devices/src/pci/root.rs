@@ -268,7 +268,7 @@ impl PciRoot {
 
     /// The BARs of `slot` (index, spec, programmed address) and its ROM BAR
     /// (slot size, programmed address), as the guest would find them.
-    pub fn resources(&self, slot: u8) -> (Vec<(usize, BarSpec, u64)>, Option<(u64, u64)>) {
+    pub fn resources(&self, slot: u8) -> FunctionResources {
         let Some(s) = self.slots.get(&slot) else {
             return (Vec::new(), None);
         };
@@ -293,6 +293,9 @@ impl PciRoot {
             .unwrap_or_default()
     }
 }
+
+/// A function's BARs (index, spec, address) and ROM BAR (slot size, address).
+pub type FunctionResources = (Vec<(usize, BarSpec, u64)>, Option<(u64, u64)>);
 
 /// Address windows BARs are allocated from: (base, size).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
