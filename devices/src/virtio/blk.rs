@@ -284,15 +284,12 @@ impl VirtioDevice for Block {
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
         self.reset();
-        let worker = self.worker_for(a)?;
-        self.worker = Some(Worker::spawn("virtio-blk", worker).map_err(ActivateError::Worker)?);
-        Ok(())
+        let worker = self.worker_for(a);
+        super::worker::start(&mut self.worker, "virtio-blk", worker)
     }
 
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        super::worker::stop(&mut self.worker);
     }
 }
 

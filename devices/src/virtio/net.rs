@@ -390,15 +390,12 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
         self.reset();
-        let worker = self.worker_for(a)?;
-        self.worker = Some(Worker::spawn("virtio-net", worker).map_err(ActivateError::Worker)?);
-        Ok(())
+        let worker = self.worker_for(a);
+        super::worker::start(&mut self.worker, "virtio-net", worker)
     }
 
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        super::worker::stop(&mut self.worker);
     }
 }
 

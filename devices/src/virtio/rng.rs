@@ -130,15 +130,12 @@ impl VirtioDevice for Rng {
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
         self.reset();
-        let worker = self.worker_for(a)?;
-        self.worker = Some(Worker::spawn("virtio-rng", worker).map_err(ActivateError::Worker)?);
-        Ok(())
+        let worker = self.worker_for(a);
+        super::worker::start(&mut self.worker, "virtio-rng", worker)
     }
 
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        super::worker::stop(&mut self.worker);
     }
 }
 

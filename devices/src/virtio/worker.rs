@@ -113,6 +113,24 @@ impl<H: Handler> Worker<H> {
     }
 }
 
+/// Starts `handler` on a worker thread in the (stopped) `slot`: what every
+/// device model's `activate` ends with.
+pub(crate) fn start<H: Handler>(
+    slot: &mut Option<Worker<H>>,
+    name: &str,
+    handler: Result<H, crate::virtio::ActivateError>,
+) -> Result<(), crate::virtio::ActivateError> {
+    *slot = Some(Worker::spawn(name, handler?).map_err(crate::virtio::ActivateError::Worker)?);
+    Ok(())
+}
+
+/// Stops and joins the worker in `slot`, if any.
+pub(crate) fn stop<H>(slot: &mut Option<Worker<H>>) {
+    if let Some(w) = slot.take() {
+        w.stop();
+    }
+}
+
 impl<H> Worker<H> {
     /// Stops the thread, waits for it, and returns the handler (`None` if the
     /// thread panicked).
