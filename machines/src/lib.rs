@@ -9,7 +9,13 @@
 
 use serde::{Deserialize, Serialize};
 
+mod cpu;
 mod types;
+pub use cpu::{
+    abide_v1, abide_v2, cpu_model, cpu_models, feature, host as host_cpu_model, Cache, CacheKind,
+    CpuFeature, CpuModel, FeatureReg, FeatureSet, UnknownCpuModel, UnknownFeature, VendorPolicy,
+    HOST_MODEL, KNOWN_FEATURES, VMM_PROVIDED_FEATURES,
+};
 pub use types::{
     machine_types, newest, pc_2_0, resolve, types_alias, MachineTypeInfo, UnknownMachine,
 };

@@ -59,6 +59,9 @@ run_test() {
             say "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
             say "epoch=$(date +%s)"
             say "uptime=$(cut -d' ' -f1 /proc/uptime)"
+            # The CPU model as Linux sees it (tests/tests/linux_guest.rs).
+            say "cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
+            say "cpu_flags=$(sed -n 's/^flags[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
             ;;
         devices)
             # What the VMM exposes: PCI functions and virtio devices.

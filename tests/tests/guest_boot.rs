@@ -7,6 +7,9 @@ use abide_machines::{GIB, MIB};
 use abide_tests::{run_abide, Outcome};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
+/// The default machine type's CPU model (abide-v2) needs hardware-assisted
+/// KVM; these tests pin the baseline model so they also run under PVM.
+const CPU: [&str; 2] = ["--cpu", "abide-v1"];
 
 /// The machine `abide run` uses without `--machine`.
 fn default_machine() -> abide_machines::MachineDescription {
@@ -15,6 +18,7 @@ fn default_machine() -> abide_machines::MachineDescription {
 
 fn boot(args: &[&str]) -> Outcome {
     let mut all = vec!["run"];
+    all.extend_from_slice(&CPU);
     all.extend_from_slice(args);
     let out = run_abide(&all, None, TIMEOUT);
     assert_eq!(out.code, Some(0), "guest should power off cleanly\n{out}");

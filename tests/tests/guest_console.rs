@@ -5,11 +5,13 @@ use std::time::Duration;
 use abide_tests::{run_abide, temp_dir};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
+// `--cpu abide-v1`: the default machine type's CPU model (abide-v2) needs
+// hardware-assisted KVM; the baseline model also runs under PVM.
 
 #[test]
 fn serial_input_reaches_the_guest() {
     let out = run_abide(
-        &["run", "--cmdline", "echo=2 quiet"],
+        &["run", "--cpu", "abide-v1", "--cmdline", "echo=2 quiet"],
         Some(b"hello-abide\nsecond-line\n"),
         TIMEOUT,
     );
@@ -27,7 +29,11 @@ fn serial_to_file() {
     let dir = temp_dir("serial");
     let path = dir.join("console.log");
     let arg = format!("file:{}", path.display());
-    let out = run_abide(&["run", "--serial", &arg], None, TIMEOUT);
+    let out = run_abide(
+        &["run", "--cpu", "abide-v1", "--serial", &arg],
+        None,
+        TIMEOUT,
+    );
     assert_eq!(out.code, Some(0), "{out}");
     assert!(
         !out.stdout.contains("guest: "),
@@ -40,7 +46,11 @@ fn serial_to_file() {
 
 #[test]
 fn serial_null_discards_output() {
-    let out = run_abide(&["run", "--serial", "null"], None, TIMEOUT);
+    let out = run_abide(
+        &["run", "--cpu", "abide-v1", "--serial", "null"],
+        None,
+        TIMEOUT,
+    );
     assert_eq!(out.code, Some(0), "{out}");
     assert!(out.stdout.is_empty(), "{out}");
 }

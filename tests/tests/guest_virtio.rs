@@ -8,6 +8,9 @@ use std::time::Duration;
 use abide_tests::{run_abide, temp_dir, Outcome};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
+/// The default machine type's CPU model (abide-v2) needs hardware-assisted
+/// KVM; these tests pin the baseline model so they also run under PVM.
+const CPU: [&str; 2] = ["--cpu", "abide-v1"];
 const SECTOR: u64 = 512;
 
 fn disk(dir: &Path, mib: u64) -> PathBuf {
@@ -19,6 +22,7 @@ fn disk(dir: &Path, mib: u64) -> PathBuf {
 
 fn boot(args: &[&str]) -> Outcome {
     let mut all = vec!["run"];
+    all.extend_from_slice(&CPU);
     all.extend_from_slice(args);
     let out = run_abide(&all, None, TIMEOUT);
     assert_eq!(out.code, Some(0), "guest should power off cleanly\n{out}");

@@ -85,6 +85,8 @@ pub enum ConfigError {
 pub struct VmConfig {
     /// Machine type name or alias (`pc-1.0`, `pc`, …).
     pub machine: String,
+    /// CPU model name; empty means the machine type's default model.
+    pub cpu: String,
     /// Kernel.
     pub kernel: KernelSource,
     /// Optional initramfs.
@@ -109,6 +111,7 @@ impl Default for VmConfig {
     fn default() -> Self {
         Self {
             machine: abide_machines::types_alias().to_string(),
+            cpu: String::new(),
             kernel: KernelSource::Embedded,
             initrd: None,
             cmdline: String::new(),

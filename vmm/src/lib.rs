@@ -4,6 +4,7 @@
 //! [`run`] builds a VM from a [`config::VmConfig`] and runs it to completion.
 
 pub mod backends;
+pub mod capabilities;
 pub mod config;
 pub mod console;
 pub mod devices_config;
@@ -105,6 +106,15 @@ pub enum Error {
     /// Unknown machine type.
     #[error(transparent)]
     Machine(#[from] abide_machines::UnknownMachine),
+    /// Unknown CPU model.
+    #[error(transparent)]
+    CpuModel(#[from] abide_machines::UnknownCpuModel),
+    /// A CPU model this host's KVM cannot run.
+    #[error(transparent)]
+    CpuUnsupported(#[from] vcpu::cpuid::Unsupported),
+    /// Building CPUID.
+    #[error(transparent)]
+    Cpu(#[from] vcpu::cpuid::CpuError),
     /// Device options.
     #[error(transparent)]
     DeviceConfig(#[from] devices_config::DeviceConfigError),

@@ -20,10 +20,16 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process; boxing `RunArgs` would only obscure the derive.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Boot a guest and run it until it powers off or resets.
     Run(RunArgs),
+    /// Print what this host offers and what Abide can give a guest (JSON).
+    Capabilities,
+    /// List the machine types and whether this host can run their default CPU model.
+    Machines,
 }
 
 #[derive(clap::Args)]
@@ -31,6 +37,9 @@ struct RunArgs {
     /// Machine type (pc-1.0, pc-2.0; pc is the newest).
     #[arg(long, default_value = "pc")]
     machine: String,
+    /// CPU model (abide-v1, abide-v2, host; default: the machine type's).
+    #[arg(long)]
+    cpu: Option<String>,
     /// Linux bzImage or PVH ELF vmlinux. Without it, the small guest built
     /// into abide boots, reports what it sees and powers off.
     #[arg(long)]
@@ -72,6 +81,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig, abide_vmm::Error> {
     });
     Ok(VmConfig {
         machine: a.machine,
+        cpu: a.cpu.unwrap_or_default(),
         kernel,
         initrd: a.initrd,
         cmdline,
@@ -102,6 +112,17 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => build_config(args).and_then(|cfg| abide_vmm::run(&cfg)),
+        Command::Capabilities => {
+            let host = abide_vmm::capabilities::HostKvm::probe();
+            let report = abide_vmm::capabilities::report(&host);
+            println!("{report:#}");
+            return ExitCode::SUCCESS;
+        }
+        Command::Machines => {
+            let host = abide_vmm::capabilities::HostKvm::probe();
+            print!("{}", abide_vmm::capabilities::machines_table(&host));
+            return ExitCode::SUCCESS;
+        }
     };
     match result {
         Ok(ExitReason::Poweroff) => ExitCode::from(EXIT_POWEROFF as u8),

@@ -31,6 +31,7 @@ pub static EMBEDDED_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/abi
 /// A built, not yet running VM.
 pub struct Vm {
     machine: MachineDescription,
+    cpu: vcpu::cpuid::ResolvedCpu,
     vm: Arc<VmFd>,
     // Kept alive for as long as KVM maps it.
     _ram: GuestRam,
@@ -93,6 +94,7 @@ impl Vm {
     /// Builds the VM: memory, firmware tables, kernel, devices, vCPUs.
     pub fn build(machine: MachineDescription, cfg: &VmConfig) -> Result<Self, Error> {
         cfg.validate(&machine)?;
+        let cpu_model = vcpu::cpuid::model_for(&machine, &cfg.cpu)?;
         // Open user files first, so bad paths fail before any KVM work.
         let mut kernel = open_kernel(cfg)?;
         let mut initrd = match &cfg.initrd {
@@ -108,6 +110,16 @@ impl Vm {
 
         let kvm = open_kvm()?;
         let kvm_err = |what| move |source| Error::Kvm { what, source };
+        // Refuse a CPU model this host cannot run before anything is set up.
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("read the supported CPUID"))?;
+        let cpu = vcpu::cpuid::resolve(
+            cpu_model,
+            &machine,
+            !cfg.cpu.is_empty(),
+            supported.as_slice(),
+        )?;
         let max_vcpus = kvm.get_max_vcpus() as u32;
         if cfg.cpus as usize > kvm.get_max_vcpus() {
             return Err(Error::HostVcpus {
@@ -174,9 +186,6 @@ impl Vm {
         )?;
         pci.assign_resources(&machine)?;
 
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("read the supported CPUID"))?;
         let msr_list = kvm
             .get_msr_index_list()
             .map_err(kvm_err("read the MSR index list"))?;
@@ -185,8 +194,8 @@ impl Vm {
             let fd = vm
                 .create_vcpu(u64::from(index))
                 .map_err(kvm_err("create a vCPU"))?;
-            fd.set_cpuid2(&vcpu::cpuid::for_vcpu(&supported, index, cfg.cpus))
-                .map_err(kvm_err("set CPUID"))?;
+            let cpuid = vcpu::cpuid::build(&cpu.model, supported.as_slice(), index, cfg.cpus)?;
+            fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
             regs::setup_common(&fd, index, msr_list.as_slice())?;
             if index == 0 {
                 regs::setup_boot_cpu(&fd, &entry)?;
@@ -200,6 +209,7 @@ impl Vm {
         }
         Ok(Self {
             machine,
+            cpu,
             vm,
             _ram: ram,
             vcpus,
@@ -214,6 +224,11 @@ impl Vm {
     /// The machine this VM was built from.
     pub fn machine(&self) -> &MachineDescription {
         &self.machine
+    }
+
+    /// The CPU model the vCPUs run, as resolved on this host.
+    pub fn cpu(&self) -> &vcpu::cpuid::ResolvedCpu {
+        &self.cpu
     }
 
     /// The KVM VM.
