@@ -159,6 +159,9 @@ pub enum Error {
     /// The INTx resample thread could not be started.
     #[error("cannot start the INTx resample thread")]
     Resampler(#[source] std::io::Error),
+    /// JSON output.
+    #[error("cannot format JSON")]
+    Json(#[source] serde_json::Error),
     /// A thread could not be started.
     #[error("cannot start a vCPU thread")]
     Thread(#[source] std::io::Error),
@@ -181,6 +184,49 @@ pub fn anon_file(name: &str) -> std::io::Result<File> {
 pub fn run(cfg: &config::VmConfig) -> Result<ExitReason, Error> {
     let machine = abide_machines::resolve(&cfg.machine)?;
     vm::Vm::build(machine, cfg)?.run()
+}
+
+/// The guest ABI manifest and host-side settings for `cfg`, without
+/// starting a VM. The CPU model is checked against this host as for `run`.
+pub fn manifest(cfg: &config::VmConfig) -> Result<manifest::Description, Error> {
+    let machine = abide_machines::resolve(&cfg.machine)?;
+    cfg.validate(&machine)?;
+    let model = vcpu::cpuid::model_for(&machine, &cfg.cpu)?;
+    let kvm = vm::open_kvm()?;
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| Error::Kvm {
+            what: "read the supported CPUID",
+            source,
+        })?;
+    let cpu = vcpu::cpuid::resolve(model, &machine, !cfg.cpu.is_empty(), supported.as_slice())?;
+    let mut per_vcpu = Vec::new();
+    for index in 0..cfg.cpus {
+        let table = vcpu::cpuid::build(&cpu.model, supported.as_slice(), index, cfg.cpus)?;
+        let mut leaves: Vec<manifest::CpuidLeaf> = table
+            .as_slice()
+            .iter()
+            .map(|e| manifest::CpuidLeaf {
+                function: e.function,
+                index: e.index,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+            })
+            .collect();
+        leaves.sort_by_key(|l| (l.function, l.index));
+        per_vcpu.push(leaves);
+    }
+    manifest::describe(
+        &machine,
+        cfg,
+        manifest::CpuAbi {
+            model: cpu.model.name.clone(),
+            cpuid: per_vcpu,
+        },
+        cpu.migratable,
+    )
 }
 
 /// Formats an error and its sources on one line.

@@ -26,6 +26,9 @@ struct Cli {
 enum Command {
     /// Boot a guest and run it until it powers off or resets.
     Run(RunArgs),
+    /// Print the guest ABI manifest (and host-side settings) that `run` with
+    /// the same flags would give the guest, as JSON, without starting it.
+    Manifest(RunArgs),
     /// Print what this host offers and what Abide can give a guest (JSON).
     Capabilities,
     /// List the machine types and whether this host can run their default CPU model.
@@ -112,6 +115,14 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => build_config(args).and_then(|cfg| abide_vmm::run(&cfg)),
+        Command::Manifest(args) => build_config(args)
+            .and_then(|cfg| abide_vmm::manifest(&cfg))
+            .and_then(|d| {
+                serde_json::to_string_pretty(&d)
+                    .map(|json| println!("{json}"))
+                    .map_err(abide_vmm::Error::Json)
+            })
+            .map(|()| ExitReason::Poweroff),
         Command::Capabilities => {
             let host = abide_vmm::capabilities::HostKvm::probe();
             let report = abide_vmm::capabilities::report(&host);

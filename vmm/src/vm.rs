@@ -79,7 +79,8 @@ fn serial_sink(cfg: &SerialConfig) -> Result<abide_devices::legacy::serial::Seri
     })
 }
 
-fn open_kvm() -> Result<Kvm, Error> {
+/// Opens /dev/kvm with an error that says what to do.
+pub fn open_kvm() -> Result<Kvm, Error> {
     Kvm::new().map_err(|e| match e.errno() {
         libc::EACCES | libc::EPERM => Error::KvmPermission,
         libc::ENOENT | libc::ENXIO | libc::ENODEV => Error::KvmMissing,
