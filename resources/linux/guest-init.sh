@@ -108,6 +108,12 @@ run_test() {
                     say "vda dd=failed"
                 fi
             fi
+            for q in /sys/block/vd*/mq; do
+                [ -d "$q" ] || continue
+                b=${q%/mq}
+                set -- "$q"/*
+                say "blk dev=${b##*/} queues=$# queue_size=$(cat "$b/queue/nr_requests")"
+            done
             if [ -b /dev/vdb ]; then
                 say "vdb ro=$(cat /sys/block/vdb/ro)"
                 if dd if=/dev/zero of=/dev/vdb bs=512 count=1 conv=fsync 2>/dev/null; then

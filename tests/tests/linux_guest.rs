@@ -67,8 +67,10 @@ const SCENARIOS: &[Scenario] = &[
     },
 ];
 
-/// Option ROM given to the Linux guest's virtio-net.
+/// Option ROM given to the Linux guest's virtio-net on pc-1.0 (75,776 bytes).
 const PXE_ROM: &str = "/usr/lib/ipxe/qemu/pxe-virtio.rom";
+/// The combined EFI+PXE ROM (249,344 bytes): only pc-2.0's slot holds it.
+const EFI_ROM: &str = "/usr/lib/ipxe/qemu/efi-virtio.rom";
 
 /// The PCI scenario: two disks (one read-only), a tap-backed NIC with an
 /// iPXE ROM, an rng. The tap and the host end of the link are created inside
@@ -86,6 +88,12 @@ echo "@@@ end pci rc=$?"
 echo "host-check ext2_magic=$(od -An -tx1 -j 1080 -N 2 "$T/rw.img" | tr -d ' ')"
 echo "host-check pattern=$(dd if="$T/rw.img" bs=512 skip=20000 count=1 2>/dev/null | head -c 23)"
 echo "host-check ro_nonzero=$(tr -d '\000' < "$T/ro.img" | wc -c)"
+truncate -s 16M "$T/v2.img"
+echo '@@@ begin pc2'
+'{abide}' run --kernel '{kernel}' --initrd '{initrd}' --cmdline 'console=ttyS0 quiet abide.test=pci' \
+  --machine pc-2.0 --cpus 4 --memory 512M --disk "path=$T/v2.img" \
+  --net tap=abtap0,mac=52:54:00:ab:cd:02,rom={EFI_ROM} </dev/null
+echo "@@@ end pc2 rc=$?"
 truncate -s 16M "$T/intx.img"
 echo '@@@ begin intx'
 '{abide}' run --kernel '{kernel}' --initrd '{initrd}' \
@@ -364,4 +372,59 @@ fn linux_falls_back_to_intx() {
             .contains("host-check intx_pattern=abide-linux-blk-pattern"),
         "{out}"
     );
+}
+
+/// What differs between pc-1.0 and pc-2.0, as a Linux guest sees it.
+#[test]
+fn linux_sees_machine_type_differences() {
+    let (out, _, _) = session();
+    assert_eq!(out.code, Some(0), "test host session failed\n{out}");
+    let (v1, rc1) = section(&out.stdout, "pci");
+    let (v2, rc2) = section(&out.stdout, "pc2");
+    assert_eq!((rc1, rc2), (Some(0), Some(0)), "{v2}");
+    let (m1, m2) = (abide_machines::pc_1_0(), abide_machines::pc_2_0());
+    let field = |text: &str, prefix: &str, key: &str| -> String {
+        lines(text, prefix)
+            .first()
+            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix(key)))
+            .unwrap_or_else(|| panic!("no {prefix}{key} in\n{text}"))
+            .to_string()
+    };
+    // virtio-net ROM BAR: 128 KiB on pc-1.0 (pxe ROM), 256 KiB on pc-2.0 (EFI+PXE ROM).
+    let nic = |text: &str| {
+        lines(text, "abide-linux: pci ")
+            .into_iter()
+            .find(|l| l.contains("device=0x1041"))
+            .unwrap_or_else(|| panic!("no virtio-net\n{text}"))
+            .to_string()
+    };
+    let rom = |m: &abide_machines::MachineDescription| m.virtio.net.rom_slot.expect("slot");
+    assert!(
+        nic(v1).contains(&format!("rom_size={} ", rom(&m1))),
+        "{}",
+        nic(v1)
+    );
+    assert!(
+        nic(v2).contains(&format!("rom_size={} ", rom(&m2))),
+        "{}",
+        nic(v2)
+    );
+    // virtio-blk queues: 1 on pc-1.0, 4 on pc-2.0 (Linux uses at most one
+    // per vCPU, so that scenario has 4 vCPUs).
+    assert_eq!(
+        field(v1, "abide-linux: blk dev=vda ", "queues="),
+        m1.virtio.blk.num_queues.to_string()
+    );
+    assert_eq!(
+        field(v2, "abide-linux: blk dev=vda ", "queues="),
+        m2.virtio.blk.num_queues.to_string()
+    );
+    // pc-2.0 has a virtio-rng without being asked; Linux binds it.
+    assert!(
+        lines(v2, "abide-linux: pci ")
+            .iter()
+            .any(|l| l.contains("device=0x1044") && l.ends_with("driver=virtio-pci")),
+        "{v2}"
+    );
+    assert!(v2.contains("abide-linux: hwrng current=virtio_rng"), "{v2}");
 }
