@@ -26,8 +26,10 @@ pub struct OpenDisk {
 pub struct OpenNet {
     /// Options.
     pub config: NetConfig,
-    /// Option ROM image, if any.
-    pub rom: Option<Vec<u8>>,
+    /// Option ROM: slot size and image.
+    pub rom: Option<(u64, Vec<u8>)>,
+    /// Whether the slot size comes from `romsize=` rather than the machine.
+    pub rom_slot_overridden: bool,
     /// MAC address.
     pub mac: [u8; 6],
     /// PCI slot.
@@ -45,15 +47,17 @@ pub struct Backends {
     pub rng_slot: Option<u8>,
 }
 
-/// Reads `path` as an option ROM for `model`, refusing one larger than the slot.
+/// Reads `path` as an option ROM for `model`, refusing one larger than the
+/// slot: the machine's, or `romsize` when given. Returns (slot size, image).
 pub fn load_rom(
     machine: &MachineDescription,
     model: &VirtioModel,
     model_name: &'static str,
     device: &str,
     path: &std::path::Path,
-) -> Result<Vec<u8>, Error> {
-    let Some(slot) = model.rom_slot else {
+    romsize: Option<u64>,
+) -> Result<(u64, Vec<u8>), Error> {
+    let Some(slot) = romsize.or(model.rom_slot) else {
         return Err(Error::NoRomSlot {
             device: device.to_string(),
             model: model_name,
@@ -75,7 +79,7 @@ pub fn load_rom(
             machine: machine.name.clone(),
         });
     }
-    Ok(image)
+    Ok((slot, image))
 }
 
 /// A stable, locally administered MAC for card `index` when none is given.
@@ -146,12 +150,14 @@ pub fn open_for(
                 "virtio-net",
                 &label,
                 p,
+                n.romsize,
             )?),
             None => None,
         };
         nets.push(OpenNet {
             config: n.clone(),
             rom,
+            rom_slot_overridden: n.romsize.is_some(),
             mac: n.mac.unwrap_or_else(|| default_mac(i)),
             slot: next_slot(),
         });
@@ -177,19 +183,24 @@ mod tests {
         let big = dir.join("big.rom");
         std::fs::write(&small, vec![0x55; 75_776]).expect("write");
         std::fs::write(&big, vec![0x55; 249_344]).expect("write");
-        let ok = load_rom(&m, &m.virtio.net, "virtio-net", "--net #0", &small).expect("fits");
-        assert_eq!(ok.len(), 75_776);
-        let err = load_rom(&m, &m.virtio.net, "virtio-net", "--net #0", &big)
+        let (slot, ok) =
+            load_rom(&m, &m.virtio.net, "virtio-net", "--net #0", &small, None).expect("fits");
+        assert_eq!((slot, ok.len()), (128 << 10, 75_776));
+        let err = load_rom(&m, &m.virtio.net, "virtio-net", "--net #0", &big, None)
             .expect_err("too large")
             .to_string();
         assert!(err.contains("249344 bytes"), "{err}");
         assert!(err.contains("131072-byte ROM slot"), "{err}");
         assert!(err.contains("virtio-net"), "{err}");
         assert!(err.contains("'pc-1.0'"), "{err}");
-        assert!(load_rom(&m, &m.virtio.blk, "virtio-blk", "--disk #0", &small).is_err());
+        assert!(load_rom(&m, &m.virtio.blk, "virtio-blk", "--disk #0", &small, None).is_err());
+        // An explicit romsize= override makes room on pc-1.0.
+        let (slot, _) = load_rom(&m, &m.virtio.net, "virtio-net", "#0", &big, Some(256 << 10))
+            .expect("override fits");
+        assert_eq!(slot, 256 << 10);
         // The same ROM fits pc-2.0's larger slot.
         let m2 = abide_machines::pc_2_0();
-        assert!(load_rom(&m2, &m2.virtio.net, "virtio-net", "--net #0", &big).is_ok());
+        assert!(load_rom(&m2, &m2.virtio.net, "virtio-net", "--net #0", &big, None).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -83,6 +83,8 @@ pub struct NetConfig {
     pub addr: Option<u8>,
     /// Option ROM image (e.g. iPXE's pxe-virtio.rom).
     pub rom: Option<PathBuf>,
+    /// ROM slot size overriding the machine type's (recorded in the manifest).
+    pub romsize: Option<u64>,
 }
 
 /// A virtio-rng device.
@@ -204,7 +206,7 @@ fn parse_mac(v: &str) -> Option<[u8; 6]> {
     (mac[0] & 1 == 0).then_some(mac)
 }
 
-/// Parses `tap=NAME|fd=N[,mac=52:54:..][,addr=N][,rom=PATH]`.
+/// Parses `tap=NAME|fd=N[,mac=52:54:..][,addr=N][,rom=PATH][,romsize=SIZE]`.
 pub fn parse_net(spec: &str) -> Result<NetConfig, DeviceConfigError> {
     const D: &str = "net";
     let mut backend = None;
@@ -213,8 +215,9 @@ pub fn parse_net(spec: &str) -> Result<NetConfig, DeviceConfigError> {
         mac: None,
         addr: None,
         rom: None,
+        romsize: None,
     };
-    for (k, v) in pairs(D, spec, "tap, fd, mac, addr, rom")? {
+    for (k, v) in pairs(D, spec, "tap, fd, mac, addr, rom, romsize")? {
         match k {
             "tap" if !v.is_empty() && v.len() < 16 => backend = Some(NetBackend::Tap(v.into())),
             "tap" => {
@@ -246,6 +249,18 @@ pub fn parse_net(spec: &str) -> Result<NetConfig, DeviceConfigError> {
             }
             "addr" => cfg.addr = Some(slot(D, v)?),
             "rom" if !v.is_empty() => cfg.rom = Some(PathBuf::from(v)),
+            "romsize" => {
+                let size = crate::config::parse_size(v)
+                    .ok()
+                    .filter(|s| s.is_power_of_two() && (2048..=16 << 20).contains(s))
+                    .ok_or_else(|| DeviceConfigError::BadValue {
+                        device: D,
+                        key: "romsize",
+                        value: v.into(),
+                        hint: "a power of two from 2K to 16M, e.g. 256K",
+                    })?;
+                cfg.romsize = Some(size);
+            }
             _ => {
                 return Err(DeviceConfigError::BadValue {
                     device: D,
@@ -260,6 +275,12 @@ pub fn parse_net(spec: &str) -> Result<NetConfig, DeviceConfigError> {
         device: D,
         key: "tap",
     })?;
+    if cfg.romsize.is_some() && cfg.rom.is_none() {
+        return Err(DeviceConfigError::Missing {
+            device: D,
+            key: "rom",
+        });
+    }
     Ok(cfg)
 }
 
@@ -353,6 +374,16 @@ mod tests {
         assert!(parse_net("tap=t,mac=zz").is_err());
         assert!(parse_net("tap=waytoolonginterfacename").is_err());
         assert!(parse_net("fd=-1").is_err());
+        let o = parse_net("tap=t,rom=/r,romsize=256K").expect("override");
+        assert_eq!(o.romsize, Some(256 << 10));
+        assert!(
+            parse_net("tap=t,rom=/r,romsize=100K").is_err(),
+            "not a power of two"
+        );
+        assert!(
+            parse_net("tap=t,romsize=256K").is_err(),
+            "romsize needs rom"
+        );
     }
 
     #[test]

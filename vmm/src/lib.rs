@@ -119,7 +119,7 @@ pub enum Error {
     #[error(transparent)]
     DeviceConfig(#[from] devices_config::DeviceConfigError),
     /// An option ROM larger than the machine's slot for its device.
-    #[error("{device}: option ROM '{}' is {rom} bytes, larger than the {slot}-byte ROM slot machine '{machine}' gives {model}; use a smaller ROM (e.g. pxe-virtio.rom instead of efi-virtio.rom) or a machine type with a larger slot", path.display())]
+    #[error("{device}: option ROM '{}' is {rom} bytes, larger than the {slot}-byte ROM slot of {model} on machine '{machine}'; use a smaller ROM (e.g. pxe-virtio.rom instead of efi-virtio.rom), a machine type with a larger slot, or romsize=", path.display())]
     RomTooLarge {
         /// Device label.
         device: String,

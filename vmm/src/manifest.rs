@@ -90,8 +90,10 @@ pub struct BarAbi {
 /// An expansion ROM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RomAbi {
-    /// ROM BAR size (the machine's slot).
+    /// ROM BAR size: the machine's slot, or the device's `romsize=`.
     pub slot_size: u64,
+    /// Whether `romsize=` set the slot size instead of the machine type.
+    pub slot_overridden: bool,
     /// Address assigned by the platform.
     pub address: u64,
     /// Size of the image in the slot (0 when no image).
@@ -252,6 +254,12 @@ pub fn describe(
     cfg.validate(machine)?;
     let backends = crate::backends::open_for(machine, cfg, crate::backends::Purpose::Describe)?;
     let host = host_config(cfg, &backends);
+    let overridden: Vec<u8> = backends
+        .nets
+        .iter()
+        .filter(|n| n.rom_slot_overridden)
+        .map(|n| n.slot)
+        .collect();
 
     // The same bus and device models a VM gets, wired to nothing.
     let pio = Arc::new(Bus::new());
@@ -321,6 +329,7 @@ pub fn describe(
                 .collect(),
             rom: rom.map(|(slot_size, address)| RomAbi {
                 slot_size,
+                slot_overridden: overridden.contains(&slot),
                 address,
                 image_size: image.as_ref().map_or(0, |i| i.len() as u64),
                 image_sha256: image.as_deref().map(sha256_hex),

@@ -304,7 +304,7 @@ impl VirtioAttach<'_> {
         model: &VirtioModel,
         slot: u8,
         device: Box<dyn VirtioDevice>,
-        rom: Option<Vec<u8>>,
+        rom: Option<(u64, Vec<u8>)>,
     ) -> Result<(), VirtioSetupError> {
         let named = |s: &str| s.to_string();
         let msi = self
@@ -314,10 +314,6 @@ impl VirtioAttach<'_> {
                 name: named(name),
                 source,
             })?;
-        let rom = match (model.rom_slot, rom) {
-            (Some(slot_size), Some(image)) => Some((slot_size, image)),
-            _ => None,
-        };
         let function = VirtioPci::new(
             device,
             VirtioPciParams {
