@@ -14,7 +14,7 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{BzImage, KernelLoader, KernelLoaderResult};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::e820::{self, E820Entry};
+use crate::e820;
 
 const PAGE: u64 = 4096;
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
@@ -330,11 +330,6 @@ fn load_initrd(
             source,
         })?;
     Ok((addr, size))
-}
-
-/// The e820 map a kernel was given (for reporting).
-pub fn e820_map(machine: &MachineDescription, ram_bytes: u64) -> Vec<E820Entry> {
-    e820::build(machine, ram_bytes)
 }
 
 #[cfg(test)]
