@@ -14,6 +14,7 @@ pub mod legacy;
 pub mod manifest;
 pub mod memory;
 pub mod pci;
+pub mod snapshot;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
