@@ -59,3 +59,25 @@ fn triple_fault_is_an_error_with_registers() {
     assert!(out.stderr.contains("cr3="), "register dump missing\n{out}");
     assert!(!out.stderr.contains("panicked"), "{out}");
 }
+
+#[test]
+fn emulation_failure_is_an_error_with_registers() {
+    // `int3` in ring 0: PVM cannot emulate it (KVM_EXIT_INTERNAL_ERROR);
+    // hardware KVM delivers #BP to the guest, whose handler resets.
+    let out = run_abide(
+        &["run", "--cpu", "abide-v1", "--cmdline", "fault=int3 quiet"],
+        None,
+        TIMEOUT,
+    );
+    assert_eq!(out.one("fault").get("how"), "int3", "{out}");
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert_eq!(out.code, Some(1), "{out}");
+        assert!(out.stderr.contains("KVM internal error"), "{out}");
+        assert!(out.stderr.contains("rip="), "register dump missing\n{out}");
+        assert!(out.stderr.contains("efer="), "register dump missing\n{out}");
+    } else {
+        assert_eq!(out.one("panic").num("exception"), 3, "{out}");
+        assert_eq!(out.code, Some(EXIT_RESET), "{out}");
+    }
+    assert!(!out.stderr.contains("panicked"), "{out}");
+}

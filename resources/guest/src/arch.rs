@@ -123,6 +123,17 @@ pub fn triple_fault() -> ! {
     }
 }
 
+/// Executes `int3` in ring 0, on purpose: PVM cannot emulate it and ends
+/// the VM with an internal error, which the VMM must report with registers.
+/// (Hardware KVM delivers #BP, which the exception handler reports.) This
+/// is the only `int3` in the guest; nothing else may emit one.
+pub fn ring0_int3() -> ! {
+    // SAFETY: a breakpoint trap; the IDT's exception handler takes it.
+    unsafe {
+        asm!(".byte 0xcc", "2:", "hlt", "jmp 2b", options(noreturn));
+    }
+}
+
 #[repr(C)]
 pub struct ExceptionFrame {
     vector: u64,

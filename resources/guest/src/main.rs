@@ -55,6 +55,7 @@ struct Args {
     reset: bool,
     echo: u64,
     triple: bool,
+    int3: bool,
     rounds: u64,
     quiet: bool,
     fingerprint: bool,
@@ -80,6 +81,7 @@ fn parse_args(cmdline: &[u8]) -> Args {
         reset: false,
         echo: 0,
         triple: false,
+        int3: false,
         rounds: user::DEFAULT_ROUNDS,
         quiet: false,
         fingerprint: false,
@@ -112,6 +114,10 @@ fn parse_args(cmdline: &[u8]) -> Args {
             }
             b"fault=triple" => {
                 a.triple = true;
+                true
+            }
+            b"fault=int3" => {
+                a.int3 = true;
                 true
             }
             b"quiet" => {
@@ -347,6 +353,10 @@ extern "C" fn kmain(start_info: u32) -> ! {
     if args.triple {
         Line::new("fault").ks("how", "triple").print();
         arch::triple_fault();
+    }
+    if args.int3 {
+        Line::new("fault").ks("how", "int3").print();
+        arch::ring0_int3();
     }
 
     line("done");
