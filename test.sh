@@ -19,6 +19,10 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --release --workspace --all-targets -- -D warnings
+step "test guest: fmt and clippy (x86_64-unknown-none)"
+(cd resources/guest && cargo fmt -- --check &&
+    cargo clippy --release --target x86_64-unknown-none \
+        --target-dir "$PWD/../../target/guest-clippy" -- -D warnings)
 step "build"
 cargo build --release --workspace
 step "tests"
