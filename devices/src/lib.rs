@@ -9,6 +9,7 @@ pub mod bus;
 pub mod exit;
 pub mod legacy;
 pub mod pci;
+pub mod persist;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

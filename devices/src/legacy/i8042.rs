@@ -46,6 +46,56 @@ const PORT_TEST_OK: u8 = 0x00;
 /// What a device-less port answers to a byte sent to it: "no device".
 const NO_DEVICE: u8 = 0xfe;
 
+/// Saved i8042 state (version 1).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042StateV1 {
+    /// Controller configuration byte.
+    pub ctr: u8,
+    /// Output port.
+    pub output_port: u8,
+    /// Command waiting for its data byte.
+    pub pending_write: Option<u8>,
+    /// Whether the last write was a command.
+    pub last_was_command: bool,
+    /// Bytes waiting for the guest, with whether each is from the aux port.
+    pub output: Vec<(u8, bool)>,
+}
+
+impl crate::persist::Persist for I8042 {
+    const KIND: &'static str = "i8042";
+    const VERSION: u32 = 1;
+    type State = I8042StateV1;
+
+    fn save(&self) -> I8042StateV1 {
+        I8042StateV1 {
+            ctr: self.ctr,
+            output_port: self.output_port,
+            pending_write: self.pending_write,
+            last_was_command: self.last_was_command,
+            output: self.output.iter().copied().collect(),
+        }
+    }
+
+    fn restore(
+        &mut self,
+        _version: u32,
+        s: I8042StateV1,
+    ) -> Result<(), crate::persist::PersistError> {
+        if s.output.len() > 16 {
+            return Err(crate::persist::PersistError::Invalid {
+                device: "i8042",
+                reason: format!("{} queued bytes, at most 16", s.output.len()),
+            });
+        }
+        self.ctr = s.ctr;
+        self.output_port = s.output_port;
+        self.pending_write = s.pending_write;
+        self.last_was_command = s.last_was_command;
+        self.output = s.output.into_iter().collect();
+        Ok(())
+    }
+}
+
 /// The i8042 at data port + command port (`base`, `base + 4`).
 #[derive(Debug)]
 pub struct I8042 {
@@ -225,6 +275,24 @@ mod tests {
         k.write(COMMAND_OFFSET, &[CMD_WRITE_OUTPUT_PORT]);
         k.write(0, &[0x02]);
         assert_eq!(exit.reason(), Some(ExitReason::Reset));
+    }
+
+    #[test]
+    fn state_round_trips() {
+        use crate::persist::Persist;
+        let (mut a, _) = kbd();
+        a.write(COMMAND_OFFSET, &[CMD_WRITE_CTR]);
+        a.write(0, &[0x47]);
+        a.write(COMMAND_OFFSET, &[CMD_SELF_TEST]);
+        let (v, bytes) = a.save_section();
+        let (mut b, _) = kbd();
+        b.restore_section(v, &bytes).expect("restore");
+        assert_eq!(read(&mut b, 0), SELF_TEST_OK, "queued reply survives");
+        b.write(COMMAND_OFFSET, &[CMD_READ_CTR]);
+        assert_eq!(read(&mut b, 0), 0x47);
+        let mut big = a.save();
+        big.output = vec![(0, false); 17];
+        assert!(b.restore(1, big).is_err());
     }
 
     #[test]

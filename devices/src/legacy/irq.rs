@@ -17,6 +17,13 @@ impl IrqLine {
         })
     }
 
+    /// Another handle on the same line.
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(Self {
+            evt: self.evt.try_clone()?,
+        })
+    }
+
     /// The eventfd to register with KVM.
     pub fn eventfd(&self) -> &EventFd {
         &self.evt

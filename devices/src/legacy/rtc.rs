@@ -96,6 +96,50 @@ impl DateTime {
     }
 }
 
+/// Saved RTC state (version 1). The guest's clock is kept as its offset
+/// from the host's, so it moves on with real time across a restore.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RtcStateV1 {
+    /// Selected register (with the NMI-mask bit).
+    pub index: u8,
+    /// CMOS RAM and control registers.
+    pub cmos: Vec<u8>,
+    /// Guest time minus host time, seconds.
+    pub offset: i64,
+}
+
+impl crate::persist::Persist for Rtc {
+    const KIND: &'static str = "cmos-rtc";
+    const VERSION: u32 = 1;
+    type State = RtcStateV1;
+
+    fn save(&self) -> RtcStateV1 {
+        RtcStateV1 {
+            index: self.index,
+            cmos: self.cmos.to_vec(),
+            offset: self.offset,
+        }
+    }
+
+    fn restore(
+        &mut self,
+        _version: u32,
+        s: RtcStateV1,
+    ) -> Result<(), crate::persist::PersistError> {
+        let cmos: [u8; 128] =
+            s.cmos
+                .try_into()
+                .map_err(|v: Vec<u8>| crate::persist::PersistError::Invalid {
+                    device: "cmos-rtc",
+                    reason: format!("CMOS is {} bytes, not 128", v.len()),
+                })?;
+        self.index = s.index;
+        self.cmos = cmos;
+        self.offset = s.offset;
+        Ok(())
+    }
+}
+
 /// The CMOS RTC at an index/data port pair.
 #[derive(Debug)]
 pub struct Rtc {
@@ -300,6 +344,24 @@ mod tests {
         rtc.write(1, &[5]);
         assert_eq!(rd(&mut rtc, 0x04), 5);
         assert_eq!(rd(&mut rtc, 0x02), 5, "minutes unchanged");
+    }
+
+    #[test]
+    fn state_round_trips() {
+        use crate::persist::Persist;
+        let mut a = Rtc::with_clock(|| T);
+        a.write(0, &[0x40]);
+        a.write(1, &[0xab]);
+        a.write(0, &[0x04]);
+        a.write(1, &[0x05]); // guest sets the hour: an offset
+        let (v, bytes) = a.save_section();
+        let mut b = Rtc::with_clock(|| T);
+        b.restore_section(v, &bytes).expect("restore");
+        assert_eq!(rd(&mut b, 0x40), 0xab);
+        assert_eq!(rd(&mut b, 0x04), 0x05, "guest time kept");
+        let mut short = a.save();
+        short.cmos.truncate(10);
+        assert!(b.restore(1, short).is_err());
     }
 
     #[test]

@@ -54,6 +54,93 @@ impl BusDevice for Serial {
     }
 }
 
+/// Saved UART state (version 1): the 16550 registers and the receive FIFO.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialStateV1 {
+    /// Divisor latch, low byte.
+    pub dll: u8,
+    /// Divisor latch, high byte.
+    pub dlh: u8,
+    /// Interrupt enable.
+    pub ier: u8,
+    /// Interrupt identification.
+    pub iir: u8,
+    /// Line control.
+    pub lcr: u8,
+    /// Line status.
+    pub lsr: u8,
+    /// Modem control.
+    pub mcr: u8,
+    /// Modem status.
+    pub msr: u8,
+    /// Scratch.
+    pub scr: u8,
+    /// Received bytes not yet read by the guest.
+    pub rx_fifo: Vec<u8>,
+}
+
+impl crate::persist::Persist for Serial {
+    const KIND: &'static str = "uart-16550";
+    const VERSION: u32 = 1;
+    type State = SerialStateV1;
+
+    fn save(&self) -> SerialStateV1 {
+        let s = self.inner.state();
+        SerialStateV1 {
+            dll: s.baud_divisor_low,
+            dlh: s.baud_divisor_high,
+            ier: s.interrupt_enable,
+            iir: s.interrupt_identification,
+            lcr: s.line_control,
+            lsr: s.line_status,
+            mcr: s.modem_control,
+            msr: s.modem_status,
+            scr: s.scratch,
+            rx_fifo: s.in_buffer,
+        }
+    }
+
+    fn restore(
+        &mut self,
+        _version: u32,
+        s: SerialStateV1,
+    ) -> Result<(), crate::persist::PersistError> {
+        let invalid = |reason: String| crate::persist::PersistError::Invalid {
+            device: <Self as crate::persist::Persist>::KIND,
+            reason,
+        };
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.dll,
+            baud_divisor_high: s.dlh,
+            interrupt_enable: s.ier,
+            interrupt_identification: s.iir,
+            line_control: s.lcr,
+            line_status: s.lsr,
+            modem_control: s.mcr,
+            modem_status: s.msr,
+            scratch: s.scr,
+            in_buffer: s.rx_fifo,
+        };
+        // Keep the interrupt line and the output sink; replace the registers.
+        let trigger = self
+            .inner
+            .interrupt_evt()
+            .try_clone()
+            .map_err(|e| invalid(e.to_string()))?;
+        let spare = trigger.try_clone().map_err(|e| invalid(e.to_string()))?;
+        let placeholder = vm_superio::Serial::new(spare, Box::new(std::io::sink()) as SerialSink);
+        let old = std::mem::replace(&mut self.inner, placeholder);
+        let out = old.into_writer();
+        match vm_superio::Serial::from_state(&state, trigger, vm_superio::serial::NoEvents, out) {
+            Ok(restored) => {
+                self.inner = restored;
+                Ok(())
+            }
+            Err(e) => Err(invalid(format!("{e:?}"))),
+        }
+    }
+}
+
 /// A sink that flushes after every write, so partial lines (prompts) show.
 #[derive(Debug)]
 pub struct Unbuffered<W: Write>(pub W);
@@ -84,6 +171,30 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn state_round_trips() {
+        use crate::persist::Persist;
+        let out = Shared::default();
+        let mut a = Serial::new(IrqLine::new().expect("eventfd"), Box::new(out.clone()));
+        a.write(3, &[0x03]); // LCR: 8 data bits
+        a.write(7, &[0x5a]); // scratch
+        a.enqueue_input(b"ab");
+        let (v, bytes) = a.save_section();
+        let mut b = Serial::new(IrqLine::new().expect("eventfd"), Box::new(out.clone()));
+        b.restore_section(v, &bytes).expect("restore");
+        assert_eq!(b.save(), a.save());
+        let mut c = [0u8];
+        b.read(0, &mut c);
+        assert_eq!(c[0], b'a', "pending input survives");
+        b.write(0, b"z");
+        assert_eq!(&*out.0.lock().expect("lock"), b"z", "output sink kept");
+        assert!(
+            b.restore_section(2, &bytes).is_err(),
+            "newer version refused"
+        );
+        assert!(b.restore_section(1, b"{").is_err(), "malformed refused");
     }
 
     #[test]
