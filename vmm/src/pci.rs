@@ -4,9 +4,9 @@
 use std::sync::{Arc, Mutex};
 
 use abide_devices::legacy::ResetControl;
-use abide_devices::pci::{HostBridge, PciConfigIo, PciEcam, PciFunction, PciIds, PciRoot, Windows};
+use abide_devices::pci::{HostBridge, PciConfigIo, PciEcam, PciFunction, PciRoot, Windows};
 use abide_devices::{Bus, BusError, ExitSignal};
-use abide_machines::{MachineDescription, PciIdentity};
+use abide_machines::MachineDescription;
 
 /// Errors building the PCI platform.
 #[derive(Debug, thiserror::Error)]
@@ -28,18 +28,6 @@ pub enum PciSetupError {
     /// BAR allocation failed.
     #[error(transparent)]
     Alloc(#[from] abide_devices::pci::AllocError),
-}
-
-/// Converts the machine's identity record to the device model's.
-pub fn ids(id: &PciIdentity) -> PciIds {
-    PciIds {
-        vendor: id.vendor,
-        device: id.device,
-        subsystem_vendor: id.subsystem_vendor,
-        subsystem: id.subsystem,
-        revision: id.revision,
-        class: id.class,
-    }
 }
 
 /// Whether the machine's reset register sits inside the PCI config ports
@@ -80,7 +68,7 @@ impl PciPlatform {
         let p = &machine.pci;
         let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone(), pio.clone())));
         let bridge: Arc<Mutex<dyn PciFunction>> =
-            Arc::new(Mutex::new(HostBridge::new(ids(&p.host_bridge))));
+            Arc::new(Mutex::new(HostBridge::new(p.host_bridge)));
         root.lock()
             .unwrap_or_else(|e| e.into_inner())
             .add(0, bridge)

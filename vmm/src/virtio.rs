@@ -11,9 +11,9 @@ use abide_devices::virtio::rng::{Rng, RngParams};
 
 use abide_devices::legacy::IrqLine;
 use abide_devices::pci::PciFunction;
-use abide_devices::virtio::pci::{NotifyRegistrar, VirtioPci, VirtioPciLayout, VirtioPciParams};
+use abide_devices::virtio::pci::{NotifyRegistrar, VirtioPci, VirtioPciParams};
 use abide_devices::virtio::VirtioDevice;
-use abide_machines::{MachineDescription, VirtioBarLayout, VirtioModel};
+use abide_machines::{MachineDescription, VirtioModel};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -22,7 +22,7 @@ use crate::backends::Backends;
 use crate::devices_config::NetBackend;
 use crate::intx::Resampler;
 use crate::irq::{GsiRouter, IrqError, MsiVectors};
-use crate::pci::{ids, PciPlatform, PciSetupError};
+use crate::pci::{PciPlatform, PciSetupError};
 
 /// Errors attaching a virtio device.
 #[derive(Debug, thiserror::Error)]
@@ -190,19 +190,6 @@ impl NotifyRegistrar for KvmNotify {
     }
 }
 
-fn layout(l: &VirtioBarLayout) -> VirtioPciLayout {
-    VirtioPciLayout {
-        bar_size: l.bar_size,
-        common: l.common,
-        isr: l.isr,
-        device: l.device,
-        notify: l.notify,
-        notify_multiplier: l.notify_multiplier,
-        msix_table: l.msix_table,
-        msix_pba: l.msix_pba,
-    }
-}
-
 /// How a function's interrupts and notifications reach the hypervisor.
 pub trait Wiring {
     /// MSI-X delivery for `vectors` vectors.
@@ -317,8 +304,8 @@ impl VirtioAttach<'_> {
         let function = VirtioPci::new(
             device,
             VirtioPciParams {
-                ids: ids(&model.pci),
-                layout: layout(&self.machine.virtio.layout),
+                ids: model.pci,
+                layout: self.machine.virtio.layout,
                 msix_vectors: model.msix_vectors,
                 msi,
                 intx: None,

@@ -129,22 +129,8 @@ pub struct PciConfig {
     last_cap: Option<usize>,
 }
 
-/// Identity of a function.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PciIds {
-    /// Vendor ID.
-    pub vendor: u16,
-    /// Device ID.
-    pub device: u16,
-    /// Subsystem vendor ID.
-    pub subsystem_vendor: u16,
-    /// Subsystem ID.
-    pub subsystem: u16,
-    /// Revision.
-    pub revision: u8,
-    /// Class code (class << 16 | subclass << 8 | prog-if).
-    pub class: u32,
-}
+/// Identity of a function, as the machine description gives it.
+pub use abide_machines::PciIdentity as PciIds;
 
 impl PciConfig {
     /// A header-type-0 function with `ids` and interrupt pin `pin` (0 = none, 1 = INTA#).

@@ -30,26 +30,9 @@ const CAP_DEVICE: u8 = 4;
 const ISR_QUEUE: u8 = 1;
 const ISR_CONFIG: u8 = 2;
 
-/// Where the transport's regions sit in BAR 0. Guest-visible.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct VirtioPciLayout {
-    /// BAR 0 size.
-    pub bar_size: u64,
-    /// Common configuration offset.
-    pub common: u32,
-    /// ISR offset.
-    pub isr: u32,
-    /// Device configuration offset.
-    pub device: u32,
-    /// Notification area offset.
-    pub notify: u32,
-    /// Bytes between queue notification addresses.
-    pub notify_multiplier: u32,
-    /// MSI-X table offset.
-    pub msix_table: u32,
-    /// MSI-X pending-bit array offset.
-    pub msix_pba: u32,
-}
+/// Where the transport's regions sit in BAR 0, as the machine description
+/// gives it. Guest-visible.
+pub use abide_machines::VirtioBarLayout as VirtioPciLayout;
 
 /// Registers queue-notification eventfds with the hypervisor so that a
 /// guest's notify write signals the eventfd without a VM exit to userspace.
