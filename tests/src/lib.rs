@@ -210,6 +210,11 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// Whether /dev/kvm here is PVM (software virtualization; kvm_pvm loaded).
+pub fn host_is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
 /// Whether this host has hardware virtualization (vmx or svm).
 pub fn host_has_hw_virt() -> bool {
     std::fs::read_to_string("/proc/cpuinfo")

@@ -68,10 +68,6 @@ fn reference_args(machine: &str, dir: &Path) -> Vec<String> {
     ]
 }
 
-fn pvm() -> bool {
-    Path::new("/sys/module/kvm_pvm").exists()
-}
-
 /// Zeroes the vendor registers of leaves 0 and 0x80000000.
 fn normalize_manifest(mut abi: Value) -> Value {
     if let Some(cpus) = abi["cpu"]["cpuid"].as_array_mut() {
@@ -318,7 +314,7 @@ fn fingerprints_match_goldens() {
 /// the registers PVM overrides must match the golden taken on real KVM.
 #[test]
 fn pc_1_0_fingerprint_on_this_host() {
-    if !pvm() {
+    if !abide_tests::host_is_pvm() {
         eprintln!("pc_1_0_fingerprint_on_this_host: not PVM; covered exactly by fingerprints_match_goldens");
         return;
     }

@@ -70,7 +70,7 @@ fn emulation_failure_is_an_error_with_registers() {
         TIMEOUT,
     );
     assert_eq!(out.one("fault").get("how"), "int3", "{out}");
-    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+    if abide_tests::host_is_pvm() {
         assert_eq!(out.code, Some(1), "{out}");
         assert!(out.stderr.contains("KVM internal error"), "{out}");
         assert!(out.stderr.contains("rip="), "register dump missing\n{out}");

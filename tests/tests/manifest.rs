@@ -167,7 +167,7 @@ fn manifest_matches_what_the_guest_sees() {
     // The guest's own CPUID (ring 0, BSP) equals the manifest's vCPU 0.
     // PVM answers the feature leaves (1 ECX/EDX, 7, 0xD) from the physical
     // host whatever the VMM configures; there those registers are skipped.
-    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    let pvm = abide_tests::host_is_pvm();
     if pvm {
         eprintln!(
             "NOTE: /dev/kvm is PVM: CPUID leaf 1 ECX/EDX and leaves 7 and 0xD are not \

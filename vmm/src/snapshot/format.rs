@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::manifest::sha256_hex;
+
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"ABIDESNP";
 /// Newest header format this build reads and writes.
@@ -119,10 +121,6 @@ pub struct Header {
 pub struct Writer {
     header: Header,
     payloads: Vec<Vec<u8>>,
-}
-
-fn sha256_hex(b: &[u8]) -> String {
-    hex::encode(Sha256::digest(b))
 }
 
 impl Writer {
