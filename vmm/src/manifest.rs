@@ -286,36 +286,31 @@ pub fn describe(
     pci.assign_resources(machine)?;
 
     let virtio = pci.virtio.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let root = pci.root.lock().unwrap_or_else(|e| e.into_inner());
+    let slots = pci.root.lock().unwrap_or_else(|e| e.into_inner()).slots();
     let mut functions = Vec::new();
-    for slot in root.slots() {
-        let (bars, rom) = root.resources(slot);
-        let v = virtio.iter().find(|f| f.slot == slot);
-        let (model, virtio_abi, image) = match v {
+    for slot in slots {
+        let (bars, rom) = pci
+            .root
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .resources(slot);
+        let (model, virtio, image) = match virtio.iter().find(|f| f.slot == slot) {
             Some(f) => {
                 let func = f.function.lock().unwrap_or_else(|e| e.into_inner());
                 let d = func.describe();
                 let image = abide_devices::pci::PciFunction::rom(&*func).map(<[u8]>::to_vec);
-                (
-                    f.model.to_string(),
-                    Some(VirtioAbi {
-                        device_type: d.device_type,
-                        features: d.features,
-                        queue_sizes: d.queue_sizes,
-                        msix_vectors: d.msix_vectors,
-                        config: hex::encode(&d.config),
-                    }),
-                    image,
-                )
+                let abi = VirtioAbi {
+                    device_type: d.device_type,
+                    features: d.features,
+                    queue_sizes: d.queue_sizes,
+                    msix_vectors: d.msix_vectors,
+                    config: hex::encode(&d.config),
+                };
+                (f.model.to_string(), Some(abi), image)
             }
             None => ("host-bridge".to_string(), None, None),
         };
-        functions.push((slot, model, bars, rom, virtio_abi, image));
-    }
-    drop(root);
-    let functions = functions
-        .into_iter()
-        .map(|(slot, model, bars, rom, virtio, image)| FunctionAbi {
+        functions.push(FunctionAbi {
             bdf: format!("00:{slot:02x}.0"),
             model,
             config: hex::encode(pci.config_space(slot)),
@@ -336,8 +331,8 @@ pub fn describe(
                 image_sha256: image.as_deref().map(sha256_hex),
             }),
             virtio,
-        })
-        .collect();
+        });
+    }
 
     let tables = abide_firmware::acpi::build(machine, cfg.cpus)?;
     let acpi = tables
