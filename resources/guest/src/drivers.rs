@@ -1,6 +1,6 @@
 //! Device work selected on the command line (`pci`, `virtio-blk`,
-//! `blk-write=`, `blk-read=`, `blk-id`, `rng`, `hostile`). All of it runs
-//! in ring 3; ring 0 is only asked to map MMIO (`SYS_MAP`).
+//! `blk-write=`, `blk-loop=`, `blk-read=`, `blk-id`, `rng`, `hostile`).
+//! All of it runs in ring 3; ring 0 is only asked to map MMIO (`SYS_MAP`).
 
 use crate::pci::{self, BarKind, Func, CMD, CMD_IO, CMD_MEM, PCI};
 use crate::print::{error, Line};
@@ -12,6 +12,8 @@ pub struct DriverArgs {
     pub blk: bool,
     pub blk_write: Option<u64>,
     pub blk_read: Option<u64>,
+    /// `blk-loop=N`: N write + read-back + verify iterations.
+    pub blk_loop: Option<u64>,
     pub blk_id: bool,
     pub rng: bool,
     pub hostile: bool,
@@ -148,6 +150,72 @@ fn blk_timeout(d: &Vdev) {
     l.kx("status", d.status() as u64).print();
 }
 
+/// Sectors `blk-loop` cycles over: 64 blocks of 4 KiB from sector 0.
+const LOOP_BLOCKS: u64 = 64;
+
+/// Fill `buf` with the `blk-loop` pattern of iteration `i` (xorshift64
+/// seeded by i; the seed is never 0).
+fn loop_pattern(i: u64, buf: &mut [u8]) {
+    let mut x = (i.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for w in buf.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes());
+    }
+}
+
+/// `blk-loop=N`: iteration i writes 4 KiB at sector (i % 64) * 8, reads it
+/// back and compares every byte: `blk-loop iter=<i> ok=<1|0>` per
+/// iteration, then `blk-loop done iters=<n> errors=<count>`. Returns false
+/// if a request timed out (the device is then given up, as elsewhere).
+#[inline(never)]
+fn blk_loop(d: &mut Vdev, n: u64) -> bool {
+    let dma = DMA.get();
+    let wbuf = addr_of(&dma.wbuf);
+    let rbuf = addr_of(&dma.rbuf);
+    let mut errors = 0u64;
+    let mut iters = 0u64;
+    let mut alive = true;
+    for i in 0..n {
+        let sector = (i % LOOP_BLOCKS) * 8;
+        loop_pattern(i, &mut dma.wbuf.0);
+        dma.rbuf.0.fill(0);
+        iters += 1;
+        let ok = match blk_req(d, T_OUT, sector, wbuf, 4096) {
+            Some(0) => match blk_req(d, T_IN, sector, rbuf, 4096) {
+                Some(r) => r == 0 && dma.rbuf.0 == dma.wbuf.0,
+                None => {
+                    alive = false;
+                    false
+                }
+            },
+            Some(_) => false,
+            None => {
+                alive = false;
+                false
+            }
+        };
+        if !ok {
+            errors += 1;
+        }
+        Line::new("blk-loop")
+            .kd("iter", i)
+            .kd("ok", ok as u64)
+            .print();
+        if !alive {
+            blk_timeout(d);
+            break;
+        }
+    }
+    Line::new("blk-loop")
+        .s(" done")
+        .kd("iters", iters)
+        .kd("errors", errors)
+        .print();
+    alive
+}
+
 /// The test pattern: byte i of absolute sector s.
 fn pattern(s: u64, i: u64) -> u8 {
     (s.wrapping_mul(131) + i * 7 + 0x5A) as u8
@@ -243,6 +311,11 @@ fn blk_main(a: &DriverArgs, f: &Func) -> Option<Vdev> {
             l.ks("verify", "skip").kd("status", w as u64);
         }
         l.print();
+    }
+    if let Some(n) = a.blk_loop {
+        if !blk_loop(&mut d, n) {
+            return None;
+        }
     }
     if let Some(s0) = a.blk_read {
         let r = match blk_req(&mut d, T_IN, s0, rbuf, 4096) {

@@ -57,10 +57,17 @@ struct Args {
     triple: bool,
     int3: bool,
     rounds: u64,
+    /// Workload buffer size in bytes (`buf-kib=`).
+    buf_len: u64,
+    progress: bool,
+    spin: bool,
     quiet: bool,
     fingerprint: bool,
     dev: drivers::DriverArgs,
 }
+
+/// Period of the `spin` loop's `tick` lines.
+const SPIN_PERIOD_US: u64 = 200_000;
 
 fn parse_dec(s: &[u8]) -> Option<u64> {
     if s.is_empty() || s.len() > 19 {
@@ -83,6 +90,9 @@ fn parse_args(cmdline: &[u8]) -> Args {
         triple: false,
         int3: false,
         rounds: user::DEFAULT_ROUNDS,
+        buf_len: user::BUFFER_SIZE,
+        progress: false,
+        spin: false,
         quiet: false,
         fingerprint: false,
         dev: drivers::DriverArgs {
@@ -90,6 +100,7 @@ fn parse_args(cmdline: &[u8]) -> Args {
             blk: false,
             blk_write: None,
             blk_read: None,
+            blk_loop: None,
             blk_id: false,
             rng: false,
             hostile: false,
@@ -128,6 +139,14 @@ fn parse_args(cmdline: &[u8]) -> Args {
                 a.fingerprint = true;
                 true
             }
+            b"progress" => {
+                a.progress = true;
+                true
+            }
+            b"spin" => {
+                a.spin = true;
+                true
+            }
             b"pci" => {
                 a.dev.pci = true;
                 true
@@ -161,6 +180,27 @@ fn parse_args(cmdline: &[u8]) -> Args {
                     a.dev.blk_read = Some(n)
                 })
                 .is_some(),
+            _ if tok.starts_with(b"blk-loop=") => parse_dec(&tok[9..])
+                .map(|n| {
+                    a.dev.blk = true;
+                    a.dev.blk_loop = Some(n)
+                })
+                .is_some(),
+            _ if tok.starts_with(b"buf-kib=") => parse_dec(&tok[8..])
+                .map(|n| {
+                    let max = user::BUFFER_SIZE >> 10;
+                    if n == 0 || n > max {
+                        // Refused: the default size stays.
+                        Line::new("error")
+                            .ks("what", "buf-kib-out-of-range")
+                            .kd("kib", n)
+                            .kd("max", max)
+                            .print();
+                    } else {
+                        a.buf_len = n << 10;
+                    }
+                })
+                .is_some(),
             _ if tok.starts_with(b"echo=") => parse_dec(&tok[5..]).map(|n| a.echo = n).is_some(),
             _ if tok.starts_with(b"rounds=") => {
                 parse_dec(&tok[7..]).map(|n| a.rounds = n).is_some()
@@ -174,8 +214,9 @@ fn parse_args(cmdline: &[u8]) -> Args {
     a
 }
 
-/// A 16 MiB RAM range below 4 GiB that does not overlap the guest image.
-fn user_buffer(bi: &bootinfo::BootInfo) -> Option<u64> {
+/// A `len`-byte RAM range below 4 GiB (2 MiB aligned) that does not
+/// overlap the guest image.
+fn user_buffer(bi: &bootinfo::BootInfo, len: u64) -> Option<u64> {
     const TWO_MIB: u64 = 2 << 20;
     let image_end = unsafe { &boot::__image_end as *const u8 as u64 };
     let floor = (image_end + TWO_MIB - 1) & !(TWO_MIB - 1);
@@ -185,7 +226,7 @@ fn user_buffer(bi: &bootinfo::BootInfo) -> Option<u64> {
         }
         let start = (e.addr.max(floor) + TWO_MIB - 1) & !(TWO_MIB - 1);
         let end = e.addr.saturating_add(e.size).min(1 << 32);
-        if start + user::BUFFER_SIZE <= end {
+        if start + len <= end {
             return Some(start);
         }
     }
@@ -312,10 +353,15 @@ extern "C" fn kmain(start_info: u32) -> ! {
             .print();
     }
 
-    let ubuf = user_buffer(bi);
+    // The workload uses the first `buf_len` bytes; the whole range
+    // (BUFFER_SIZE if there is room, as without `buf-kib=`) is scratch RAM
+    // for the device work afterwards.
+    let ubuf = user_buffer(bi, user::BUFFER_SIZE)
+        .map(|b| (b, user::BUFFER_SIZE))
+        .or_else(|| user_buffer(bi, args.buf_len).map(|b| (b, args.buf_len)));
     match ubuf {
-        Some(buf) => {
-            user::run(args.rounds, buf, user::BUFFER_SIZE);
+        Some((buf, _)) => {
+            user::run(args.rounds, buf, args.buf_len, args.progress);
         }
         None => error("no-user-buffer"),
     }
@@ -339,9 +385,9 @@ extern "C" fn kmain(start_info: u32) -> ! {
             .map(|e| e.addr.saturating_add(e.size))
             .max()
             .unwrap_or(0);
-        if let Some(buf) = ubuf {
+        if let Some((buf, len)) = ubuf {
             d.scratch = buf;
-            d.scratch_len = user::BUFFER_SIZE;
+            d.scratch_len = len;
         }
         drivers::run(d);
     }
@@ -357,6 +403,10 @@ extern "C" fn kmain(start_info: u32) -> ! {
     if args.int3 {
         Line::new("fault").ks("how", "int3").print();
         arch::ring0_int3();
+    }
+
+    if args.spin {
+        user::spin(SPIN_PERIOD_US);
     }
 
     line("done");

@@ -18,6 +18,8 @@ struct UserArgs {
     rounds: u64,
     buf: u64,
     len: u64,
+    /// Print a `progress` line after every round.
+    progress: u64,
 }
 
 #[repr(C, align(16))]
@@ -27,15 +29,18 @@ static ARGS: Global<UserArgs> = Global::new(UserArgs {
     rounds: 0,
     buf: 0,
     len: 0,
+    progress: 0,
 });
 
 /// Run the checksum workload in ring 3 over `[buf, buf+len)`; returns the
-/// checksum the workload exited with.
-pub fn run(rounds: u64, buf: u64, len: u64) -> u64 {
+/// checksum the workload exited with. With `progress`, a line per round:
+/// `guest: progress round=<r> sum=0x<16 hex>` (the running checksum).
+pub fn run(rounds: u64, buf: u64, len: u64, progress: bool) -> u64 {
     let a = ARGS.get();
     a.rounds = rounds;
     a.buf = buf;
     a.len = len;
+    a.progress = progress as u64;
     let st = USTACK.get();
     // Entered like a call: rsp % 16 == 8 at the first instruction.
     let top = st.0.as_ptr() as u64 + st.0.len() as u64 - 8;
@@ -101,6 +106,45 @@ pub fn sys_exit(v: u64) -> ! {
     }
 }
 
+/// Ring 3, never returns: `guest: tick n=<n>` (n = 1, 2, ...) every
+/// `period_us` of PM-timer time. Between clock reads (system calls) it
+/// spins natively; after a jump of the clock (e.g. a restore) it does not
+/// try to catch up, so the lines never come in a burst.
+extern "C" fn spin_main(period_us: u64) -> ! {
+    let period = crate::timer::us_to_ticks(period_us).max(1);
+    let mut next = sys_ticks() + period;
+    let mut n = 0u64;
+    loop {
+        for _ in 0..SPIN_POLL {
+            core::hint::spin_loop();
+        }
+        let now = sys_ticks();
+        if now < next {
+            continue;
+        }
+        n += 1;
+        Line::new("tick").kd("n", n).print();
+        next += period;
+        if next <= now {
+            next = now + period;
+        }
+    }
+}
+
+/// `pause` instructions between clock reads in `spin`: a few ms at most
+/// (10-140 cycles each), and few kernel entries (each clock read is an
+/// interpreted system call plus a PM-timer exit under PVM).
+const SPIN_POLL: u32 = 100_000;
+
+/// Run the `spin` loop in ring 3 on the workload stack; never returns.
+pub fn spin(period_us: u64) -> ! {
+    call(spin_main, period_us);
+    // spin_main never exits; should it, stay put.
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
 extern "C" fn user_main(argp: u64) -> ! {
     let a = unsafe { &*(argp as *const UserArgs) };
     let cpl = crate::io::read_cs() & 3;
@@ -130,6 +174,12 @@ extern "C" fn user_main(argp: u64) -> ! {
         if words > 0 {
             let k = (r as usize).wrapping_mul(4099) % words;
             unsafe { p.add(k).write(p.add(k).read() ^ h) };
+        }
+        if a.progress != 0 {
+            Line::new("progress")
+                .kd("round", r)
+                .kx16("sum", sum)
+                .print();
         }
         sys_ticks(); // keeps the kernel's PM-timer extension from missing a wrap
     }
