@@ -7,7 +7,7 @@ use abide_machines::{MachineDescription, MIB};
 use crate::devices_config::{DiskConfig, NetConfig, RngConfig};
 
 /// Where the guest's kernel comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum KernelSource {
     /// The small guest built into the `abide` binary.
     Embedded,
@@ -16,7 +16,7 @@ pub enum KernelSource {
 }
 
 /// Where COM1's output goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SerialConfig {
     /// Standard output; standard input feeds the UART.
     Stdio,
@@ -81,7 +81,7 @@ pub enum ConfigError {
 }
 
 /// A VM to build.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     /// Machine type name or alias (`pc-1.0`, `pc`, …).
     pub machine: String,

@@ -49,7 +49,7 @@ pub enum DeviceConfigError {
 }
 
 /// A virtio-blk disk.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     /// Raw image.
     pub path: PathBuf,
@@ -64,7 +64,7 @@ pub struct DiskConfig {
 }
 
 /// The host side of a virtio-net card.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum NetBackend {
     /// A tap interface opened by name.
     Tap(String),
@@ -73,7 +73,7 @@ pub enum NetBackend {
 }
 
 /// A virtio-net card.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     /// Backend.
     pub backend: NetBackend,
@@ -88,7 +88,7 @@ pub struct NetConfig {
 }
 
 /// A virtio-rng device.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RngConfig {
     /// Requested PCI slot.
     pub addr: Option<u8>,

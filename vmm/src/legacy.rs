@@ -34,6 +34,12 @@ pub enum LegacyError {
 pub struct LegacyDevices {
     /// COM1, for feeding input.
     pub serial: Arc<Mutex<Serial>>,
+    /// The i8042 controller.
+    pub i8042: Arc<Mutex<I8042>>,
+    /// The CMOS RTC.
+    pub rtc: Arc<Mutex<Rtc>>,
+    /// The ACPI PM block.
+    pub pm: Arc<Mutex<AcpiPm>>,
 }
 
 fn irq_line(vm: &VmFd, device: &'static str, gsi: u32) -> Result<IrqLine, LegacyError> {
@@ -69,24 +75,12 @@ pub fn attach(
     };
     let serial = Arc::new(Mutex::new(Serial::new(com1_irq, serial_out)));
     place("COM1", serial.clone(), l.com1.port, l.com1.len)?;
-    place(
-        "i8042",
-        Arc::new(Mutex::new(I8042::new(exit.clone()))),
-        l.i8042.port,
-        l.i8042.len,
-    )?;
-    place(
-        "RTC",
-        Arc::new(Mutex::new(Rtc::new())),
-        l.rtc.port,
-        l.rtc.len,
-    )?;
-    place(
-        "ACPI PM block",
-        Arc::new(Mutex::new(AcpiPm::new(l.pm, exit.clone()))),
-        l.pm.base,
-        l.pm.len,
-    )?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone())));
+    place("i8042", i8042.clone(), l.i8042.port, l.i8042.len)?;
+    let rtc = Arc::new(Mutex::new(Rtc::new()));
+    place("RTC", rtc.clone(), l.rtc.port, l.rtc.len)?;
+    let pm = Arc::new(Mutex::new(AcpiPm::new(l.pm, exit.clone())));
+    place("ACPI PM block", pm.clone(), l.pm.base, l.pm.len)?;
     // A reset register inside the PCI config ports belongs to that device.
     if !crate::pci::reset_in_config_ports(machine) {
         place(
@@ -96,5 +90,10 @@ pub fn attach(
             1,
         )?;
     }
-    Ok(LegacyDevices { serial })
+    Ok(LegacyDevices {
+        serial,
+        i8042,
+        rtc,
+        pm,
+    })
 }

@@ -3,6 +3,7 @@
 //!
 //! [`run`] builds a VM from a [`config::VmConfig`] and runs it to completion.
 
+pub mod api;
 pub mod backends;
 pub mod capabilities;
 pub mod config;
@@ -166,6 +167,24 @@ pub enum Error {
     /// A thread could not be started.
     #[error("cannot start a vCPU thread")]
     Thread(#[source] std::io::Error),
+    /// The vCPUs could not be paused.
+    #[error("cannot pause the VM")]
+    Pause(#[source] vcpu::PauseError),
+    /// A device could not be resumed.
+    #[error("cannot resume {device}")]
+    Resume {
+        /// Device.
+        device: String,
+        /// Cause.
+        #[source]
+        source: abide_devices::virtio::ActivateError,
+    },
+    /// Saving or restoring a snapshot.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::RestoreError),
+    /// The control API.
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
 }
 
 /// An anonymous, unlinked in-memory file.
@@ -183,8 +202,21 @@ pub fn anon_file(name: &str) -> std::io::Result<File> {
 
 /// Builds and runs a VM of the configured machine type.
 pub fn run(cfg: &config::VmConfig) -> Result<ExitReason, Error> {
+    run_with_api(cfg, None)
+}
+
+/// Like [`run`], serving the control API on `api_socket` if given.
+pub fn run_with_api(
+    cfg: &config::VmConfig,
+    api_socket: Option<&std::path::Path>,
+) -> Result<ExitReason, Error> {
     let machine = abide_machines::resolve(&cfg.machine)?;
-    vm::Vm::build(machine, cfg)?.run()
+    let api = api_socket.map(api::ApiServer::bind).transpose()?;
+    let mut vm = vm::Vm::build(machine, cfg)?;
+    if let Some(api) = api {
+        vm.set_api(api);
+    }
+    vm.run()
 }
 
 /// The guest ABI manifest and host-side settings for `cfg`, without

@@ -33,6 +33,101 @@ enum Command {
     Capabilities,
     /// List the machine types and whether this host can run their default CPU model.
     Machines,
+    /// Ask a running abide (started with --api-socket) to write a snapshot.
+    Snapshot(SnapshotArgs),
+    /// Restore a snapshot in this process and run the guest on.
+    Restore(RestoreArgs),
+    /// Send a control request (status, pause, resume, quit) to a running abide.
+    Ctl(CtlArgs),
+}
+
+#[derive(clap::Args)]
+struct SnapshotArgs {
+    /// Control socket of the running abide.
+    #[arg(long)]
+    api_socket: PathBuf,
+    /// Stop the VM after the snapshot is written (abide exits 0).
+    #[arg(long)]
+    stop: bool,
+    /// Snapshot file to write.
+    output: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// Snapshot file.
+    snapshot: PathBuf,
+    /// COM1 output: stdio, null or file:PATH (default: as saved).
+    #[arg(long)]
+    serial: Option<String>,
+    /// Serve the control API on this Unix socket.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Use another image for the disk at a PCI slot: SLOT=PATH. Repeatable.
+    #[arg(long = "disk-path", value_name = "SLOT=PATH")]
+    disk_paths: Vec<String>,
+    /// Use another tap interface for the NIC at a PCI slot: SLOT=NAME. Repeatable.
+    #[arg(long = "tap", value_name = "SLOT=NAME")]
+    taps: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct CtlArgs {
+    /// Control socket of the running abide.
+    #[arg(long)]
+    api_socket: PathBuf,
+    /// status, pause, resume or quit.
+    #[arg(value_parser = ["status", "pause", "resume", "quit"])]
+    request: String,
+}
+
+fn slot_pair(flag: &str, s: &str) -> Result<(u8, String), abide_vmm::Error> {
+    let bad = || {
+        abide_vmm::Error::Snapshot(abide_vmm::snapshot::RestoreError::Override(format!(
+            "invalid {flag} '{s}': use SLOT=VALUE with the PCI slot number (e.g. 1=/path or 0x1=/path)"
+        )))
+    };
+    let (slot, value) = s.split_once('=').ok_or_else(bad)?;
+    let slot = match slot.strip_prefix("0x") {
+        Some(h) => u8::from_str_radix(h, 16).map_err(|_| bad())?,
+        None => slot.parse::<u8>().map_err(|_| bad())?,
+    };
+    if value.is_empty() {
+        return Err(bad());
+    }
+    Ok((slot, value.to_string()))
+}
+
+fn restore(a: RestoreArgs) -> Result<ExitReason, abide_vmm::Error> {
+    let overrides = abide_vmm::snapshot::Overrides {
+        serial: a.serial.as_deref().map(parse_serial).transpose()?,
+        disk_paths: a
+            .disk_paths
+            .iter()
+            .map(|d| slot_pair("--disk-path", d).map(|(s, p)| (s, PathBuf::from(p))))
+            .collect::<Result<_, _>>()?,
+        taps: a
+            .taps
+            .iter()
+            .map(|t| slot_pair("--tap", t))
+            .collect::<Result<_, _>>()?,
+    };
+    let api = a
+        .api_socket
+        .as_deref()
+        .map(abide_vmm::api::ApiServer::bind)
+        .transpose()?;
+    let (mut vm, report) = abide_vmm::snapshot::restore(&a.snapshot, &overrides)?;
+    if std::env::var_os("ABIDE_RESTORE_TIMINGS").is_some() {
+        eprintln!(
+            "abide: restore verify_ms={} abi_ms={} load_ms={}",
+            report.verify_ms, report.abi_ms, report.load_ms
+        );
+    }
+    if let Some(api) = api {
+        vm.set_api(api);
+    }
+    vm.run()
 }
 
 #[derive(clap::Args)]
@@ -71,6 +166,9 @@ struct RunArgs {
     /// Add a virtio-rng device (optionally addr=SLOT).
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
     rng: Option<String>,
+    /// Serve the control API (pause, resume, snapshot, quit) on this Unix socket.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
 }
 
 fn build_config(a: RunArgs) -> Result<VmConfig, abide_vmm::Error> {
@@ -114,7 +212,41 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run(args) => build_config(args).and_then(|cfg| abide_vmm::run(&cfg)),
+        Command::Run(mut args) => {
+            let api_socket = args.api_socket.take();
+            build_config(args).and_then(|cfg| abide_vmm::run_with_api(&cfg, api_socket.as_deref()))
+        }
+        Command::Restore(args) => restore(args),
+        Command::Snapshot(a) => {
+            let req = serde_json::json!({"cmd": "snapshot", "path": std::path::absolute(&a.output).unwrap_or(a.output.clone())});
+            let pause = || {
+                if a.stop {
+                    // Stay paused after the save: the guest must not run past
+                    // the snapshot before abide quits.
+                    abide_vmm::api::call(&a.api_socket, &serde_json::json!({"cmd": "pause"}))?;
+                }
+                Ok(())
+            };
+            pause()
+                .and_then(|()| abide_vmm::api::call(&a.api_socket, &req))
+                .and_then(|reply| {
+                    println!("{reply}");
+                    if a.stop {
+                        abide_vmm::api::call(&a.api_socket, &serde_json::json!({"cmd": "quit"}))?;
+                    }
+                    Ok(())
+                })
+                .map(|()| ExitReason::Poweroff)
+                .map_err(abide_vmm::Error::Api)
+        }
+        Command::Ctl(a) => {
+            abide_vmm::api::call(&a.api_socket, &serde_json::json!({"cmd": a.request}))
+                .map(|reply| {
+                    println!("{reply}");
+                    ExitReason::Poweroff
+                })
+                .map_err(abide_vmm::Error::Api)
+        }
         Command::Manifest(args) => build_config(args)
             .and_then(|cfg| abide_vmm::manifest(&cfg))
             .and_then(|d| {

@@ -506,8 +506,13 @@ pub fn diff(a: &Manifest, b: &Manifest) -> Vec<Difference> {
             right: Some("(unserializable)".into()),
         }];
     };
+    diff_values(&x, &y)
+}
+
+/// Every field that differs between two manifests in JSON form.
+pub fn diff_values(a: &Value, b: &Value) -> Vec<Difference> {
     let mut out = Vec::new();
-    walk("", &x, &y, &mut out);
+    walk("", a, b, &mut out);
     out
 }
 

@@ -18,7 +18,7 @@ use crate::irq::GsiRouter;
 use crate::legacy::{self, LegacyDevices};
 use crate::memory::GuestRam;
 use crate::pci::PciPlatform;
-use crate::vcpu::{self, regs, RunControl, Vcpu};
+use crate::vcpu::{self, regs, Vcpu, Vcpus};
 use crate::{console, Error};
 
 /// Address of the 3-page TSS region KVM needs on Intel hosts (just below the
@@ -30,17 +30,32 @@ pub static EMBEDDED_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/abi
 
 /// A built, not yet running VM.
 pub struct Vm {
-    machine: MachineDescription,
+    pub(crate) machine: MachineDescription,
+    pub(crate) cfg: VmConfig,
     cpu: vcpu::cpuid::ResolvedCpu,
-    vm: Arc<VmFd>,
+    pub(crate) vm: Arc<VmFd>,
+    /// What `KVM_CAP_ADJUST_CLOCK` reports (`KVM_CLOCK_*` flags).
+    pub(crate) clock_flags: u32,
     // Kept alive for as long as KVM maps it.
-    _ram: GuestRam,
-    vcpus: Vec<Vcpu>,
-    legacy: LegacyDevices,
-    _pci: PciPlatform,
+    pub(crate) ram: GuestRam,
+    pub(crate) vcpus: Vec<Vcpu>,
+    pub(crate) legacy: LegacyDevices,
+    pub(crate) pci: PciPlatform,
     _resampler: Resampler,
     exit: ExitSignal,
     serial_is_console: bool,
+    api: Option<crate::api::ApiServer>,
+    /// Devices were restored from a snapshot and wait to be resumed.
+    pub(crate) restored: bool,
+}
+
+/// How a VM's state is initialized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Start {
+    /// Load the kernel and firmware tables; vCPU 0 starts at the entry.
+    Boot,
+    /// Leave memory and vCPUs untouched: a snapshot's state is loaded next.
+    Restore,
 }
 
 fn open_kernel(cfg: &VmConfig) -> Result<File, Error> {
@@ -94,19 +109,31 @@ pub fn open_kvm() -> Result<Kvm, Error> {
 impl Vm {
     /// Builds the VM: memory, firmware tables, kernel, devices, vCPUs.
     pub fn build(machine: MachineDescription, cfg: &VmConfig) -> Result<Self, Error> {
+        Self::build_with(machine, cfg, Start::Boot)
+    }
+
+    pub(crate) fn build_with(
+        machine: MachineDescription,
+        cfg: &VmConfig,
+        start: Start,
+    ) -> Result<Self, Error> {
         cfg.validate(&machine)?;
         let cpu_model = vcpu::cpuid::model_for(&machine, &cfg.cpu)?;
         // Open user files first, so bad paths fail before any KVM work.
-        let mut kernel = open_kernel(cfg)?;
-        let mut initrd = match &cfg.initrd {
-            Some(p) => Some(File::open(p).map_err(|source| Error::OpenFile {
-                what: "initramfs",
-                path: p.clone(),
-                source,
-            })?),
-            None => None,
-        };
-        boot::detect_format(&mut kernel)?;
+        let mut boot_files = None;
+        if start == Start::Boot {
+            let mut kernel = open_kernel(cfg)?;
+            let initrd = match &cfg.initrd {
+                Some(p) => Some(File::open(p).map_err(|source| Error::OpenFile {
+                    what: "initramfs",
+                    path: p.clone(),
+                    source,
+                })?),
+                None => None,
+            };
+            boot::detect_format(&mut kernel)?;
+            boot_files = Some((kernel, initrd));
+        }
         let serial_out = serial_sink(&cfg.serial)?;
 
         let kvm = open_kvm()?;
@@ -143,26 +170,29 @@ impl Vm {
         let ram = GuestRam::new(&machine, cfg.memory)?;
         ram.register(&vm)?;
 
-        let tables = abide_firmware::acpi::build(&machine, cfg.cpus)?;
-        for (addr, blob) in &tables.blobs {
-            ram.mem
-                .write_slice(blob, GuestAddress(*addr))
-                .map_err(|source| Error::GuestWrite {
-                    what: "ACPI tables",
-                    source,
-                })?;
+        let mut entry = None;
+        if let Some((mut kernel, mut initrd)) = boot_files {
+            let tables = abide_firmware::acpi::build(&machine, cfg.cpus)?;
+            for (addr, blob) in &tables.blobs {
+                ram.mem
+                    .write_slice(blob, GuestAddress(*addr))
+                    .map_err(|source| Error::GuestWrite {
+                        what: "ACPI tables",
+                        source,
+                    })?;
+            }
+            entry = Some(boot::load(
+                &ram.mem,
+                &machine,
+                cfg.memory,
+                BootSource {
+                    kernel: &mut kernel,
+                    initrd: initrd.as_mut(),
+                    cmdline: &cfg.cmdline,
+                    rsdp_addr: tables.rsdp_addr,
+                },
+            )?);
         }
-        let entry = boot::load(
-            &ram.mem,
-            &machine,
-            cfg.memory,
-            BootSource {
-                kernel: &mut kernel,
-                initrd: initrd.as_mut(),
-                cmdline: &cfg.cmdline,
-                rsdp_addr: tables.rsdp_addr,
-            },
-        )?;
 
         let exit = ExitSignal::new().map_err(Error::EventFd)?;
         let pio = Arc::new(Bus::new());
@@ -190,6 +220,8 @@ impl Vm {
         let msr_list = kvm
             .get_msr_index_list()
             .map_err(kvm_err("read the MSR index list"))?;
+        let msrs = Arc::new(msr_list.as_slice().to_vec());
+        let clock_flags = kvm.check_extension_int(kvm_ioctls::Cap::AdjustClock).max(0) as u32;
         let mut vcpus = Vec::new();
         for index in 0..cfg.cpus {
             let fd = vm
@@ -197,29 +229,90 @@ impl Vm {
                 .map_err(kvm_err("create a vCPU"))?;
             let cpuid = vcpu::cpuid::build(&cpu.model, supported.as_slice(), index, cfg.cpus)?;
             fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
-            regs::setup_common(&fd, index, msr_list.as_slice())?;
-            if index == 0 {
-                regs::setup_boot_cpu(&fd, &entry)?;
+            if let Some(entry) = &entry {
+                regs::setup_common(&fd, index, msr_list.as_slice())?;
+                if index == 0 {
+                    regs::setup_boot_cpu(&fd, entry)?;
+                }
             }
             vcpus.push(Vcpu {
                 index,
                 fd,
                 pio: pio.clone(),
                 mmio: mmio.clone(),
+                msrs: msrs.clone(),
             });
         }
         Ok(Self {
             machine,
+            cfg: cfg.clone(),
             cpu,
             vm,
-            _ram: ram,
+            clock_flags,
+            ram,
             vcpus,
             legacy,
-            _pci: pci,
+            pci,
             _resampler: resampler,
             exit,
             serial_is_console: cfg.serial == SerialConfig::Stdio,
+            api: None,
+            restored: false,
         })
+    }
+
+    /// Serves the control API on `server` while the VM runs.
+    pub fn set_api(&mut self, server: crate::api::ApiServer) {
+        self.api = Some(server);
+    }
+
+    /// Pauses the vCPUs, then the device workers: afterwards nothing
+    /// changes guest-visible state.
+    pub(crate) fn pause(&self, vcpus: &mut Vcpus) -> Result<(), Error> {
+        if vcpus.is_paused() {
+            return Ok(());
+        }
+        vcpus.pause().map_err(Error::Pause)?;
+        for f in self
+            .pci
+            .virtio
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            f.function.lock().unwrap_or_else(|e| e.into_inner()).pause();
+        }
+        Ok(())
+    }
+
+    /// Resumes the device workers, then the vCPUs.
+    pub(crate) fn resume(&self, vcpus: &mut Vcpus) -> Result<(), Error> {
+        if !vcpus.is_paused() {
+            return Ok(());
+        }
+        self.resume_devices()?;
+        vcpus.resume();
+        Ok(())
+    }
+
+    fn resume_devices(&self) -> Result<(), Error> {
+        for f in self
+            .pci
+            .virtio
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            f.function
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .resume()
+                .map_err(|source| Error::Resume {
+                    device: format!("{} at slot {}", f.model, f.slot),
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     /// The machine this VM was built from.
@@ -237,49 +330,51 @@ impl Vm {
         &self.vm
     }
 
-    /// Runs the guest until it powers off, resets, or a vCPU fails.
-    pub fn run(self) -> Result<ExitReason, Error> {
+    /// Runs the guest until it powers off, resets, or a vCPU fails,
+    /// serving the control API meanwhile.
+    pub fn run(mut self) -> Result<ExitReason, Error> {
         let _console = if self.serial_is_console {
             Some(console::attach_stdin(self.legacy.serial.clone()))
         } else {
             None
         };
+        if self.restored {
+            // Interrupt controllers and vCPUs hold their saved state now:
+            // devices may raise interrupts again.
+            self.resume_devices()?;
+            self.restored = false;
+        }
         let (tx, rx) = mpsc::channel();
-        let ctl = RunControl::new(self.exit.clone(), tx);
-        let mut threads = Vec::new();
-        for v in self.vcpus {
-            match v.spawn(ctl.clone()) {
-                Ok(t) => threads.push(t),
-                Err(e) => {
-                    vcpu::stop_all(&ctl, threads);
-                    return Err(Error::Thread(e));
+        let mut vcpus = Vcpus::start(std::mem::take(&mut self.vcpus), self.exit.clone(), tx)
+            .map_err(Error::Thread)?;
+        let mut api = self.api.take();
+        let quit = loop {
+            match &mut api {
+                Some(server) => {
+                    if server.serve(&self.exit, |req| crate::api::handle(&self, &mut vcpus, req)) {
+                        break true;
+                    }
+                }
+                None => {
+                    crate::api::wait_readable(&self.exit);
+                    break false;
                 }
             }
+            if crate::api::exit_pending(&self.exit) {
+                break false;
+            }
+        };
+        // A paused VM stays paused: its vCPU threads leave from where they
+        // are parked, and parked device handlers go with the VM. Nothing
+        // may run past a snapshot taken before a quit.
+        vcpus.stop();
+        if quit {
+            return Ok(ExitReason::Poweroff);
         }
-        wait_readable(self.exit.eventfd());
-        vcpu::stop_all(&ctl, threads);
         if let Ok(e) = rx.try_recv() {
             return Err(Error::Vcpu(e));
         }
         // Either a device or a vCPU system event set the reason before waking us.
         Ok(self.exit.reason().unwrap_or(ExitReason::Poweroff))
-    }
-}
-
-fn wait_readable(evt: &vmm_sys_util::eventfd::EventFd) {
-    use std::os::fd::AsRawFd;
-    let mut pfd = libc::pollfd {
-        fd: evt.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    loop {
-        // SAFETY: `pfd` is a valid pollfd for the duration of the call.
-        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
-        if r > 0
-            || (r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted)
-        {
-            return;
-        }
     }
 }

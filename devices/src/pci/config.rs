@@ -242,6 +242,29 @@ impl PciConfig {
         *r = (*r & !(0xff << shift)) | u32::from(v) << shift;
     }
 
+    /// The register dwords: the current contents of the configuration
+    /// space, for a snapshot.
+    pub fn save_regs(&self) -> Vec<u32> {
+        self.regs.clone()
+    }
+
+    /// Sets the registers verbatim from [`PciConfig::save_regs`] output.
+    /// Write masks, write-one-to-clear bits and BAR descriptions are not
+    /// part of it: they are fixed when the function is built, and the
+    /// snapshot's ABI check guarantees the same function is built again.
+    /// Refuses a register count that differs from this space's.
+    pub fn restore_regs(&mut self, regs: &[u32]) -> Result<(), String> {
+        if regs.len() != self.regs.len() {
+            return Err(format!(
+                "{} configuration registers saved, this function has {}",
+                regs.len(),
+                self.regs.len()
+            ));
+        }
+        self.regs.copy_from_slice(regs);
+        Ok(())
+    }
+
     /// Reads a dword-aligned register.
     pub fn read_reg(&self, dword: usize) -> u32 {
         self.regs.get(dword).copied().unwrap_or(0xffff_ffff)
@@ -515,6 +538,45 @@ mod tests {
         assert!(c.set_bar(5, b64).is_err());
         assert!(c.set_rom_slot(3000).is_err());
         assert!(c.set_rom_slot(1024).is_err());
+    }
+
+    #[test]
+    fn regs_save_and_restore() {
+        let mut a = PciConfig::new(ids(), 1);
+        a.set_bar(
+            0,
+            BarSpec {
+                kind: BarKind::Mem64,
+                size: 0x4000,
+                prefetchable: false,
+            },
+        )
+        .expect("bar");
+        wr32(&mut a, 0x10, 0xc000_0000);
+        wr32(&mut a, 0x14, 0x80);
+        wr32(
+            &mut a,
+            0x04,
+            u32::from(command::MEMORY | command::BUS_MASTER),
+        );
+        wr32(&mut a, 0x3c, 0x0b);
+        let regs = a.save_regs();
+        assert_eq!(regs.len(), DWORDS);
+        let mut b = PciConfig::new(ids(), 1);
+        b.set_bar(0, a.bar(0).expect("bar")).expect("bar");
+        assert!(b.restore_regs(&regs[..DWORDS - 1]).is_err(), "short");
+        let mut long = regs.clone();
+        long.push(0);
+        assert!(b.restore_regs(&long).is_err(), "long");
+        assert!(b.mappings().is_empty(), "refused restores change nothing");
+        b.restore_regs(&regs).expect("restore");
+        assert_eq!(b.save_regs(), regs);
+        assert_eq!(b.bar_addr(0), Some(0x80_c000_0000));
+        assert_eq!(b.mappings(), a.mappings());
+        assert_eq!(rd32(&b, 0x3c) & 0xff, 0x0b);
+        // The masks are still the construction-time ones.
+        wr32(&mut b, 0, 0);
+        assert_eq!(rd32(&b, 0), 0x1042_1af4);
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod worker;
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -101,7 +102,26 @@ pub enum ActivateError {
     Worker(#[source] std::io::Error),
 }
 
+/// How far a device got in one of its queues: the next available-ring
+/// entry it will take and the next used-ring entry it will fill. Saved
+/// while the device is paused, so a restored device continues exactly
+/// there (nothing done twice, nothing skipped).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueProgress {
+    /// Queue index.
+    pub index: u16,
+    /// Next available-ring index the device reads.
+    pub next_avail: u16,
+    /// Next used-ring index the device writes.
+    pub next_used: u16,
+}
+
 /// A virtio device model.
+///
+/// Guest-visible state lives in the transport ([`pci::VirtioPci`]), which
+/// saves and restores it; a model with guest-writable state of its own
+/// (writable configuration space) must add it to the transport's snapshot.
+/// The models here have none.
 pub trait VirtioDevice: Send {
     /// Virtio device type ([`device_type`]).
     fn device_type(&self) -> u16;
@@ -117,8 +137,22 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// Starts the device with the driver's queues.
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// Prepares the device exactly as [`VirtioDevice::activate`] would, but
+    /// leaves it paused: nothing is processed and no interrupt is raised
+    /// until [`VirtioDevice::resume`]. Used to restore a snapshot of a
+    /// running device (the queues carry the saved progress).
+    fn activate_paused(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// Stops the device's work between two requests, keeping it (the
+    /// queues and their progress) for [`VirtioDevice::resume`]; returns
+    /// each active queue's progress. Pausing an inactive device returns
+    /// nothing; pausing a paused one returns the same progress again.
+    fn pause(&mut self) -> Vec<QueueProgress>;
+    /// Restarts a paused device, which then also takes the buffers the
+    /// driver made available while it was paused. Does nothing if the
+    /// device is not paused.
+    fn resume(&mut self) -> Result<(), ActivateError>;
     /// Stops the device and returns it to its initial state. No request may
-    /// be in flight when this returns.
+    /// be in flight when this returns; a paused device's work is dropped.
     fn reset(&mut self);
 }
 

@@ -28,11 +28,11 @@ use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 
 use super::worker::{
-    collect_chain, take_queues, total_len, Handler, SegCursor, Unusable, Worker, WorkerQueue,
+    collect_chain, take_queues, total_len, Handler, SegCursor, Unusable, WorkerQueue, WorkerSlot,
 };
 use super::{
-    device_type, read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    device_type, read_config_bytes, ActivateError, Activation, QueueProgress, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// `VIRTIO_NET_F_MAC`: the device has a MAC address.
@@ -304,7 +304,7 @@ pub struct Net<B: NetBackend = Tap> {
     features: u64,
     queue_size: u16,
     config: [u8; CONFIG_LEN],
-    worker: Option<Worker<NetWorker<B>>>,
+    worker: WorkerSlot<NetWorker<B>>,
 }
 
 impl<B: NetBackend> Net<B> {
@@ -323,7 +323,7 @@ impl<B: NetBackend> Net<B> {
             features,
             queue_size: p.queue_size,
             config,
-            worker: None,
+            worker: WorkerSlot::new("virtio-net"),
         })
     }
 
@@ -359,7 +359,7 @@ impl<B: NetBackend> Net<B> {
     /// Whether a worker thread is running (for tests).
     #[cfg(test)]
     fn running(&self) -> bool {
-        self.worker.as_ref().is_some_and(|w| !w.finished())
+        self.worker.running()
     }
 }
 
@@ -385,17 +385,35 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
-        // The MAC is only writable by legacy drivers.
+        // The MAC is only writable by legacy drivers, so the device has no
+        // guest-writable state beyond the transport's: a snapshot needs
+        // nothing from it. A received frame still waiting for a receive
+        // buffer survives a pause but not a restore in a new process: it
+        // is lost, as a frame on a wire may be.
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
         self.reset();
         let worker = self.worker_for(a);
-        super::worker::start(&mut self.worker, "virtio-net", worker)
+        self.worker.start(worker)
+    }
+
+    fn activate_paused(&mut self, a: Activation) -> Result<(), ActivateError> {
+        self.reset();
+        let worker = self.worker_for(a);
+        self.worker.start_paused(worker)
+    }
+
+    fn pause(&mut self) -> Vec<QueueProgress> {
+        self.worker.pause()
+    }
+
+    fn resume(&mut self) -> Result<(), ActivateError> {
+        self.worker.resume()
     }
 
     fn reset(&mut self) {
-        super::worker::stop(&mut self.worker);
+        self.worker.stop();
     }
 }
 
@@ -598,6 +616,10 @@ impl<B: NetBackend> Handler for NetWorker<B> {
 
     fn failed(&mut self) {
         self.irq.set_needs_reset();
+    }
+
+    fn queues(&self) -> Vec<&WorkerQueue> {
+        vec![&self.rx, &self.tx]
     }
 }
 
@@ -977,6 +999,55 @@ mod tests {
             assert!(!n.running());
             assert_eq!(Arc::strong_count(&n.backend), 1);
         }
+    }
+
+    /// Prepared paused (as a restore does), the device does not even
+    /// poll the backend; a frame waiting there is delivered on resume, and
+    /// a frame held for lack of buffers survives a pause.
+    #[test]
+    fn paused_activation_and_resume() {
+        let (mut n, peer) = net();
+        let mem = memory();
+        let mut rx = Driver::new(&mem, RXQ, QSIZE);
+        let tx = Driver::new(&mem, TXQ, QSIZE);
+        let (t, irq) = test_irq();
+        let h = rx.chain(&[(RXBUF, 1526, true)]);
+        rx.submit(h);
+        let f = frame(200, 7);
+        peer_send(&peer, 0, &f);
+        n.activate_paused(Activation {
+            mem: mem.clone(),
+            features: n.features(),
+            queues: vec![rx.active(RX_QUEUE), tx.active(TX_QUEUE)],
+            interrupt: irq,
+        })
+        .expect("activate paused");
+        assert!(!n.running());
+        let p = n.pause();
+        assert_eq!(p.len(), 2, "both queues reported");
+        assert!(p.iter().all(|q| q.next_avail == 0 && q.next_used == 0));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(rx.used_idx(), 0, "nothing received while paused");
+        assert_eq!(t.signals(RX_QUEUE), 0);
+        n.resume().expect("resume");
+        assert!(n.running());
+        assert!(rx.wait_used(1), "frame delivered after resume");
+        assert_eq!(rx.used(0), (u32::from(h), 212));
+        assert!(wait_for(|| t.signals(RX_QUEUE) == 1));
+
+        // No buffer: the next frame is held by the device, across a pause.
+        peer_send(&peer, 0, &f);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let p = n.pause();
+        let rxp = p.iter().find(|q| q.index == RX_QUEUE).expect("rx");
+        assert_eq!((rxp.next_avail, rxp.next_used), (1, 1));
+        let h = rx.chain(&[(RXBUF, 1526, true)]);
+        rx.submit(h);
+        n.resume().expect("resume");
+        assert!(rx.wait_used(2), "held frame delivered");
+        n.reset();
+        assert!(n.worker.is_empty());
+        assert!(n.pause().is_empty(), "reset dropped everything");
     }
 
     #[test]

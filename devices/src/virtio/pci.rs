@@ -8,16 +8,19 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::legacy::IrqLine;
 use crate::pci::config::{BarKind, BarSpec, PciConfig, PciIds};
-use crate::pci::msix::{MsiController, Msix};
+use crate::pci::msix::{MsiController, Msix, MsixState};
 use crate::pci::PciFunction;
+use crate::persist::{Persist, PersistError};
 use crate::virtio::{
-    status, Activation, ActiveQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    status, ActivateError, Activation, ActiveQueue, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1,
 };
 
 /// "No MSI-X vector" in the common configuration.
@@ -150,6 +153,10 @@ pub struct VirtioPci {
     notify: Option<Arc<dyn NotifyRegistrar>>,
     /// BAR 0 base at which the kick eventfds are registered.
     notify_base: Option<u64>,
+    /// The active device is paused; `queues` hold its progress.
+    paused: bool,
+    /// The device was restored from a snapshot and not resumed since.
+    restored: bool,
 }
 
 impl std::fmt::Debug for VirtioPci {
@@ -281,6 +288,8 @@ impl VirtioPci {
             msix_cap,
             notify: p.notify,
             notify_base: None,
+            paused: false,
+            restored: false,
         })
     }
 
@@ -362,6 +371,8 @@ impl VirtioPci {
         self.driver_feature_select = 0;
         self.queue_select = 0;
         self.active = false;
+        self.paused = false;
+        self.restored = false;
     }
 
     fn set_status(&mut self, v: u8) {
@@ -387,40 +398,114 @@ impl VirtioPci {
     }
 
     fn activate(&mut self) {
+        let Ok(activation) = self.activation() else {
+            // Rings outside guest memory or misaligned: refuse to run.
+            return self.irq.set_needs_reset();
+        };
+        match self.device.activate(activation) {
+            Ok(()) => {
+                self.active = true;
+                self.paused = false;
+            }
+            Err(_) => self.irq.set_needs_reset(),
+        }
+    }
+
+    /// What the device gets at activation: the ready queues, each checked
+    /// against guest memory.
+    fn activation(&self) -> Result<Activation, String> {
         let mut active = Vec::new();
         for (i, q) in self.queues.iter().enumerate() {
             if !q.ready() {
                 continue;
             }
-            let kick = match self.kicks[i].try_clone() {
-                Ok(k) => k,
-                Err(_) => return self.irq.set_needs_reset(),
-            };
+            let kick = self.kicks[i]
+                .try_clone()
+                .map_err(|e| format!("queue {i}: cannot clone its eventfd: {e}"))?;
             if !q.is_valid(&self.mem) {
-                // Rings outside guest memory or misaligned: refuse to run.
-                return self.irq.set_needs_reset();
+                return Err(format!(
+                    "queue {i}: rings outside guest memory or misaligned"
+                ));
             }
             // The device gets its own copy; the transport keeps the
             // configuration the driver wrote.
-            let Ok(queue) = Queue::try_from(q.state()) else {
-                return self.irq.set_needs_reset();
-            };
+            let queue = Queue::try_from(q.state()).map_err(|e| format!("queue {i}: {e:?}"))?;
             active.push(ActiveQueue {
                 index: i as u16,
                 queue,
                 kick,
             });
         }
-        let activation = Activation {
+        Ok(Activation {
             mem: self.mem.clone(),
             features: self.driver_features,
             queues: active,
             interrupt: self.irq.clone(),
-        };
-        match self.device.activate(activation) {
-            Ok(()) => self.active = true,
-            Err(_) => self.irq.set_needs_reset(),
+        })
+    }
+
+    /// Indices of the queues an active device runs.
+    fn running_queues(&self) -> Vec<u16> {
+        if !self.active {
+            return Vec::new();
         }
+        (0..self.queues.len() as u16)
+            .filter(|&i| self.queues[usize::from(i)].ready())
+            .collect()
+    }
+
+    /// Pauses an active device between two requests (the VMM does this
+    /// with the vCPUs stopped, before saving) and keeps each queue's
+    /// progress for [`Persist::save`]. Nothing happens to an inactive or
+    /// already paused device. A device whose worker died and took its
+    /// queues with it cannot report progress: it is marked
+    /// DEVICE_NEEDS_RESET, so the driver starts over instead of trusting
+    /// stale queue positions.
+    pub fn pause(&mut self) {
+        if !self.active || self.paused {
+            return;
+        }
+        let progress = self.device.pause();
+        self.paused = true;
+        let mut missing = false;
+        for i in self.running_queues() {
+            match progress.iter().find(|p| p.index == i) {
+                Some(p) => {
+                    let q = &mut self.queues[usize::from(i)];
+                    q.set_next_avail(p.next_avail);
+                    q.set_next_used(p.next_used);
+                }
+                None => missing = true,
+            }
+        }
+        if missing {
+            self.irq
+                .status
+                .fetch_or(status::DEVICE_NEEDS_RESET, Ordering::AcqRel);
+        }
+    }
+
+    /// Resumes a paused device: it takes the buffers made available while
+    /// it was paused. After a restore, each running queue's used-buffer
+    /// interrupt is also signalled once, so an interrupt that was due when
+    /// the snapshot was taken is not lost (a spurious one is harmless to a
+    /// driver). Does nothing when not paused. If the device cannot be
+    /// restarted it is marked DEVICE_NEEDS_RESET and the error returned.
+    pub fn resume(&mut self) -> Result<(), ActivateError> {
+        if !self.active || !self.paused {
+            return Ok(());
+        }
+        if let Err(e) = self.device.resume() {
+            self.irq.set_needs_reset();
+            return Err(e);
+        }
+        self.paused = false;
+        if std::mem::take(&mut self.restored) {
+            for i in self.running_queues() {
+                self.irq.signal_used_queue(i);
+            }
+        }
+        Ok(())
     }
 
     fn common_read(&mut self, offset: u64, data: &mut [u8]) {
@@ -600,6 +685,265 @@ impl VirtioPci {
     }
 }
 
+/// One queue of a [`VirtioPciState`]: what the driver configured, its
+/// MSI-X vector, and how far the device got.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioQueueState {
+    /// Queue size the driver chose.
+    pub size: u16,
+    /// Enabled by the driver.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available ring address.
+    pub avail_ring: u64,
+    /// Used ring address.
+    pub used_ring: u64,
+    /// MSI-X vector ([`NO_VECTOR`] for none).
+    pub vector: u16,
+    /// Next available-ring index the device reads.
+    pub next_avail: u16,
+    /// Next used-ring index the device writes.
+    pub next_used: u16,
+}
+
+/// Saved virtio-pci function state (version 1): the PCI configuration
+/// space, MSI-X, the common configuration and every queue. The device
+/// model behind it has no state of its own (see [`VirtioDevice`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct VirtioPciState {
+    /// Virtio device type (checked on restore).
+    pub device_type: u16,
+    /// Number of queues (checked on restore).
+    pub num_queues: u16,
+    /// PCI configuration space dwords.
+    pub config_regs: Vec<u32>,
+    /// MSI-X table, pending bits and control.
+    pub msix: MsixState,
+    /// Device status.
+    pub status: u8,
+    /// Interrupt status not yet read by the driver.
+    pub isr: u8,
+    /// `device_feature_select`.
+    pub device_feature_select: u32,
+    /// `driver_feature_select`.
+    pub driver_feature_select: u32,
+    /// Features the driver accepted.
+    pub driver_features: u64,
+    /// `queue_select`.
+    pub queue_select: u16,
+    /// `config_generation`.
+    pub config_generation: u8,
+    /// The device was running (DRIVER_OK accepted).
+    pub active: bool,
+    /// MSI-X vector for configuration changes.
+    pub config_vector: u16,
+    /// Every queue, by index.
+    pub queues: Vec<VirtioQueueState>,
+}
+
+impl Persist for VirtioPci {
+    const KIND: &'static str = "virtio-pci";
+    const VERSION: u32 = 1;
+    type State = VirtioPciState;
+
+    /// Captures the function. An active device must have been paused
+    /// ([`VirtioPci::pause`]) first: the queue positions saved are the ones
+    /// the pause reported. ([`PciFunction::save_state`] refuses a running
+    /// device.)
+    fn save(&self) -> VirtioPciState {
+        let vectors = self
+            .irq
+            .queue_vectors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| VirtioQueueState {
+                size: q.size(),
+                ready: q.ready(),
+                desc_table: q.desc_table(),
+                avail_ring: q.avail_ring(),
+                used_ring: q.used_ring(),
+                vector: vectors.get(i).copied().unwrap_or(NO_VECTOR),
+                next_avail: q.next_avail(),
+                next_used: q.next_used(),
+            })
+            .collect();
+        VirtioPciState {
+            device_type: self.device.device_type(),
+            num_queues: self.queues.len() as u16,
+            config_regs: self.config.save_regs(),
+            msix: self
+                .irq
+                .msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .save(),
+            status: self.status(),
+            isr: self.irq.isr.load(Ordering::Acquire),
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            queue_select: self.queue_select,
+            config_generation: self.config_generation,
+            active: self.active,
+            config_vector: *self
+                .irq
+                .config_vector
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+            queues,
+        }
+    }
+
+    /// Applies a saved state to a function built from the same machine
+    /// type and configuration (normally freshly built and never started).
+    /// The MSI-X routes are programmed again. A device that was running is
+    /// prepared but left paused at the saved queue positions: it processes
+    /// nothing and raises no interrupt until [`VirtioPci::resume`]. The
+    /// caller then places the BAR again ([`crate::pci::PciRoot::refresh`]).
+    /// A different device type or queue count, features the device does
+    /// not offer, out-of-range vectors, bad queue sizes or alignment, and
+    /// rings of a running device outside guest memory are refused.
+    fn restore(&mut self, _version: u32, s: VirtioPciState) -> Result<(), PersistError> {
+        let invalid = |reason: String| PersistError::Invalid {
+            device: Self::KIND,
+            reason,
+        };
+        let device_type = self.device.device_type();
+        if s.device_type != device_type {
+            return Err(invalid(format!(
+                "saved device type {} but this function is type {device_type}",
+                s.device_type
+            )));
+        }
+        let nq = self.queues.len();
+        if usize::from(s.num_queues) != nq || s.queues.len() != nq {
+            return Err(invalid(format!(
+                "{} queues saved ({} described) but this function has {nq}",
+                s.num_queues,
+                s.queues.len()
+            )));
+        }
+        let regs = self.config.save_regs().len();
+        if s.config_regs.len() != regs {
+            return Err(invalid(format!(
+                "{} configuration registers saved, this function has {regs}",
+                s.config_regs.len()
+            )));
+        }
+        let vectors = self
+            .irq
+            .msix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .vectors();
+        if s.msix.entries.len() != usize::from(vectors) {
+            return Err(invalid(format!(
+                "{} MSI-X vectors saved, this function has {vectors}",
+                s.msix.entries.len()
+            )));
+        }
+        let vector_ok = |v: u16| v == NO_VECTOR || v < vectors;
+        if !vector_ok(s.config_vector) {
+            return Err(invalid(format!(
+                "configuration vector {} does not exist",
+                s.config_vector
+            )));
+        }
+        if s.status & status::FEATURES_OK != 0
+            && (s.driver_features & VIRTIO_F_VERSION_1 == 0
+                || s.driver_features & !self.device.features() != 0)
+        {
+            return Err(invalid(format!(
+                "accepted features {:#x} are not a valid subset of the offered {:#x}",
+                s.driver_features,
+                self.device.features()
+            )));
+        }
+        let running = status::DRIVER_OK | status::FEATURES_OK;
+        if s.active && s.status & running != running {
+            return Err(invalid(format!(
+                "active with status {:#x} (no DRIVER_OK and FEATURES_OK)",
+                s.status
+            )));
+        }
+        let mut queues = Vec::with_capacity(nq);
+        for (i, (q, current)) in s.queues.iter().zip(&self.queues).enumerate() {
+            if !vector_ok(q.vector) {
+                return Err(invalid(format!(
+                    "queue {i}: vector {} does not exist",
+                    q.vector
+                )));
+            }
+            let queue = Queue::try_from(QueueState {
+                max_size: current.max_size(),
+                next_avail: q.next_avail,
+                next_used: q.next_used,
+                event_idx_enabled: false,
+                size: q.size,
+                ready: q.ready,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+            })
+            .map_err(|e| invalid(format!("queue {i}: {e}")))?;
+            if s.active && q.ready && !queue.is_valid(&self.mem) {
+                return Err(invalid(format!(
+                    "queue {i}: rings outside guest memory or misaligned"
+                )));
+            }
+            queues.push(queue);
+        }
+
+        if self.active {
+            self.reset();
+        }
+        self.config.restore_regs(&s.config_regs).map_err(invalid)?;
+        self.irq
+            .msix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&s.msix)
+            .map_err(invalid)?;
+        self.irq.status.store(s.status, Ordering::Release);
+        self.irq.isr.store(s.isr, Ordering::Release);
+        *self
+            .irq
+            .queue_vectors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = s.queues.iter().map(|q| q.vector).collect();
+        *self
+            .irq
+            .config_vector
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = s.config_vector;
+        self.device_feature_select = s.device_feature_select;
+        self.driver_feature_select = s.driver_feature_select;
+        self.driver_features = s.driver_features;
+        self.queue_select = s.queue_select;
+        self.config_generation = s.config_generation;
+        self.queues = queues;
+        self.active = false;
+        self.paused = false;
+        self.restored = false;
+        if s.active {
+            let activation = self.activation().map_err(invalid)?;
+            self.device
+                .activate_paused(activation)
+                .map_err(|e| invalid(format!("cannot prepare the device: {e}")))?;
+            self.active = true;
+            self.paused = true;
+            self.restored = true;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Region {
     Common,
@@ -693,6 +1037,23 @@ impl PciFunction for VirtioPci {
         self.rom.as_deref()
     }
 
+    /// [`Persist::save_section`], refused while the device runs (it must
+    /// be paused first, see [`VirtioPci::pause`]).
+    fn save_state(&self) -> Result<(u32, Vec<u8>), PersistError> {
+        if self.active && !self.paused {
+            return Err(PersistError::Invalid {
+                device: <Self as Persist>::KIND,
+                reason: "the device is running; pause it before saving".into(),
+            });
+        }
+        Ok(self.save_section())
+    }
+
+    /// [`Persist::restore_section`].
+    fn restore_state(&mut self, version: u32, bytes: &[u8]) -> Result<(), PersistError> {
+        self.restore_section(version, bytes)
+    }
+
     fn bars_placed(&mut self, placed: &[crate::pci::config::BarMapping]) {
         let Some(reg) = self.notify.clone() else {
             return;
@@ -727,11 +1088,120 @@ impl PciFunction for VirtioPci {
     }
 }
 
+/// Driver-side helpers for transport tests (also used by the device
+/// models' snapshot tests).
+#[cfg(test)]
+pub(crate) mod testutil {
+    use super::*;
+
+    /// The BAR layout used in tests.
+    pub(crate) const LAYOUT: VirtioPciLayout = VirtioPciLayout {
+        bar_size: 0x8000,
+        common: 0,
+        isr: 0x1000,
+        device: 0x2000,
+        notify: 0x3000,
+        notify_multiplier: 4,
+        msix_table: 0x4000,
+        msix_pba: 0x5000,
+    };
+
+    /// `device` behind a transport with 3 MSI-X vectors delivered by `msi`.
+    pub(crate) fn transport(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        msi: Arc<dyn MsiController>,
+    ) -> VirtioPci {
+        VirtioPci::new(
+            device,
+            VirtioPciParams {
+                ids: PciIds {
+                    vendor: 0x1af4,
+                    device: 0x1044,
+                    subsystem_vendor: 0x1af4,
+                    subsystem: 0x44,
+                    revision: 1,
+                    class: 0xff00,
+                },
+                layout: LAYOUT,
+                msix_vectors: 3,
+                msi,
+                intx: None,
+                mem,
+                rom: None,
+                notify: None,
+            },
+        )
+        .expect("transport")
+    }
+
+    /// Guest write of `len` bytes of `v` at BAR 0 offset `off`.
+    pub(crate) fn w(d: &mut VirtioPci, off: u64, v: u64, len: usize) {
+        d.bar_write(0, off, &v.to_le_bytes()[..len]);
+    }
+
+    /// Guest read of `len` bytes at BAR 0 offset `off`.
+    pub(crate) fn r(d: &mut VirtioPci, off: u64, len: usize) -> u64 {
+        let mut b = [0u8; 8];
+        d.bar_read(0, off, &mut b[..len]);
+        u64::from_le_bytes(b)
+    }
+
+    /// ACKNOWLEDGE, DRIVER, `features`, FEATURES_OK; returns the status
+    /// read back.
+    pub(crate) fn negotiate(d: &mut VirtioPci, features: u64) -> u8 {
+        w(d, 0x14, u64::from(status::ACKNOWLEDGE | status::DRIVER), 1);
+        w(d, 0x08, 0, 4);
+        w(d, 0x0c, features & 0xffff_ffff, 4);
+        w(d, 0x08, 1, 4);
+        w(d, 0x0c, features >> 32, 4);
+        w(
+            d,
+            0x14,
+            u64::from(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK),
+            1,
+        );
+        r(d, 0x14, 1) as u8
+    }
+
+    /// Configures and enables queue `q` with its rings at the given
+    /// addresses and MSI-X `vector`.
+    pub(crate) fn enable_queue(
+        d: &mut VirtioPci,
+        q: u16,
+        size: u16,
+        rings: (u64, u64, u64),
+        vector: u16,
+    ) {
+        w(d, 0x16, u64::from(q), 2);
+        w(d, 0x18, u64::from(size), 2);
+        w(d, 0x20, rings.0, 8);
+        w(d, 0x28, rings.1, 8);
+        w(d, 0x30, rings.2, 8);
+        w(d, 0x1a, u64::from(vector), 2);
+        w(d, 0x1c, 1, 2);
+    }
+
+    /// Enables MSI-X and points `vector` at an unmasked message.
+    pub(crate) fn enable_msix(d: &mut VirtioPci, vector: u16, data: u32) {
+        let ctrl = d.msix_cap + 2;
+        d.config_mut().write(ctrl, &0x8000u16.to_le_bytes());
+        d.config_written(ctrl, 2);
+        let e = u64::from(LAYOUT.msix_table) + 16 * u64::from(vector);
+        w(d, e, 0xfee0_0000, 4);
+        w(d, e + 4, 0, 4);
+        w(d, e + 8, u64::from(data), 4);
+        w(d, e + 12, 0, 4);
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::testutil::*;
     use super::*;
-    use crate::pci::msix::MsiMessage;
-    use std::sync::atomic::AtomicUsize;
+    use crate::pci::msix::{MsiMessage, Recorder};
+    use crate::virtio::QueueProgress;
+    use std::sync::atomic::{AtomicU16, AtomicUsize};
     use vm_memory::GuestAddress;
 
     struct NoMsi;
@@ -747,11 +1217,41 @@ mod tests {
     #[derive(Default)]
     struct Counters {
         activations: AtomicUsize,
+        paused_activations: AtomicUsize,
+        pauses: AtomicUsize,
+        resumes: AtomicUsize,
         resets: AtomicUsize,
         queues: AtomicUsize,
+        /// Requests each queue "completes" before the next pause.
+        work: AtomicU16,
+        /// Progress of the queues handed over at the last activation.
+        handed: Mutex<Vec<QueueProgress>>,
     }
 
-    struct Dummy(Arc<Counters>);
+    fn progress(queues: &[ActiveQueue]) -> Vec<QueueProgress> {
+        queues
+            .iter()
+            .map(|q| QueueProgress {
+                index: q.index,
+                next_avail: q.queue.next_avail(),
+                next_used: q.queue.next_used(),
+            })
+            .collect()
+    }
+
+    struct Dummy {
+        c: Arc<Counters>,
+        queues: Vec<ActiveQueue>,
+    }
+
+    impl Dummy {
+        fn take(&mut self, a: Activation) {
+            self.c.queues.store(a.queues.len(), Ordering::SeqCst);
+            *self.c.handed.lock().expect("lock") = progress(&a.queues);
+            self.queues = a.queues;
+        }
+    }
+
     impl VirtioDevice for Dummy {
         fn device_type(&self) -> u16 {
             4
@@ -769,77 +1269,52 @@ mod tests {
             crate::virtio::read_config_bytes(&[1, 2, 3, 4, 5, 6, 7, 8], offset, data);
         }
         fn write_config(&mut self, _: u64, _: &[u8]) {}
-        fn activate(&mut self, a: Activation) -> Result<(), crate::virtio::ActivateError> {
-            self.0.activations.fetch_add(1, Ordering::SeqCst);
-            self.0.queues.store(a.queues.len(), Ordering::SeqCst);
+        fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+            self.c.activations.fetch_add(1, Ordering::SeqCst);
+            self.take(a);
+            Ok(())
+        }
+        fn activate_paused(&mut self, a: Activation) -> Result<(), ActivateError> {
+            self.c.paused_activations.fetch_add(1, Ordering::SeqCst);
+            self.take(a);
+            Ok(())
+        }
+        fn pause(&mut self) -> Vec<QueueProgress> {
+            self.c.pauses.fetch_add(1, Ordering::SeqCst);
+            let n = self.c.work.swap(0, Ordering::SeqCst);
+            for q in &mut self.queues {
+                let (a, u) = (q.queue.next_avail(), q.queue.next_used());
+                q.queue.set_next_avail(a.wrapping_add(n));
+                q.queue.set_next_used(u.wrapping_add(n));
+            }
+            progress(&self.queues)
+        }
+        fn resume(&mut self) -> Result<(), ActivateError> {
+            self.c.resumes.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
         fn reset(&mut self) {
-            self.0.resets.fetch_add(1, Ordering::SeqCst);
+            self.c.resets.fetch_add(1, Ordering::SeqCst);
+            self.queues.clear();
         }
     }
 
-    const LAYOUT: VirtioPciLayout = VirtioPciLayout {
-        bar_size: 0x8000,
-        common: 0,
-        isr: 0x1000,
-        device: 0x2000,
-        notify: 0x3000,
-        notify_multiplier: 4,
-        msix_table: 0x4000,
-        msix_pba: 0x5000,
-    };
-
-    fn device() -> (VirtioPci, Arc<Counters>) {
+    fn device_with(msi: Arc<dyn MsiController>) -> (VirtioPci, Arc<Counters>) {
         let c = Arc::new(Counters::default());
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mem");
-        let dev = VirtioPci::new(
-            Box::new(Dummy(c.clone())),
-            VirtioPciParams {
-                ids: PciIds {
-                    vendor: 0x1af4,
-                    device: 0x1044,
-                    subsystem_vendor: 0x1af4,
-                    subsystem: 0x44,
-                    revision: 1,
-                    class: 0xff00,
-                },
-                layout: LAYOUT,
-                msix_vectors: 3,
-                msi: Arc::new(NoMsi),
-                intx: None,
-                mem,
-                rom: None,
-                notify: None,
-            },
-        )
-        .expect("transport");
+        let dev = transport(
+            Box::new(Dummy {
+                c: c.clone(),
+                queues: Vec::new(),
+            }),
+            mem,
+            msi,
+        );
         (dev, c)
     }
 
-    fn w(d: &mut VirtioPci, off: u64, v: u64, len: usize) {
-        d.bar_write(0, off, &v.to_le_bytes()[..len]);
-    }
-
-    fn r(d: &mut VirtioPci, off: u64, len: usize) -> u64 {
-        let mut b = [0u8; 8];
-        d.bar_read(0, off, &mut b[..len]);
-        u64::from_le_bytes(b)
-    }
-
-    fn negotiate(d: &mut VirtioPci, features: u64) -> u8 {
-        w(d, 0x14, u64::from(status::ACKNOWLEDGE | status::DRIVER), 1);
-        w(d, 0x08, 0, 4);
-        w(d, 0x0c, features & 0xffff_ffff, 4);
-        w(d, 0x08, 1, 4);
-        w(d, 0x0c, features >> 32, 4);
-        w(
-            d,
-            0x14,
-            u64::from(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK),
-            1,
-        );
-        r(d, 0x14, 1) as u8
+    fn device() -> (VirtioPci, Arc<Counters>) {
+        device_with(Arc::new(NoMsi))
     }
 
     fn setup_queue(d: &mut VirtioPci, q: u16, base: u64) {
@@ -1002,5 +1477,217 @@ mod tests {
         d.irq.set_needs_reset();
         assert_eq!(r(&mut d, 0x1000, 1), 2);
         assert_ne!(r(&mut d, 0x14, 1) as u8 & status::DEVICE_NEEDS_RESET, 0);
+    }
+
+    /// Everything a driver can read from the common configuration (queue
+    /// fields of both queues), the MSI-X table and PBA; leaves
+    /// `queue_select` as it was.
+    fn guest_view(d: &mut VirtioPci) -> Vec<u64> {
+        let sel = r(d, 0x16, 2);
+        let mut v = Vec::new();
+        for off in [0x00, 0x04, 0x08, 0x0c, 0x10, 0x12, 0x14, 0x15, 0x16] {
+            v.push(r(d, off, 4));
+        }
+        for q in 0..2 {
+            w(d, 0x16, q, 2);
+            for off in [0x18, 0x1a, 0x1c, 0x1e, 0x20, 0x24, 0x28, 0x2c, 0x30, 0x34] {
+                v.push(r(d, off, 4));
+            }
+        }
+        w(d, 0x16, sel, 2);
+        for off in (0..3 * 16).step_by(4) {
+            v.push(r(d, u64::from(LAYOUT.msix_table) + off, 4));
+        }
+        v.push(r(d, u64::from(LAYOUT.msix_pba), 8));
+        v.push(r(d, 0x2000, 8));
+        v
+    }
+
+    /// A running device with MSI-X, two vectors in use, queue 0 running
+    /// and queue 1 configured but not enabled.
+    fn running(msi: Arc<Recorder>) -> (VirtioPci, Arc<Counters>) {
+        let (mut d, c) = device_with(msi);
+        assert_ne!(
+            negotiate(&mut d, VIRTIO_F_VERSION_1 | 1) & status::FEATURES_OK,
+            0
+        );
+        enable_msix(&mut d, 1, 0x4041);
+        w(&mut d, 0x10, 0, 2); // config vector 0 (left masked)
+        enable_queue(&mut d, 0, 8, (0x1_0000, 0x1_1000, 0x1_2000), 1);
+        w(&mut d, 0x16, 1, 2);
+        w(&mut d, 0x18, 4, 2);
+        w(&mut d, 0x20, 0x3_0000, 8);
+        w(&mut d, 0x14, 0x0f, 1);
+        assert_eq!(c.activations.load(Ordering::SeqCst), 1);
+        // Guest-visible odds and ends.
+        w(&mut d, 0x00, 1, 4);
+        w(&mut d, 0x2000, 0, 1); // config_generation 1
+        d.irq.signal_config_change(); // ISR bit 2; vector 0 masked: pending
+        (d, c)
+    }
+
+    #[test]
+    fn state_round_trips_paused_and_resumes() {
+        let rec_a = Arc::new(Recorder::default());
+        let (mut a, ca) = running(rec_a.clone());
+        assert!(
+            matches!(a.save_state(), Err(PersistError::Invalid { .. })),
+            "a running device is not saved"
+        );
+        // The device completed 5 requests before it was paused.
+        ca.work.store(5, Ordering::SeqCst);
+        a.pause();
+        a.pause();
+        assert_eq!(
+            ca.pauses.load(Ordering::SeqCst),
+            1,
+            "pausing twice is one pause"
+        );
+        let (v, bytes) = a.save_state().expect("save");
+        assert_eq!(v, 1);
+        let saved = a.save();
+        assert_eq!(saved.device_type, 4);
+        assert_eq!(saved.num_queues, 2);
+        assert!(saved.active);
+        assert_eq!(saved.isr, ISR_CONFIG);
+        assert_eq!(saved.config_generation, 1);
+        assert_eq!(saved.msix.pending, vec![1]);
+        assert_eq!(
+            (saved.queues[0].next_avail, saved.queues[0].next_used),
+            (5, 5),
+            "progress from the pause"
+        );
+        assert_eq!(saved.queues[1].size, 4);
+        assert!(!saved.queues[1].ready);
+
+        let rec_b = Arc::new(Recorder::default());
+        let (mut b, cb) = device_with(rec_b.clone());
+        b.restore_state(v, &bytes).expect("restore");
+        assert_eq!(b.save(), saved);
+        assert_eq!(cb.activations.load(Ordering::SeqCst), 0);
+        assert_eq!(cb.paused_activations.load(Ordering::SeqCst), 1);
+        assert_eq!(cb.queues.load(Ordering::SeqCst), 1, "only queue 0 runs");
+        assert_eq!(
+            *cb.handed.lock().expect("lock"),
+            vec![QueueProgress {
+                index: 0,
+                next_avail: 5,
+                next_used: 5
+            }],
+            "the device continues where it was"
+        );
+        let msg = MsiMessage {
+            addr: 0xfee0_0000,
+            data: 0x4041,
+        };
+        assert!(rec_b.routes.lock().expect("lock").contains(&(1, Some(msg))));
+        assert!(
+            rec_b.fired.lock().expect("lock").is_empty(),
+            "no interrupt yet"
+        );
+        assert_eq!(b.irq.isr.load(Ordering::Acquire), ISR_CONFIG);
+        assert_eq!(guest_view(&mut b), guest_view(&mut a));
+        // The config space too (MSI-X enable in its capability).
+        assert_eq!(b.config().save_regs(), a.config().save_regs());
+        // Queue registers stay frozen: the device is running.
+        w(&mut b, 0x16, 0, 2);
+        w(&mut b, 0x18, 4, 2);
+        assert_eq!(r(&mut b, 0x18, 2), 8);
+
+        // Resuming the restored device signals queue 0 once.
+        b.resume().expect("resume");
+        assert_eq!(cb.resumes.load(Ordering::SeqCst), 1);
+        assert_eq!(*rec_b.fired.lock().expect("lock"), vec![1]);
+        assert_eq!(b.irq.isr.load(Ordering::Acquire), ISR_CONFIG | ISR_QUEUE);
+        b.resume().expect("resume again");
+        assert_eq!(cb.resumes.load(Ordering::SeqCst), 1, "not paused: no-op");
+        b.pause();
+        b.resume().expect("resume");
+        assert_eq!(*rec_b.fired.lock().expect("lock"), vec![1], "only once");
+
+        // A plain pause and resume signals nothing.
+        let fired = rec_a.fired.lock().expect("lock").len();
+        a.resume().expect("resume");
+        assert_eq!(ca.resumes.load(Ordering::SeqCst), 1);
+        assert_eq!(rec_a.fired.lock().expect("lock").len(), fired);
+
+        // Reset after a restore works as usual.
+        w(&mut b, 0x14, 0, 1);
+        assert_eq!(cb.resets.load(Ordering::SeqCst), 1);
+        assert_eq!(r(&mut b, 0x14, 1), 0);
+    }
+
+    #[test]
+    fn inactive_state_round_trips() {
+        let (mut a, _) = device();
+        negotiate(&mut a, VIRTIO_F_VERSION_1);
+        enable_queue(&mut a, 1, 16, (0x2_0000, 0x2_1000, 0x2_2000), NO_VECTOR);
+        a.pause();
+        let (v, bytes) = a.save_state().expect("inactive devices save");
+        let (mut b, cb) = device();
+        b.restore_state(v, &bytes).expect("restore");
+        assert_eq!(guest_view(&mut b), guest_view(&mut a));
+        assert_eq!(cb.paused_activations.load(Ordering::SeqCst), 0);
+        b.resume().expect("nothing to resume");
+        // The driver goes on where it was: DRIVER_OK starts the device.
+        w(&mut b, 0x14, 0x0f, 1);
+        assert_eq!(cb.activations.load(Ordering::SeqCst), 1);
+        assert_eq!(cb.queues.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn bad_states_are_refused() {
+        let (mut a, _) = running(Arc::new(Recorder::default()));
+        a.pause();
+        let (v, bytes) = a.save_state().expect("save");
+        let good = a.save();
+        let (mut b, cb) = device();
+        assert!(matches!(
+            b.restore_state(v + 1, &bytes),
+            Err(PersistError::NewerVersion { .. })
+        ));
+        assert!(matches!(
+            b.restore_state(v, b"[1, 2"),
+            Err(PersistError::Malformed { .. })
+        ));
+        type Edit = fn(&mut VirtioPciState);
+        let cases: [(&str, Edit); 10] = [
+            ("device type", |s| s.device_type = 2),
+            ("queue count", |s| s.num_queues = 3),
+            ("queue list", |s| {
+                s.queues.pop();
+            }),
+            ("config registers", |s| {
+                s.config_regs.pop();
+            }),
+            ("MSI-X vectors", |s| s.msix.entries.push([0; 4])),
+            ("queue vector", |s| s.queues[0].vector = 3),
+            ("features not offered", |s| s.driver_features |= 1 << 7),
+            ("queue size", |s| s.queues[0].size = 32),
+            ("misaligned ring", |s| s.queues[0].desc_table = 0x1_0008),
+            ("used ring outside memory", |s| {
+                s.queues[0].used_ring = 0x10_0000 - 8
+            }),
+        ];
+        for (name, edit) in cases {
+            let mut s = good.clone();
+            edit(&mut s);
+            assert!(
+                matches!(b.restore(1, s), Err(PersistError::Invalid { .. })),
+                "{name}"
+            );
+            assert_eq!(cb.paused_activations.load(Ordering::SeqCst), 0, "{name}");
+            assert_eq!(r(&mut b, 0x14, 1), 0, "{name}: nothing applied");
+        }
+        // Rings outside memory are fine while the device is not running.
+        let mut s = good.clone();
+        s.active = false;
+        s.status &= !status::DRIVER_OK;
+        s.queues[0].used_ring = 0x10_0000 - 8;
+        b.restore(1, s).expect("inactive");
+        // And the good state still applies.
+        let (mut c, cc) = device();
+        c.restore(1, good).expect("good state");
+        assert_eq!(cc.paused_activations.load(Ordering::SeqCst), 1);
     }
 }

@@ -13,10 +13,10 @@ use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::worker::{collect_chain, take_queues, Handler, Unusable, Worker, WorkerQueue};
+use super::worker::{collect_chain, take_queues, Handler, Unusable, WorkerQueue, WorkerSlot};
 use super::{
-    device_type, ActivateError, Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    device_type, ActivateError, Activation, QueueProgress, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// The features this model can offer.
@@ -63,7 +63,7 @@ pub enum RngError {
 pub struct Rng {
     params: RngParams,
     features: u64,
-    worker: Option<Worker<RngWorker>>,
+    worker: WorkerSlot<RngWorker>,
 }
 
 impl Rng {
@@ -81,7 +81,7 @@ impl Rng {
         Ok(Self {
             features: VIRTIO_F_VERSION_1 | (params.features & RNG_SUPPORTED_FEATURES),
             params,
-            worker: None,
+            worker: WorkerSlot::new("virtio-rng"),
         })
     }
 
@@ -101,7 +101,7 @@ impl Rng {
     /// Whether a worker thread is running (for tests).
     #[cfg(test)]
     fn running(&self) -> bool {
-        self.worker.as_ref().is_some_and(|w| !w.finished())
+        self.worker.running()
     }
 }
 
@@ -126,16 +126,33 @@ impl VirtioDevice for Rng {
         data.fill(0);
     }
 
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // No configuration space: the device has no guest-writable state
+        // beyond the transport's, so a snapshot needs nothing from it.
+    }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
         self.reset();
         let worker = self.worker_for(a);
-        super::worker::start(&mut self.worker, "virtio-rng", worker)
+        self.worker.start(worker)
+    }
+
+    fn activate_paused(&mut self, a: Activation) -> Result<(), ActivateError> {
+        self.reset();
+        let worker = self.worker_for(a);
+        self.worker.start_paused(worker)
+    }
+
+    fn pause(&mut self) -> Vec<QueueProgress> {
+        self.worker.pause()
+    }
+
+    fn resume(&mut self) -> Result<(), ActivateError> {
+        self.worker.resume()
     }
 
     fn reset(&mut self) {
-        super::worker::stop(&mut self.worker);
+        self.worker.stop();
     }
 }
 
@@ -219,6 +236,10 @@ impl Handler for RngWorker {
 
     fn failed(&mut self) {
         self.irq.set_needs_reset();
+    }
+
+    fn queues(&self) -> Vec<&WorkerQueue> {
+        vec![&self.queue]
     }
 }
 
@@ -397,7 +418,49 @@ mod tests {
             assert!(wait_for(|| t.signals(0) == 1));
             r.reset();
             assert!(!r.running());
-            assert!(r.worker.is_none());
+            assert!(r.worker.is_empty());
         }
+    }
+
+    #[test]
+    fn pause_resume_and_paused_activation() {
+        let mut r = Rng::new(RngParams {
+            queue_size: 16,
+            ..RngParams::default()
+        })
+        .expect("rng");
+        assert!(r.pause().is_empty(), "inactive");
+        r.resume().expect("inactive resume");
+        let mem = memory();
+        let mut d = Driver::new(&mem, QBASE, 16);
+        let (t, irq) = test_irq();
+        let h = d.chain(&[(BUF, 32, true)]);
+        d.submit(h);
+        r.activate_paused(Activation {
+            mem: mem.clone(),
+            features: r.features(),
+            queues: vec![d.active(0)],
+            interrupt: irq,
+        })
+        .expect("activate paused");
+        assert!(!r.running());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(d.used_idx(), 0, "prepared paused: nothing processed");
+        r.resume().expect("resume");
+        assert!(r.running());
+        assert!(d.wait_used(1), "buffer from before the resume taken");
+        assert!(wait_for(|| t.signals(0) == 1));
+        assert_eq!(
+            r.pause(),
+            vec![QueueProgress {
+                index: 0,
+                next_avail: 1,
+                next_used: 1
+            }]
+        );
+        r.reset();
+        assert!(r.worker.is_empty(), "reset drops the parked worker");
+        r.resume().expect("nothing to resume");
+        assert!(!r.running());
     }
 }

@@ -27,7 +27,7 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActiveQueue, VirtioInterrupt};
+use super::{ActivateError, ActiveQueue, QueueProgress, VirtioInterrupt};
 
 /// Device work running on a [`Worker`] thread.
 pub(crate) trait Handler: Send + 'static {
@@ -37,6 +37,9 @@ pub(crate) trait Handler: Send + 'static {
     fn process(&mut self, events: Events, ops: &mut EventOps);
     /// The event loop itself failed; the worker is about to exit.
     fn failed(&mut self) {}
+    /// The handler's queues (for their progress when paused, and to look
+    /// at them again when resumed).
+    fn queues(&self) -> Vec<&WorkerQueue>;
 }
 
 /// Wraps a handler with the stop eventfd.
@@ -113,21 +116,119 @@ impl<H: Handler> Worker<H> {
     }
 }
 
-/// Starts `handler` on a worker thread in the (stopped) `slot`: what every
-/// device model's `activate` ends with.
-pub(crate) fn start<H: Handler>(
-    slot: &mut Option<Worker<H>>,
-    name: &str,
-    handler: Result<H, crate::virtio::ActivateError>,
-) -> Result<(), crate::virtio::ActivateError> {
-    *slot = Some(Worker::spawn(name, handler?).map_err(crate::virtio::ActivateError::Worker)?);
-    Ok(())
+/// A device model's handler: running on its [`Worker`] thread, parked
+/// (the device is paused), or absent (the device is not active). This is
+/// what each model's `activate`, `pause`, `resume` and `reset` go through.
+pub(crate) struct WorkerSlot<H> {
+    name: &'static str,
+    running: Option<Worker<H>>,
+    parked: Option<H>,
 }
 
-/// Stops and joins the worker in `slot`, if any.
-pub(crate) fn stop<H>(slot: &mut Option<Worker<H>>) {
-    if let Some(w) = slot.take() {
-        w.stop();
+impl<H> std::fmt::Debug for WorkerSlot<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerSlot")
+            .field("name", &self.name)
+            .field("running", &self.running)
+            .field("parked", &self.parked.is_some())
+            .finish()
+    }
+}
+
+impl<H: Handler> WorkerSlot<H> {
+    /// An empty slot whose threads are called `name`.
+    pub(crate) fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            running: None,
+            parked: None,
+        }
+    }
+
+    /// Starts `handler` on a new thread, dropping whatever was there.
+    pub(crate) fn start(&mut self, handler: Result<H, ActivateError>) -> Result<(), ActivateError> {
+        self.stop();
+        let handler = handler?;
+        self.running = Some(Worker::spawn(self.name, handler).map_err(ActivateError::Worker)?);
+        Ok(())
+    }
+
+    /// Keeps `handler` parked, as if started and paused at once: no thread
+    /// runs, nothing is processed, until [`WorkerSlot::resume`].
+    pub(crate) fn start_paused(
+        &mut self,
+        handler: Result<H, ActivateError>,
+    ) -> Result<(), ActivateError> {
+        self.stop();
+        self.parked = Some(handler?);
+        Ok(())
+    }
+
+    /// Stops and joins the thread and drops the handler, running or
+    /// parked.
+    pub(crate) fn stop(&mut self) {
+        if let Some(w) = self.running.take() {
+            w.stop();
+        }
+        self.parked = None;
+    }
+
+    /// Stops the thread (between two handler calls, so no request is
+    /// half-done), parks the handler and returns its queues' progress.
+    /// Nothing when empty; the same progress again when already paused.
+    /// A thread that panicked took its handler with it: then there is no
+    /// progress to report either.
+    pub(crate) fn pause(&mut self) -> Vec<QueueProgress> {
+        if let Some(w) = self.running.take() {
+            self.parked = w.stop();
+        }
+        self.parked
+            .as_ref()
+            .map(|h| {
+                h.queues()
+                    .iter()
+                    .map(|q| QueueProgress {
+                        index: q.index,
+                        next_avail: q.queue.next_avail(),
+                        next_used: q.queue.next_used(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Restarts a parked handler on a new thread, kicking each of its
+    /// queues so that buffers made available meanwhile are taken. Nothing
+    /// to do when nothing is parked.
+    pub(crate) fn resume(&mut self) -> Result<(), ActivateError> {
+        let Some(handler) = self.parked.take() else {
+            return Ok(());
+        };
+        for q in handler.queues() {
+            // Only fails if the counter would overflow: it is non-zero
+            // then, which is all a kick needs.
+            let _ = q.kick.write(1);
+        }
+        self.running = Some(Worker::spawn(self.name, handler).map_err(ActivateError::Worker)?);
+        Ok(())
+    }
+
+    /// Whether a worker thread is running (for tests).
+    #[cfg(test)]
+    pub(crate) fn running(&self) -> bool {
+        self.running.as_ref().is_some_and(|w| !w.finished())
+    }
+
+    /// Whether a handler is parked (for tests).
+    #[cfg(test)]
+    pub(crate) fn paused(&self) -> bool {
+        self.parked.is_some()
+    }
+
+    /// Whether the slot holds no handler at all (for tests).
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.running.is_none() && self.parked.is_none()
     }
 }
 
@@ -728,6 +829,85 @@ mod tests {
             let _ = self.fd.read();
             self.hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
+
+        fn queues(&self) -> Vec<&WorkerQueue> {
+            Vec::new()
+        }
+    }
+
+    /// Takes one queue's chains, counting them.
+    struct QueueCounter {
+        mem: GuestMemoryMmap,
+        queue: WorkerQueue,
+        irq: Arc<dyn VirtioInterrupt>,
+    }
+
+    impl Handler for QueueCounter {
+        fn init(&mut self, ops: &mut EventOps) -> Result<(), event_manager::Error> {
+            ops.add(Events::new(&self.queue.kick, EventSet::IN))
+        }
+
+        fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+            let _ = self.queue.kick.read();
+            let mem = &self.mem;
+            self.queue.drain(mem, self.irq.as_ref(), 64, |_| Ok(0));
+        }
+
+        fn queues(&self) -> Vec<&WorkerQueue> {
+            vec![&self.queue]
+        }
+    }
+
+    #[test]
+    fn slot_pauses_parks_and_resumes() {
+        let mem = memory();
+        let mut d = Driver::new(&mem, 0x1000, 8);
+        let (t, irq) = test_irq();
+        let q = d.active(0);
+        let kick = q.kick.try_clone().expect("kick");
+        let mut slot = WorkerSlot::new("test-slot");
+        assert!(slot.pause().is_empty(), "pausing an empty slot");
+        assert!(slot.resume().is_ok(), "resuming an empty slot");
+        assert!(slot.is_empty());
+        slot.start(Ok(QueueCounter {
+            mem: mem.clone(),
+            queue: WorkerQueue::new(q, false),
+            irq,
+        }))
+        .expect("start");
+        assert!(slot.running());
+        let h = d.chain(&[(0x10_0000, 16, true)]);
+        d.submit(h);
+        kick.write(1).expect("kick");
+        assert!(d.wait_used(1));
+        let p = slot.pause();
+        assert_eq!(
+            p,
+            vec![QueueProgress {
+                index: 0,
+                next_avail: 1,
+                next_used: 1
+            }]
+        );
+        assert!(!slot.running() && slot.paused());
+        assert_eq!(slot.pause(), p, "pausing again: same progress");
+        // Made available while paused (without a kick): not taken, and
+        // taken on resume.
+        for _ in 0..2 {
+            let h = d.chain(&[(0x10_0000, 16, true)]);
+            d.submit(h);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(d.used_idx(), 1);
+        slot.resume().expect("resume");
+        assert!(slot.running() && !slot.paused());
+        assert!(d.wait_used(3), "buffers from the pause are taken");
+        assert!(wait_for(|| t.signals(0) >= 2));
+        assert_eq!(slot.pause()[0].next_avail, 3);
+        // Reset drops the parked handler.
+        slot.stop();
+        assert!(slot.is_empty());
+        assert!(slot.pause().is_empty());
     }
 
     #[test]

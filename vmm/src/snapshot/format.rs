@@ -8,7 +8,10 @@
 //!                                 machine type, guest ABI manifest, host
 //!                                 configuration, section table
 //! header SHA-256                  32 bytes
-//! section payloads                at the offsets the section table gives
+//! section payloads                at the offsets the section table gives;
+//!                                 page-sized payloads (guest memory) start
+//!                                 on a 4 KiB boundary so restore can map
+//!                                 them straight from the file
 //! ```
 //!
 //! A reader accepts any section version up to the one it knows. A section
@@ -18,22 +21,27 @@
 //! loaded.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::manifest::sha256_hex;
-
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"ABIDESNP";
 /// Newest header format this build reads and writes.
 pub const FORMAT: u32 = 1;
+/// Alignment of page payloads in the file.
+pub const PAGE: u64 = 4096;
 const HASH_LEN: usize = 32;
 /// Refuse headers larger than this (a corrupt length must not allocate GiBs).
 const MAX_HEADER: usize = 64 << 20;
+/// Sections read into memory are at most this large; bigger ones (guest
+/// memory) are only ever mapped or streamed.
+const MAX_INLINE: u64 = 256 << 20;
 
 /// Errors reading a snapshot.
 #[derive(Debug, thiserror::Error)]
@@ -80,12 +88,20 @@ pub enum SnapshotError {
     /// A section the reader needs is absent.
     #[error("snapshot section '{0}' is missing")]
     MissingSection(String),
+    /// A section that is present but unusable.
+    #[error("snapshot section '{name}' is not valid: {reason}")]
+    BadSection {
+        /// Section.
+        name: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// One entry of the section table.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SectionEntry {
-    /// Name (e.g. `vcpu.0`, `device.00:01.0`, `memory`).
+    /// Name (e.g. `vcpu.0`, `pci.00:01.0`, `memory`).
     pub name: String,
     /// Version of this section's layout.
     pub version: u32,
@@ -116,14 +132,52 @@ pub struct Header {
     pub sections: Vec<SectionEntry>,
 }
 
-/// Builds a snapshot file.
-#[derive(Debug)]
-pub struct Writer {
-    header: Header,
-    payloads: Vec<Vec<u8>>,
+/// A section's contents.
+enum Payload<'a> {
+    /// Serialized state.
+    Bytes(Vec<u8>),
+    /// Pages of guest memory, concatenated, page-aligned in the file.
+    Pages(Vec<&'a [u8]>),
 }
 
-impl Writer {
+impl Payload<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            Payload::Bytes(b) => b.len() as u64,
+            Payload::Pages(p) => p.iter().map(|s| s.len() as u64).sum(),
+        }
+    }
+
+    fn sha256(&self) -> String {
+        let mut h = Sha256::new();
+        match self {
+            Payload::Bytes(b) => h.update(b),
+            Payload::Pages(p) => p.iter().for_each(|s| h.update(s)),
+        }
+        hex::encode(h.finalize())
+    }
+
+    fn aligned(&self) -> bool {
+        matches!(self, Payload::Pages(_))
+    }
+}
+
+/// Builds a snapshot file.
+pub struct Writer<'a> {
+    header: Header,
+    payloads: Vec<Payload<'a>>,
+}
+
+impl std::fmt::Debug for Writer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("machine", &self.header.machine)
+            .field("sections", &self.header.sections.len())
+            .finish()
+    }
+}
+
+impl<'a> Writer<'a> {
     /// A snapshot of `machine` with its manifest and host configuration.
     pub fn new(machine: &str, manifest: Value, host: Value) -> Self {
         Self {
@@ -139,57 +193,141 @@ impl Writer {
         }
     }
 
-    /// Adds a section.
-    pub fn section(&mut self, name: &str, version: u32, optional: bool, payload: Vec<u8>) {
+    fn push(&mut self, name: &str, version: u32, optional: bool, payload: Payload<'a>) {
         self.header.sections.push(SectionEntry {
             name: name.to_string(),
             version,
             optional,
             offset: 0,
-            length: payload.len() as u64,
-            sha256: sha256_hex(&payload),
+            length: payload.len(),
+            sha256: payload.sha256(),
         });
         self.payloads.push(payload);
     }
 
-    /// Serializes the whole file.
-    pub fn to_bytes(mut self) -> Result<Vec<u8>, SnapshotError> {
-        // Offsets depend on the header's own length: serialize with
-        // provisional offsets until the length settles.
+    /// Adds a section of serialized state.
+    pub fn section(&mut self, name: &str, version: u32, optional: bool, payload: Vec<u8>) {
+        self.push(name, version, optional, Payload::Bytes(payload));
+    }
+
+    /// Adds a section made of memory pages (each slice a multiple of 4 KiB),
+    /// written back to back starting on a page boundary of the file.
+    pub fn pages(&mut self, name: &str, version: u32, pages: Vec<&'a [u8]>) {
+        self.push(name, version, false, Payload::Pages(pages));
+    }
+
+    /// Lays out the file: fills in section offsets and returns the header
+    /// JSON. Offsets depend on the header's own length, so serialize with
+    /// provisional offsets until the length settles.
+    fn layout(&mut self) -> Result<Vec<u8>, SnapshotError> {
         let mut header_len = 0usize;
-        let json = loop {
+        loop {
             let mut offset = (MAGIC.len() + 4 + header_len + HASH_LEN) as u64;
-            for s in &mut self.header.sections {
+            for (s, p) in self.header.sections.iter_mut().zip(&self.payloads) {
+                if p.aligned() {
+                    offset = offset.div_ceil(PAGE) * PAGE;
+                }
                 s.offset = offset;
                 offset += s.length;
             }
             let json = serde_json::to_vec(&self.header)
                 .map_err(|e| SnapshotError::Header(e.to_string()))?;
             if json.len() == header_len {
-                break json;
+                return Ok(json);
             }
             header_len = json.len();
-        };
-        let mut out = Vec::new();
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&(json.len() as u32).to_le_bytes());
-        out.extend_from_slice(&json);
-        out.extend_from_slice(&Sha256::digest(&json));
-        for p in &self.payloads {
-            out.extend_from_slice(p);
         }
+    }
+
+    /// Writes the whole file to `out`.
+    pub fn write_into(mut self, out: &mut impl Write) -> Result<u64, SnapshotError> {
+        let json = self.layout()?;
+        out.write_all(MAGIC)?;
+        out.write_all(&(json.len() as u32).to_le_bytes())?;
+        out.write_all(&json)?;
+        out.write_all(&Sha256::digest(&json))?;
+        let mut pos = (MAGIC.len() + 4 + json.len() + HASH_LEN) as u64;
+        let zeros = [0u8; PAGE as usize];
+        for (s, p) in self.header.sections.iter().zip(&self.payloads) {
+            // Only page payloads are padded, by less than a page.
+            let pad = usize::try_from(s.offset - pos).unwrap_or(0);
+            out.write_all(&zeros[..pad.min(zeros.len())])?;
+            match p {
+                Payload::Bytes(b) => out.write_all(b)?,
+                Payload::Pages(pages) => {
+                    for page in pages {
+                        out.write_all(page)?;
+                    }
+                }
+            }
+            pos = s.offset + s.length;
+        }
+        Ok(pos)
+    }
+
+    /// Serializes the whole file into memory.
+    pub fn to_bytes(self) -> Result<Vec<u8>, SnapshotError> {
+        let mut out = Vec::new();
+        self.write_into(&mut out)?;
         Ok(out)
     }
 
-    /// Writes the file atomically (temporary file, then rename).
-    pub fn write_to(self, path: &Path) -> Result<(), SnapshotError> {
-        let bytes = self.to_bytes()?;
-        let tmp = path.with_extension("partial");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
+    /// Writes the file atomically (temporary file, then rename); returns
+    /// its size.
+    pub fn write_to(self, path: &Path) -> Result<u64, SnapshotError> {
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(".partial");
+        let tmp = path.with_file_name(name);
+        let result = (|| {
+            let f = File::create(&tmp)?;
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+            let size = self.write_into(&mut w)?;
+            let f = w.into_inner().map_err(|e| e.into_error())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            Ok(size)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+}
+
+/// Where a snapshot's bytes come from.
+#[derive(Debug)]
+enum Source {
+    Bytes(Vec<u8>),
+    File(File),
+}
+
+impl Source {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SnapshotError> {
+        match self {
+            Source::Bytes(b) => {
+                let start = usize::try_from(offset).unwrap_or(usize::MAX);
+                let src = start
+                    .checked_add(buf.len())
+                    .and_then(|end| b.get(start..end))
+                    .ok_or_else(|| SnapshotError::Truncated("ends early".into()))?;
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            Source::File(f) => f.read_exact_at(buf, offset).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    SnapshotError::Truncated("ends early".into())
+                } else {
+                    SnapshotError::Io(e)
+                }
+            }),
+        }
+    }
+
+    fn len(&self) -> Result<u64, SnapshotError> {
+        Ok(match self {
+            Source::Bytes(b) => b.len() as u64,
+            Source::File(f) => f.metadata()?.len(),
+        })
     }
 }
 
@@ -199,45 +337,61 @@ impl Writer {
 pub struct Snapshot {
     /// The header.
     pub header: Header,
-    bytes: Vec<u8>,
+    source: Source,
     /// Known sections, by name.
     index: BTreeMap<String, usize>,
 }
 
 impl Snapshot {
-    /// Parses and verifies `bytes`. `known` gives, for each section name
-    /// (or name prefix ending in '.'), the newest version this reader
-    /// understands.
+    /// Parses and verifies a snapshot held in memory. `known` gives, for
+    /// each section name (or name prefix ending in '.'), the newest version
+    /// this reader understands.
     pub fn parse(bytes: Vec<u8>, known: &[(&str, u32)]) -> Result<Self, SnapshotError> {
-        if bytes.len() < MAGIC.len() {
+        Self::verify(Source::Bytes(bytes), known)
+    }
+
+    /// Opens and verifies a snapshot file. Every section is read once to
+    /// check its checksum; memory sections are not kept in memory.
+    pub fn open(path: &Path, known: &[(&str, u32)]) -> Result<Self, SnapshotError> {
+        Self::verify(Source::File(File::open(path)?), known)
+    }
+
+    fn verify(source: Source, known: &[(&str, u32)]) -> Result<Self, SnapshotError> {
+        let total = source.len()?;
+        let mut magic = [0u8; 8];
+        if total < MAGIC.len() as u64 {
             return Err(SnapshotError::Truncated("no magic".into()));
         }
-        if &bytes[..MAGIC.len()] != MAGIC {
+        source.read_at(0, &mut magic)?;
+        if &magic != MAGIC {
             return Err(SnapshotError::BadMagic);
         }
-        let len_at = MAGIC.len();
-        let len = bytes
-            .get(len_at..len_at + 4)
-            .ok_or_else(|| SnapshotError::Truncated("no header length".into()))?;
-        let header_len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        let mut len = [0u8; 4];
+        source
+            .read_at(MAGIC.len() as u64, &mut len)
+            .map_err(|_| SnapshotError::Truncated("no header length".into()))?;
+        let header_len = u32::from_le_bytes(len) as usize;
         if header_len > MAX_HEADER {
             return Err(SnapshotError::Header(format!(
                 "header length {header_len} is implausible"
             )));
         }
-        let json_at = len_at + 4;
-        let json = bytes
-            .get(json_at..json_at + header_len)
-            .ok_or_else(|| SnapshotError::Truncated("header cut short".into()))?;
-        let hash = bytes
-            .get(json_at + header_len..json_at + header_len + HASH_LEN)
-            .ok_or_else(|| SnapshotError::Truncated("header checksum missing".into()))?;
-        if Sha256::digest(json).as_slice() != hash {
+        let json_at = (MAGIC.len() + 4) as u64;
+        if json_at + header_len as u64 > total {
+            return Err(SnapshotError::Truncated("header cut short".into()));
+        }
+        let mut json = vec![0u8; header_len];
+        source.read_at(json_at, &mut json)?;
+        let mut hash = [0u8; HASH_LEN];
+        source
+            .read_at(json_at + header_len as u64, &mut hash)
+            .map_err(|_| SnapshotError::Truncated("header checksum missing".into()))?;
+        if Sha256::digest(&json).as_slice() != hash {
             return Err(SnapshotError::HeaderChecksum);
         }
         // Check the format before the full schema: a newer writer may add fields.
         let raw: Value =
-            serde_json::from_slice(json).map_err(|e| SnapshotError::Header(e.to_string()))?;
+            serde_json::from_slice(&json).map_err(|e| SnapshotError::Header(e.to_string()))?;
         let format = raw["format"].as_u64().unwrap_or(0) as u32;
         if format > FORMAT {
             return Err(SnapshotError::NewerFormat {
@@ -265,38 +419,81 @@ impl Snapshot {
                 }
                 Some(_) => {}
             }
-            let start = usize::try_from(s.offset).unwrap_or(usize::MAX);
-            let end = start.checked_add(usize::try_from(s.length).unwrap_or(usize::MAX));
-            let payload = end.and_then(|e| bytes.get(start..e)).ok_or_else(|| {
-                SnapshotError::Truncated(format!("section '{}' cut short", s.name))
-            })?;
-            if sha256_hex(payload) != s.sha256 {
+            if s.offset.checked_add(s.length).is_none_or(|end| end > total) {
+                return Err(SnapshotError::Truncated(format!(
+                    "section '{}' cut short",
+                    s.name
+                )));
+            }
+            if hash_range(&source, s.offset, s.length)? != s.sha256 {
                 return Err(SnapshotError::SectionChecksum(s.name.clone()));
             }
-            index.insert(s.name.clone(), i);
+            if index.insert(s.name.clone(), i).is_some() {
+                return Err(SnapshotError::Header(format!(
+                    "section '{}' appears twice",
+                    s.name
+                )));
+            }
         }
         Ok(Self {
             header,
-            bytes,
+            source,
             index,
         })
     }
 
-    /// Reads and verifies a snapshot file.
-    pub fn open(path: &Path, known: &[(&str, u32)]) -> Result<Self, SnapshotError> {
-        Self::parse(std::fs::read(path)?, known)
-    }
-
-    /// A verified section's version and payload.
-    pub fn section(&self, name: &str) -> Result<(u32, &[u8]), SnapshotError> {
+    fn entry(&self, name: &str) -> Result<&SectionEntry, SnapshotError> {
         let i = *self
             .index
             .get(name)
             .ok_or_else(|| SnapshotError::MissingSection(name.to_string()))?;
-        let s = &self.header.sections[i];
-        // Bounds were checked in `parse`.
-        let start = s.offset as usize;
-        Ok((s.version, &self.bytes[start..start + s.length as usize]))
+        Ok(&self.header.sections[i])
+    }
+
+    /// A verified section's version and payload.
+    pub fn section(&self, name: &str) -> Result<(u32, Vec<u8>), SnapshotError> {
+        let s = self.entry(name)?;
+        if s.length > MAX_INLINE {
+            return Err(SnapshotError::BadSection {
+                name: name.into(),
+                reason: format!("{} bytes is too large to load", s.length),
+            });
+        }
+        let mut buf = vec![0u8; s.length as usize];
+        self.source.read_at(s.offset, &mut buf)?;
+        Ok((s.version, buf))
+    }
+
+    /// Where a verified page section lies in the file: (version, file,
+    /// offset, length). `None` for a snapshot parsed from memory.
+    pub fn mapped(&self, name: &str) -> Result<Option<(u32, &File, u64, u64)>, SnapshotError> {
+        let s = self.entry(name)?;
+        Ok(match &self.source {
+            Source::File(f) => Some((s.version, f, s.offset, s.length)),
+            Source::Bytes(_) => None,
+        })
+    }
+
+    /// A verified section's length.
+    pub fn length(&self, name: &str) -> Result<u64, SnapshotError> {
+        Ok(self.entry(name)?.length)
+    }
+
+    /// Copies `buf.len()` bytes at `offset` within section `name`.
+    pub fn read_section_at(
+        &self,
+        name: &str,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), SnapshotError> {
+        let s = self.entry(name)?;
+        if offset.saturating_add(buf.len() as u64) > s.length {
+            return Err(SnapshotError::BadSection {
+                name: name.into(),
+                reason: "read past its end".into(),
+            });
+        }
+        self.source.read_at(s.offset + offset, buf)
     }
 
     /// Names of the sections this reader accepted.
@@ -305,51 +502,64 @@ impl Snapshot {
     }
 }
 
-/// Encodes guest memory sparsely: runs of non-zero 4 KiB pages as
-/// `[u64 guest address][u64 length][bytes]`, zero pages skipped.
-pub fn encode_sparse(regions: &[(u64, &[u8])]) -> Vec<u8> {
-    const PAGE: usize = 4096;
-    let mut out = Vec::new();
-    for (base, data) in regions {
-        let mut page = 0;
-        while page * PAGE < data.len() {
-            let chunk = |p: usize| &data[p * PAGE..((p + 1) * PAGE).min(data.len())];
-            if chunk(page).iter().all(|b| *b == 0) {
-                page += 1;
-                continue;
-            }
-            let start = page;
-            while page * PAGE < data.len() && !chunk(page).iter().all(|b| *b == 0) {
-                page += 1;
-            }
-            let bytes = &data[start * PAGE..(page * PAGE).min(data.len())];
-            out.extend_from_slice(&(base + (start * PAGE) as u64).to_le_bytes());
-            out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-            out.extend_from_slice(bytes);
-        }
+fn hash_range(source: &Source, offset: u64, length: u64) -> Result<String, SnapshotError> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; length.min(8 << 20) as usize];
+    let mut done = 0u64;
+    while done < length {
+        let n = (length - done).min(buf.len() as u64) as usize;
+        source.read_at(offset + done, &mut buf[..n])?;
+        h.update(&buf[..n]);
+        done += n as u64;
     }
-    out
+    Ok(hex::encode(h.finalize()))
 }
 
-/// Decodes [`encode_sparse`] output into (guest address, bytes) runs.
-pub fn decode_sparse(mut data: &[u8]) -> Result<Vec<(u64, &[u8])>, SnapshotError> {
+/// One run of non-zero guest pages in the memory section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryRun {
+    /// Guest physical address.
+    pub gpa: u64,
+    /// Length in bytes (a multiple of 4 KiB).
+    pub len: u64,
+    /// Offset of the run's bytes within the memory section.
+    pub offset: u64,
+}
+
+/// Finds the runs of non-zero 4 KiB pages in `data` (guest memory at
+/// `base`); zero pages are skipped.
+pub fn nonzero_runs(base: u64, data: &[u8]) -> Vec<(u64, std::ops::Range<usize>)> {
+    let page = PAGE as usize;
+    let is_zero = |p: usize| {
+        let chunk = &data[p * page..((p + 1) * page).min(data.len())];
+        // Compare 8 bytes at a time: this runs over all of guest RAM.
+        let (head, words, tail) = {
+            // SAFETY: u64 has no invalid bit patterns; align_to gives the
+            // aligned middle part and the unaligned rest.
+            unsafe { chunk.align_to::<u64>() }
+        };
+        head.iter().all(|b| *b == 0)
+            && words.iter().all(|w| *w == 0)
+            && tail.iter().all(|b| *b == 0)
+    };
+    let pages = data.len().div_ceil(page);
     let mut runs = Vec::new();
-    while !data.is_empty() {
-        let head = data
-            .get(..16)
-            .ok_or_else(|| SnapshotError::Truncated("memory run header".into()))?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&head[..8]);
-        let addr = u64::from_le_bytes(a);
-        a.copy_from_slice(&head[8..16]);
-        let len = usize::try_from(u64::from_le_bytes(a)).unwrap_or(usize::MAX);
-        let bytes = data
-            .get(16..16usize.saturating_add(len))
-            .ok_or_else(|| SnapshotError::Truncated("memory run".into()))?;
-        runs.push((addr, bytes));
-        data = &data[16 + len..];
+    let mut p = 0;
+    while p < pages {
+        if is_zero(p) {
+            p += 1;
+            continue;
+        }
+        let start = p;
+        while p < pages && !is_zero(p) {
+            p += 1;
+        }
+        runs.push((
+            base + (start * page) as u64,
+            start * page..(p * page).min(data.len()),
+        ));
     }
-    Ok(runs)
+    runs
 }
 
 #[cfg(test)]
@@ -372,7 +582,7 @@ mod tests {
         let s = Snapshot::parse(sample(), KNOWN).expect("parse");
         assert_eq!(s.header.machine, "pc-1.0");
         assert_eq!(s.header.abide_version, env!("CARGO_PKG_VERSION"));
-        assert_eq!(s.section("vcpu.0").expect("vcpu"), (1, &[1u8, 2, 3][..]));
+        assert_eq!(s.section("vcpu.0").expect("vcpu"), (1, vec![1u8, 2, 3]));
         assert_eq!(s.section("device.00:01.0").expect("dev").1.len(), 100);
         assert!(matches!(
             s.section("nope"),
@@ -453,25 +663,52 @@ mod tests {
     }
 
     #[test]
-    fn sparse_memory_skips_zero_pages() {
+    fn zero_pages_are_skipped_and_pages_are_aligned() {
         let mut ram = vec![0u8; 64 * 4096];
         ram[5 * 4096] = 1;
         ram[6 * 4096 + 10] = 2;
         ram[40 * 4096 + 4095] = 3;
-        let enc = encode_sparse(&[(0x10_0000, &ram)]);
+        let runs = nonzero_runs(0x10_0000, &ram);
         // Two runs: pages 5-6 and page 40.
-        assert_eq!(enc.len(), 2 * 16 + 3 * 4096);
-        let runs = decode_sparse(&enc).expect("decode");
-        assert_eq!(runs.len(), 2);
-        assert_eq!(runs[0].0, 0x10_0000 + 5 * 4096);
-        assert_eq!(runs[0].1.len(), 2 * 4096);
-        assert_eq!(runs[1].0, 0x10_0000 + 40 * 4096);
-        let mut back = vec![0u8; ram.len()];
-        for (addr, bytes) in runs {
-            let off = (addr - 0x10_0000) as usize;
-            back[off..off + bytes.len()].copy_from_slice(bytes);
-        }
-        assert_eq!(back, ram);
-        assert!(decode_sparse(&enc[..enc.len() - 1]).is_err());
+        assert_eq!(
+            runs,
+            vec![
+                (0x10_0000 + 5 * 4096, 5 * 4096..7 * 4096),
+                (0x10_0000 + 40 * 4096, 40 * 4096..41 * 4096)
+            ]
+        );
+        let mut w = Writer::new("pc-1.0", json!({}), json!({}));
+        w.section("vcpu.0", 1, false, vec![1, 2, 3]);
+        w.pages(
+            "memory",
+            1,
+            runs.iter().map(|(_, r)| &ram[r.clone()]).collect(),
+        );
+        let s = Snapshot::parse(w.to_bytes().expect("ser"), KNOWN).expect("parse");
+        let e = &s.header.sections[1];
+        assert_eq!(e.offset % PAGE, 0, "page payload must be page-aligned");
+        assert_eq!(e.length, 3 * 4096);
+        let mut page40 = vec![0u8; 4096];
+        s.read_section_at("memory", 2 * 4096, &mut page40)
+            .expect("read");
+        assert_eq!(page40[4095], 3);
+        assert!(s.read_section_at("memory", 3 * 4096, &mut page40).is_err());
+    }
+
+    #[test]
+    fn file_round_trip_and_atomic_write() {
+        let dir = std::env::temp_dir().join(format!("abide-fmt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("snap");
+        let ram = vec![7u8; 8192];
+        let mut w = Writer::new("pc-1.0", json!({}), json!({}));
+        w.pages("memory", 1, vec![&ram[..]]);
+        let size = w.write_to(&path).expect("write");
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), size);
+        assert!(!dir.join("snap.partial").exists());
+        let s = Snapshot::open(&path, KNOWN).expect("open");
+        let (_, _, off, len) = s.mapped("memory").expect("entry").expect("file");
+        assert_eq!((off % PAGE, len), (0, 8192));
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

@@ -1,4 +1,498 @@
-//! Snapshots: the file format (header, versioned sections, checksums).
-//! Pause, save and restore build on it.
+//! Snapshots: pause, save, and restore in a new process, possibly a newer
+//! Abide, guarded by the guest ABI manifest.
+//!
+//! Saving writes one file ([`format`]): the header carries the machine
+//! type, the full guest ABI manifest and the VM configuration; sections
+//! hold the in-kernel irqchip/PIT/clock (`vm`), each vCPU (`vcpu.N`), each
+//! legacy device (`device.KIND`), each PCI function (`pci.00:SS.0`), and
+//! guest memory (`memory.map` plus the page-aligned `memory` pages, zero
+//! pages left out).
+//!
+//! Restoring first verifies every checksum and section version, then
+//! rebuilds the manifest this Abide would give the saved configuration and
+//! refuses on any difference, before any guest state is loaded. Memory is
+//! mapped privately from the file, so it is read lazily as the guest
+//! touches it.
 
 pub mod format;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use abide_devices::persist::Persist;
+use serde::{Deserialize, Serialize};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::config::{SerialConfig, VmConfig};
+use crate::devices_config::NetBackend;
+use crate::manifest::{Difference, HostConfig};
+use crate::vcpu::state::{VcpuState, VmState, VCPU_VERSION, VM_VERSION};
+use crate::vcpu::Vcpus;
+use crate::vm::{Start, Vm};
+use crate::Error;
+use format::{MemoryRun, Snapshot, SnapshotError, Writer, PAGE};
+
+/// Version of the `memory.map` section.
+const MEMORY_VERSION: u32 = 1;
+
+/// Newest version of each section this build reads (prefixes end in '.').
+/// PCI functions check their own kind's version when restored.
+pub const KNOWN_SECTIONS: &[(&str, u32)] = &[
+    ("vm", VM_VERSION),
+    ("vcpu.", VCPU_VERSION),
+    ("device.", 1),
+    ("pci.", 1),
+    ("memory.map", MEMORY_VERSION),
+    ("memory", MEMORY_VERSION),
+];
+
+/// The configuration part of the header.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SavedHost {
+    /// The configuration the VM was built from.
+    pub config: VmConfig,
+    /// Its host-side settings, as `abide manifest` shows them.
+    pub host: HostConfig,
+}
+
+/// Where guest memory lies in the `memory` section.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryMap {
+    /// RAM regions (guest address, size) the memory came from.
+    pub regions: Vec<(u64, u64)>,
+    /// Runs of non-zero pages.
+    pub runs: Vec<MemoryRun>,
+}
+
+/// What a save did.
+#[derive(Clone, Copy, Debug)]
+pub struct SaveReport {
+    /// File size.
+    pub bytes: u64,
+    /// Guest memory stored (non-zero pages).
+    pub memory_bytes: u64,
+    /// Time to pause vCPUs and devices.
+    pub pause_ms: f64,
+    /// Time to gather state and write the file.
+    pub save_ms: f64,
+}
+
+/// Errors specific to snapshots.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The file itself.
+    #[error(transparent)]
+    File(#[from] SnapshotError),
+    /// The guest ABI this Abide would give differs from the saved one.
+    #[error("the snapshot's guest ABI differs from what this Abide ({}) gives machine '{machine}' with the saved configuration; refusing to restore. Differences (saved -> here):\n{}", env!("CARGO_PKG_VERSION"), format_diff(.diffs))]
+    AbiMismatch {
+        /// Machine type.
+        machine: String,
+        /// Field-by-field differences.
+        diffs: Vec<Difference>,
+    },
+    /// A host-side override that does not apply.
+    #[error("{0}")]
+    Override(String),
+    /// KVM state.
+    #[error("cannot load saved state")]
+    State(#[from] crate::vcpu::state::StateError),
+    /// Device state.
+    #[error("cannot load saved device state")]
+    Device(#[from] abide_devices::persist::PersistError),
+    /// A section nobody claimed.
+    #[error("snapshot section '{0}' belongs to no device of this VM")]
+    Unclaimed(String),
+    /// Section contents.
+    #[error("snapshot section '{name}' does not parse: {reason}")]
+    Malformed {
+        /// Section.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// Mapping memory.
+    #[error("cannot map guest memory from the snapshot")]
+    Map(#[source] std::io::Error),
+}
+
+fn format_diff(diffs: &[Difference]) -> String {
+    diffs
+        .iter()
+        .map(|d| format!("  {d}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Host-side settings that may change at restore without the guest noticing.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// COM1 sink.
+    pub serial: Option<SerialConfig>,
+    /// New image path for the disk at a PCI slot.
+    pub disk_paths: Vec<(u8, PathBuf)>,
+    /// New tap interface for the NIC at a PCI slot.
+    pub taps: Vec<(u8, String)>,
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    // Plain data structures always serialize.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn bdf(slot: u8) -> String {
+    format!("pci.00:{slot:02x}.0")
+}
+
+/// Host views of guest RAM regions. Only valid while vCPUs and devices are
+/// paused (nothing writes guest memory meanwhile).
+fn ram_slices(vm: &Vm) -> Vec<(u64, &[u8])> {
+    vm.ram
+        .mem
+        .iter()
+        .filter_map(|r| {
+            let host = r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok()?;
+            // SAFETY: the region is a live mapping of `len` bytes owned by
+            // the VM's memory, which outlives the returned slices (they
+            // borrow `vm`); the caller has paused every writer.
+            let s = unsafe { std::slice::from_raw_parts(host as *const u8, r.len() as usize) };
+            Some((r.start_addr().0, s))
+        })
+        .collect()
+}
+
+/// Pauses `vm` (if it runs), writes a snapshot to `path`, and resumes it
+/// if it was running.
+pub fn save(vm: &Vm, vcpus: &mut Vcpus, path: &Path) -> Result<SaveReport, Error> {
+    let was_paused = vcpus.is_paused();
+    let t = Instant::now();
+    vm.pause(vcpus)?;
+    let pause_ms = crate::api::ms(t);
+    let t = Instant::now();
+    let result = write(vm, vcpus, path);
+    let save_ms = crate::api::ms(t);
+    if !was_paused {
+        vm.resume(vcpus)?;
+    }
+    let (bytes, memory_bytes) = result?;
+    Ok(SaveReport {
+        bytes,
+        memory_bytes,
+        pause_ms,
+        save_ms,
+    })
+}
+
+fn write(vm: &Vm, vcpus: &Vcpus, path: &Path) -> Result<(u64, u64), Error> {
+    let desc = crate::manifest(&vm.cfg)?;
+    let host = SavedHost {
+        config: vm.cfg.clone(),
+        host: desc.host,
+    };
+    let manifest = serde_json::to_value(&desc.abi).map_err(Error::Json)?;
+    let host = serde_json::to_value(&host).map_err(Error::Json)?;
+    let mut w = Writer::new(&vm.machine.name, manifest, host);
+    let snap_err = |e: crate::vcpu::state::StateError| Error::Snapshot(RestoreError::State(e));
+    w.section(
+        "vm",
+        VM_VERSION,
+        false,
+        json(&VmState::save(&vm.vm).map_err(snap_err)?),
+    );
+    for (i, st) in vcpus.save().map_err(snap_err)?.iter().enumerate() {
+        w.section(&format!("vcpu.{i}"), VCPU_VERSION, false, json(st));
+    }
+    fn legacy<P: Persist>(w: &mut Writer<'_>, dev: &Mutex<P>) {
+        let (v, bytes) = dev.lock().unwrap_or_else(|e| e.into_inner()).save_section();
+        w.section(&format!("device.{}", P::KIND), v, false, bytes);
+    }
+    legacy(&mut w, &vm.legacy.serial);
+    legacy(&mut w, &vm.legacy.i8042);
+    legacy(&mut w, &vm.legacy.rtc);
+    legacy(&mut w, &vm.legacy.pm);
+    {
+        let root = vm.pci.root.lock().unwrap_or_else(|e| e.into_inner());
+        for slot in root.slots() {
+            let Some(f) = root.function(slot) else {
+                continue;
+            };
+            let (v, bytes) = f
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .save_state()
+                .map_err(|e| Error::Snapshot(RestoreError::Device(e)))?;
+            w.section(&bdf(slot), v, false, bytes);
+        }
+    }
+    let slices = ram_slices(vm);
+    let mut map = MemoryMap {
+        regions: slices.iter().map(|(a, s)| (*a, s.len() as u64)).collect(),
+        runs: Vec::new(),
+    };
+    let mut pages = Vec::new();
+    let mut offset = 0u64;
+    for (base, data) in &slices {
+        for (gpa, range) in format::nonzero_runs(*base, data) {
+            let len = range.len() as u64;
+            map.runs.push(MemoryRun { gpa, len, offset });
+            pages.push(&data[range]);
+            offset += len;
+        }
+    }
+    w.section("memory.map", MEMORY_VERSION, false, json(&map));
+    w.pages("memory", MEMORY_VERSION, pages);
+    let bytes = w
+        .write_to(path)
+        .map_err(|e| Error::Snapshot(RestoreError::File(e)))?;
+    Ok((bytes, offset))
+}
+
+fn section<T: serde::de::DeserializeOwned>(
+    snap: &Snapshot,
+    name: &str,
+) -> Result<(u32, T), RestoreError> {
+    let (v, bytes) = snap.section(name)?;
+    let t = serde_json::from_slice(&bytes).map_err(|e| RestoreError::Malformed {
+        name: name.into(),
+        reason: e.to_string(),
+    })?;
+    Ok((v, t))
+}
+
+/// Applies host-side overrides to the saved configuration.
+fn apply(saved: &SavedHost, o: &Overrides) -> Result<VmConfig, RestoreError> {
+    let mut cfg = saved.config.clone();
+    if let Some(s) = &o.serial {
+        cfg.serial = s.clone();
+    }
+    for (slot, path) in &o.disk_paths {
+        let i = saved
+            .host
+            .disks
+            .iter()
+            .position(|d| d.slot == *slot)
+            .filter(|i| *i < cfg.disks.len())
+            .ok_or_else(|| {
+                RestoreError::Override(format!(
+                    "--disk-path {slot}: the snapshot has no disk at PCI slot {slot}"
+                ))
+            })?;
+        cfg.disks[i].path = path.clone();
+    }
+    for (slot, tap) in &o.taps {
+        let i = saved
+            .host
+            .nets
+            .iter()
+            .position(|n| n.slot == *slot)
+            .filter(|i| *i < cfg.nets.len())
+            .ok_or_else(|| {
+                RestoreError::Override(format!(
+                    "--tap {slot}: the snapshot has no network card at PCI slot {slot}"
+                ))
+            })?;
+        cfg.nets[i].backend = NetBackend::Tap(tap.clone());
+    }
+    for (i, n) in cfg.nets.iter().enumerate() {
+        if let NetBackend::Fd(fd) = n.backend {
+            let slot = saved.host.nets.get(i).map(|h| h.slot).unwrap_or(0);
+            return Err(RestoreError::Override(format!(
+                "the network card at PCI slot {slot} used an inherited file descriptor ({fd}) that does not survive a restore; give --tap {slot}=NAME"
+            )));
+        }
+    }
+    Ok(cfg)
+}
+
+/// Compares the saved manifest with the one this build gives `cfg`, in
+/// one canonical form (both serialized by this build's manifest schema).
+pub fn check_abi(saved: &serde_json::Value, here: &crate::manifest::Manifest) -> Vec<Difference> {
+    match serde_json::to_value(here) {
+        Ok(now) => crate::manifest::diff_values(saved, &now),
+        Err(e) => vec![Difference {
+            path: String::new(),
+            left: None,
+            right: Some(format!("(unserializable: {e})")),
+        }],
+    }
+}
+
+/// Timings of a restore.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RestoreReport {
+    /// Reading and verifying the file.
+    pub verify_ms: f64,
+    /// Rebuilding and comparing the manifest.
+    pub abi_ms: f64,
+    /// Building the VM and loading state (memory mapped, not copied).
+    pub load_ms: f64,
+}
+
+/// Builds a VM from the snapshot at `path`, ready to [`Vm::run`].
+pub fn restore(path: &Path, o: &Overrides) -> Result<(Vm, RestoreReport), Error> {
+    let snap_err = |e: RestoreError| Error::Snapshot(e);
+    let mut report = RestoreReport::default();
+    let t = Instant::now();
+    let snap = Snapshot::open(path, KNOWN_SECTIONS).map_err(|e| snap_err(RestoreError::File(e)))?;
+    report.verify_ms = crate::api::ms(t);
+    let t = Instant::now();
+    let saved: SavedHost = serde_json::from_value(snap.header.host.clone()).map_err(|e| {
+        snap_err(RestoreError::File(SnapshotError::Header(format!(
+            "host configuration: {e}"
+        ))))
+    })?;
+    let cfg = apply(&saved, o).map_err(snap_err)?;
+    let here = crate::manifest(&cfg)?;
+    let diffs = check_abi(&snap.header.manifest, &here.abi);
+    if !diffs.is_empty() {
+        return Err(snap_err(RestoreError::AbiMismatch {
+            machine: snap.header.machine.clone(),
+            diffs,
+        }));
+    }
+    report.abi_ms = crate::api::ms(t);
+    let t = Instant::now();
+    let machine = abide_machines::resolve(&cfg.machine)?;
+    let mut vm = Vm::build_with(machine, &cfg, Start::Restore)?;
+    load(&mut vm, &snap).map_err(snap_err)?;
+    vm.restored = true;
+    report.load_ms = crate::api::ms(t);
+    Ok((vm, report))
+}
+
+fn load(vm: &mut Vm, snap: &Snapshot) -> Result<(), RestoreError> {
+    let mut claimed: Vec<String> = Vec::new();
+    // Parse everything before touching KVM or devices.
+    let (_, vm_state): (u32, VmState) = section(snap, "vm")?;
+    vm_state.check()?;
+    claimed.push("vm".into());
+    let mut vcpu_states = Vec::new();
+    for v in &vm.vcpus {
+        let name = format!("vcpu.{}", v.index);
+        let (_, st): (u32, VcpuState) = section(snap, &name)?;
+        st.check()?;
+        vcpu_states.push(st);
+        claimed.push(name);
+    }
+    load_memory(vm, snap)?;
+    claimed.push("memory.map".into());
+    claimed.push("memory".into());
+
+    fn legacy<P: Persist>(
+        snap: &Snapshot,
+        dev: &Mutex<P>,
+        claimed: &mut Vec<String>,
+    ) -> Result<(), RestoreError> {
+        let name = format!("device.{}", P::KIND);
+        let (v, bytes) = snap.section(&name)?;
+        dev.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore_section(v, &bytes)?;
+        claimed.push(name);
+        Ok(())
+    }
+    legacy(snap, &vm.legacy.serial, &mut claimed)?;
+    legacy(snap, &vm.legacy.i8042, &mut claimed)?;
+    legacy(snap, &vm.legacy.rtc, &mut claimed)?;
+    legacy(snap, &vm.legacy.pm, &mut claimed)?;
+    {
+        let mut root = vm.pci.root.lock().unwrap_or_else(|e| e.into_inner());
+        for slot in root.slots() {
+            let name = bdf(slot);
+            let (v, bytes) = snap.section(&name)?;
+            if let Some(f) = root.function(slot) {
+                f.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .restore_state(v, &bytes)?;
+            }
+            // Place the BARs where the guest had programmed them.
+            root.refresh(slot);
+            claimed.push(name);
+        }
+    }
+    // Interrupt controllers and clock, then the vCPUs (their LAPICs).
+    vm_state.load(&vm.vm, vm.clock_flags)?;
+    for (v, st) in vm.vcpus.iter().zip(&vcpu_states) {
+        st.load(&v.fd)?;
+    }
+    if let Some(extra) = snap.sections().find(|s| !claimed.iter().any(|c| c == s)) {
+        return Err(RestoreError::Unclaimed(extra.to_string()));
+    }
+    Ok(())
+}
+
+fn load_memory(vm: &Vm, snap: &Snapshot) -> Result<(), RestoreError> {
+    let (_, map): (u32, MemoryMap) = section(snap, "memory.map")?;
+    let bad = |reason: String| RestoreError::Malformed {
+        name: "memory.map".into(),
+        reason,
+    };
+    let here: Vec<(u64, u64)> = vm
+        .ram
+        .mem
+        .iter()
+        .map(|r| (r.start_addr().0, r.len()))
+        .collect();
+    if here != map.regions {
+        return Err(bad(format!(
+            "saved RAM regions {:x?} differ from this VM's {here:x?}",
+            map.regions
+        )));
+    }
+    let mapped = snap.mapped("memory")?;
+    let mut end = 0u64;
+    for run in &map.runs {
+        if run.len % PAGE != 0 || run.gpa % PAGE != 0 || run.offset != end {
+            return Err(bad(format!("run {run:?} is not page-aligned and in order")));
+        }
+        end = run.offset + run.len;
+        let region = vm
+            .ram
+            .mem
+            .find_region(GuestAddress(run.gpa))
+            .filter(|r| run.gpa + run.len <= r.start_addr().0 + r.len())
+            .ok_or_else(|| bad(format!("run {run:?} is outside guest RAM")))?;
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(
+                run.gpa - region.start_addr().0,
+            ))
+            .map_err(|e| bad(e.to_string()))?;
+        match mapped {
+            Some((_, file, offset, _)) => {
+                use std::os::fd::AsRawFd;
+                // SAFETY: `host..host+len` lies inside a mapping owned by the
+                // VM's memory (checked above), no vCPU runs yet, and
+                // MAP_FIXED replaces those pages with a private, copy-on-
+                // write view of the file: the guest reads pages lazily and
+                // its writes never reach the snapshot.
+                let r = unsafe {
+                    libc::mmap(
+                        host.cast(),
+                        run.len as usize,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_FIXED,
+                        file.as_raw_fd(),
+                        (offset + run.offset) as libc::off_t,
+                    )
+                };
+                if r == libc::MAP_FAILED {
+                    return Err(RestoreError::Map(std::io::Error::last_os_error()));
+                }
+            }
+            None => {
+                // SAFETY: as above, the range is inside guest RAM and nothing
+                // else accesses it yet.
+                let dst = unsafe { std::slice::from_raw_parts_mut(host, run.len as usize) };
+                snap.read_section_at("memory", run.offset, dst)?;
+            }
+        }
+    }
+    let total = snap.length("memory")?;
+    if end != total {
+        return Err(bad(format!(
+            "runs cover {end} bytes but the memory section has {total}"
+        )));
+    }
+    Ok(())
+}

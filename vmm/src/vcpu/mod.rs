@@ -2,13 +2,14 @@
 
 pub mod cpuid;
 pub mod regs;
+pub mod state;
 
 use std::fmt::Write as _;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Once};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use abide_devices::{Bus, ExitSignal};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -123,35 +124,193 @@ pub struct Vcpu {
     pub pio: Arc<Bus>,
     /// MMIO bus.
     pub mmio: Arc<Bus>,
+    /// MSRs saved in snapshots (KVM's index list).
+    pub msrs: Arc<Vec<u32>>,
+}
+
+/// What a paused vCPU thread can be asked to do.
+#[derive(Debug)]
+pub enum VcpuCommand {
+    /// Save the vCPU's state and send it back.
+    Save(mpsc::Sender<Result<state::VcpuState, state::StateError>>),
+    /// Continue running the guest.
+    Resume,
+    /// Leave the thread.
+    Stop,
 }
 
 /// A running vCPU thread.
 #[derive(Debug)]
 pub struct VcpuThread {
+    index: u32,
     handle: JoinHandle<()>,
+    commands: mpsc::Sender<VcpuCommand>,
 }
 
 /// Shared run control for all vCPUs.
 #[derive(Clone, Debug)]
 pub struct RunControl {
     stop: Arc<AtomicBool>,
+    pause: Arc<AtomicBool>,
     exit: ExitSignal,
     errors: mpsc::Sender<VcpuError>,
+    paused: mpsc::Sender<u32>,
 }
 
 impl RunControl {
-    /// A control reporting failures on `errors` and waking the VMM through `exit`.
-    pub fn new(exit: ExitSignal, errors: mpsc::Sender<VcpuError>) -> Self {
-        Self {
-            stop: Arc::new(AtomicBool::new(false)),
-            exit,
-            errors,
-        }
-    }
-
     /// Whether vCPUs were told to stop.
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::Acquire)
+    }
+
+    fn pausing(&self) -> bool {
+        self.pause.load(Ordering::Acquire)
+    }
+}
+
+/// Why the vCPUs could not be paused.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    /// A vCPU thread ended (the guest powered off or crashed meanwhile).
+    #[error("vCPU {0} is no longer running")]
+    Ended(u32),
+    /// A vCPU did not reach a clean point in time.
+    #[error("vCPU {0} did not pause within {1:?}")]
+    Timeout(u32, Duration),
+}
+
+/// All vCPU threads of a VM.
+#[derive(Debug)]
+pub struct Vcpus {
+    ctl: RunControl,
+    threads: Vec<VcpuThread>,
+    acks: mpsc::Receiver<u32>,
+    paused: bool,
+}
+
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn kick(t: &VcpuThread) {
+    // SAFETY: the handle is a live, joinable thread (not yet joined), and
+    // the kick signal has a no-op handler installed.
+    unsafe {
+        libc::pthread_kill(t.handle.as_pthread_t(), kick_signal());
+    }
+}
+
+impl Vcpus {
+    /// Starts one thread per vCPU. Failures are reported on `errors`, and
+    /// `exit` is signalled when a vCPU ends the VM.
+    pub fn start(
+        vcpus: Vec<Vcpu>,
+        exit: ExitSignal,
+        errors: mpsc::Sender<VcpuError>,
+    ) -> std::io::Result<Self> {
+        let (paused, acks) = mpsc::channel();
+        let ctl = RunControl {
+            stop: Arc::new(AtomicBool::new(false)),
+            pause: Arc::new(AtomicBool::new(false)),
+            exit,
+            errors,
+            paused,
+        };
+        let mut me = Self {
+            ctl,
+            threads: Vec::new(),
+            acks,
+            paused: false,
+        };
+        for v in vcpus {
+            match v.spawn(me.ctl.clone()) {
+                Ok(t) => me.threads.push(t),
+                Err(e) => {
+                    me.stop();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(me)
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Stops every vCPU at a clean point: out of KVM_RUN, with any pending
+    /// port or MMIO access completed, so the saved state is exact.
+    pub fn pause(&mut self) -> Result<(), PauseError> {
+        if self.paused {
+            return Ok(());
+        }
+        while self.acks.try_recv().is_ok() {}
+        self.ctl.pause.store(true, Ordering::Release);
+        let mut waiting: Vec<&VcpuThread> = self.threads.iter().collect();
+        let start = Instant::now();
+        while !waiting.is_empty() {
+            if let Some(t) = waiting.iter().find(|t| t.handle.is_finished()) {
+                let index = t.index;
+                self.resume_threads();
+                return Err(PauseError::Ended(index));
+            }
+            if start.elapsed() > PAUSE_TIMEOUT {
+                let index = waiting[0].index;
+                self.resume_threads();
+                return Err(PauseError::Timeout(index, PAUSE_TIMEOUT));
+            }
+            // A kick can land just before a thread enters KVM_RUN: repeat.
+            for t in &waiting {
+                kick(t);
+            }
+            while let Ok(i) = self.acks.recv_timeout(Duration::from_millis(2)) {
+                waiting.retain(|t| t.index != i);
+                if waiting.is_empty() {
+                    break;
+                }
+            }
+        }
+        self.paused = true;
+        Ok(())
+    }
+
+    /// Saves every vCPU's state (the vCPUs must be paused).
+    pub fn save(&self) -> Result<Vec<state::VcpuState>, state::StateError> {
+        let mut out = Vec::new();
+        for t in &self.threads {
+            let (tx, rx) = mpsc::channel();
+            let gone = || state::StateError::Malformed(format!("vCPU {} is gone", t.index));
+            t.commands.send(VcpuCommand::Save(tx)).map_err(|_| gone())?;
+            out.push(rx.recv().map_err(|_| gone())??);
+        }
+        Ok(out)
+    }
+
+    fn resume_threads(&self) {
+        self.ctl.pause.store(false, Ordering::Release);
+        for t in &self.threads {
+            let _ = t.commands.send(VcpuCommand::Resume);
+        }
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&mut self) {
+        if self.paused {
+            self.resume_threads();
+            self.paused = false;
+        }
+    }
+
+    /// Stops and joins every vCPU thread.
+    pub fn stop(mut self) {
+        self.ctl.stop.store(true, Ordering::Release);
+        for t in std::mem::take(&mut self.threads) {
+            let _ = t.commands.send(VcpuCommand::Stop);
+            while !t.handle.is_finished() {
+                kick(&t);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let _ = t.handle.join();
+        }
     }
 }
 
@@ -174,24 +333,63 @@ fn install_kick_handler() {
 
 impl Vcpu {
     /// Starts the vCPU on its own thread.
-    pub fn spawn(self, ctl: RunControl) -> std::io::Result<VcpuThread> {
+    fn spawn(self, ctl: RunControl) -> std::io::Result<VcpuThread> {
         install_kick_handler();
+        let index = self.index;
+        let (commands, rx) = mpsc::channel();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{}", self.index))
             .spawn(move || {
                 let mut me = self;
-                if let Err(e) = me.run_loop(&ctl) {
+                if let Err(e) = me.run_loop(&ctl, &rx) {
                     let _ = ctl.errors.send(e);
                     // Wake the VMM; the error is on the channel.
                     let _ = ctl.exit.eventfd().write(1);
                 }
             })?;
-        Ok(VcpuThread { handle })
+        Ok(VcpuThread {
+            index,
+            handle,
+            commands,
+        })
     }
 
-    fn run_loop(&mut self, ctl: &RunControl) -> Result<(), VcpuError> {
+    /// Parks the thread until told to resume. Returns false to leave.
+    fn park(&mut self, ctl: &RunControl, commands: &mpsc::Receiver<VcpuCommand>) -> bool {
+        // Complete any port or MMIO access KVM is waiting on: with
+        // immediate_exit set, KVM_RUN finishes it and returns at once.
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+        let _ = ctl.paused.send(self.index);
+        loop {
+            match commands.recv() {
+                Ok(VcpuCommand::Save(reply)) => {
+                    let _ = reply.send(state::VcpuState::save(&self.fd, &self.msrs));
+                }
+                Ok(VcpuCommand::Resume) => {
+                    if !ctl.pausing() {
+                        return true;
+                    }
+                }
+                Ok(VcpuCommand::Stop) | Err(_) => return false,
+            }
+        }
+    }
+
+    fn run_loop(
+        &mut self,
+        ctl: &RunControl,
+        commands: &mpsc::Receiver<VcpuCommand>,
+    ) -> Result<(), VcpuError> {
         let index = self.index;
         while !ctl.stopping() {
+            if ctl.pausing() {
+                if self.park(ctl, commands) {
+                    continue;
+                }
+                return Ok(());
+            }
             let exit = match self.fd.run() {
                 Ok(exit) => exit,
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -261,24 +459,5 @@ impl Vcpu {
             }
         }
         Ok(())
-    }
-}
-
-/// Stops all vCPU threads: sets the stop flag and kicks each thread out of
-/// KVM_RUN until it has exited.
-pub fn stop_all(ctl: &RunControl, threads: Vec<VcpuThread>) {
-    ctl.stop.store(true, Ordering::Release);
-    for t in threads {
-        // A kick can land just before the thread enters KVM_RUN; repeat until
-        // the thread is gone.
-        while !t.handle.is_finished() {
-            // SAFETY: the handle is a live, joinable thread (not yet joined),
-            // and the kick signal has a no-op handler installed.
-            unsafe {
-                libc::pthread_kill(t.handle.as_pthread_t(), kick_signal());
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        let _ = t.handle.join();
     }
 }

@@ -1,0 +1,663 @@
+//! Save and restore on /dev/kvm with the test guest: a ring-3 checksum
+//! workload and a virtio-blk write/verify loop are snapshotted mid-run,
+//! the first abide is stopped, and a new process restores and finishes
+//! the work. The output of the two processes joined must equal an
+//! uninterrupted run's. Corrupt snapshots and snapshots whose guest ABI
+//! differs are refused before anything starts.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use abide_tests::{abide_bin, run_abide, temp_dir, GuestLine, Outcome};
+use serde_json::{json, Value};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Lines of a serial log, without the ones that depend on time.
+fn stable_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| {
+            let Some(g) = GuestLine::parse(l) else {
+                return false;
+            };
+            !matches!(g.topic.as_str(), "rtc" | "tick") && !l.contains("ticks=")
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// A running `abide run` with a control socket and COM1 in a file.
+struct Running {
+    child: Child,
+    api: PathBuf,
+    serial: PathBuf,
+}
+
+impl Running {
+    fn start(dir: &Path, args: &[&str]) -> Self {
+        let api = dir.join("api.sock");
+        let serial = dir.join("before.log");
+        let mut cmd = Command::new(abide_bin());
+        cmd.arg("run")
+            .args(args)
+            .arg("--api-socket")
+            .arg(&api)
+            .arg("--serial")
+            .arg(format!("file:{}", serial.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().expect("start abide");
+        Self { child, api, serial }
+    }
+
+    /// Waits until the serial log has a line containing `needle`.
+    fn wait_for(&mut self, needle: &str) {
+        let start = Instant::now();
+        while !read(&self.serial).contains(needle) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "abide exited ({status}) before the guest printed '{needle}'\n{}",
+                    read(&self.serial)
+                );
+            }
+            assert!(
+                start.elapsed() < TIMEOUT,
+                "no '{needle}' after {TIMEOUT:?}\n{}",
+                read(&self.serial)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Snapshots to `path` and stops this abide; returns the reply.
+    fn snapshot_and_stop(mut self, path: &Path) -> Value {
+        let out = run_abide(
+            &[
+                "snapshot",
+                "--stop",
+                "--api-socket",
+                self.api.to_str().expect("utf-8"),
+                path.to_str().expect("utf-8"),
+            ],
+            None,
+            TIMEOUT,
+        );
+        assert_eq!(out.code, Some(0), "abide snapshot failed\n{out}");
+        let reply: Value = serde_json::from_str(out.stdout.trim()).expect("JSON reply");
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                assert!(status.success(), "abide did not quit cleanly: {status}");
+                break;
+            }
+            assert!(start.elapsed() < TIMEOUT, "abide did not quit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            !self.api.exists(),
+            "the API socket should be removed on exit"
+        );
+        reply
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn restore(snapshot: &Path, extra: &[&str]) -> Outcome {
+    let mut args = vec!["restore", snapshot.to_str().expect("utf-8")];
+    args.extend_from_slice(extra);
+    run_abide(&args, None, TIMEOUT)
+}
+
+fn serial_arg(p: &Path) -> String {
+    format!("file:{}", p.display())
+}
+
+const WORKLOAD: &str = "quiet rounds=300 progress buf-kib=4096";
+
+#[test]
+fn checksum_workload_continues_from_the_same_point() {
+    let dir = temp_dir("snap-workload");
+    let base = ["--machine", "pc-1.0", "--cpus", "2", "--memory", "256M"];
+
+    // The reference: the same workload, uninterrupted.
+    let reference = dir.join("reference.log");
+    let mut args = vec!["run"];
+    args.extend_from_slice(&base);
+    let ser = serial_arg(&reference);
+    args.extend_from_slice(&["--serial", &ser, "--cmdline", WORKLOAD]);
+    let out = run_abide(&args, None, TIMEOUT);
+    assert_eq!(out.code, Some(0), "reference run\n{out}");
+
+    let mut args = base.to_vec();
+    args.extend_from_slice(&["--cmdline", WORKLOAD]);
+    let mut vm = Running::start(&dir, &args);
+    vm.wait_for("guest: progress round=40 ");
+    let before = vm.serial.clone();
+    let snap = dir.join("vm.snap");
+    let reply = vm.snapshot_and_stop(&snap);
+    assert_eq!(reply["ok"], json!(true));
+    // Sparse: 256 MiB of guest RAM, a 4 MiB workload buffer.
+    let bytes = reply["bytes"].as_u64().expect("bytes");
+    assert!(
+        bytes < 16 << 20,
+        "snapshot of a mostly empty 256 MiB guest is {bytes} bytes"
+    );
+    let before_text = read(&before);
+    // The last line may be cut by the snapshot: only whole lines count.
+    let rounds = |text: &str| -> Vec<u64> {
+        text.lines()
+            .filter_map(GuestLine::parse)
+            .filter(|l| l.topic == "progress" && l.fields.contains_key("sum"))
+            .map(|l| l.num("round"))
+            .collect()
+    };
+    let whole = before_text.rsplit_once('\n').map_or("", |(w, _)| w);
+    let last_before = *rounds(whole).last().expect("progress before the snapshot");
+    assert!(
+        last_before < 299,
+        "the snapshot came after the workload ended"
+    );
+
+    let after = dir.join("after.log");
+    let out = restore(&snap, &["--serial", &serial_arg(&after)]);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "restored guest should finish and power off\n{out}"
+    );
+    let after_text = read(&after);
+    let joined = format!("{before_text}{after_text}");
+    // Every round exactly once, in order, across the two processes.
+    assert_eq!(rounds(&joined), (0..300).collect::<Vec<_>>());
+    assert!(
+        rounds(&joined).len() > rounds(whole).len(),
+        "the restored guest must continue after round {last_before}"
+    );
+    // Serial continues: the two logs joined (a line cut by the snapshot
+    // joins up) equal the uninterrupted run, checksums included.
+    assert_eq!(
+        stable_lines(&joined),
+        stable_lines(&read(&reference)),
+        "snapshot + restore must give the same output as an uninterrupted run"
+    );
+    assert!(joined.contains("guest: user cpl=3 rounds=300 checksum="));
+}
+
+/// The block the guest writes in iteration `i` of `blk-loop` (the guest's
+/// xorshift64 pattern).
+fn loop_block(i: u64) -> Vec<u8> {
+    let mut x = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(4096);
+    for _ in 0..512 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+#[test]
+fn virtio_blk_io_continues_across_restore() {
+    let dir = temp_dir("snap-blk");
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(1 << 20))
+        .expect("disk");
+    let iters = 3000u64;
+    let cmdline = format!("quiet rounds=0 blk-loop={iters}");
+    let d = format!("path={}", disk.display());
+    let args = [
+        "--machine",
+        "pc-1.0",
+        "--memory",
+        "256M",
+        "--disk",
+        &d,
+        "--cmdline",
+        &cmdline,
+    ];
+    let mut vm = Running::start(&dir, &args);
+    vm.wait_for("guest: blk-loop iter=300 ");
+    let before = vm.serial.clone();
+    let snap = dir.join("vm.snap");
+    vm.snapshot_and_stop(&snap);
+
+    // The restored VM uses a copy of the disk (a host-side override).
+    let moved = dir.join("moved.img");
+    std::fs::copy(&disk, &moved).expect("copy disk");
+    let after = dir.join("after.log");
+    let out = restore(
+        &snap,
+        &[
+            "--serial",
+            &serial_arg(&after),
+            "--disk-path",
+            &format!("1={}", moved.display()),
+        ],
+    );
+    assert_eq!(out.code, Some(0), "restored guest\n{out}");
+    let joined = format!("{}{}", read(&before), read(&after));
+    let done: Vec<GuestLine> = joined
+        .lines()
+        .filter_map(GuestLine::parse)
+        .filter(|l| l.topic == "blk-loop")
+        .collect();
+    let mut seen: Vec<u64> = done
+        .iter()
+        .filter(|l| l.fields.contains_key("iter"))
+        .map(|l| {
+            assert_eq!(l.get("ok"), "1", "iteration failed: {l:?}");
+            l.num("iter")
+        })
+        .collect();
+    let n = seen.len();
+    seen.dedup();
+    assert_eq!(n, seen.len(), "an iteration ran twice");
+    assert_eq!(seen, (0..iters).collect::<Vec<_>>(), "iterations lost");
+    assert!(
+        joined.contains(&format!("guest: blk-loop done iters={iters} errors=0")),
+        "{joined}"
+    );
+    // The moved image holds what the guest wrote last in every block; the
+    // original stopped changing at the snapshot.
+    let image = std::fs::read(&moved).expect("image");
+    for block in 0..64u64 {
+        let last = (0..iters).rev().find(|i| i % 64 == block).expect("written");
+        let at = (block * 4096) as usize;
+        assert!(
+            image[at..at + 4096] == loop_block(last)[..],
+            "block {block} does not hold iteration {last}'s data"
+        );
+    }
+}
+
+/// Takes a small snapshot of the test guest, for the refusal tests.
+fn small_snapshot(dir: &Path, extra: &[&str]) -> PathBuf {
+    let mut args = vec!["--machine", "pc-1.0", "--memory", "128M"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--cmdline", "quiet rounds=1 buf-kib=64 spin"]);
+    let mut vm = Running::start(dir, &args);
+    vm.wait_for("guest: tick n=1");
+    let snap = dir.join("small.snap");
+    vm.snapshot_and_stop(&snap);
+    snap
+}
+
+/// The header of a snapshot file and its section payloads.
+struct Parts {
+    header: Value,
+    payloads: Vec<Vec<u8>>,
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    let out = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().expect("stdin").write_all(bytes)?;
+            c.wait_with_output()
+        })
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("hash")
+        .to_string()
+}
+
+fn split(bytes: &[u8]) -> Parts {
+    let len = u32::from_le_bytes(bytes[8..12].try_into().expect("len")) as usize;
+    let header: Value = serde_json::from_slice(&bytes[12..12 + len]).expect("header");
+    let payloads = header["sections"]
+        .as_array()
+        .expect("sections")
+        .iter()
+        .map(|s| {
+            let o = s["offset"].as_u64().expect("offset") as usize;
+            let l = s["length"].as_u64().expect("length") as usize;
+            bytes[o..o + l].to_vec()
+        })
+        .collect();
+    Parts { header, payloads }
+}
+
+/// Lays a (possibly edited) snapshot out again, with valid checksums, the
+/// way a writer would have: what another Abide version could produce.
+fn join(mut p: Parts) -> Vec<u8> {
+    let mut header_len = 0usize;
+    let json = loop {
+        let mut off = (8 + 4 + header_len + 32) as u64;
+        for (s, data) in p.header["sections"]
+            .as_array_mut()
+            .expect("sections")
+            .iter_mut()
+            .zip(&p.payloads)
+        {
+            if s["name"] == json!("memory") {
+                off = off.div_ceil(4096) * 4096;
+            }
+            s["offset"] = json!(off);
+            s["length"] = json!(data.len());
+            s["sha256"] = json!(sha256(data));
+            off += data.len() as u64;
+        }
+        let j = serde_json::to_vec(&p.header).expect("json");
+        if j.len() == header_len {
+            break j;
+        }
+        header_len = j.len();
+    };
+    let mut out = b"ABIDESNP".to_vec();
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&json);
+    let h = sha256(&json);
+    out.extend_from_slice(
+        &(0..32)
+            .map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).expect("hex"))
+            .collect::<Vec<_>>(),
+    );
+    for (s, data) in p.header["sections"]
+        .as_array()
+        .expect("sections")
+        .iter()
+        .zip(&p.payloads)
+    {
+        let off = s["offset"].as_u64().expect("offset") as usize;
+        out.resize(off, 0);
+        out.extend_from_slice(data);
+    }
+    out
+}
+
+/// Restoring `bytes` must fail with `needle` in the error, before any
+/// guest output.
+fn refused(dir: &Path, name: &str, bytes: &[u8], needle: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).expect("write");
+    let serial = dir.join(format!("{name}.log"));
+    let out = restore(&path, &["--serial", &serial_arg(&serial)]);
+    assert_eq!(out.code, Some(1), "{name}: restore must be refused\n{out}");
+    assert!(
+        out.stderr.contains(needle),
+        "{name}: expected '{needle}' in the error\n{out}"
+    );
+    assert!(
+        !serial.exists() || read(&serial).is_empty(),
+        "{name}: the guest ran before the refusal"
+    );
+    out.stderr
+}
+
+#[test]
+fn corrupt_snapshots_are_refused() {
+    let dir = temp_dir("snap-corrupt");
+    let snap = small_snapshot(&dir, &[]);
+    let good = std::fs::read(&snap).expect("read");
+
+    // Sanity: the untouched file restores (the guest then spins; stop it
+    // through the API).
+    let n = good.len();
+    refused(&dir, "truncated", &good[..n / 2], "truncated");
+    refused(&dir, "truncated-header", &good[..100], "truncated");
+    let mut flipped = good.clone();
+    flipped[n - 3000] ^= 0x40;
+    refused(
+        &dir,
+        "flipped-memory",
+        &flipped,
+        "corrupt (checksum mismatch)",
+    );
+    let mut flipped = good.clone();
+    flipped[200] ^= 0x01;
+    refused(&dir, "flipped-header", &flipped, "corrupt");
+    let mut magic = good.clone();
+    magic[..8].copy_from_slice(b"QEVM\0\0\0\x03");
+    refused(&dir, "magic", &magic, "not an Abide snapshot");
+
+    let mut p = split(&good);
+    p.header["sections"]
+        .as_array_mut()
+        .expect("sections")
+        .push(json!({"name": "gizmo.0", "version": 1, "optional": false, "offset": 0, "length": 0, "sha256": ""}));
+    p.payloads.push(b"{}".to_vec());
+    refused(
+        &dir,
+        "unknown-section",
+        &join(p),
+        "section 'gizmo.0' is not known to this Abide",
+    );
+
+    let mut p = split(&good);
+    let vcpu = p.header["sections"]
+        .as_array_mut()
+        .expect("sections")
+        .iter_mut()
+        .find(|s| s["name"] == json!("vcpu.0"))
+        .expect("vcpu.0");
+    vcpu["version"] = json!(99);
+    refused(
+        &dir,
+        "newer-section",
+        &join(p),
+        "section 'vcpu.0' has version 99; this Abide reads up to 1",
+    );
+
+    // An optional subsection an older reader may skip is skipped.
+    let mut p = split(&good);
+    p.header["sections"]
+        .as_array_mut()
+        .expect("sections")
+        .push(json!({"name": "gizmo.extra", "version": 1, "optional": true, "offset": 0, "length": 0, "sha256": ""}));
+    p.payloads.push(b"{}".to_vec());
+    let path = dir.join("optional.snap");
+    std::fs::write(&path, join(p)).expect("write");
+    let serial = dir.join("optional.log");
+    let api = dir.join("optional.sock");
+    let mut child = Command::new(abide_bin())
+        .args(["restore", path.to_str().expect("utf-8"), "--serial"])
+        .arg(serial_arg(&serial))
+        .arg("--api-socket")
+        .arg(&api)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("restore");
+    let start = Instant::now();
+    while !read(&serial).contains("guest: tick n=") {
+        if let Ok(Some(s)) = child.try_wait() {
+            panic!("restore with an optional unknown section failed: {s}");
+        }
+        assert!(start.elapsed() < TIMEOUT, "restored guest never ticked");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = run_abide(
+        &["ctl", "--api-socket", api.to_str().expect("utf-8"), "quit"],
+        None,
+        TIMEOUT,
+    );
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(child.wait().expect("wait").success());
+}
+
+fn edit_manifest(good: &[u8], f: impl FnOnce(&mut Value)) -> Vec<u8> {
+    let mut p = split(good);
+    f(&mut p.header["manifest"]);
+    join(p)
+}
+
+#[test]
+fn snapshots_whose_guest_abi_differs_are_refused() {
+    let dir = temp_dir("snap-abi");
+    let tap = format!("abst{}", std::process::id() % 100_000);
+    let have_tap = Command::new("ip")
+        .args(["tuntap", "add", "dev", &tap, "mode", "tap"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        have_tap,
+        "cannot create tap device {tap} (needs root and /dev/net/tun): the ROM-slot refusal case cannot run here"
+    );
+    struct DelTap(String);
+    impl Drop for DelTap {
+        fn drop(&mut self) {
+            let _ = Command::new("ip")
+                .args(["tuntap", "del", "dev", &self.0, "mode", "tap"])
+                .status();
+        }
+    }
+    let _tap = DelTap(tap.clone());
+    let rom = dir.join("pxe.rom");
+    let mut image = vec![0u8; 64 << 10];
+    image[0] = 0x55;
+    image[1] = 0xaa;
+    std::fs::write(&rom, &image).expect("rom");
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(1 << 20))
+        .expect("disk");
+    let net = format!("tap={tap},rom={}", rom.display());
+    let d = format!("path={}", disk.display());
+    let snap = small_snapshot(&dir, &["--disk", &d, "--net", &net]);
+    let good = std::fs::read(&snap).expect("read");
+    let functions = |m: &Value| m["pci"]["functions"].as_array().expect("functions").clone();
+    let manifest = split(&good).header["manifest"].clone();
+    let net_index = functions(&manifest)
+        .iter()
+        .position(|f| f["model"] == json!("virtio-net"))
+        .expect("net function");
+
+    // A ROM slot from a build whose pc-1.0 had 256 KiB for virtio-net.
+    let bytes = edit_manifest(&good, |m| {
+        m["pci"]["functions"][net_index]["rom"]["slot_size"] = json!(262144)
+    });
+    let err = refused(&dir, "rom-slot", &bytes, "guest ABI differs");
+    assert!(
+        err.contains(&format!(
+            "pci.functions[{net_index}].rom.slot_size: 262144 -> 131072"
+        )),
+        "{err}"
+    );
+
+    // One CPUID bit.
+    let bytes = edit_manifest(&good, |m| {
+        let leaf = m["cpu"]["cpuid"][0]
+            .as_array_mut()
+            .expect("leaves")
+            .iter_mut()
+            .find(|l| l["function"] == json!(0x8000_0001u32))
+            .expect("leaf 0x80000001");
+        let ecx = leaf["ecx"].as_u64().expect("ecx");
+        leaf["ecx"] = json!(ecx ^ (1 << 5));
+    });
+    let err = refused(&dir, "cpuid-bit", &bytes, "guest ABI differs");
+    assert!(err.contains("cpu.cpuid[0]["), "{err}");
+    assert!(err.contains("].ecx: "), "{err}");
+
+    // A device at another address.
+    let bytes = edit_manifest(&good, |m| {
+        m["pci"]["functions"][net_index]["bdf"] = json!("00:07.0")
+    });
+    let err = refused(&dir, "moved-bdf", &bytes, "guest ABI differs");
+    assert!(
+        err.contains(&format!("pci.functions[{net_index}].bdf: \"00:07.0\" -> ")),
+        "{err}"
+    );
+
+    // Another machine type.
+    let bytes = edit_manifest(&good, |m| m["machine"] = json!("pc-2.0"));
+    let err = refused(&dir, "machine", &bytes, "guest ABI differs");
+    assert!(err.contains("machine: \"pc-2.0\" -> \"pc-1.0\""), "{err}");
+
+    // A host-side override that changes what the guest sees (a disk of
+    // another size changes its capacity) is refused too.
+    let big = dir.join("big.img");
+    std::fs::File::create(&big)
+        .and_then(|f| f.set_len(4 << 20))
+        .expect("disk");
+    let serial = dir.join("big.log");
+    let out = restore(
+        &snap,
+        &[
+            "--serial",
+            &serial_arg(&serial),
+            "--disk-path",
+            &format!("1={}", big.display()),
+        ],
+    );
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("guest ABI differs"), "{out}");
+    assert!(out.stderr.contains(".virtio.config: "), "{out}");
+    assert!(!serial.exists() || read(&serial).is_empty());
+
+    // The same snapshot restores with a host-side change that the guest
+    // cannot see (another tap is not needed; the serial sink moves).
+    let ok_serial = dir.join("ok.log");
+    let api = dir.join("ok.sock");
+    let mut child = Command::new(abide_bin())
+        .args(["restore", snap.to_str().expect("utf-8"), "--serial"])
+        .arg(serial_arg(&ok_serial))
+        .arg("--api-socket")
+        .arg(&api)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("restore");
+    let start = Instant::now();
+    while !read(&ok_serial).contains("guest: tick n=") {
+        if let Ok(Some(s)) = child.try_wait() {
+            panic!("unchanged snapshot failed to restore: {s}");
+        }
+        assert!(start.elapsed() < TIMEOUT, "restored guest never ticked");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = run_abide(
+        &["ctl", "--api-socket", api.to_str().expect("utf-8"), "quit"],
+        None,
+        TIMEOUT,
+    );
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(child.wait().expect("wait").success());
+}
+
+#[test]
+fn bad_restore_input_is_refused() {
+    let dir = temp_dir("snap-input");
+    let out = restore(&dir.join("missing.snap"), &[]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("cannot read the snapshot"), "{out}");
+    let snap = small_snapshot(&dir, &[]);
+    let out = restore(&snap, &["--disk-path", "5=/tmp/x.img"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("no disk at PCI slot 5"), "{out}");
+    let out = restore(&snap, &["--disk-path", "nonsense"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("invalid --disk-path"), "{out}");
+    let out = run_abide(
+        &[
+            "snapshot",
+            "--api-socket",
+            dir.join("nobody.sock").to_str().expect("utf-8"),
+            "x.snap",
+        ],
+        None,
+        TIMEOUT,
+    );
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("cannot talk to abide"), "{out}");
+}

@@ -1,0 +1,344 @@
+//! The control API: newline-delimited JSON over a Unix socket.
+//!
+//! ```text
+//! -> {"cmd":"status"}
+//! <- {"ok":true,"state":"running","machine":"pc-1.0","vcpus":2}
+//! -> {"cmd":"pause"}            {"cmd":"resume"}
+//! -> {"cmd":"snapshot","path":"/var/lib/vm.snap"}
+//! <- {"ok":true,"path":"/var/lib/vm.snap","bytes":1835008,"memory_bytes":1572864,"pause_ms":1.2,"save_ms":40.5}
+//! -> {"cmd":"quit"}
+//! <- {"ok":false,"error":"..."}   on any failure
+//! ```
+//!
+//! A snapshot of a running VM pauses it, writes the file and resumes it; a
+//! paused VM stays paused. Requests are served on the VMM's main thread
+//! between guest events, one at a time.
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use abide_devices::ExitSignal;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::vcpu::Vcpus;
+use crate::vm::Vm;
+
+/// Longest request line accepted.
+const MAX_REQUEST: usize = 64 << 10;
+
+/// Errors setting up the API socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The socket could not be created.
+    #[error("cannot listen on the API socket '{}'", path.display())]
+    Listen {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The socket path is taken by something else.
+    #[error("the API socket path '{}' exists and is not a stale socket; remove it or choose another", .0.display())]
+    PathInUse(PathBuf),
+    /// Talking to a running abide.
+    #[error("cannot talk to abide at '{}'", path.display())]
+    Connect {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The running abide refused the request.
+    #[error("abide refused: {0}")]
+    Refused(String),
+}
+
+/// A request.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    /// Report the VM's state.
+    Status,
+    /// Pause vCPUs and devices.
+    Pause,
+    /// Resume a paused VM.
+    Resume,
+    /// Write a snapshot.
+    Snapshot {
+        /// Where to write it.
+        path: PathBuf,
+    },
+    /// Stop the VM; abide exits with status 0.
+    Quit,
+}
+
+struct Client {
+    stream: UnixStream,
+    buf: Vec<u8>,
+}
+
+/// The listening socket and its connections.
+pub struct ApiServer {
+    listener: UnixListener,
+    path: PathBuf,
+    clients: Vec<Client>,
+}
+
+impl std::fmt::Debug for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServer")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> usize {
+    loop {
+        // SAFETY: `fds` is a valid slice of pollfd for the call's duration.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if r >= 0 {
+            return r as usize;
+        }
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return 0;
+        }
+    }
+}
+
+fn pollfd(fd: i32) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+/// Blocks until the VM's exit event fires.
+pub fn wait_readable(exit: &ExitSignal) {
+    let mut fds = [pollfd(exit.eventfd().as_raw_fd())];
+    while poll(&mut fds, -1) == 0 {}
+}
+
+/// Whether the VM's exit event has fired.
+pub fn exit_pending(exit: &ExitSignal) -> bool {
+    let mut fds = [pollfd(exit.eventfd().as_raw_fd())];
+    poll(&mut fds, 0) > 0
+}
+
+impl ApiServer {
+    /// Listens on `path`. A stale socket left by a dead abide is replaced;
+    /// any other file there is an error.
+    pub fn bind(path: &Path) -> Result<Self, ApiError> {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            let live = UnixStream::connect(path).is_ok();
+            if !meta.file_type().is_socket() || live {
+                return Err(ApiError::PathInUse(path.to_path_buf()));
+            }
+            let _ = std::fs::remove_file(path);
+        }
+        let listener = UnixListener::bind(path).map_err(|source| ApiError::Listen {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| ApiError::Listen {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            listener,
+            path: path.to_path_buf(),
+            clients: Vec::new(),
+        })
+    }
+
+    /// Waits for the exit event or API traffic and serves complete
+    /// requests with `handle`. Returns true when a client asked to quit.
+    pub fn serve(
+        &mut self,
+        exit: &ExitSignal,
+        mut handle: impl FnMut(Request) -> (Value, bool),
+    ) -> bool {
+        let mut fds = vec![
+            pollfd(exit.eventfd().as_raw_fd()),
+            pollfd(self.listener.as_raw_fd()),
+        ];
+        fds.extend(self.clients.iter().map(|c| pollfd(c.stream.as_raw_fd())));
+        poll(&mut fds, -1);
+        if fds[0].revents != 0 {
+            return false;
+        }
+        if fds[1].revents != 0 {
+            while let Ok((stream, _)) = self.listener.accept() {
+                if stream.set_nonblocking(true).is_ok() {
+                    self.clients.push(Client {
+                        stream,
+                        buf: Vec::new(),
+                    });
+                }
+            }
+        }
+        let mut quit = false;
+        let ready: Vec<bool> = fds[2..].iter().map(|f| f.revents != 0).collect();
+        let mut keep = Vec::new();
+        for (mut c, ready) in std::mem::take(&mut self.clients)
+            .into_iter()
+            .zip(ready.into_iter().chain(std::iter::repeat(false)))
+        {
+            let mut open = true;
+            if ready {
+                let mut chunk = [0u8; 4096];
+                loop {
+                    match c.stream.read(&mut chunk) {
+                        Ok(0) => {
+                            open = false;
+                            break;
+                        }
+                        Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(_) => {
+                            open = false;
+                            break;
+                        }
+                    }
+                }
+            }
+            while let Some(nl) = c.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = c.buf.drain(..=nl).collect();
+                let (reply, q) = match serde_json::from_slice::<Request>(&line) {
+                    Ok(req) => handle(req),
+                    Err(e) => (
+                        json!({"ok": false, "error": format!("bad request: {e}")}),
+                        false,
+                    ),
+                };
+                quit |= q;
+                let mut out = reply.to_string().into_bytes();
+                out.push(b'\n');
+                // Replies are small; a client that does not read is dropped.
+                let _ = c.stream.set_nonblocking(false);
+                if c.stream.write_all(&out).is_err() {
+                    open = false;
+                }
+                let _ = c.stream.set_nonblocking(true);
+            }
+            if c.buf.len() > MAX_REQUEST {
+                let _ = c
+                    .stream
+                    .write_all(b"{\"ok\":false,\"error\":\"request too long\"}\n");
+                open = false;
+            }
+            if open {
+                keep.push(c);
+            }
+        }
+        self.clients = keep;
+        quit
+    }
+}
+
+fn failure(e: &dyn std::error::Error) -> Value {
+    json!({"ok": false, "error": crate::error_chain(e)})
+}
+
+/// Serves one request against a running VM. Returns the reply and
+/// whether abide should stop.
+pub fn handle(vm: &Vm, vcpus: &mut Vcpus, req: Request) -> (Value, bool) {
+    let state = |v: &Vcpus| if v.is_paused() { "paused" } else { "running" };
+    match req {
+        Request::Status => (
+            json!({
+                "ok": true,
+                "state": state(vcpus),
+                "machine": vm.machine.name,
+                "vcpus": vm.cfg.cpus,
+                "memory": vm.cfg.memory,
+                "abide_version": env!("CARGO_PKG_VERSION"),
+            }),
+            false,
+        ),
+        Request::Pause => {
+            let t = Instant::now();
+            match vm.pause(vcpus) {
+                Ok(()) => (
+                    json!({"ok": true, "state": "paused", "pause_ms": ms(t)}),
+                    false,
+                ),
+                Err(e) => (failure(&e), false),
+            }
+        }
+        Request::Resume => match vm.resume(vcpus) {
+            Ok(()) => (json!({"ok": true, "state": "running"}), false),
+            Err(e) => (failure(&e), false),
+        },
+        Request::Snapshot { path } => match crate::snapshot::save(vm, vcpus, &path) {
+            Ok(r) => (
+                json!({
+                    "ok": true,
+                    "path": path,
+                    "bytes": r.bytes,
+                    "memory_bytes": r.memory_bytes,
+                    "pause_ms": r.pause_ms,
+                    "save_ms": r.save_ms,
+                    "state": state(vcpus),
+                }),
+                false,
+            ),
+            Err(e) => (failure(&e), false),
+        },
+        Request::Quit => (json!({"ok": true, "state": "stopping"}), true),
+    }
+}
+
+/// Milliseconds since `t`.
+pub fn ms(t: Instant) -> f64 {
+    (t.elapsed().as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// Sends one request to the abide listening on `socket` and returns its
+/// reply; a refusal becomes an error.
+pub fn call(socket: &Path, request: &Value) -> Result<Value, ApiError> {
+    let err = |source| ApiError::Connect {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let mut s = UnixStream::connect(socket).map_err(err)?;
+    let mut line = request.to_string().into_bytes();
+    line.push(b'\n');
+    s.write_all(&line).map_err(err)?;
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match s.read(&mut byte).map_err(err)? {
+            0 => break,
+            _ if byte[0] == b'\n' => break,
+            _ => reply.push(byte[0]),
+        }
+    }
+    let v: Value = serde_json::from_slice(&reply).map_err(|e| {
+        err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("unreadable reply: {e}"),
+        ))
+    })?;
+    if v["ok"] != json!(true) {
+        return Err(ApiError::Refused(
+            v["error"].as_str().unwrap_or("unknown error").to_string(),
+        ));
+    }
+    Ok(v)
+}
