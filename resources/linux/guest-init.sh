@@ -150,6 +150,27 @@ run_test() {
                 say "$(blkbench /dev/vda "$mode" "$secs" 2>&1)"
             done
             ;;
+        progress)
+            # Snapshot benchmark (resources/bench/snapshot.sh): fill
+            # abide.fill_mib MiB of tmpfs with random data (so guest memory
+            # is not just zero pages), then print a numbered line every
+            # 100 ms forever.
+            fill=0
+            # shellcheck disable=SC2013 # the command line is split into words on purpose
+            for arg in $(cat /proc/cmdline); do
+                case $arg in abide.fill_mib=*) fill=${arg#abide.fill_mib=} ;; esac
+            done
+            if [ "$fill" -gt 0 ]; then
+                dd if=/dev/urandom of=/dev/shm/fill bs=1M count="$fill" 2>/dev/null
+            fi
+            say "progress-ready fill_mib=$fill"
+            n=0
+            while :; do
+                n=$((n + 1))
+                say "progress n=$n"
+                usleep 100000
+            done
+            ;;
         shell)
             say "interactive shell; exit it to power off"
             setsid cttyhack sh -l || sh

@@ -98,7 +98,7 @@ fn slot_pair(flag: &str, s: &str) -> Result<(u8, String), abide_vmm::Error> {
     Ok((slot, value.to_string()))
 }
 
-fn restore(a: RestoreArgs) -> Result<ExitReason, abide_vmm::Error> {
+fn restore(a: RestoreArgs, started: std::time::Instant) -> Result<ExitReason, abide_vmm::Error> {
     let overrides = abide_vmm::snapshot::Overrides {
         serial: a.serial.as_deref().map(parse_serial).transpose()?,
         disk_paths: a
@@ -119,9 +119,14 @@ fn restore(a: RestoreArgs) -> Result<ExitReason, abide_vmm::Error> {
         .transpose()?;
     let (mut vm, report) = abide_vmm::snapshot::restore(&a.snapshot, &overrides)?;
     if std::env::var_os("ABIDE_RESTORE_TIMINGS").is_some() {
+        // ready_ms: from process start to the vCPUs being started, i.e. to
+        // the guest's first instruction after the restore.
         eprintln!(
-            "abide: restore verify_ms={} abi_ms={} load_ms={}",
-            report.verify_ms, report.abi_ms, report.load_ms
+            "abide: restore verify_ms={} abi_ms={} load_ms={} ready_ms={}",
+            report.verify_ms,
+            report.abi_ms,
+            report.load_ms,
+            abide_vmm::api::ms(started)
         );
     }
     if let Some(api) = api {
@@ -204,6 +209,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig, abide_vmm::Error> {
 }
 
 fn main() -> ExitCode {
+    let started = std::time::Instant::now();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -216,7 +222,7 @@ fn main() -> ExitCode {
             let api_socket = args.api_socket.take();
             build_config(args).and_then(|cfg| abide_vmm::run_with_api(&cfg, api_socket.as_deref()))
         }
-        Command::Restore(args) => restore(args),
+        Command::Restore(args) => restore(args, started),
         Command::Snapshot(a) => {
             let req = serde_json::json!({"cmd": "snapshot", "path": std::path::absolute(&a.output).unwrap_or(a.output.clone())});
             let pause = || {
