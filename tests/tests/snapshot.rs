@@ -466,10 +466,16 @@ fn corrupt_snapshots_are_refused() {
     p.payloads.push(b"{}".to_vec());
     let path = dir.join("optional.snap");
     std::fs::write(&path, join(p)).expect("write");
-    let serial = dir.join("optional.log");
-    let api = dir.join("optional.sock");
+    restore_ticks_then_quit(&path, &dir, "optional");
+}
+
+/// Restores `snap` with COM1 in a file and a control socket, waits for the
+/// guest's `spin` ticks to continue, and quits it through the API.
+fn restore_ticks_then_quit(snap: &Path, dir: &Path, tag: &str) {
+    let serial = dir.join(format!("{tag}.log"));
+    let api = dir.join(format!("{tag}.sock"));
     let mut child = Command::new(abide_bin())
-        .args(["restore", path.to_str().expect("utf-8"), "--serial"])
+        .args(["restore", snap.to_str().expect("utf-8"), "--serial"])
         .arg(serial_arg(&serial))
         .arg("--api-socket")
         .arg(&api)
@@ -480,9 +486,12 @@ fn corrupt_snapshots_are_refused() {
     let start = Instant::now();
     while !read(&serial).contains("guest: tick n=") {
         if let Ok(Some(s)) = child.try_wait() {
-            panic!("restore with an optional unknown section failed: {s}");
+            panic!("{tag}: restore failed: {s}");
         }
-        assert!(start.elapsed() < TIMEOUT, "restored guest never ticked");
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "{tag}: restored guest never ticked"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = run_abide(
@@ -607,32 +616,7 @@ fn snapshots_whose_guest_abi_differs_are_refused() {
 
     // The same snapshot restores with a host-side change that the guest
     // cannot see (another tap is not needed; the serial sink moves).
-    let ok_serial = dir.join("ok.log");
-    let api = dir.join("ok.sock");
-    let mut child = Command::new(abide_bin())
-        .args(["restore", snap.to_str().expect("utf-8"), "--serial"])
-        .arg(serial_arg(&ok_serial))
-        .arg("--api-socket")
-        .arg(&api)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("restore");
-    let start = Instant::now();
-    while !read(&ok_serial).contains("guest: tick n=") {
-        if let Ok(Some(s)) = child.try_wait() {
-            panic!("unchanged snapshot failed to restore: {s}");
-        }
-        assert!(start.elapsed() < TIMEOUT, "restored guest never ticked");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = run_abide(
-        &["ctl", "--api-socket", api.to_str().expect("utf-8"), "quit"],
-        None,
-        TIMEOUT,
-    );
-    assert_eq!(out.code, Some(0), "{out}");
-    assert!(child.wait().expect("wait").success());
+    restore_ticks_then_quit(&snap, &dir, "ok");
 }
 
 #[test]

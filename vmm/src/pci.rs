@@ -103,6 +103,14 @@ impl PciPlatform {
         })
     }
 
+    /// The virtio functions, in the order they were added.
+    pub fn virtio_functions(&self) -> Vec<VirtioFunction> {
+        self.virtio
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Reads the first 256 bytes of a slot's configuration space.
     pub fn config_space(&self, slot: u8) -> Vec<u8> {
         let root = self.root.lock().unwrap_or_else(|e| e.into_inner());

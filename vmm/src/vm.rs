@@ -273,13 +273,7 @@ impl Vm {
             return Ok(());
         }
         vcpus.pause().map_err(Error::Pause)?;
-        for f in self
-            .pci
-            .virtio
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
+        for f in self.pci.virtio_functions() {
             f.function.lock().unwrap_or_else(|e| e.into_inner()).pause();
         }
         Ok(())
@@ -296,13 +290,7 @@ impl Vm {
     }
 
     fn resume_devices(&self) -> Result<(), Error> {
-        for f in self
-            .pci
-            .virtio
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
+        for f in self.pci.virtio_functions() {
             f.function
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
