@@ -40,11 +40,18 @@ struct Running {
 
 impl Running {
     fn start(dir: &Path, args: &[&str]) -> Self {
-        let api = dir.join("api.sock");
-        let serial = dir.join("before.log");
+        let mut all = vec!["run"];
+        all.extend_from_slice(args);
+        Self::launch(dir, "before", &all)
+    }
+
+    /// Starts `abide ARGS` (run or restore) with its serial log and control
+    /// socket named after `tag`.
+    fn launch(dir: &Path, tag: &str, args: &[&str]) -> Self {
+        let api = dir.join(format!("{tag}.sock"));
+        let serial = dir.join(format!("{tag}.log"));
         let mut cmd = Command::new(abide_bin());
-        cmd.arg("run")
-            .args(args)
+        cmd.args(args)
             .arg("--api-socket")
             .arg(&api)
             .arg("--serial")
@@ -193,6 +200,58 @@ fn checksum_workload_continues_from_the_same_point() {
         "snapshot + restore must give the same output as an uninterrupted run"
     );
     assert!(joined.contains("guest: user cpl=3 rounds=300 checksum="));
+}
+
+#[test]
+fn a_restored_vm_can_be_snapshotted_again() {
+    let dir = temp_dir("snap-twice");
+    let workload = "quiet rounds=3000 progress buf-kib=4096";
+    let args = ["--machine", "pc-1.0", "--cpus", "2", "--memory", "256M"];
+    let mut run = args.to_vec();
+    run.extend_from_slice(&["--cmdline", workload]);
+    let mut first = Running::start(&dir, &run);
+    first.wait_for("guest: progress round=100 ");
+    let a = dir.join("a.snap");
+    first.snapshot_and_stop(&a);
+
+    // The second process runs from memory mapped out of a.snap, and is
+    // itself snapshotted mid-run.
+    let mut second = Running::launch(&dir, "second", &["restore", a.to_str().expect("utf-8")]);
+    second.wait_for("guest: progress round=300 ");
+    let second_log = second.serial.clone();
+    let b = dir.join("b.snap");
+    second.snapshot_and_stop(&b);
+    // a.snap may go away: b.snap holds everything.
+    std::fs::remove_file(&a).expect("remove a.snap");
+
+    let third = dir.join("third.log");
+    let out = restore(&b, &["--serial", &serial_arg(&third)]);
+    assert_eq!(out.code, Some(0), "{out}");
+    let joined = format!(
+        "{}{}{}",
+        read(&dir.join("before.log")),
+        read(&second_log),
+        read(&third)
+    );
+    let rounds: Vec<u64> = joined
+        .lines()
+        .filter_map(GuestLine::parse)
+        .filter(|l| l.topic == "progress" && l.fields.contains_key("sum"))
+        .map(|l| l.num("round"))
+        .collect();
+    assert_eq!(
+        rounds,
+        (0..3000).collect::<Vec<_>>(),
+        "rounds across three processes"
+    );
+
+    let reference = dir.join("reference.log");
+    let mut run = vec!["run"];
+    run.extend_from_slice(&args);
+    let ser = serial_arg(&reference);
+    run.extend_from_slice(&["--serial", &ser, "--cmdline", workload]);
+    assert_eq!(run_abide(&run, None, TIMEOUT).code, Some(0));
+    assert_eq!(stable_lines(&joined), stable_lines(&read(&reference)));
 }
 
 /// The block the guest writes in iteration `i` of `blk-loop` (the guest's
