@@ -20,8 +20,9 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 #   xz-utils zstd                      decompress kernel modules if compressed
 #   python3                            timing helper of resources/bench
 #   time                               /usr/bin/time for ad-hoc RSS checks
+#   e2fsprogs iproute2                 debugfs and ip (tuntap) in the snapshot tests
 packages=(qemu-system-x86 seabios ipxe-qemu busybox-static cpio lz4 binutils
-          xz-utils zstd python3 time gcc libc6-dev)
+          xz-utils zstd python3 time gcc libc6-dev e2fsprogs iproute2)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -415,6 +415,7 @@ fn load(vm: &mut Vm, snap: &Snapshot) -> Result<(), RestoreError> {
     vm_state.load(&vm.vm, vm.clock_flags)?;
     for (v, st) in vm.vcpus.iter().zip(&vcpu_states) {
         st.load(&v.fd)?;
+        crate::vcpu::tell_guest_it_was_paused(&v.fd);
     }
     if let Some(extra) = snap.sections().find(|s| !claimed.iter().any(|c| c == s)) {
         return Err(RestoreError::Unclaimed(extra.to_string()));

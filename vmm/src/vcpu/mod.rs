@@ -314,6 +314,13 @@ impl Vcpus {
     }
 }
 
+/// Tells a kvmclock guest that it was stopped (`KVM_KVMCLOCK_CTRL`), so
+/// its soft-lockup and RCU-stall watchdogs do not count the pause. Fails
+/// harmlessly when the guest has no kvmclock.
+pub fn tell_guest_it_was_paused(fd: &VcpuFd) {
+    let _ = fd.kvmclock_ctrl();
+}
+
 fn kick_signal() -> i32 {
     vmm_sys_util::signal::SIGRTMIN()
 }
@@ -369,6 +376,7 @@ impl Vcpu {
                 }
                 Ok(VcpuCommand::Resume) => {
                     if !ctl.pausing() {
+                        tell_guest_it_was_paused(&self.fd);
                         return true;
                     }
                 }
