@@ -64,18 +64,18 @@ pub enum ApiError {
 #[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
     /// Report the VM's state.
-    Status,
+    Status {},
     /// Pause vCPUs and devices.
-    Pause,
+    Pause {},
     /// Resume a paused VM.
-    Resume,
+    Resume {},
     /// Write a snapshot.
     Snapshot {
         /// Where to write it.
         path: PathBuf,
     },
     /// Stop the VM; abide exits with status 0.
-    Quit,
+    Quit {},
 }
 
 struct Client {
@@ -260,7 +260,7 @@ fn failure(e: &dyn std::error::Error) -> Value {
 pub fn handle(vm: &Vm, vcpus: &mut Vcpus, req: Request) -> (Value, bool) {
     let state = |v: &Vcpus| if v.is_paused() { "paused" } else { "running" };
     match req {
-        Request::Status => (
+        Request::Status {} => (
             json!({
                 "ok": true,
                 "state": state(vcpus),
@@ -271,7 +271,7 @@ pub fn handle(vm: &Vm, vcpus: &mut Vcpus, req: Request) -> (Value, bool) {
             }),
             false,
         ),
-        Request::Pause => {
+        Request::Pause {} => {
             let t = Instant::now();
             match vm.pause(vcpus) {
                 Ok(()) => (
@@ -281,7 +281,7 @@ pub fn handle(vm: &Vm, vcpus: &mut Vcpus, req: Request) -> (Value, bool) {
                 Err(e) => (failure(&e), false),
             }
         }
-        Request::Resume => match vm.resume(vcpus) {
+        Request::Resume {} => match vm.resume(vcpus) {
             Ok(()) => (json!({"ok": true, "state": "running"}), false),
             Err(e) => (failure(&e), false),
         },
@@ -300,7 +300,7 @@ pub fn handle(vm: &Vm, vcpus: &mut Vcpus, req: Request) -> (Value, bool) {
             ),
             Err(e) => (failure(&e), false),
         },
-        Request::Quit => (json!({"ok": true, "state": "stopping"}), true),
+        Request::Quit {} => (json!({"ok": true, "state": "stopping"}), true),
     }
 }
 
@@ -341,4 +341,53 @@ pub fn call(socket: &Path, request: &Value) -> Result<Value, ApiError> {
         ));
     }
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_strictly() {
+        let r: Request = serde_json::from_str(r#"{"cmd":"snapshot","path":"/x"}"#).expect("ok");
+        assert!(matches!(r, Request::Snapshot { path } if path == Path::new("/x")));
+        assert!(matches!(
+            serde_json::from_str::<Request>(r#"{"cmd":"pause"}"#),
+            Ok(Request::Pause {})
+        ));
+        for bad in [
+            r#"{"cmd":"reboot"}"#,
+            r#"{"cmd":"snapshot"}"#,
+            r#"{"cmd":"pause","now":true}"#,
+            r#"{"path":"/x"}"#,
+            "not json",
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn socket_path_taken_by_a_file_is_refused_and_stale_sockets_replaced() {
+        let dir = std::env::temp_dir().join(format!("abide-api-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("file");
+        std::fs::write(&file, b"data").expect("write");
+        assert!(matches!(
+            ApiServer::bind(&file),
+            Err(ApiError::PathInUse(_))
+        ));
+        assert_eq!(std::fs::read(&file).expect("kept"), b"data");
+        let sock = dir.join("api.sock");
+        // A socket nobody listens on any more (a dead abide's) is replaced.
+        drop(UnixListener::bind(&sock).expect("bind"));
+        let server = ApiServer::bind(&sock).expect("replaces a stale socket");
+        // A live one is not taken over.
+        assert!(matches!(
+            ApiServer::bind(&sock),
+            Err(ApiError::PathInUse(_))
+        ));
+        drop(server);
+        assert!(!sock.exists(), "the socket is removed with the server");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
 }

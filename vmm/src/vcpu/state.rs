@@ -358,3 +358,55 @@ impl VmState {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_structures_round_trip_and_sizes_are_checked() {
+        let regs = kvm_regs {
+            rip: 0x1234_5678,
+            rflags: 0x202,
+            ..Default::default()
+        };
+        let raw = Raw::of(&regs);
+        let back: kvm_regs = raw.to("registers").expect("decode");
+        assert_eq!(back.rip, 0x1234_5678);
+        assert_eq!(back.rflags, 0x202);
+        // Another structure's bytes do not fit.
+        let err = raw.to::<kvm_sregs>("special registers").expect_err("size");
+        assert!(matches!(err, StateError::Size { .. }), "{err}");
+        let err = Raw("zz".into())
+            .to::<kvm_regs>("registers")
+            .expect_err("hex");
+        assert!(matches!(err, StateError::Malformed(_)), "{err}");
+    }
+
+    #[test]
+    fn vm_state_check_refuses_a_wrong_chip_order() {
+        let chip = |chip_id| {
+            Raw::of(&kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            })
+        };
+        let good = VmState {
+            irqchips: vec![chip(0), chip(1), chip(2)],
+            pit: Raw::of(&kvm_pit_state2::default()),
+            clock: Raw::of(&kvm_clock_data::default()),
+            saved_at_ns: 0,
+        };
+        good.check().expect("valid");
+        let swapped = VmState {
+            irqchips: vec![chip(2), chip(1), chip(0)],
+            ..good.clone()
+        };
+        assert!(swapped.check().is_err());
+        let short = VmState {
+            irqchips: vec![chip(0)],
+            ..good
+        };
+        assert!(short.check().is_err());
+    }
+}
