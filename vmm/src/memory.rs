@@ -56,6 +56,45 @@ pub struct GuestRam {
     pub size: u64,
     /// The memfd backing all of RAM, ranges laid out back to back.
     pub file: File,
+    /// Guest ranges (address, length) mapped from a snapshot file instead of
+    /// the memfd (see `snapshot::restore`).
+    pub file_mapped: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+/// Data extents of `file` within `[start, start + len)`, as offsets
+/// relative to `start`: never-written parts of a memfd are holes and read
+/// as zero.
+fn data_extents(file: &File, start: u64, len: u64) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let end = start + len;
+    let mut out = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        // SAFETY: lseek on an fd we own; no memory is involved.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                break; // no data after `pos`
+            }
+            // Holes cannot be found: treat the rest as data.
+            out.push((pos - start, end - pos));
+            break;
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data as libc::off_t, libc::SEEK_HOLE) };
+        let hole = if hole < 0 {
+            end
+        } else {
+            (hole as u64).min(end)
+        };
+        out.push((data - start, hole - data));
+        pos = hole;
+    }
+    out
 }
 
 fn memfd(size: u64) -> Result<File, MemoryError> {
@@ -115,7 +154,49 @@ impl GuestRam {
             size,
             reason: e.to_string(),
         })?;
-        Ok(Self { mem, size, file })
+        Ok(Self {
+            mem,
+            size,
+            file,
+            file_mapped: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The parts of each RAM region that may hold non-zero bytes, as
+    /// (guest address, length): what the guest wrote into the memfd, plus
+    /// what is mapped from a snapshot. The rest reads as zero without being
+    /// touched (scanning it would allocate host memory for nothing).
+    pub fn populated(&self) -> Vec<(u64, u64)> {
+        let mapped = self
+            .file_mapped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for r in self.mem.iter() {
+            let base = r.start_addr().0;
+            let len = r.len();
+            let mut ranges: Vec<(u64, u64)> = match r.file_offset() {
+                Some(fo) => data_extents(fo.file(), fo.start(), len)
+                    .into_iter()
+                    .map(|(o, l)| (base + o, l))
+                    .collect(),
+                None => vec![(base, len)],
+            };
+            ranges.extend(mapped.iter().filter_map(|&(a, l)| {
+                let s = a.max(base);
+                let e = (a + l).min(base + len);
+                (s < e).then_some((s, e - s))
+            }));
+            ranges.sort_unstable();
+            for (a, l) in ranges {
+                match out.last_mut() {
+                    Some((pa, pl)) if *pa + *pl >= a => *pl = (*pl).max(a + l - *pa),
+                    _ => out.push((a, l)),
+                }
+            }
+        }
+        out
     }
 
     /// Registers every region with KVM as a memory slot.
@@ -142,5 +223,31 @@ impl GuestRam {
                 .map_err(|source| MemoryError::Slot { slot, source })?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn only_written_parts_of_the_memfd_are_data() {
+        let f = memfd(4 << 20).expect("memfd");
+        f.write_all_at(&[1], 64 << 10).expect("write");
+        f.write_all_at(&[2; 8192], 3 << 20).expect("write");
+        let ext = data_extents(&f, 0, 4 << 20);
+        assert!(!ext.is_empty());
+        // Every written byte is inside an extent, and most of the file is not.
+        for at in [64 << 10, 3 << 20, (3 << 20) + 8191] {
+            assert!(
+                ext.iter().any(|&(o, l)| at >= o && at < o + l),
+                "{at:#x} not in {ext:x?}"
+            );
+        }
+        let covered: u64 = ext.iter().map(|e| e.1).sum();
+        assert!(covered < 1 << 20, "{covered} bytes reported as data");
+        // A window past the data: nothing.
+        assert!(data_extents(&f, 1 << 20, 1 << 20).is_empty());
     }
 }

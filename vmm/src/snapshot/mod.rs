@@ -232,12 +232,26 @@ fn write(vm: &Vm, vcpus: &Vcpus, path: &Path) -> Result<(u64, u64), Error> {
     };
     let mut pages = Vec::new();
     let mut offset = 0u64;
-    for (base, data) in &slices {
-        for (gpa, range) in format::nonzero_runs(*base, data) {
-            let len = range.len() as u64;
-            map.runs.push(MemoryRun { gpa, len, offset });
-            pages.push(&data[range]);
-            offset += len;
+    for (gpa, len) in vm.ram.populated() {
+        // Populated ranges lie inside one region each (they are clipped to
+        // regions, and regions do not touch).
+        let Some((base, data)) = slices
+            .iter()
+            .find(|(b, d)| gpa >= *b && gpa + len <= *b + d.len() as u64)
+        else {
+            continue;
+        };
+        let at = (gpa - base) as usize;
+        let part = &data[at..at + len as usize];
+        for (run_gpa, range) in format::nonzero_runs(gpa, part) {
+            let run_len = range.len() as u64;
+            map.runs.push(MemoryRun {
+                gpa: run_gpa,
+                len: run_len,
+                offset,
+            });
+            pages.push(&part[range]);
+            offset += run_len;
         }
     }
     w.section("memory.map", MEMORY_VERSION, false, json(&map));
@@ -480,6 +494,11 @@ fn load_memory(vm: &Vm, snap: &Snapshot) -> Result<(), RestoreError> {
                 if r == libc::MAP_FAILED {
                     return Err(RestoreError::Map(std::io::Error::last_os_error()));
                 }
+                vm.ram
+                    .file_mapped
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((run.gpa, run.len));
             }
             None => {
                 // SAFETY: as above, the range is inside guest RAM and nothing
