@@ -226,6 +226,27 @@ pub fn host_has_hw_virt() -> bool {
         .unwrap_or(false)
 }
 
+/// Host wall-clock time, seconds since the Unix epoch.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+/// A file of the Linux test guest (`.cache/linux/guest/NAME`), which
+/// `./test.sh` builds.
+pub fn guest_file(name: &str) -> PathBuf {
+    let p = repo_root().join(".cache/linux/guest").join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run resources/linux/fetch-kernels.sh and \
+         resources/linux/build-guest-initramfs.sh (./test.sh does both)",
+        p.display()
+    );
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,30 +6,11 @@
 //! QEMU TCG with emulated AMD-V, where KVM is real. One nested-host boot runs
 //! every scenario, to pay its start-up once.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use abide_tests::{abide_bin, repo_root, run_command, Outcome};
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64
-}
-
-fn guest_file(name: &str) -> PathBuf {
-    let p = repo_root().join(".cache/linux/guest").join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run resources/linux/fetch-kernels.sh and \
-         resources/linux/build-guest-initramfs.sh (./test.sh does both)",
-        p.display()
-    );
-    p
-}
+use abide_tests::{abide_bin, guest_file, now, repo_root, run_command, Outcome};
 
 /// One `abide run` inside the shared session, delimited in the output.
 struct Scenario {

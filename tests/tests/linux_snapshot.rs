@@ -14,11 +14,10 @@
 //! the project's machines) inside the nested test host (QEMU TCG with
 //! emulated AMD-V, where KVM is real). See tests/tests/linux_guest.rs.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use abide_tests::{abide_bin, repo_root, run_command, Outcome};
+use abide_tests::{abide_bin, guest_file, now, repo_root, run_command, Outcome};
 use serde_json::Value;
 
 /// Seconds between killing the first Abide and starting the restore. The
@@ -178,24 +177,6 @@ dump
 cleanup
 exit 0
 "#;
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64
-}
-
-fn guest_file(name: &str) -> PathBuf {
-    let p = repo_root().join(".cache/linux/guest").join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run resources/linux/fetch-kernels.sh and \
-         resources/linux/build-guest-initramfs.sh (./test.sh does both)",
-        p.display()
-    );
-    p
-}
 
 /// The text between `@@@ begin NAME` and `@@@ end NAME rc=`, and the rc.
 fn section<'a>(out: &'a str, name: &str) -> (&'a str, String) {
