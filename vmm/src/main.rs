@@ -119,8 +119,9 @@ fn restore(a: RestoreArgs, started: std::time::Instant) -> Result<ExitReason, ab
         .transpose()?;
     let (mut vm, report) = abide_vmm::snapshot::restore(&a.snapshot, &overrides)?;
     if std::env::var_os("ABIDE_RESTORE_TIMINGS").is_some() {
-        // ready_ms: from process start to the vCPUs being started, i.e. to
-        // the guest's first instruction after the restore.
+        // ready_ms: from process start to just before the devices are
+        // resumed and the vCPU threads spawned (the guest's first
+        // instruction follows within the thread start-up).
         eprintln!(
             "abide: restore verify_ms={} abi_ms={} load_ms={} ready_ms={}",
             report.verify_ms,
