@@ -217,12 +217,14 @@ fn a_restored_vm_can_be_snapshotted_again() {
     // The second process runs from memory mapped out of a.snap, and is
     // itself snapshotted mid-run.
     let mut second = Running::launch(&dir, "second", &["restore", a.to_str().expect("utf-8")]);
+    second.wait_for("guest: progress round=150 ");
+    // The file a running VM was restored from may be deleted: its pages stay
+    // mapped (and b.snap will hold everything).
+    std::fs::remove_file(&a).expect("remove a.snap");
     second.wait_for("guest: progress round=300 ");
     let second_log = second.serial.clone();
     let b = dir.join("b.snap");
     second.snapshot_and_stop(&b);
-    // a.snap may go away: b.snap holds everything.
-    std::fs::remove_file(&a).expect("remove a.snap");
 
     let third = dir.join("third.log");
     let out = restore(&b, &["--serial", &serial_arg(&third)]);
