@@ -685,7 +685,8 @@ fn bad_restore_input_is_refused() {
     let dir = temp_dir("snap-input");
     let out = restore(&dir.join("missing.snap"), &[]);
     assert_eq!(out.code, Some(1), "{out}");
-    assert!(out.stderr.contains("cannot read the snapshot"), "{out}");
+    assert!(out.stderr.contains("cannot restore '"), "{out}");
+    assert!(out.stderr.contains("No such file"), "{out}");
     let snap = small_snapshot(&dir, &[]);
     let out = restore(&snap, &["--disk-path", "5=/tmp/x.img"]);
     assert_eq!(out.code, Some(1), "{out}");

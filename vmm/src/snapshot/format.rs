@@ -47,7 +47,7 @@ const MAX_INLINE: u64 = 256 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     /// I/O.
-    #[error("cannot read the snapshot")]
+    #[error("snapshot file I/O failed")]
     Io(#[from] std::io::Error),
     /// Not a snapshot.
     #[error("not an Abide snapshot (bad magic)")]

@@ -84,6 +84,24 @@ pub enum RestoreError {
     /// The file itself.
     #[error(transparent)]
     File(#[from] SnapshotError),
+    /// Reading or verifying the file.
+    #[error("cannot restore '{}'", path.display())]
+    Read {
+        /// Where.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: SnapshotError,
+    },
+    /// Writing the file.
+    #[error("cannot write the snapshot '{}'", path.display())]
+    Write {
+        /// Where.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: SnapshotError,
+    },
     /// The guest ABI this Abide would give differs from the saved one.
     #[error("the snapshot's guest ABI differs from what this Abide ({}) gives machine '{machine}' with the saved configuration; refusing to restore. Differences (saved -> here):\n{}", env!("CARGO_PKG_VERSION"), format_diff(.diffs))]
     AbiMismatch {
@@ -256,9 +274,12 @@ fn write(vm: &Vm, vcpus: &Vcpus, path: &Path) -> Result<(u64, u64), Error> {
     }
     w.section("memory.map", MEMORY_VERSION, false, json(&map));
     w.pages("memory", MEMORY_VERSION, pages);
-    let bytes = w
-        .write_to(path)
-        .map_err(|e| Error::Snapshot(RestoreError::File(e)))?;
+    let bytes = w.write_to(path).map_err(|source| {
+        Error::Snapshot(RestoreError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+    })?;
     Ok((bytes, offset))
 }
 
@@ -348,7 +369,12 @@ pub fn restore(path: &Path, o: &Overrides) -> Result<(Vm, RestoreReport), Error>
     let snap_err = |e: RestoreError| Error::Snapshot(e);
     let mut report = RestoreReport::default();
     let t = Instant::now();
-    let snap = Snapshot::open(path, KNOWN_SECTIONS).map_err(|e| snap_err(RestoreError::File(e)))?;
+    let snap = Snapshot::open(path, KNOWN_SECTIONS).map_err(|source| {
+        snap_err(RestoreError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+    })?;
     report.verify_ms = crate::api::ms(t);
     let t = Instant::now();
     let saved: SavedHost = serde_json::from_value(snap.header.host.clone()).map_err(|e| {
