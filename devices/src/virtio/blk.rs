@@ -34,8 +34,8 @@ use super::worker::{
     WorkerSlot,
 };
 use super::{
-    device_type, read_config_bytes, ActivateError, Activation, QueueProgress, VirtioDevice,
-    VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    device_type, read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// `VIRTIO_BLK_F_SEG_MAX`: `seg_max` is valid.
@@ -285,29 +285,7 @@ impl VirtioDevice for Block {
         // half-done by a pause; the image itself is the VMM's to keep.)
     }
 
-    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        self.reset();
-        let worker = self.worker_for(a);
-        self.worker.start(worker)
-    }
-
-    fn activate_paused(&mut self, a: Activation) -> Result<(), ActivateError> {
-        self.reset();
-        let worker = self.worker_for(a);
-        self.worker.start_paused(worker)
-    }
-
-    fn pause(&mut self) -> Vec<QueueProgress> {
-        self.worker.pause()
-    }
-
-    fn resume(&mut self) -> Result<(), ActivateError> {
-        self.worker.resume()
-    }
-
-    fn reset(&mut self) {
-        self.worker.stop();
-    }
+    super::worker::worker_lifecycle!();
 }
 
 /// An aligned scratch buffer for `O_DIRECT` I/O.

@@ -31,8 +31,8 @@ use super::worker::{
     collect_chain, take_queues, total_len, Handler, SegCursor, Unusable, WorkerQueue, WorkerSlot,
 };
 use super::{
-    device_type, read_config_bytes, ActivateError, Activation, QueueProgress, VirtioDevice,
-    VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    device_type, read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// `VIRTIO_NET_F_MAC`: the device has a MAC address.
@@ -392,29 +392,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         // is lost, as a frame on a wire may be.
     }
 
-    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        self.reset();
-        let worker = self.worker_for(a);
-        self.worker.start(worker)
-    }
-
-    fn activate_paused(&mut self, a: Activation) -> Result<(), ActivateError> {
-        self.reset();
-        let worker = self.worker_for(a);
-        self.worker.start_paused(worker)
-    }
-
-    fn pause(&mut self) -> Vec<QueueProgress> {
-        self.worker.pause()
-    }
-
-    fn resume(&mut self) -> Result<(), ActivateError> {
-        self.worker.resume()
-    }
-
-    fn reset(&mut self) {
-        self.worker.stop();
-    }
+    super::worker::worker_lifecycle!();
 }
 
 /// Why receiving stopped.

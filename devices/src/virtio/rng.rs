@@ -15,8 +15,8 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::worker::{collect_chain, take_queues, Handler, Unusable, WorkerQueue, WorkerSlot};
 use super::{
-    device_type, ActivateError, Activation, QueueProgress, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    device_type, ActivateError, Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// The features this model can offer.
@@ -131,29 +131,7 @@ impl VirtioDevice for Rng {
         // beyond the transport's, so a snapshot needs nothing from it.
     }
 
-    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        self.reset();
-        let worker = self.worker_for(a);
-        self.worker.start(worker)
-    }
-
-    fn activate_paused(&mut self, a: Activation) -> Result<(), ActivateError> {
-        self.reset();
-        let worker = self.worker_for(a);
-        self.worker.start_paused(worker)
-    }
-
-    fn pause(&mut self) -> Vec<QueueProgress> {
-        self.worker.pause()
-    }
-
-    fn resume(&mut self) -> Result<(), ActivateError> {
-        self.worker.resume()
-    }
-
-    fn reset(&mut self) {
-        self.worker.stop();
-    }
+    super::worker::worker_lifecycle!();
 }
 
 /// Fills `buf` from the kernel's random source.
@@ -250,6 +228,7 @@ mod tests {
     use super::super::worker::testutil::*;
     use super::super::worker::{test_irq, TestInterrupt};
     use super::*;
+    use crate::virtio::QueueProgress;
 
     const QBASE: u64 = 0x1000;
     const BUF: u64 = 0x10_0000;

@@ -116,6 +116,45 @@ impl<H: Handler> Worker<H> {
     }
 }
 
+/// The lifecycle half of [`super::VirtioDevice`] (activate, activate_paused,
+/// pause, resume, reset) for a model whose work runs on a [`WorkerSlot`]
+/// field `worker`, with handlers built by its `worker_for(Activation)`.
+/// Written once here so the models cannot drift apart.
+macro_rules! worker_lifecycle {
+    () => {
+        fn activate(
+            &mut self,
+            a: $crate::virtio::Activation,
+        ) -> Result<(), $crate::virtio::ActivateError> {
+            self.reset();
+            let worker = self.worker_for(a);
+            self.worker.start(worker)
+        }
+
+        fn activate_paused(
+            &mut self,
+            a: $crate::virtio::Activation,
+        ) -> Result<(), $crate::virtio::ActivateError> {
+            self.reset();
+            let worker = self.worker_for(a);
+            self.worker.start_paused(worker)
+        }
+
+        fn pause(&mut self) -> Vec<$crate::virtio::QueueProgress> {
+            self.worker.pause()
+        }
+
+        fn resume(&mut self) -> Result<(), $crate::virtio::ActivateError> {
+            self.worker.resume()
+        }
+
+        fn reset(&mut self) {
+            self.worker.stop();
+        }
+    };
+}
+pub(crate) use worker_lifecycle;
+
 /// A device model's handler: running on its [`Worker`] thread, parked
 /// (the device is paused), or absent (the device is not active). This is
 /// what each model's `activate`, `pause`, `resume` and `reset` go through.
