@@ -402,7 +402,7 @@ impl BlockIo {
     ) -> Result<u32, Unusable> {
         let segs = collect_chain(chain, max)?;
         let (status, rest) = segs.split_last().ok_or(Unusable)?;
-        if !status.writable || status.len == 0 || !status.in_memory(&self.mem) {
+        if !status.usable(&self.mem, true) {
             return Err(Unusable);
         }
         let (code, written) = match self.execute(rest) {
@@ -435,10 +435,7 @@ impl BlockIo {
             VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_FLUSH => false,
             _ => return Err(VIRTIO_BLK_S_UNSUPP),
         };
-        if data
-            .iter()
-            .any(|d| d.writable != want_writable || d.len == 0 || !d.in_memory(&self.mem))
-        {
+        if data.iter().any(|d| !d.usable(&self.mem, want_writable)) {
             return Err(IOERR);
         }
         let total = total_len(data);

@@ -430,10 +430,7 @@ fn deliver(
     max: usize,
 ) -> Result<u32, Unusable> {
     let segs = collect_chain(chain, max)?;
-    if segs
-        .iter()
-        .any(|s| !s.writable || s.len == 0 || !s.in_memory(mem))
-    {
+    if segs.iter().any(|s| !s.usable(mem, true)) {
         return Ok(0);
     }
     let need = NET_HDR_LEN + frame.len();
@@ -459,10 +456,7 @@ fn transmit<B: NetBackend>(
     max: usize,
 ) -> Result<u32, Unusable> {
     let segs = collect_chain(chain, max)?;
-    if segs
-        .iter()
-        .any(|s| s.writable || s.len == 0 || !s.in_memory(mem))
-    {
+    if segs.iter().any(|s| !s.usable(mem, false)) {
         return Ok(0);
     }
     let total = total_len(&segs);

@@ -170,10 +170,7 @@ fn fill(
     max: usize,
 ) -> Result<u32, Unusable> {
     let segs = collect_chain(chain, max)?;
-    if segs
-        .iter()
-        .any(|s| !s.writable || s.len == 0 || !s.in_memory(mem))
-    {
+    if segs.iter().any(|s| !s.usable(mem, true)) {
         return Ok(0);
     }
     let mut written = 0usize;

@@ -335,6 +335,13 @@ impl Segment {
     pub(crate) fn in_memory(&self, mem: &GuestMemoryMmap) -> bool {
         GuestMemoryBackend::check_range(mem, self.addr, self.len as usize)
     }
+
+    /// Whether the device can use the segment in the direction it needs:
+    /// device-writable exactly when `device_writes`, not empty, and wholly
+    /// in guest RAM.
+    pub(crate) fn usable(&self, mem: &GuestMemoryMmap, device_writes: bool) -> bool {
+        self.writable == device_writes && self.len != 0 && self.in_memory(mem)
+    }
 }
 
 /// Reads a chain's descriptors. Fails (the chain cannot even be returned
