@@ -481,8 +481,13 @@ fn load_memory(vm: &Vm, snap: &Snapshot) -> Result<(), RestoreError> {
             map.regions
         )));
     }
-    let mapped = snap.mapped("memory")?;
+    // Restore always reads from a file; only unit tests parse from memory.
+    let (_, file, section_offset, total) = snap
+        .mapped("memory")?
+        .ok_or_else(|| bad("the memory section is not backed by a file".into()))?;
+    // Check every run before the first page is mapped.
     let mut end = 0u64;
+    let mut targets = Vec::with_capacity(map.runs.len());
     for run in &map.runs {
         if run.len % PAGE != 0 || run.gpa % PAGE != 0 || run.offset != end {
             return Err(bad(format!("run {run:?} is not page-aligned and in order")));
@@ -499,46 +504,37 @@ fn load_memory(vm: &Vm, snap: &Snapshot) -> Result<(), RestoreError> {
                 run.gpa - region.start_addr().0,
             ))
             .map_err(|e| bad(e.to_string()))?;
-        match mapped {
-            Some((_, file, offset, _)) => {
-                use std::os::fd::AsRawFd;
-                // SAFETY: `host..host+len` lies inside a mapping owned by the
-                // VM's memory (checked above), no vCPU runs yet, and
-                // MAP_FIXED replaces those pages with a private, copy-on-
-                // write view of the file: the guest reads pages lazily and
-                // its writes never reach the snapshot.
-                let r = unsafe {
-                    libc::mmap(
-                        host.cast(),
-                        run.len as usize,
-                        libc::PROT_READ | libc::PROT_WRITE,
-                        libc::MAP_PRIVATE | libc::MAP_FIXED,
-                        file.as_raw_fd(),
-                        (offset + run.offset) as libc::off_t,
-                    )
-                };
-                if r == libc::MAP_FAILED {
-                    return Err(RestoreError::Map(std::io::Error::last_os_error()));
-                }
-                vm.ram
-                    .file_mapped
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push((run.gpa, run.len));
-            }
-            None => {
-                // SAFETY: as above, the range is inside guest RAM and nothing
-                // else accesses it yet.
-                let dst = unsafe { std::slice::from_raw_parts_mut(host, run.len as usize) };
-                snap.read_section_at("memory", run.offset, dst)?;
-            }
-        }
+        targets.push((host, run));
     }
-    let total = snap.length("memory")?;
     if end != total {
         return Err(bad(format!(
             "runs cover {end} bytes but the memory section has {total}"
         )));
     }
+    for (host, run) in targets {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `host..host+len` lies inside a mapping owned by the VM's
+        // memory (checked above), no vCPU runs yet, and MAP_FIXED replaces
+        // those pages with a private, copy-on-write view of the file: the
+        // guest reads pages lazily and its writes never reach the snapshot.
+        let r = unsafe {
+            libc::mmap(
+                host.cast(),
+                run.len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                (section_offset + run.offset) as libc::off_t,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            return Err(RestoreError::Map(std::io::Error::last_os_error()));
+        }
+    }
+    vm.ram
+        .file_mapped
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend(map.runs.iter().map(|r| (r.gpa, r.len)));
     Ok(())
 }
