@@ -247,6 +247,44 @@ pub fn guest_file(name: &str) -> PathBuf {
     p
 }
 
+/// SHA-256 of `bytes`, lowercase hex (coreutils' `sha256sum`).
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    let out = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().expect("stdin").write_all(bytes)?;
+            c.wait_with_output()
+        })
+        .expect("sha256sum");
+    first_word(&out.stdout)
+}
+
+/// SHA-256 of the file at `path`, lowercase hex; panics naming the file
+/// when it cannot be read.
+pub fn sha256_file(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    assert!(
+        out.status.success(),
+        "cannot hash {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    first_word(&out.stdout)
+}
+
+fn first_word(out: &[u8]) -> String {
+    String::from_utf8_lossy(out)
+        .split_whitespace()
+        .next()
+        .expect("sha256sum printed a hash")
+        .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

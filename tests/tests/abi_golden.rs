@@ -23,7 +23,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use abide_tests::{abide_bin, repo_root, run_command, temp_dir};
+use abide_tests::{abide_bin, repo_root, run_command, sha256_file, temp_dir};
 use serde_json::Value;
 
 const MACHINES: &[&str] = &["pc-1.0", "pc-2.0"];
@@ -345,7 +345,6 @@ fn pc_1_0_fingerprint_on_this_host() {
 
 #[test]
 fn released_goldens_are_untouched() {
-    use std::io::Read;
     let r = released();
     let releases = r["releases"].as_array().expect("releases");
     for rel in releases {
@@ -354,17 +353,8 @@ fn released_goldens_are_untouched() {
             abide_machines::resolve(machine)
                 .unwrap_or_else(|e| panic!("released {machine} ({version}) vanished: {e}"));
             for (file, want) in files.as_object().expect("files") {
-                let mut bytes = Vec::new();
-                std::fs::File::open(golden_dir(machine).join(file))
-                    .and_then(|mut f| f.read_to_end(&mut bytes))
-                    .unwrap_or_else(|e| panic!("{machine}/{file} of release {version}: {e}"));
-                let got = Command::new("sha256sum")
-                    .arg(golden_dir(machine).join(file))
-                    .output()
-                    .expect("sha256sum");
-                let got = String::from_utf8_lossy(&got.stdout);
                 assert_eq!(
-                    got.split_whitespace().next(),
+                    Some(sha256_file(&golden_dir(machine).join(file)).as_str()),
                     want.as_str(),
                     "{machine}/{file} changed after release {version}: released goldens are frozen"
                 );

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use abide_tests::{abide_bin, run_abide, temp_dir, GuestLine, Outcome};
+use abide_tests::{abide_bin, run_abide, sha256_bytes, temp_dir, GuestLine, Outcome};
 use serde_json::{json, Value};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -363,24 +363,6 @@ struct Parts {
     payloads: Vec<Vec<u8>>,
 }
 
-fn sha256(bytes: &[u8]) -> String {
-    let out = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().expect("stdin").write_all(bytes)?;
-            c.wait_with_output()
-        })
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .expect("hash")
-        .to_string()
-}
-
 fn split(bytes: &[u8]) -> Parts {
     let len = u32::from_le_bytes(bytes[8..12].try_into().expect("len")) as usize;
     let header: Value = serde_json::from_slice(&bytes[12..12 + len]).expect("header");
@@ -414,7 +396,7 @@ fn join(mut p: Parts) -> Vec<u8> {
             }
             s["offset"] = json!(off);
             s["length"] = json!(data.len());
-            s["sha256"] = json!(sha256(data));
+            s["sha256"] = json!(sha256_bytes(data));
             off += data.len() as u64;
         }
         let j = serde_json::to_vec(&p.header).expect("json");
@@ -426,7 +408,7 @@ fn join(mut p: Parts) -> Vec<u8> {
     let mut out = b"ABIDESNP".to_vec();
     out.extend_from_slice(&(json.len() as u32).to_le_bytes());
     out.extend_from_slice(&json);
-    let h = sha256(&json);
+    let h = sha256_bytes(&json);
     out.extend_from_slice(
         &(0..32)
             .map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).expect("hex"))

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use abide_tests::{repo_root, run_abide, temp_dir};
+use abide_tests::{repo_root, run_abide, sha256_file, temp_dir};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -80,13 +80,8 @@ fn released_fixtures_are_untouched() {
         };
         let dir = repo_root().join("resources/snapshots").join(version);
         for (file, want) in files {
-            let out = std::process::Command::new("sha256sum")
-                .arg(dir.join(file))
-                .output()
-                .expect("sha256sum");
-            let got = String::from_utf8_lossy(&out.stdout);
             assert_eq!(
-                got.split_whitespace().next(),
+                Some(sha256_file(&dir.join(file)).as_str()),
                 want.as_str(),
                 "{version}/{file} changed after its release: fixtures are frozen"
             );
