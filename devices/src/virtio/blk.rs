@@ -244,6 +244,7 @@ impl Block {
                 disk: self.disk.clone(),
                 mem: a.mem,
                 bounce: self.disk.direct.then(Bounce::new),
+                metrics: a.interrupt.metrics(),
             },
             queues,
             irq: a.interrupt,
@@ -391,6 +392,7 @@ struct BlockIo {
     disk: Arc<Disk>,
     mem: GuestMemoryMmap,
     bounce: Option<Bounce>,
+    metrics: Arc<super::metrics::DeviceMetrics>,
 }
 
 impl BlockIo {
@@ -407,7 +409,10 @@ impl BlockIo {
         }
         let (code, written) = match self.execute(rest) {
             Ok(n) => (VIRTIO_BLK_S_OK, n),
-            Err(code) => (code, 0),
+            Err(code) => {
+                self.metrics.error();
+                (code, 0)
+            }
         };
         self.mem
             .write_obj(code, status.addr)
@@ -458,6 +463,7 @@ impl BlockIo {
                     Ok(written)
                 } else {
                     self.write(data, offset).map_err(|_| IOERR)?;
+                    self.metrics.took(total);
                     Ok(0)
                 }
             }

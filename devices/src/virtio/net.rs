@@ -347,6 +347,7 @@ impl<B: NetBackend> Net<B> {
             rx,
             tx,
             backend: self.backend.clone(),
+            metrics: a.interrupt.metrics(),
             irq: a.interrupt,
             rx_frame: vec![0u8; MAX_FRAME_LEN],
             rx_pending: None,
@@ -413,6 +414,7 @@ struct NetWorker<B> {
     tx: WorkerQueue,
     backend: Arc<B>,
     irq: Arc<dyn VirtioInterrupt>,
+    metrics: Arc<super::metrics::DeviceMetrics>,
     rx_frame: Vec<u8>,
     /// Length of a frame in `rx_frame` still waiting for a buffer.
     rx_pending: Option<usize>,
@@ -448,29 +450,31 @@ fn deliver(
 }
 
 /// Sends the frame of one transmit chain; returns the used length (0).
+/// Frames sent count as bytes taken; dropped ones as errors.
 fn transmit<B: NetBackend>(
     mem: &GuestMemoryMmap,
     backend: &B,
     buf: &mut [u8],
     chain: DescriptorChain<&GuestMemoryMmap>,
     max: usize,
+    metrics: &super::metrics::DeviceMetrics,
 ) -> Result<u32, Unusable> {
     let segs = collect_chain(chain, max)?;
-    if segs.iter().any(|s| !s.usable(mem, false)) {
-        return Ok(0);
-    }
     let total = total_len(&segs);
-    if total <= NET_HDR_LEN as u64 || total > MAX_BUFFER_LEN as u64 {
+    if segs.iter().any(|s| !s.usable(mem, false))
+        || total <= NET_HDR_LEN as u64
+        || total > MAX_BUFFER_LEN as u64
+    {
+        metrics.error();
         return Ok(0);
     }
     let n = total as usize - NET_HDR_LEN;
     let mut c = SegCursor::new(&segs);
     c.skip(NET_HDR_LEN);
-    if let Ok(got) = c.read_into(mem, &mut buf[..n]) {
-        if got == n {
-            // A frame the host refuses is dropped, as on a wire.
-            let _ = backend.send(&buf[..n]);
-        }
+    // A frame the host refuses is dropped, as on a wire.
+    match c.read_into(mem, &mut buf[..n]) {
+        Ok(got) if got == n && backend.send(&buf[..n]).is_ok() => metrics.took(n as u64),
+        _ => metrics.error(),
     }
     Ok(0)
 }
@@ -480,8 +484,9 @@ impl<B: NetBackend> NetWorker<B> {
     fn process_tx(&mut self) {
         let max = self.tx.max_chain();
         let (mem, backend, buf) = (&self.mem, self.backend.as_ref(), &mut self.tx_frame);
+        let metrics = &self.metrics;
         self.tx.drain(mem, self.irq.as_ref(), BUDGET, |chain| {
-            transmit(mem, backend, buf, chain, max)
+            transmit(mem, backend, buf, chain, max, metrics)
         });
     }
 
@@ -533,10 +538,17 @@ impl<B: NetBackend> NetWorker<B> {
             };
             let head = chain.head_index();
             let used = deliver(&self.mem, chain, &self.rx_frame[..len], max)
-                .and_then(|n| self.rx.add_used(&self.mem, head, n));
-            if used.is_err() {
-                self.rx.fail(self.irq.as_ref());
-                return RxStop::Dead;
+                .and_then(|n| self.rx.add_used(&self.mem, head, n).map(|()| n));
+            match used {
+                Ok(0) => {
+                    self.metrics.completed(1, 0);
+                    self.metrics.error();
+                }
+                Ok(n) => self.metrics.completed(1, u64::from(n)),
+                Err(Unusable) => {
+                    self.rx.fail(self.irq.as_ref());
+                    return RxStop::Dead;
+                }
             }
             self.rx_pending = None;
         }

@@ -1,0 +1,232 @@
+//! `GET /api/v1/vm.metrics`: the VM's counters as JSON, or as Prometheus
+//! text (`?format=prometheus`). Read from live atomics: vCPU exits by
+//! reason, each virtio function's requests, bytes and errors, snapshot and
+//! restore figures, and the API's own counters.
+
+use std::fmt::Write as _;
+
+use serde_json::{json, Value};
+
+use crate::control::status::Shared;
+
+/// The metrics as JSON. `None` when there is no VM.
+pub fn json(shared: &Shared) -> Option<Value> {
+    let (state, sources, uptime_ms) = {
+        let s = shared.status();
+        (
+            s.state,
+            s.sources.clone()?,
+            s.running_since.map(|t| t.elapsed().as_millis() as u64),
+        )
+    };
+    let vcpus: Vec<Value> = sources
+        .vcpus
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let exits: serde_json::Map<String, Value> = c
+                .counts()
+                .into_iter()
+                .map(|(r, n)| (r.to_string(), json!(n)))
+                .collect();
+            json!({"index": i, "exits_total": c.total(), "exits": exits})
+        })
+        .collect();
+    let devices: Vec<Value> = sources
+        .devices
+        .iter()
+        .map(|d| {
+            let c = d.metrics.counts();
+            json!({
+                "slot": d.slot,
+                "model": d.model,
+                "requests": c.requests,
+                "bytes_to_guest": c.bytes_to_guest,
+                "bytes_from_guest": c.bytes_from_guest,
+                "errors": c.errors,
+                "needs_reset": c.needs_reset,
+            })
+        })
+        .collect();
+    let figures = serde_json::to_value(&*shared.figures()).unwrap_or(Value::Null);
+    Some(json!({
+        "state": state.name(),
+        "uptime_ms": uptime_ms,
+        "vcpus": vcpus,
+        "devices": devices,
+        "snapshot": figures,
+        "migration": {"supported": false},
+        "api": shared.api.to_json(),
+    }))
+}
+
+fn line(out: &mut String, name: &str, labels: &str, value: impl std::fmt::Display) {
+    let _ = if labels.is_empty() {
+        writeln!(out, "{name} {value}")
+    } else {
+        writeln!(out, "{name}{{{labels}}} {value}")
+    };
+}
+
+fn help(out: &mut String, name: &str, kind: &str, text: &str) {
+    let _ = writeln!(out, "# HELP {name} {text}\n# TYPE {name} {kind}");
+}
+
+/// The same metrics in the Prometheus text format (version 0.0.4).
+pub fn prometheus(v: &Value) -> String {
+    let mut out = String::new();
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    help(
+        &mut out,
+        "abide_uptime_seconds",
+        "gauge",
+        "Time since the guest first ran in this process.",
+    );
+    line(
+        &mut out,
+        "abide_uptime_seconds",
+        "",
+        n(&v["uptime_ms"]) as f64 / 1000.0,
+    );
+    help(
+        &mut out,
+        "abide_vcpu_exits_total",
+        "counter",
+        "vCPU exits to the VMM by reason.",
+    );
+    for cpu in v["vcpus"].as_array().into_iter().flatten() {
+        for (reason, count) in cpu["exits"].as_object().into_iter().flatten() {
+            line(
+                &mut out,
+                "abide_vcpu_exits_total",
+                &format!("vcpu=\"{}\",reason=\"{reason}\"", n(&cpu["index"])),
+                n(count),
+            );
+        }
+    }
+    for (field, kind, text) in [
+        (
+            "requests",
+            "counter",
+            "Requests completed by a virtio device.",
+        ),
+        (
+            "bytes_to_guest",
+            "counter",
+            "Bytes a virtio device wrote into guest buffers.",
+        ),
+        (
+            "bytes_from_guest",
+            "counter",
+            "Bytes a virtio device took from guest buffers.",
+        ),
+        (
+            "errors",
+            "counter",
+            "Requests a virtio device failed or dropped.",
+        ),
+        (
+            "needs_reset",
+            "counter",
+            "Times a virtio device raised DEVICE_NEEDS_RESET.",
+        ),
+    ] {
+        let name = format!("abide_device_{field}_total");
+        help(&mut out, &name, kind, text);
+        for d in v["devices"].as_array().into_iter().flatten() {
+            line(
+                &mut out,
+                &name,
+                &format!(
+                    "slot=\"{}\",model=\"{}\"",
+                    n(&d["slot"]),
+                    d["model"].as_str().unwrap_or("")
+                ),
+                n(&d[field]),
+            );
+        }
+    }
+    let s = &v["snapshot"];
+    for (field, text) in [
+        ("snapshots", "Snapshots written."),
+        ("snapshot_failures", "Snapshots that failed."),
+        ("restores", "Snapshots restored."),
+        ("restore_failures", "Restores refused or failed."),
+    ] {
+        let name = format!("abide_{field}_total");
+        help(&mut out, &name, "counter", text);
+        line(&mut out, &name, "", n(&s[field]));
+    }
+    for (field, text) in [
+        ("bytes", "Size of the last snapshot file."),
+        ("pause_ms", "Time the last snapshot took to pause the VM."),
+        ("save_ms", "Time the last snapshot took to write the file."),
+    ] {
+        if let Some(x) = s["last_snapshot"][field].as_f64() {
+            let name = format!("abide_last_snapshot_{field}");
+            help(&mut out, &name, "gauge", text);
+            line(&mut out, &name, "", x);
+        }
+    }
+    let a = &v["api"];
+    help(
+        &mut out,
+        "abide_api_responses_total",
+        "counter",
+        "API responses by status class.",
+    );
+    for class in ["2xx", "4xx", "5xx"] {
+        line(
+            &mut out,
+            "abide_api_responses_total",
+            &format!("class=\"{class}\""),
+            n(&a[format!("responses_{class}")]),
+        );
+    }
+    for (field, text) in [
+        ("connections", "API connections accepted."),
+        (
+            "refused_connections",
+            "API connections refused (too many at once).",
+        ),
+        ("timeouts", "API clients dropped for being too slow."),
+    ] {
+        let name = format!("abide_api_{field}_total");
+        help(&mut out, &name, "counter", text);
+        line(&mut out, &name, "", n(&a[field]));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text() {
+        let v = json!({
+            "uptime_ms": 1500,
+            "vcpus": [{"index": 0, "exits": {"io_out": 7, "hlt": 1}}],
+            "devices": [{"slot": 1, "model": "virtio-blk", "requests": 3,
+                "bytes_to_guest": 4096, "bytes_from_guest": 0, "errors": 0, "needs_reset": 1}],
+            "snapshot": {"snapshots": 1, "snapshot_failures": 0, "restores": 0,
+                "restore_failures": 0, "last_snapshot": {"bytes": 100, "pause_ms": 1.5, "save_ms": 2.0}},
+            "api": {"connections": 2, "refused_connections": 0, "timeouts": 1,
+                "responses_2xx": 5, "responses_4xx": 1, "responses_5xx": 0},
+        });
+        let t = prometheus(&v);
+        for want in [
+            "abide_uptime_seconds 1.5\n",
+            "abide_vcpu_exits_total{vcpu=\"0\",reason=\"io_out\"} 7\n",
+            "abide_device_requests_total{slot=\"1\",model=\"virtio-blk\"} 3\n",
+            "abide_device_needs_reset_total{slot=\"1\",model=\"virtio-blk\"} 1\n",
+            "abide_snapshots_total 1\n",
+            "abide_last_snapshot_pause_ms 1.5\n",
+            "abide_api_responses_total{class=\"4xx\"} 1\n",
+            "abide_api_timeouts_total 1\n",
+            "# TYPE abide_vcpu_exits_total counter\n",
+        ] {
+            assert!(t.contains(want), "missing {want:?} in\n{t}");
+        }
+    }
+}

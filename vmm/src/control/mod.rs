@@ -1,0 +1,245 @@
+//! The control thread: owns the VM through its life (created, running,
+//! paused, shut down) and carries out the API's requests one at a time.
+//!
+//! `abide run` and `abide restore` start with a running VM and end with it
+//! (their exit status says how it ended); `abide serve` starts with none and
+//! goes on after the VM ends, until `vmm.shutdown`. The control thread is
+//! the process's main thread: it waits on the VM's exit event and on
+//! requests from the API thread, and never on a client.
+
+mod ops;
+pub mod status;
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Instant;
+
+use abide_devices::ExitReason;
+use serde_json::{json, Value};
+
+use crate::api::{Commands, Listener, ServerLimits};
+use crate::vm::{Started, Vm};
+use crate::Error;
+use status::{Shared, Sources, VmState};
+
+/// Whether the process ends with its VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// `abide run` / `abide restore`: the exit status is the VM's fate.
+    Run,
+    /// `abide serve`: until `vmm.shutdown`.
+    Serve,
+}
+
+/// The VM and what the control thread knows about it.
+struct Controller {
+    mode: Mode,
+    shared: Arc<Shared>,
+    vm: Option<Vm>,
+    started: Option<Started>,
+    /// How the VM ended (the exit status of `run`).
+    outcome: Option<Result<ExitReason, Error>>,
+    /// `vmm.shutdown` was requested.
+    quit: bool,
+}
+
+fn poll_readable(fds: &mut [libc::pollfd]) {
+    // SAFETY: `fds` is a valid slice of pollfd for the call's duration.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+    if r < 0 {
+        for f in fds.iter_mut() {
+            f.revents = 0;
+        }
+    }
+}
+
+fn pollfd(fd: i32) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+impl Controller {
+    fn new(mode: Mode) -> Result<Self, Error> {
+        Ok(Self {
+            mode,
+            shared: Shared::new().map_err(Error::EventFd)?,
+            vm: None,
+            started: None,
+            outcome: None,
+            quit: false,
+        })
+    }
+
+    /// Takes `vm` as this process's VM: publishes its configuration,
+    /// manifest and counters, and reports device errors as events.
+    fn adopt(&mut self, vm: Vm) -> Result<(), Error> {
+        let manifest = crate::manifest(&vm.cfg)?;
+        let manifest = serde_json::to_value(&manifest).map_err(Error::Json)?;
+        let mut sources = Sources {
+            vcpus: vm.exit_counters.clone(),
+            devices: Vec::new(),
+        };
+        for f in vm.pci.virtio_functions() {
+            let metrics = f
+                .function
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .metrics();
+            let weak = Arc::downgrade(&self.shared);
+            let (slot, model) = (f.slot, f.model);
+            metrics.on_needs_reset(Box::new(move || {
+                if let Some(shared) = weak.upgrade() {
+                    shared.events.publish(
+                        "device-error",
+                        json!({
+                            "slot": slot,
+                            "model": model,
+                            "error": "needs-reset",
+                            "detail": "the device gave up on a request it could not complete and set DEVICE_NEEDS_RESET; the guest driver must reset it",
+                        }),
+                    );
+                }
+            }));
+            sources.devices.push(status::DeviceSource {
+                slot,
+                model,
+                metrics,
+            });
+        }
+        {
+            let mut s = self.shared.status();
+            s.spec = Some(crate::spec::VmSpec::from_config(&vm.cfg));
+            s.machine = Some(vm.machine.name.clone());
+            s.cpu_model = Some(vm.cpu().model.name.clone());
+            s.manifest = Some(Arc::new(manifest));
+            s.sources = Some(Arc::new(sources));
+            s.exit = None;
+            s.running_since = None;
+        }
+        self.vm = Some(vm);
+        Ok(())
+    }
+
+    /// Starts the adopted VM's vCPUs (parked if `paused`).
+    fn start(&mut self, paused: bool) -> Result<(), Error> {
+        let Some(vm) = self.vm.as_mut() else {
+            return Ok(());
+        };
+        self.started = Some(vm.start(paused)?);
+        self.shared.status().running_since = Some(Instant::now());
+        self.shared.set_state(if paused {
+            VmState::Paused
+        } else {
+            VmState::Running
+        });
+        Ok(())
+    }
+
+    /// Stops the VM's vCPUs and records how it ended. `requested`: the
+    /// API powered it off (otherwise the guest or a vCPU ended it).
+    fn end_vm(&mut self, requested: Option<&str>) {
+        let (Some(vm), Some(started)) = (self.vm.as_ref(), self.started.take()) else {
+            return;
+        };
+        let result = vm.finish(started);
+        let error = result.as_ref().err().map(|e| crate::error_chain(e));
+        let (event, fields) = match (&result, requested) {
+            (_, Some(by)) => ("power-off", json!({"requested": by})),
+            (Ok(ExitReason::Poweroff), None) => ("guest-poweroff", json!({})),
+            (Ok(ExitReason::Reset), None) => ("guest-reset", json!({})),
+            (Err(Error::Vcpu(crate::vcpu::VcpuError::Shutdown { index, .. })), None) => {
+                ("guest-triple-fault", json!({"vcpu": index, "error": error}))
+            }
+            (Err(_), None) => ("guest-crash", json!({"error": error})),
+        };
+        let mut exit = json!({"reason": event});
+        if let (Value::Object(e), Value::Object(f)) = (&mut exit, &fields) {
+            e.extend(f.clone());
+        }
+        self.shared.status().exit = Some(exit);
+        self.shared.events.publish(event, fields);
+        self.shared.set_state(VmState::Shutdown);
+        self.outcome = Some(match requested {
+            Some(_) => Ok(ExitReason::Poweroff),
+            None => result,
+        });
+    }
+
+    /// Serves until the VM ends (`run`) or `vmm.shutdown` (`serve`).
+    fn main_loop(&mut self, commands: Option<&Commands>) {
+        loop {
+            if self.quit || (self.mode == Mode::Run && self.outcome.is_some()) {
+                return;
+            }
+            let exit_fd = match (&self.vm, &self.started) {
+                (Some(vm), Some(_)) => Some(vm.exit_event().eventfd().as_raw_fd()),
+                _ => None,
+            };
+            let mut fds = Vec::new();
+            if let Some(c) = commands {
+                fds.push(pollfd(c.wake.as_raw_fd()));
+            }
+            if let Some(fd) = exit_fd {
+                fds.push(pollfd(fd));
+            }
+            if fds.is_empty() {
+                return;
+            }
+            poll_readable(&mut fds);
+            if exit_fd.is_some() && fds.last().is_some_and(|f| f.revents != 0) {
+                self.end_vm(None);
+            }
+            if let Some(c) = commands {
+                if fds[0].revents != 0 {
+                    let _ = c.wake.read();
+                }
+                while let Ok(cmd) = c.rx.try_recv() {
+                    let reply = self.execute(cmd.op);
+                    cmd.reply.send(reply);
+                    if self.quit {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn limits() -> ServerLimits {
+    ServerLimits::default()
+}
+
+/// Runs a built (or restored) VM until it ends, serving the API on `api`
+/// if given. `restored`: the restore's figures, for the metrics.
+pub fn run(vm: Vm, api: Option<Listener>, restored: Option<Value>) -> Result<ExitReason, Error> {
+    let mut c = Controller::new(Mode::Run)?;
+    if let Some(r) = restored {
+        let mut f = c.shared.figures();
+        f.restores += 1;
+        f.last_restore = Some(r);
+    }
+    c.adopt(vm)?;
+    let server = api
+        .map(|l| l.serve(c.shared.clone(), limits()))
+        .transpose()?;
+    c.start(false)?;
+    c.main_loop(server.as_ref().map(|(_, cmds)| cmds));
+    c.end_vm(Some("vmm.shutdown"));
+    // Stopping the API thread lets stream clients read the last events.
+    drop(server);
+    c.outcome.take().unwrap_or(Ok(ExitReason::Poweroff))
+}
+
+/// `abide serve`: no VM until the API creates or restores one; returns at
+/// `vmm.shutdown`.
+pub fn serve(api: Listener) -> Result<(), Error> {
+    let mut c = Controller::new(Mode::Serve)?;
+    let (server, commands) = api.serve(c.shared.clone(), limits())?;
+    c.main_loop(Some(&commands));
+    c.end_vm(Some("vmm.shutdown"));
+    drop(server);
+    Ok(())
+}

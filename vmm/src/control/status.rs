@@ -1,0 +1,198 @@
+//! What the control thread shares with the API thread: the VM's state and
+//! description, the event log, the sources of metrics, and the wake-up
+//! eventfd of the API thread. The API thread answers reads (`vm.info`,
+//! `vm.manifest`, `vm.metrics`, events) from here without ever waiting for
+//! the control thread.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use abide_devices::virtio::metrics::DeviceMetrics;
+use serde::Serialize;
+use serde_json::{json, Value};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::api::events::EventLog;
+use crate::spec::VmSpec;
+use crate::vcpu::exits::ExitCounters;
+
+/// Where a VM is in its life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmState {
+    /// `abide serve` with no VM yet (or after `vm.delete`).
+    #[default]
+    NotCreated,
+    /// Built from a configuration, not booted.
+    Created,
+    /// vCPUs run.
+    Running,
+    /// vCPUs and devices are stopped; the guest does not notice.
+    Paused,
+    /// The guest powered off, reset, crashed, or was powered off.
+    Shutdown,
+}
+
+impl VmState {
+    /// The name used in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            VmState::NotCreated => "not-created",
+            VmState::Created => "created",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// A virtio function's counters.
+#[derive(Debug)]
+pub struct DeviceSource {
+    /// PCI slot.
+    pub slot: u8,
+    /// Model (`virtio-blk`, …).
+    pub model: &'static str,
+    /// Counters.
+    pub metrics: Arc<DeviceMetrics>,
+}
+
+/// Live counters of the current VM.
+#[derive(Debug, Default)]
+pub struct Sources {
+    /// Exits of each vCPU, by index.
+    pub vcpus: Vec<Arc<ExitCounters>>,
+    /// Each virtio function.
+    pub devices: Vec<DeviceSource>,
+}
+
+/// The VM as the API reports it.
+#[derive(Debug, Default)]
+pub struct Status {
+    /// State.
+    pub state: VmState,
+    /// Configuration (the `vm.create` schema).
+    pub spec: Option<VmSpec>,
+    /// Machine type, resolved (`pc` becomes `pc-2.0`).
+    pub machine: Option<String>,
+    /// CPU model the vCPUs run.
+    pub cpu_model: Option<String>,
+    /// When the guest first ran in this process (boot or restore).
+    pub running_since: Option<Instant>,
+    /// How the VM ended.
+    pub exit: Option<Value>,
+    /// The guest ABI manifest and host-side settings (`abide manifest`).
+    pub manifest: Option<Arc<Value>>,
+    /// Counters.
+    pub sources: Option<Arc<Sources>>,
+}
+
+/// Snapshot and restore figures of this process.
+#[derive(Debug, Default, Serialize)]
+pub struct Figures {
+    /// Snapshots written.
+    pub snapshots: u64,
+    /// Snapshots that failed.
+    pub snapshot_failures: u64,
+    /// The last snapshot written (path, bytes, timings).
+    pub last_snapshot: Option<Value>,
+    /// Restores done.
+    pub restores: u64,
+    /// Restores refused or failed.
+    pub restore_failures: u64,
+    /// The last restore (timings).
+    pub last_restore: Option<Value>,
+}
+
+/// Counters of the API itself.
+#[derive(Debug, Default)]
+pub struct ApiCounters {
+    /// Connections accepted.
+    pub connections: AtomicU64,
+    /// Connections refused (too many at once).
+    pub refused: AtomicU64,
+    /// Requests answered, by status class (index 1 = 1xx … 5 = 5xx).
+    pub responses: [AtomicU64; 6],
+    /// Clients dropped for being too slow (request or write timeout).
+    pub timeouts: AtomicU64,
+}
+
+impl ApiCounters {
+    /// Counts a response with `status`.
+    pub fn answered(&self, status: u16) {
+        let class = usize::from(status / 100).min(5);
+        self.responses[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// As JSON.
+    pub fn to_json(&self) -> Value {
+        let r = |i: usize| self.responses[i].load(Ordering::Relaxed);
+        json!({
+            "connections": self.connections.load(Ordering::Relaxed),
+            "refused_connections": self.refused.load(Ordering::Relaxed),
+            "timeouts": self.timeouts.load(Ordering::Relaxed),
+            "responses_2xx": r(2),
+            "responses_4xx": r(4),
+            "responses_5xx": r(5),
+        })
+    }
+}
+
+/// Everything shared between the control thread and the API thread.
+#[derive(Debug)]
+pub struct Shared {
+    /// The VM.
+    pub status: Mutex<Status>,
+    /// Events.
+    pub events: EventLog,
+    /// Wakes the API thread (events published, replies ready).
+    pub wake: Arc<EventFd>,
+    /// Snapshot and restore figures.
+    pub figures: Mutex<Figures>,
+    /// API counters.
+    pub api: ApiCounters,
+}
+
+impl Shared {
+    /// Fresh shared state.
+    pub fn new() -> std::io::Result<Arc<Self>> {
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        Ok(Arc::new(Self {
+            status: Mutex::new(Status::default()),
+            events: EventLog::new(wake.clone()),
+            wake,
+            figures: Mutex::new(Figures::default()),
+            api: ApiCounters::default(),
+        }))
+    }
+
+    /// Locks the status.
+    pub fn status(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The VM's state.
+    pub fn state(&self) -> VmState {
+        self.status().state
+    }
+
+    /// Moves to `state`, publishing a `state` event if it changed.
+    pub fn set_state(&self, state: VmState) {
+        let previous = {
+            let mut s = self.status();
+            std::mem::replace(&mut s.state, state)
+        };
+        if previous != state {
+            self.events.publish(
+                "state",
+                json!({"state": state.name(), "previous": previous.name()}),
+            );
+        }
+    }
+
+    /// Locks the figures.
+    pub fn figures(&self) -> std::sync::MutexGuard<'_, Figures> {
+        self.figures.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
