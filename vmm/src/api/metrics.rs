@@ -13,11 +13,7 @@ use crate::control::status::Shared;
 pub fn json(shared: &Shared) -> Option<Value> {
     let (state, sources, uptime_ms) = {
         let s = shared.status();
-        (
-            s.state,
-            s.sources.clone()?,
-            s.running_since.map(|t| t.elapsed().as_millis() as u64),
-        )
+        (s.state, s.sources.clone()?, s.uptime_ms())
     };
     let vcpus: Vec<Value> = sources
         .vcpus

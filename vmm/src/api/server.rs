@@ -703,7 +703,7 @@ pub fn info(shared: &Shared) -> Value {
         "machine": s.machine,
         "cpu_model": s.cpu_model,
         "config": s.spec,
-        "uptime_ms": s.running_since.map(|t| t.elapsed().as_millis() as u64),
+        "uptime_ms": s.uptime_ms(),
         "exit": s.exit,
     })
 }

@@ -118,6 +118,7 @@ impl Controller {
             s.sources = Some(Arc::new(sources));
             s.exit = None;
             s.running_since = None;
+            s.ran_for = None;
         }
         self.vm = Some(vm);
         Ok(())
@@ -159,7 +160,11 @@ impl Controller {
         if let (Value::Object(e), Value::Object(f)) = (&mut exit, &fields) {
             e.extend(f.clone());
         }
-        self.shared.status().exit = Some(exit);
+        {
+            let mut s = self.shared.status();
+            s.exit = Some(exit);
+            s.ran_for = s.running_since.map(|t| t.elapsed());
+        }
         self.shared.events.publish(event, fields);
         self.shared.set_state(VmState::Shutdown);
         self.outcome = Some(match requested {

@@ -80,12 +80,23 @@ pub struct Status {
     pub cpu_model: Option<String>,
     /// When the guest first ran in this process (boot or restore).
     pub running_since: Option<Instant>,
+    /// How long it had run when it ended.
+    pub ran_for: Option<std::time::Duration>,
     /// How the VM ended.
     pub exit: Option<Value>,
     /// The guest ABI manifest and host-side settings (`abide manifest`).
     pub manifest: Option<Arc<Value>>,
     /// Counters.
     pub sources: Option<Arc<Sources>>,
+}
+
+impl Status {
+    /// Milliseconds since the guest first ran here (frozen once it ended).
+    pub fn uptime_ms(&self) -> Option<u64> {
+        self.ran_for
+            .or_else(|| self.running_since.map(|t| t.elapsed()))
+            .map(|d| d.as_millis() as u64)
+    }
 }
 
 /// Snapshot and restore figures of this process.
