@@ -222,6 +222,15 @@ impl Tap {
     }
 }
 
+/// Whether `fd` (owned elsewhere, left open) is a tun/tap descriptor.
+pub fn is_tap(fd: RawFd) -> bool {
+    let mut req = IfReq::new();
+    // SAFETY: TUNGETIFF fills a `struct ifreq`; `req` is one and outlives
+    // the call. On a descriptor that is not a tun/tap it fails (ENOTTY,
+    // EBADFD or EINVAL) without side effects.
+    unsafe { libc::ioctl(fd, TUNGETIFF as _, &mut req) == 0 }
+}
+
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     // SAFETY: F_GETFL on a descriptor we own; no pointers.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
@@ -1032,6 +1041,13 @@ mod tests {
         n.reset();
         assert!(n.worker.is_empty());
         assert!(n.pause().is_empty(), "reset dropped everything");
+    }
+
+    #[test]
+    fn only_taps_are_taps() {
+        let (a, _b) = UnixDatagram::pair().expect("pair");
+        assert!(!is_tap(a.as_raw_fd()));
+        assert!(!is_tap(-1));
     }
 
     #[test]

@@ -61,6 +61,7 @@ struct Args {
     buf_len: u64,
     progress: bool,
     spin: bool,
+    power_button: bool,
     quiet: bool,
     fingerprint: bool,
     dev: drivers::DriverArgs,
@@ -93,6 +94,7 @@ fn parse_args(cmdline: &[u8]) -> Args {
         buf_len: user::BUFFER_SIZE,
         progress: false,
         spin: false,
+        power_button: false,
         quiet: false,
         fingerprint: false,
         dev: drivers::DriverArgs {
@@ -145,6 +147,10 @@ fn parse_args(cmdline: &[u8]) -> Args {
             }
             b"spin" => {
                 a.spin = true;
+                true
+            }
+            b"power-button" => {
+                a.power_button = true;
                 true
             }
             b"pci" => {
@@ -407,6 +413,9 @@ extern "C" fn kmain(start_info: u32) -> ! {
 
     if args.spin {
         user::spin(SPIN_PERIOD_US);
+    }
+    if args.power_button {
+        power::wait_power_button();
     }
 
     line("done");

@@ -88,6 +88,25 @@ pub struct RestoreBody {
     pub resume: bool,
 }
 
+/// The migration endpoints' body (reserved until migration is built).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrationBody {
+    #[serde(default)]
+    #[allow(dead_code)]
+    destination_url: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    receiver_url: Option<String>,
+}
+
+fn migration_body(body: &[u8]) -> Result<(), Reply> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    json_body::<MigrationBody>(body, &[]).map(|_| ())
+}
+
 /// What a request asks for.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
@@ -264,8 +283,8 @@ fn query<'a>(req: &'a Request, allowed: &[&str]) -> Result<Vec<(&'a str, &'a str
 
 fn boolean(name: &str, v: &str) -> Result<bool, Reply> {
     match v {
-        "true" | "1" => Ok(true),
-        "false" | "0" => Ok(false),
+        "true" => Ok(true),
+        "false" => Ok(false),
         _ => Err(bad(format!(
             "query parameter {name}='{v}': use true or false"
         ))),
@@ -345,9 +364,15 @@ pub fn route(req: &Request) -> Result<Op, Reply> {
         "vm.power-button" => no_body(body).map(|()| Op::PowerButton)?,
         "vm.power-off" => no_body(body).map(|()| Op::PowerOff)?,
         "vm.delete" => no_body(body).map(|()| Op::Delete)?,
-        "vm.send-migration" => Op::Migration("vm.send-migration"),
-        "vm.receive-migration" => Op::Migration("vm.receive-migration"),
-        _ => Op::Migration("vm.migration"),
+        "vm.send-migration" => {
+            migration_body(body)?;
+            Op::Migration("vm.send-migration")
+        }
+        "vm.receive-migration" => {
+            migration_body(body)?;
+            Op::Migration("vm.receive-migration")
+        }
+        _ => no_body(body).map(|()| Op::Migration("vm.migration"))?,
     })
 }
 

@@ -24,7 +24,9 @@ fn status_of(e: &Error) -> u16 {
         | Error::RomTooLarge { .. }
         | Error::NoRomSlot { .. }
         | Error::HostVcpus { .. }
-        | Error::Boot(_) => 400,
+        | Error::Boot(_)
+        | Error::Spec(_)
+        | Error::Virtio(crate::virtio::VirtioSetupError::Tap { .. }) => 400,
         Error::Snapshot(
             RestoreError::File(_)
             | RestoreError::Read { .. }
