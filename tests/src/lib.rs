@@ -1,6 +1,8 @@
 //! Shared helpers for Abide's integration tests: finding the `abide` binary,
 //! running it with a timeout, and parsing the test guest's report lines.
 
+pub mod api;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,282 @@
+//! A whole VM lifecycle driven through the API alone, with raw HTTP on the
+//! Unix socket: `abide serve`, create, boot, pause, resume, snapshot,
+//! power-off and delete; then restore into a second `abide serve`, where
+//! the guest finishes its work and shuts down on the ACPI power button.
+//! Events are checked in order, metrics must move while the guest works.
+//!
+//! The guest is the test guest on /dev/kvm: a ring-3 checksum workload with
+//! a numbered line per round, then a virtio-blk write/verify loop, then a
+//! wait for the power button.
+
+use std::path::Path;
+use std::time::Duration;
+
+use abide_tests::api::{get, get_ok, kinds, put, put_ok, wait_for_text, Abide, Events};
+use abide_tests::{temp_dir, GuestLine};
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(120);
+const ROUNDS: u64 = 400;
+const BLK_ITERS: u64 = 300;
+
+fn rounds(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(GuestLine::parse)
+        .filter(|l| l.topic == "progress" && l.fields.contains_key("sum"))
+        .map(|l| l.num("round"))
+        .collect()
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+fn exits(metrics: &Value) -> u64 {
+    metrics["vcpus"]
+        .as_array()
+        .expect("vcpus")
+        .iter()
+        .map(|v| v["exits_total"].as_u64().expect("exits_total"))
+        .sum()
+}
+
+fn device<'a>(metrics: &'a Value, model: &str) -> &'a Value {
+    metrics["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .find(|d| d["model"] == model)
+        .unwrap_or_else(|| panic!("no {model} in {metrics}"))
+}
+
+#[test]
+fn lifecycle_through_the_api_with_restore_into_a_second_serve() {
+    let dir = temp_dir("api-lifecycle");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 8 << 20]).expect("disk");
+    let log_a = dir.join("a.log");
+
+    let mut a = Abide::serve(&dir, "a");
+    let ping = get_ok(&a.socket, "/api/v1/vmm.ping");
+    assert_eq!(ping["state"], "not-created", "{ping}");
+    let events = Events::open(&a.socket, Some(0));
+    assert_eq!(get(&a.socket, "/api/v1/vm.manifest").status, 409);
+
+    // Create from a JSON configuration.
+    let config = json!({
+        "machine": "pc-1.0",
+        "cpus": 2,
+        "memory": "256M",
+        "serial": format!("file:{}", log_a.display()),
+        "cmdline": format!("quiet rounds={ROUNDS} progress buf-kib=1024 blk-loop={BLK_ITERS} power-button"),
+        "disks": [{"path": disk}],
+    });
+    let info = put_ok(&a.socket, "/api/v1/vm.create", Some(&config.to_string()));
+    assert_eq!(info["state"], "created", "{info}");
+    assert_eq!(info["machine"], "pc-1.0");
+    assert_eq!(info["cpu_model"], "abide-v1");
+    assert_eq!(info["abide_version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(info["uptime_ms"], Value::Null, "not booted yet");
+    assert_eq!(info["config"]["cpus"], 2);
+    assert_eq!(info["config"]["disks"][0]["path"], json!(disk));
+    let manifest = get_ok(&a.socket, "/api/v1/vm.manifest");
+    assert_eq!(manifest["abi"]["machine"], "pc-1.0", "{manifest}");
+    let m0 = get_ok(&a.socket, "/api/v1/vm.metrics");
+    assert_eq!(exits(&m0), 0, "nothing ran yet: {m0}");
+    // A created VM cannot be paused: 409 naming the state.
+    let r = put(&a.socket, "/api/v1/vm.pause", None);
+    assert_eq!(
+        (r.status, r.json()["state"].clone()),
+        (409, json!("created")),
+        "{r}"
+    );
+
+    // Boot and let the workload run.
+    let info = put_ok(&a.socket, "/api/v1/vm.boot", None);
+    assert_eq!(info["state"], "running");
+    wait_for_text(&log_a, "guest: progress round=50 ", T);
+    let m1 = get_ok(&a.socket, "/api/v1/vm.metrics");
+    assert!(exits(&m1) > 0, "vCPU exits counted: {m1}");
+
+    // Pause: nothing runs; pausing again is a wrong-state request.
+    let p = put_ok(&a.socket, "/api/v1/vm.pause", None);
+    assert_eq!(p["state"], "paused");
+    assert!(p["pause_ms"].as_f64().is_some(), "{p}");
+    let r = put(&a.socket, "/api/v1/vm.pause", None);
+    assert_eq!(r.status, 409, "{r}");
+    assert_eq!(r.json()["state"], "paused");
+    assert!(r.error().contains("paused"), "{r}");
+    let frozen = get_ok(&a.socket, "/api/v1/vm.metrics");
+    let lines = read(&log_a).lines().count();
+    std::thread::sleep(Duration::from_millis(300));
+    let still = get_ok(&a.socket, "/api/v1/vm.metrics");
+    assert_eq!(
+        exits(&frozen),
+        exits(&still),
+        "a paused guest makes no exits"
+    );
+    assert_eq!(
+        read(&log_a).lines().count(),
+        lines,
+        "a paused guest prints nothing"
+    );
+    assert_eq!(get_ok(&a.socket, "/api/v1/vm.info")["state"], "paused");
+
+    // Resume; the virtio-blk loop starts after the rounds.
+    assert_eq!(
+        put_ok(&a.socket, "/api/v1/vm.resume", None)["state"],
+        "running"
+    );
+    wait_for_text(&log_a, "guest: blk-loop iter=30 ", T);
+    let m2 = get_ok(&a.socket, "/api/v1/vm.metrics");
+    assert!(exits(&m2) > exits(&m1), "exits moved: {m1} -> {m2}");
+    let blk = device(&m2, "virtio-blk");
+    assert!(blk["requests"].as_u64().expect("requests") > 30, "{blk}");
+    assert!(
+        blk["bytes_from_guest"].as_u64().expect("written") >= 30 * 4096,
+        "{blk}"
+    );
+    assert!(
+        blk["bytes_to_guest"].as_u64().expect("read") >= 30 * 4096,
+        "{blk}"
+    );
+    assert_eq!(blk["errors"], 0, "{blk}");
+    assert_eq!(blk["needs_reset"], 0, "{blk}");
+    let prom = get(&a.socket, "/api/v1/vm.metrics?format=prometheus");
+    assert_eq!(prom.status, 200);
+    assert!(prom
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("text/plain")));
+    assert!(
+        prom.body
+            .contains("abide_device_requests_total{slot=\"1\",model=\"virtio-blk\"}"),
+        "{prom}"
+    );
+
+    // Pause, snapshot (a paused VM stays paused), keep the disk as it is
+    // now, power off.
+    put_ok(&a.socket, "/api/v1/vm.pause", None);
+    let snap = dir.join("vm.snap");
+    let report = put_ok(
+        &a.socket,
+        "/api/v1/vm.snapshot",
+        Some(&json!({ "path": snap }).to_string()),
+    );
+    assert_eq!(report["state"], "paused", "{report}");
+    assert_eq!(report["path"], json!(snap));
+    let bytes = report["bytes"].as_u64().expect("bytes");
+    assert_eq!(bytes, std::fs::metadata(&snap).expect("written").len());
+    let disk_b = dir.join("disk-b.img");
+    std::fs::copy(&disk, &disk_b).expect("copy disk");
+    let m3 = get_ok(&a.socket, "/api/v1/vm.metrics");
+    assert_eq!(m3["snapshot"]["snapshots"], 1, "{m3}");
+    assert_eq!(m3["snapshot"]["last_snapshot"]["bytes"], bytes, "{m3}");
+    assert_eq!(
+        put_ok(&a.socket, "/api/v1/vm.power-off", None)["state"],
+        "shutdown"
+    );
+    let info = get_ok(&a.socket, "/api/v1/vm.info");
+    assert_eq!(info["exit"]["reason"], "power-off", "{info}");
+    let up = info["uptime_ms"].as_u64().expect("uptime");
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        get_ok(&a.socket, "/api/v1/vm.info")["uptime_ms"],
+        up,
+        "frozen at shutdown"
+    );
+    // The VM of a serve outlives its guest until deleted.
+    assert_eq!(put(&a.socket, "/api/v1/vm.boot", None).status, 409);
+    assert_eq!(
+        put_ok(&a.socket, "/api/v1/vm.delete", None)["state"],
+        "not-created"
+    );
+    assert_eq!(get(&a.socket, "/api/v1/vm.metrics").status, 409);
+
+    let seen = events.wait_for("state", Some("not-created"), T);
+    assert_eq!(
+        kinds(&seen),
+        [
+            "state:created",
+            "state:running",
+            "state:paused",
+            "state:running",
+            "state:paused",
+            "snapshot-done",
+            "power-off",
+            "state:shutdown",
+            "state:not-created",
+        ],
+        "{seen:?}"
+    );
+    let seqs: Vec<u64> = seen
+        .iter()
+        .map(|e| e["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, (0..seen.len() as u64).collect::<Vec<_>>());
+    assert!(
+        events.head().contains("application/x-ndjson"),
+        "{}",
+        events.head()
+    );
+    assert_eq!(seen[5]["bytes"], bytes);
+    put_ok(&a.socket, "/api/v1/vmm.shutdown", None);
+    assert_eq!(a.wait(T), Some(0), "{}", a.output());
+    assert!(!a.socket.exists(), "socket removed at exit");
+
+    // Restore into a second serve, with the disk copy, and run at once.
+    let log_b = dir.join("b.log");
+    let mut b = Abide::serve(&dir, "b");
+    let events_b = Events::open(&b.socket, Some(0));
+    let restore = json!({
+        "path": snap,
+        "serial": format!("file:{}", log_b.display()),
+        "disk_paths": [{"slot": 1, "path": disk_b}],
+        "resume": true,
+    });
+    let r = put_ok(&b.socket, "/api/v1/vm.restore", Some(&restore.to_string()));
+    assert_eq!(r["state"], "running", "{r}");
+    let info = get_ok(&b.socket, "/api/v1/vm.info");
+    assert_eq!(info["config"]["disks"][0]["path"], json!(disk_b), "{info}");
+    wait_for_text(&log_b, "guest: power-button waiting", T);
+    let m = get_ok(&b.socket, "/api/v1/vm.metrics");
+    assert_eq!(m["snapshot"]["restores"], 1, "{m}");
+    assert!(
+        device(&m, "virtio-blk")["requests"]
+            .as_u64()
+            .expect("requests")
+            > 0
+    );
+    // Soft shutdown: the guest sees PWRBTN_STS and powers off.
+    let press = put_ok(&b.socket, "/api/v1/vm.power-button", None);
+    assert_eq!(press["state"], "running");
+    let seen = events_b.wait_for("state", Some("shutdown"), T);
+    assert_eq!(
+        kinds(&seen),
+        [
+            "state:running",
+            "restore-done",
+            "power-button",
+            "guest-poweroff",
+            "state:shutdown"
+        ],
+        "{seen:?}"
+    );
+    let info = get_ok(&b.socket, "/api/v1/vm.info");
+    assert_eq!(info["exit"]["reason"], "guest-poweroff", "{info}");
+    put_ok(&b.socket, "/api/v1/vmm.shutdown", None);
+    assert_eq!(b.wait(T), Some(0), "{}", b.output());
+
+    // The two processes together ran the workload exactly once, and the
+    // disk loop verified every block across the restore.
+    let joined = format!("{}{}", read(&log_a), read(&log_b));
+    assert_eq!(rounds(&joined), (0..ROUNDS).collect::<Vec<_>>(), "{joined}");
+    let done = joined
+        .lines()
+        .filter_map(GuestLine::parse)
+        .find(|l| l.topic == "blk-loop" && l.fields.contains_key("iters"))
+        .unwrap_or_else(|| panic!("no blk-loop summary\n{joined}"));
+    assert_eq!(done.num("iters"), BLK_ITERS);
+    assert_eq!(done.num("errors"), 0, "{joined}");
+    assert!(read(&log_b).contains("guest: power-button pressed"));
+    assert!(read(&log_b).contains("guest: exit how=poweroff"));
+}
