@@ -50,7 +50,7 @@ impl Default for ServerLimits {
             },
             header_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(15),
             write_timeout: Duration::from_secs(10),
             max_connections: 32,
             max_stream_backlog: 1 << 20,
