@@ -372,6 +372,25 @@ pub fn wait_for_text(path: &Path, needle: &str, timeout: Duration) {
     }
 }
 
+/// The Python of the API test tools' venv (schemathesis,
+/// openapi-spec-validator, jsonschema), which `resources/scripts/setup.sh`
+/// makes; panics saying so when it is missing.
+pub fn venv_python() -> PathBuf {
+    let p = crate::repo_root().join(".cache/api-venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run resources/scripts/setup.sh (./test.sh does), which installs \
+         the pinned schemathesis and openapi-spec-validator into .cache/api-venv",
+        p.display()
+    );
+    p
+}
+
+/// The API spec.
+pub fn spec_path() -> PathBuf {
+    crate::repo_root().join("docs/api/openapi.yaml")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
