@@ -249,6 +249,49 @@ pub fn guest_file(name: &str) -> PathBuf {
     p
 }
 
+/// Output of a real-Linux session script (run by
+/// `resources/linux/run-direct-or-nested.sh`): the text between
+/// `@@@ begin NAME` and `@@@ end NAME rc=`, and the rc.
+pub fn session_section<'a>(out: &'a str, name: &str) -> (&'a str, String) {
+    let begin = format!("@@@ begin {name}\n");
+    let end = format!("@@@ end {name} rc=");
+    let from = out
+        .find(&begin)
+        .unwrap_or_else(|| panic!("no section {name} in the session's output\n{out}"))
+        + begin.len();
+    let rest = &out[from..];
+    let to = rest
+        .find(&end)
+        .unwrap_or_else(|| panic!("section {name} has no end\n{out}"));
+    let rc = rest[to + end.len()..].lines().next().unwrap_or("").trim();
+    (&rest[..to], rc.to_string())
+}
+
+/// The value of a session's `host: KEY=value` line.
+pub fn host_field<'a>(out: &'a str, key: &str) -> &'a str {
+    let prefix = format!("host: {key}=");
+    out.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("the session did not report {key}\n{out}"))
+}
+
+/// Kernel messages that mean something went wrong in the guest.
+pub const KERNEL_TROUBLE: &[&str] = &[
+    "WARNING:",
+    "BUG:",
+    "soft lockup",
+    "hard LOCKUP",
+    "rcu: INFO",
+    "detected stall",
+    "self-detected stall",
+    "blocked for more than",
+    "Call Trace",
+    "Oops",
+    "Kernel panic",
+    "clocksource: timekeeping watchdog",
+    "Marking clocksource",
+];
+
 /// SHA-256 of `bytes`, lowercase hex (coreutils' `sha256sum`).
 pub fn sha256_bytes(bytes: &[u8]) -> String {
     let out = Command::new("sha256sum")
