@@ -287,10 +287,7 @@ impl Events {
                     headers_done = true;
                 }
                 // Chunked: SIZE\r\nDATA\r\n ...
-                loop {
-                    let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
-                        break;
-                    };
+                while let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") {
                     let size =
                         usize::from_str_radix(String::from_utf8_lossy(&buf[..eol]).trim(), 16)
                             .expect("chunk size");
@@ -370,6 +367,61 @@ pub fn wait_for_text(path: &Path, needle: &str, timeout: Duration) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `abide run --api-socket` of the test guest on pc-1.0 (2 vCPUs, 256 MiB)
+/// with COM1 in DIR/TAG.log, `extra` flags and `cmdline`; returns it and
+/// the log's path.
+pub fn workload_vm(dir: &Path, tag: &str, extra: &[&str], cmdline: &str) -> (Abide, PathBuf) {
+    let log = dir.join(format!("{tag}.log"));
+    let serial = format!("file:{}", log.display());
+    let mut args = vec![
+        "run",
+        "--machine",
+        "pc-1.0",
+        "--cpus",
+        "2",
+        "--memory",
+        "256M",
+        "--serial",
+        &serial,
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--cmdline", cmdline]);
+    (Abide::spawn(dir, tag, &args), log)
+}
+
+/// The round numbers of the test guest's `progress` lines, in order.
+pub fn progress_rounds(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(crate::GuestLine::parse)
+        .filter(|l| l.topic == "progress" && l.fields.contains_key("sum"))
+        .map(|l| l.num("round"))
+        .collect()
+}
+
+/// For a test guest started with `rounds=ROUNDS progress ... power-button`:
+/// waits until it waits for the power button, presses it through the API,
+/// and checks that abide exits 0 after every round ran once, in order.
+/// Returns the guest's log.
+pub fn finish_on_power_button(vm: &mut Abide, log: &Path, rounds: u64) -> String {
+    let t = Duration::from_secs(180);
+    wait_for_text(log, "guest: power-button waiting", t);
+    put_ok(&vm.socket, "/api/v1/vm.power-button", None);
+    assert_eq!(vm.wait(t), Some(0), "{}", vm.output());
+    let text = std::fs::read_to_string(log).expect("guest log");
+    assert_eq!(
+        progress_rounds(&text),
+        (0..rounds).collect::<Vec<_>>(),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("guest: user cpl=3 rounds={rounds} checksum=")),
+        "{text}"
+    );
+    assert!(text.contains("guest: power-button pressed"), "{text}");
+    assert!(text.contains("guest: exit how=poweroff"), "{text}");
+    text
 }
 
 /// The Python of the API test tools' venv (schemathesis,

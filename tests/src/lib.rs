@@ -249,6 +249,28 @@ pub fn guest_file(name: &str) -> PathBuf {
     p
 }
 
+/// Runs a real-Linux session script with `sh -c` through
+/// `resources/linux/run-direct-or-nested.sh` (directly where the CPU has
+/// vmx/svm, else in the nested test host), allowing `budget_s` seconds for
+/// the script itself; prints where it ran and how long it took.
+pub fn linux_session(script: &str, budget_s: u64) -> Outcome {
+    let start = now();
+    let out = run_command(
+        Command::new(repo_root().join("resources/linux/run-direct-or-nested.sh"))
+            .args(["--timeout", &(budget_s + 40).to_string(), "--", "sh", "-c"])
+            .arg(script)
+            .current_dir(repo_root()),
+        None,
+        Duration::from_secs(budget_s + 60),
+    );
+    eprintln!(
+        "{} (session {} s)",
+        out.stderr.lines().next().unwrap_or(""),
+        now() - start
+    );
+    out
+}
+
 /// Output of a real-Linux session script (run by
 /// `resources/linux/run-direct-or-nested.sh`): the text between
 /// `@@@ begin NAME` and `@@@ end NAME rc=`, and the rc.

@@ -96,24 +96,20 @@ fn flags_and_the_spec_have_the_same_fields_and_configs_conform() {
             "--rng",
         ],
     ];
+    // `abide config` of each set of flags, in a file.
+    let files = |prefix: &str, sets: &[Vec<&str>]| -> Vec<String> {
+        sets.iter()
+            .enumerate()
+            .map(|(i, set)| {
+                let p = write_json(&dir, &format!("{prefix}{i}.json"), &abide_json(set));
+                p.display().to_string()
+            })
+            .collect()
+    };
     let mut args = vec!["--valid".to_string()];
-    for (i, set) in sets.iter().enumerate() {
-        let j = abide_json(set);
-        args.push(
-            write_json(&dir, &format!("valid{i}.json"), &j)
-                .display()
-                .to_string(),
-        );
-    }
+    args.extend(files("valid", &sets));
     args.push("--full".into());
-    for (i, set) in [full_tap, full_fd].iter().enumerate() {
-        let j = abide_json(set);
-        args.push(
-            write_json(&dir, &format!("full{i}.json"), &j)
-                .display()
-                .to_string(),
-        );
-    }
+    args.extend(files("full", &[full_tap, full_fd]));
     args.push("--invalid".into());
     let bad = [
         json!({"cpus": "two"}),

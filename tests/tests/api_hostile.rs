@@ -11,9 +11,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use abide_tests::api::{
-    connect, get, get_ok, parse_reply, put, put_ok, raw, read_reply, wait_for_text, Abide, Reply,
+    connect, finish_on_power_button, get, get_ok, parse_reply, put, raw, read_reply, wait_for_text,
+    workload_vm, Reply,
 };
-use abide_tests::{temp_dir, GuestLine};
+use abide_tests::temp_dir;
 
 const T: Duration = Duration::from_secs(120);
 const ROUNDS: u64 = 3000;
@@ -64,26 +65,8 @@ fn send_and_close(socket: &Path, bytes: &[u8]) -> Reply {
 #[test]
 fn hostile_clients_get_clear_errors_and_the_guest_carries_on() {
     let dir = temp_dir("api-hostile");
-    let log = dir.join("guest.log");
-    let serial = format!("file:{}", log.display());
     let cmdline = format!("quiet rounds={ROUNDS} progress buf-kib=1024 power-button");
-    let mut vm = Abide::spawn(
-        &dir,
-        "vm",
-        &[
-            "run",
-            "--machine",
-            "pc-1.0",
-            "--cpus",
-            "2",
-            "--memory",
-            "256M",
-            "--serial",
-            &serial,
-            "--cmdline",
-            &cmdline,
-        ],
-    );
+    let (mut vm, log) = workload_vm(&dir, "vm", &[], &cmdline);
     let sock = vm.socket.clone();
     let s = sock.as_path();
     wait_for_text(&log, "guest: progress round=5 ", T);
@@ -273,16 +256,5 @@ fn hostile_clients_get_clear_errors_and_the_guest_carries_on() {
     alive(s, "a connection flood");
 
     // The guest finishes its work and shuts down on the power button.
-    wait_for_text(&log, "guest: power-button waiting", T);
-    put_ok(s, "/api/v1/vm.power-button", None);
-    assert_eq!(vm.wait(T), Some(0), "{}", vm.output());
-    let text = std::fs::read_to_string(&log).expect("log");
-    let rounds: Vec<u64> = text
-        .lines()
-        .filter_map(GuestLine::parse)
-        .filter(|l| l.topic == "progress" && l.fields.contains_key("sum"))
-        .map(|l| l.num("round"))
-        .collect();
-    assert_eq!(rounds, (0..ROUNDS).collect::<Vec<_>>());
-    assert!(text.contains(&format!("guest: user cpl=3 rounds={ROUNDS} checksum=")));
+    finish_on_power_button(&mut vm, &log, ROUNDS);
 }

@@ -11,21 +11,15 @@
 use std::path::Path;
 use std::time::Duration;
 
-use abide_tests::api::{get, get_ok, kinds, put, put_ok, wait_for_text, Abide, Events};
+use abide_tests::api::{
+    get, get_ok, kinds, progress_rounds, put, put_ok, wait_for_text, Abide, Events,
+};
 use abide_tests::{temp_dir, GuestLine};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(120);
 const ROUNDS: u64 = 400;
 const BLK_ITERS: u64 = 300;
-
-fn rounds(text: &str) -> Vec<u64> {
-    text.lines()
-        .filter_map(GuestLine::parse)
-        .filter(|l| l.topic == "progress" && l.fields.contains_key("sum"))
-        .map(|l| l.num("round"))
-        .collect()
-}
 
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
@@ -269,7 +263,11 @@ fn lifecycle_through_the_api_with_restore_into_a_second_serve() {
     // The two processes together ran the workload exactly once, and the
     // disk loop verified every block across the restore.
     let joined = format!("{}{}", read(&log_a), read(&log_b));
-    assert_eq!(rounds(&joined), (0..ROUNDS).collect::<Vec<_>>(), "{joined}");
+    assert_eq!(
+        progress_rounds(&joined),
+        (0..ROUNDS).collect::<Vec<_>>(),
+        "{joined}"
+    );
     let done = joined
         .lines()
         .filter_map(GuestLine::parse)

@@ -18,7 +18,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use abide_tests::api::{get_ok, put_ok, spec_path, venv_python, wait_for_text, Abide};
+use abide_tests::api::{
+    finish_on_power_button, get_ok, put_ok, spec_path, venv_python, wait_for_text, workload_vm,
+    Abide,
+};
 use abide_tests::{repo_root, run_command, temp_dir, GuestLine};
 use serde_json::Value;
 
@@ -106,8 +109,6 @@ fn schemathesis_against_a_running_vm_then_a_bare_serve() {
     let sandbox = dir.join("sandbox");
     let disk = dir.join("disk.img");
     std::fs::write(&disk, vec![0u8; 8 << 20]).expect("disk");
-    let log = dir.join("guest.log");
-    let serial = format!("file:{}", log.display());
     let disk_opt = format!("path={}", disk.display());
     let cmdline =
         format!("quiet rounds={ROUNDS} progress buf-kib=1024 blk-loop={BLK_ITERS} power-button");
@@ -115,25 +116,7 @@ fn schemathesis_against_a_running_vm_then_a_bare_serve() {
     // 1. A running VM. Operations that would end it (power-off,
     // vmm.shutdown) or its workload (the power button) are left to the
     // serve run below.
-    let mut vm = Abide::spawn(
-        &dir,
-        "vm",
-        &[
-            "run",
-            "--machine",
-            "pc-1.0",
-            "--cpus",
-            "2",
-            "--memory",
-            "256M",
-            "--serial",
-            &serial,
-            "--disk",
-            &disk_opt,
-            "--cmdline",
-            &cmdline,
-        ],
-    );
+    let (mut vm, log) = workload_vm(&dir, "vm", &["--disk", &disk_opt], &cmdline);
     wait_for_text(&log, "guest: progress round=1 ", T);
     let started = Instant::now();
     let report = schemathesis(
@@ -180,17 +163,7 @@ fn schemathesis_against_a_running_vm_then_a_bare_serve() {
 
     // The first VM's guest finishes its workload, then shuts down on the
     // power button.
-    wait_for_text(&log, "guest: power-button waiting", T);
-    put_ok(&vm.socket, "/api/v1/vm.power-button", None);
-    assert_eq!(vm.wait(T), Some(0), "{}", vm.output());
-    let text = std::fs::read_to_string(&log).expect("log");
-    let rounds: Vec<u64> = text
-        .lines()
-        .filter_map(GuestLine::parse)
-        .filter(|l| l.topic == "progress" && l.fields.contains_key("sum"))
-        .map(|l| l.num("round"))
-        .collect();
-    assert_eq!(rounds, (0..ROUNDS).collect::<Vec<_>>(), "{text}");
+    let text = finish_on_power_button(&mut vm, &log, ROUNDS);
     let blk = text
         .lines()
         .filter_map(GuestLine::parse)
@@ -201,5 +174,4 @@ fn schemathesis_against_a_running_vm_then_a_bare_serve() {
         (BLK_ITERS, 0),
         "{text}"
     );
-    assert!(text.contains("guest: exit how=poweroff"), "{text}");
 }

@@ -10,11 +10,8 @@
 //! the project's machines) inside the nested test host. See
 //! tests/tests/linux_guest.rs.
 
-use std::process::Command;
-use std::time::Duration;
-
 use abide_tests::{
-    abide_bin, guest_file, host_field, now, repo_root, run_command, session_section, KERNEL_TROUBLE,
+    abide_bin, guest_file, host_field, linux_session, session_section, KERNEL_TROUBLE,
 };
 use serde_json::Value;
 
@@ -77,20 +74,7 @@ fn linux_guest_shuts_down_cleanly_on_the_power_button() {
             &guest_file("initramfs.cpio.gz").display().to_string(),
         )
         .replace("@BUDGET@", &budget.to_string());
-    let start = now();
-    let out = run_command(
-        Command::new(repo_root().join("resources/linux/run-direct-or-nested.sh"))
-            .args(["--timeout", &(budget + 40).to_string(), "--", "sh", "-c"])
-            .arg(&script)
-            .current_dir(repo_root()),
-        None,
-        Duration::from_secs(budget + 60),
-    );
-    eprintln!(
-        "{} (session {} s)",
-        out.stderr.lines().next().unwrap_or(""),
-        now() - start
-    );
+    let out = linux_session(&script, budget);
     assert_eq!(out.code, Some(0), "the session failed\n{out}");
     let text = out.stdout.as_str();
     let (console, rc) = session_section(text, "console");

@@ -14,12 +14,10 @@
 //! the project's machines) inside the nested test host (QEMU TCG with
 //! emulated AMD-V, where KVM is real). See tests/tests/linux_guest.rs.
 
-use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use abide_tests::{
-    abide_bin, guest_file, host_field, now, repo_root, run_command, session_section as section,
-    Outcome, KERNEL_TROUBLE,
+    abide_bin, guest_file, host_field, linux_session, session_section as section, KERNEL_TROUBLE,
 };
 use serde_json::Value;
 
@@ -237,20 +235,7 @@ fn linux_guest_survives_snapshot_kill_and_restore() {
         .replace("@GUEST_IP@", "192.168.215.2")
         .replace("@DISK_SLOT@", &DISK_SLOT.to_string())
         .replace("@NIC_SLOT@", &NIC_SLOT.to_string());
-    let start = now();
-    let out: Outcome = run_command(
-        Command::new(repo_root().join("resources/linux/run-direct-or-nested.sh"))
-            .args(["--timeout", &(budget + 40).to_string(), "--", "sh", "-c"])
-            .arg(&script)
-            .current_dir(repo_root()),
-        None,
-        Duration::from_secs(budget + 60),
-    );
-    eprintln!(
-        "{} (session {} s)",
-        out.stderr.lines().next().unwrap_or(""),
-        now() - start
-    );
+    let out = linux_session(&script, budget);
     // 125: the nested host itself failed (its reason is on stderr); 1: a
     // step of the script failed (`host: failed: ...`, logs follow).
     assert_eq!(out.code, Some(0), "the snapshot session failed\n{out}");

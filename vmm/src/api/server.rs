@@ -620,13 +620,7 @@ impl Server {
                 Reply::ok(report)
             }
             Op::Info => Reply::ok(&info(shared)),
-            Op::Manifest => {
-                let s = shared.status();
-                match &s.manifest {
-                    Some(m) => Reply::ok(m),
-                    None => Reply::wrong_state(s.state, "there is no VM to describe"),
-                }
-            }
+            Op::Manifest => manifest(shared),
             Op::Metrics { prometheus } => match super::metrics::json(shared) {
                 Some(v) if *prometheus => Reply::text(
                     200,
@@ -691,6 +685,35 @@ impl Server {
             }
         }
         self.conns = conns;
+    }
+}
+
+/// `GET /api/v1/vm.manifest`: built from the VM's configuration the first
+/// time it is asked for (as `abide manifest` would), then kept.
+fn manifest(shared: &Shared) -> Reply {
+    let (state, config) = {
+        let s = shared.status();
+        if let Some(m) = &s.manifest {
+            return Reply::ok(m);
+        }
+        (s.state, s.config.clone())
+    };
+    let Some(config) = config else {
+        return Reply::wrong_state(state, "there is no VM to describe");
+    };
+    match crate::manifest(&config)
+        .and_then(|d| serde_json::to_value(&d).map_err(crate::Error::Json))
+    {
+        Ok(m) => {
+            let m = Arc::new(m);
+            let mut s = shared.status();
+            // The VM may have been replaced meanwhile: keep it only for this one.
+            if s.config.as_ref() == Some(&config) {
+                s.manifest = Some(m.clone());
+            }
+            Reply::ok(&m)
+        }
+        Err(e) => Reply::error(500, crate::error_chain(&e)),
     }
 }
 

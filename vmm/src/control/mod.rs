@@ -76,8 +76,6 @@ impl Controller {
     /// Takes `vm` as this process's VM: publishes its configuration,
     /// manifest and counters, and reports device errors as events.
     fn adopt(&mut self, vm: Vm) -> Result<(), Error> {
-        let manifest = crate::manifest(&vm.cfg)?;
-        let manifest = serde_json::to_value(&manifest).map_err(Error::Json)?;
         let mut sources = Sources {
             vcpus: vm.exit_counters.clone(),
             devices: Vec::new(),
@@ -114,7 +112,8 @@ impl Controller {
             s.spec = Some(crate::spec::VmSpec::from_config(&vm.cfg));
             s.machine = Some(vm.machine.name.clone());
             s.cpu_model = Some(vm.cpu().model.name.clone());
-            s.manifest = Some(Arc::new(manifest));
+            s.config = Some(vm.cfg.clone());
+            s.manifest = None;
             s.sources = Some(Arc::new(sources));
             s.exit = None;
             s.running_since = None;
@@ -222,9 +221,7 @@ fn limits() -> ServerLimits {
 pub fn run(vm: Vm, api: Option<Listener>, restored: Option<Value>) -> Result<ExitReason, Error> {
     let mut c = Controller::new(Mode::Run)?;
     if let Some(r) = restored {
-        let mut f = c.shared.figures();
-        f.restores += 1;
-        f.last_restore = Some(r);
+        c.shared.figures().restore_done(r);
     }
     c.adopt(vm)?;
     let server = api

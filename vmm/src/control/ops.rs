@@ -95,6 +95,25 @@ impl Controller {
         info(&self.shared)
     }
 
+    /// The VM and its vCPUs, for requests that need them running or paused.
+    fn vcpus(
+        &mut self,
+        state: VmState,
+    ) -> Result<(&crate::vm::Vm, &mut crate::vm::Started), Reply> {
+        match (self.vm.as_ref(), self.started.as_mut()) {
+            (Some(vm), Some(started)) => Ok((vm, started)),
+            _ => Err(Reply::wrong_state(state, "no vCPUs run")),
+        }
+    }
+
+    /// Publishes `event` with `report` and answers with it and the state.
+    fn announce(&self, event: &str, report: Value) -> Value {
+        self.shared.events.publish(event, report.clone());
+        let mut reply = report;
+        reply["state"] = json!(self.state().name());
+        reply
+    }
+
     fn boot(&mut self, state: VmState) -> Result<Value, Reply> {
         require(state, &[VmState::Created], "boot")?;
         self.start(false).map_err(|e| failure(&e))?;
@@ -103,9 +122,7 @@ impl Controller {
 
     fn pause(&mut self, state: VmState) -> Result<Value, Reply> {
         require(state, &[VmState::Running], "pause")?;
-        let (Some(vm), Some(started)) = (self.vm.as_ref(), self.started.as_mut()) else {
-            return Err(Reply::wrong_state(state, "cannot pause: no vCPUs run"));
-        };
+        let (vm, started) = self.vcpus(state)?;
         let t = Instant::now();
         vm.pause(&mut started.vcpus).map_err(|e| failure(&e))?;
         let pause_ms = crate::api::ms(t);
@@ -115,9 +132,7 @@ impl Controller {
 
     fn resume(&mut self, state: VmState) -> Result<Value, Reply> {
         require(state, &[VmState::Paused], "resume")?;
-        let (Some(vm), Some(started)) = (self.vm.as_ref(), self.started.as_mut()) else {
-            return Err(Reply::wrong_state(state, "cannot resume: no vCPUs"));
-        };
+        let (vm, started) = self.vcpus(state)?;
         vm.resume(&mut started.vcpus).map_err(|e| failure(&e))?;
         self.shared.set_state(VmState::Running);
         Ok(json!({"state": "running"}))
@@ -125,9 +140,7 @@ impl Controller {
 
     fn snapshot(&mut self, state: VmState, path: &std::path::Path) -> Result<Value, Reply> {
         require(state, &[VmState::Running, VmState::Paused], "snapshot")?;
-        let (Some(vm), Some(started)) = (self.vm.as_ref(), self.started.as_mut()) else {
-            return Err(Reply::wrong_state(state, "cannot snapshot: no vCPUs"));
-        };
+        let (vm, started) = self.vcpus(state)?;
         match crate::snapshot::save(vm, &mut started.vcpus, path) {
             Ok(r) => {
                 let report = json!({
@@ -137,15 +150,8 @@ impl Controller {
                     "pause_ms": r.pause_ms,
                     "save_ms": r.save_ms,
                 });
-                {
-                    let mut f = self.shared.figures();
-                    f.snapshots += 1;
-                    f.last_snapshot = Some(report.clone());
-                }
-                self.shared.events.publish("snapshot-done", report.clone());
-                let mut reply = report;
-                reply["state"] = json!(self.state().name());
-                Ok(reply)
+                self.shared.figures().snapshot_done(report.clone());
+                Ok(self.announce("snapshot-done", report))
             }
             Err(e) => {
                 self.shared.figures().snapshot_failures += 1;
@@ -193,15 +199,8 @@ impl Controller {
             self.started = None;
             return Err(refused(self, &e));
         }
-        {
-            let mut f = self.shared.figures();
-            f.restores += 1;
-            f.last_restore = Some(figures.clone());
-        }
-        self.shared.events.publish("restore-done", figures.clone());
-        let mut reply = figures;
-        reply["state"] = json!(self.state().name());
-        Ok(reply)
+        self.shared.figures().restore_done(figures.clone());
+        Ok(self.announce("restore-done", figures))
     }
 
     fn power_button(&mut self, state: VmState) -> Result<Value, Reply> {

@@ -84,7 +84,10 @@ pub struct Status {
     pub ran_for: Option<std::time::Duration>,
     /// How the VM ended.
     pub exit: Option<Value>,
-    /// The guest ABI manifest and host-side settings (`abide manifest`).
+    /// The configuration the VM was built from.
+    pub config: Option<crate::config::VmConfig>,
+    /// Its guest ABI manifest and host-side settings (`abide manifest`),
+    /// computed on the first request.
     pub manifest: Option<Arc<Value>>,
     /// Counters.
     pub sources: Option<Arc<Sources>>,
@@ -114,6 +117,20 @@ pub struct Figures {
     pub restore_failures: u64,
     /// The last restore (timings).
     pub last_restore: Option<Value>,
+}
+
+impl Figures {
+    /// Records a snapshot written.
+    pub fn snapshot_done(&mut self, report: Value) {
+        self.snapshots += 1;
+        self.last_snapshot = Some(report);
+    }
+
+    /// Records a restore.
+    pub fn restore_done(&mut self, report: Value) {
+        self.restores += 1;
+        self.last_restore = Some(report);
+    }
 }
 
 /// Counters of the API itself.
