@@ -451,12 +451,21 @@ impl Vcpu {
                 }
                 VcpuExit::IoOut(port, data) => {
                     self.pio.write(u64::from(port), data);
+                    // A write that powered off or reset the machine is the
+                    // guest's last instruction on this vCPU: it must not
+                    // run on (and notice) while the VMM stops the VM.
+                    if ctl.exit.requested() {
+                        return Ok(());
+                    }
                 }
                 VcpuExit::MmioRead(addr, data) => {
                     self.mmio.read(addr, data);
                 }
                 VcpuExit::MmioWrite(addr, data) => {
                     self.mmio.write(addr, data);
+                    if ctl.exit.requested() {
+                        return Ok(());
+                    }
                 }
                 // With the in-kernel LAPIC, HLT only exits when KVM wants us to
                 // look at something; just re-enter.
