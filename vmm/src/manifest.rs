@@ -253,6 +253,7 @@ pub fn describe(
     migratable: bool,
 ) -> Result<Description, Error> {
     cfg.validate(machine)?;
+    crate::irq::check_irqchip(machine)?;
     let backends = crate::backends::open_for(machine, cfg, crate::backends::Purpose::Describe)?;
     let host = host_config(cfg, &backends);
     let overridden: Vec<u8> = backends

@@ -32,6 +32,9 @@ const CAP_ISR: u8 = 3;
 const CAP_DEVICE: u8 = 4;
 const ISR_QUEUE: u8 = 1;
 const ISR_CONFIG: u8 = 2;
+/// Length of the common configuration this transport implements: the
+/// virtio 1.0 layout, through `queue_device`.
+pub const COMMON_CFG_LEN: u32 = 0x38;
 
 /// Where the transport's regions sit in BAR 0, as the machine description
 /// gives it. Guest-visible.
@@ -65,13 +68,15 @@ pub struct VirtioDescription {
 pub struct VirtioPciParams {
     /// PCI identity.
     pub ids: PciIds,
+    /// Interrupt pin in config space (0 = none, 1..=4 = INTA#..INTD#).
+    pub intx_pin: u8,
     /// BAR layout.
     pub layout: VirtioPciLayout,
     /// MSI-X vectors.
     pub msix_vectors: u16,
     /// MSI-X delivery.
     pub msi: Arc<dyn MsiController>,
-    /// INTx line (INTA#), used while MSI-X is disabled.
+    /// INTx line (of `intx_pin`), used while MSI-X is disabled.
     pub intx: Option<IrqLine>,
     /// Guest memory.
     pub mem: GuestMemoryMmap,
@@ -185,6 +190,9 @@ pub enum VirtioPciError {
     /// eventfd creation.
     #[error("cannot create a queue notification eventfd")]
     EventFd(#[source] std::io::Error),
+    /// The machine declares a transport this one cannot implement.
+    #[error(transparent)]
+    Model(#[from] crate::virtio::ModelError),
     /// ROM bigger than its slot.
     #[error("option ROM is {rom} bytes but the slot is {slot} bytes")]
     RomTooLarge {
@@ -206,10 +214,42 @@ fn vendor_cap(cfg_type: u8, offset: u32, length: u32, extra: Option<u32>) -> Vec
     c
 }
 
+/// Refuses transport values this implementation cannot give a guest.
+fn check_transport(p: &VirtioPciParams) -> Result<(), crate::virtio::ModelError> {
+    use crate::virtio::ModelError;
+    const DEVICE: &str = "virtio-pci";
+    if p.layout.common_len != COMMON_CFG_LEN {
+        return Err(ModelError::value(
+            DEVICE,
+            "common_len",
+            format!("{:#x}", p.layout.common_len),
+            format!("this transport implements the virtio 1.0 common configuration ({COMMON_CFG_LEN:#x} bytes)"),
+        ));
+    }
+    if p.intx_pin > 4 {
+        return Err(ModelError::value(
+            DEVICE,
+            "intx_pin",
+            p.intx_pin,
+            "PCI has pins 0 (none) and 1..=4 (INTA#..INTD#)",
+        ));
+    }
+    if p.msix_vectors == 0 || p.msix_vectors > 2048 {
+        return Err(ModelError::value(
+            DEVICE,
+            "msix_vectors",
+            p.msix_vectors,
+            "an MSI-X table has 1 to 2048 entries",
+        ));
+    }
+    Ok(())
+}
+
 impl VirtioPci {
     /// Wraps `device` in a PCI function.
     pub fn new(device: Box<dyn VirtioDevice>, p: VirtioPciParams) -> Result<Self, VirtioPciError> {
-        let mut config = PciConfig::new(p.ids, 1);
+        check_transport(&p)?;
+        let mut config = PciConfig::new(p.ids, p.intx_pin);
         config.set_bar(
             0,
             BarSpec {
@@ -221,7 +261,7 @@ impl VirtioPci {
         let sizes = device.queue_max_sizes();
         let nq = sizes.len() as u32;
         let l = &p.layout;
-        config.add_capability(&vendor_cap(CAP_COMMON, l.common, 0x38, None), &[])?;
+        config.add_capability(&vendor_cap(CAP_COMMON, l.common, l.common_len, None), &[])?;
         config.add_capability(
             &vendor_cap(
                 CAP_NOTIFY,
@@ -663,7 +703,7 @@ impl VirtioPci {
             let base = u64::from(base);
             (offset >= base && offset < base + len).then(|| offset - base)
         };
-        if let Some(o) = within(l.common, 0x38) {
+        if let Some(o) = within(l.common, u64::from(l.common_len)) {
             return Some((Region::Common, o));
         }
         if let Some(o) = within(l.isr, 1) {
@@ -1098,6 +1138,7 @@ pub(crate) mod testutil {
     pub(crate) const LAYOUT: VirtioPciLayout = VirtioPciLayout {
         bar_size: 0x8000,
         common: 0,
+        common_len: COMMON_CFG_LEN,
         isr: 0x1000,
         device: 0x2000,
         notify: 0x3000,
@@ -1123,6 +1164,7 @@ pub(crate) mod testutil {
                     revision: 1,
                     class: 0xff00,
                 },
+                intx_pin: 1,
                 layout: LAYOUT,
                 msix_vectors: 3,
                 msi,
