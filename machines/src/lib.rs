@@ -31,9 +31,9 @@ pub use types::{
     machine_types, newest, pc_2_0, resolve, types_alias, MachineTypeInfo, UnknownMachine,
 };
 pub use virtio::{
-    virtio_feature_name, virtio_feature_names, BlkConfig, NetConfig, VirtioBarLayout, VirtioModel,
-    VirtioModels, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
-    VIRTIO_BLK_F_SEG_MAX, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+    virtio_feature_name, virtio_feature_names, BlkConfig, NetConfig, VirtioBarLayout, VirtioCap,
+    VirtioModel, VirtioModels, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
@@ -380,6 +380,13 @@ pub fn pc_1_0() -> MachineDescription {
                 notify_multiplier: 4,
                 msix_table: 0x4000,
                 msix_pba: 0x5000,
+                cap_order: [
+                    VirtioCap::Common,
+                    VirtioCap::Notify,
+                    VirtioCap::Isr,
+                    VirtioCap::Device,
+                    VirtioCap::Msix,
+                ],
             },
             blk: VirtioModel {
                 msix_vectors: 2,

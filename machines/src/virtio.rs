@@ -88,7 +88,24 @@ pub fn virtio_feature_names(device_type: u16, features: u64) -> Vec<String> {
         .collect()
 }
 
-/// Where the virtio-pci transport's regions sit in BAR 0 (guest-visible).
+/// A capability of the virtio-pci transport in PCI config space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VirtioCap {
+    /// Common configuration.
+    Common,
+    /// Notification area.
+    Notify,
+    /// ISR status.
+    Isr,
+    /// Device configuration (left out for a model without configuration).
+    Device,
+    /// MSI-X.
+    Msix,
+}
+
+/// Where the virtio-pci transport's regions sit in BAR 0, and the order of
+/// its capabilities in config space (guest-visible).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VirtioBarLayout {
     /// BAR 0 size (64-bit memory BAR).
@@ -111,6 +128,9 @@ pub struct VirtioBarLayout {
     pub msix_table: u32,
     /// MSI-X pending-bit array offset.
     pub msix_pba: u32,
+    /// Capabilities in list order, from the first capability offset (each
+    /// kind once). Queue `i` notifies at `notify + i * notify_multiplier`.
+    pub cap_order: [VirtioCap; 5],
 }
 
 /// One virtio device model as the guest sees it.

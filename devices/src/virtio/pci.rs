@@ -39,6 +39,7 @@ pub const COMMON_CFG_LEN: u32 = 0x38;
 /// Where the transport's regions sit in BAR 0, as the machine description
 /// gives it. Guest-visible.
 pub use abide_machines::VirtioBarLayout as VirtioPciLayout;
+use abide_machines::VirtioCap;
 
 /// Registers queue-notification eventfds with the hypervisor so that a
 /// guest's notify write signals the eventfd without a VM exit to userspace.
@@ -226,6 +227,15 @@ fn check_transport(p: &VirtioPciParams) -> Result<(), crate::virtio::ModelError>
             format!("this transport implements the virtio 1.0 common configuration ({COMMON_CFG_LEN:#x} bytes)"),
         ));
     }
+    let order = p.layout.cap_order;
+    if (0..order.len()).any(|i| order[i + 1..].contains(&order[i])) {
+        return Err(ModelError::value(
+            DEVICE,
+            "cap_order",
+            format!("{order:?}"),
+            "each capability exactly once",
+        ));
+    }
     if p.intx_pin > 4 {
         return Err(ModelError::value(
             DEVICE,
@@ -261,28 +271,46 @@ impl VirtioPci {
         let sizes = device.queue_max_sizes();
         let nq = sizes.len() as u32;
         let l = &p.layout;
-        config.add_capability(&vendor_cap(CAP_COMMON, l.common, l.common_len, None), &[])?;
-        config.add_capability(
-            &vendor_cap(
-                CAP_NOTIFY,
-                l.notify,
-                nq * l.notify_multiplier,
-                Some(l.notify_multiplier),
-            ),
-            &[],
-        )?;
-        config.add_capability(&vendor_cap(CAP_ISR, l.isr, 1, None), &[])?;
-        // Devices without configuration (virtio-rng) must not announce an
-        // empty region: drivers reject a zero-length capability.
-        if device.config_len() > 0 {
-            config.add_capability(
-                &vendor_cap(CAP_DEVICE, l.device, device.config_len(), None),
-                &[],
-            )?;
-        }
         let msix = Msix::new(p.msix_vectors, p.msi);
-        let (cap, writable) = msix.capability(0, l.msix_table, l.msix_pba);
-        let msix_cap = config.add_capability(&cap, &writable)?;
+        let mut msix_cap = 0;
+        for cap in l.cap_order {
+            match cap {
+                VirtioCap::Common => {
+                    config.add_capability(
+                        &vendor_cap(CAP_COMMON, l.common, l.common_len, None),
+                        &[],
+                    )?;
+                }
+                VirtioCap::Notify => {
+                    config.add_capability(
+                        &vendor_cap(
+                            CAP_NOTIFY,
+                            l.notify,
+                            nq * l.notify_multiplier,
+                            Some(l.notify_multiplier),
+                        ),
+                        &[],
+                    )?;
+                }
+                VirtioCap::Isr => {
+                    config.add_capability(&vendor_cap(CAP_ISR, l.isr, 1, None), &[])?;
+                }
+                // Devices without configuration (virtio-rng) must not
+                // announce an empty region: drivers reject a zero-length
+                // capability.
+                VirtioCap::Device if device.config_len() > 0 => {
+                    config.add_capability(
+                        &vendor_cap(CAP_DEVICE, l.device, device.config_len(), None),
+                        &[],
+                    )?;
+                }
+                VirtioCap::Device => {}
+                VirtioCap::Msix => {
+                    let (cap, writable) = msix.capability(0, l.msix_table, l.msix_pba);
+                    msix_cap = config.add_capability(&cap, &writable)?;
+                }
+            }
+        }
         let rom = match p.rom {
             Some((slot, image)) => {
                 if image.len() as u64 > slot {
@@ -1145,36 +1173,45 @@ pub(crate) mod testutil {
         notify_multiplier: 4,
         msix_table: 0x4000,
         msix_pba: 0x5000,
+        cap_order: [
+            VirtioCap::Common,
+            VirtioCap::Notify,
+            VirtioCap::Isr,
+            VirtioCap::Device,
+            VirtioCap::Msix,
+        ],
     };
 
-    /// `device` behind a transport with 3 MSI-X vectors delivered by `msi`.
+    /// The transport parameters of the tests: 3 MSI-X vectors delivered by
+    /// `msi`, INTA#, [`LAYOUT`].
+    pub(crate) fn params(mem: GuestMemoryMmap, msi: Arc<dyn MsiController>) -> VirtioPciParams {
+        VirtioPciParams {
+            ids: PciIds {
+                vendor: 0x1af4,
+                device: 0x1044,
+                subsystem_vendor: 0x1af4,
+                subsystem: 0x44,
+                revision: 1,
+                class: 0xff00,
+            },
+            intx_pin: 1,
+            layout: LAYOUT,
+            msix_vectors: 3,
+            msi,
+            intx: None,
+            mem,
+            rom: None,
+            notify: None,
+        }
+    }
+
+    /// `device` behind a transport with [`params`].
     pub(crate) fn transport(
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
         msi: Arc<dyn MsiController>,
     ) -> VirtioPci {
-        VirtioPci::new(
-            device,
-            VirtioPciParams {
-                ids: PciIds {
-                    vendor: 0x1af4,
-                    device: 0x1044,
-                    subsystem_vendor: 0x1af4,
-                    subsystem: 0x44,
-                    revision: 1,
-                    class: 0xff00,
-                },
-                intx_pin: 1,
-                layout: LAYOUT,
-                msix_vectors: 3,
-                msi,
-                intx: None,
-                mem,
-                rom: None,
-                notify: None,
-            },
-        )
-        .expect("transport")
+        VirtioPci::new(device, params(mem, msi)).expect("transport")
     }
 
     /// Guest write of `len` bytes of `v` at BAR 0 offset `off`.
@@ -1388,6 +1425,65 @@ mod tests {
         assert_eq!(ids.len(), 5);
         assert_eq!(&ids[..4], &[(9, 1), (9, 2), (9, 3), (9, 4)]);
         assert_eq!(ids[4].0, 0x11);
+    }
+
+    /// Builds the Dummy behind a transport whose parameters `edit` changed.
+    fn built_with(edit: impl FnOnce(&mut VirtioPciParams)) -> Result<VirtioPci, VirtioPciError> {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mem");
+        let mut p = params(mem, Arc::new(NoMsi));
+        edit(&mut p);
+        let dummy = Dummy {
+            c: Arc::new(Counters::default()),
+            queues: Vec::new(),
+        };
+        VirtioPci::new(Box::new(dummy), p)
+    }
+
+    #[test]
+    fn undeclarable_transports_are_refused() {
+        let refusal = |edit: &dyn Fn(&mut VirtioPciParams)| {
+            built_with(edit)
+                .map(|_| ())
+                .expect_err("refused")
+                .to_string()
+        };
+        let e = refusal(&|p| p.layout.common_len = 0x40);
+        assert!(e.contains("virtio-pci: common_len = 0x40"), "{e}");
+        let e = refusal(&|p| p.intx_pin = 5);
+        assert!(e.contains("intx_pin = 5"), "{e}");
+        let e = refusal(&|p| p.msix_vectors = 0);
+        assert!(e.contains("msix_vectors = 0"), "{e}");
+        let e = refusal(&|p| p.layout.cap_order[4] = VirtioCap::Common);
+        assert!(e.contains("cap_order"), "{e}");
+    }
+
+    #[test]
+    fn pin_and_capability_order_follow_the_machine() {
+        let d = built_with(|p| {
+            p.intx_pin = 2;
+            p.layout.cap_order = [
+                VirtioCap::Msix,
+                VirtioCap::Device,
+                VirtioCap::Isr,
+                VirtioCap::Notify,
+                VirtioCap::Common,
+            ];
+        })
+        .expect("transport");
+        let mut b = [0u8; 1];
+        d.config().read(0x3d, &mut b);
+        assert_eq!(b[0], 2, "INTB#");
+        let mut ptr = [0u8; 1];
+        d.config().read(0x34, &mut ptr);
+        let mut ids = Vec::new();
+        let mut p = usize::from(ptr[0]);
+        while p != 0 {
+            let mut hdr = [0u8; 4];
+            d.config().read(p, &mut hdr);
+            ids.push((hdr[0], if hdr[0] == 9 { hdr[3] } else { 0 }));
+            p = usize::from(hdr[1]);
+        }
+        assert_eq!(ids, [(0x11, 0), (9, 4), (9, 3), (9, 2), (9, 1)]);
     }
 
     #[test]

@@ -189,7 +189,6 @@ fn topology_entries(function: u32, apic_id: u32, cpus: u32) -> Vec<kvm_cpuid_ent
 /// Leaf 1 EBX/EDX topology fields, shared by every model.
 fn patch_leaf1(e: &mut kvm_cpuid_entry2, apic_id: u32, cpus: u32) {
     e.ebx = (e.ebx & 0x0000_ffff) | (apic_id << 24) | (cpus.min(255) << 16);
-    e.ecx |= ECX_HYPERVISOR;
     if cpus > 1 {
         e.edx |= EDX_HTT;
     } else {
@@ -218,7 +217,12 @@ fn passthrough(supported: &[kvm_cpuid_entry2], apic_id: u32, cpus: u32) -> Vec<k
     for entry in supported {
         let mut e = *entry;
         match e.function {
-            LEAF_FEATURES => patch_leaf1(&mut e, apic_id, cpus),
+            LEAF_FEATURES => {
+                patch_leaf1(&mut e, apic_id, cpus);
+                // A passed-through CPU still runs under a hypervisor. (A
+                // named model says so with its `hypervisor` feature.)
+                e.ecx |= ECX_HYPERVISOR;
+            }
             LEAF_CACHE => patch_leaf4(&mut e, cpus),
             LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => continue,
             LEAF_EXT_ADDR => patch_ext_addr(&mut e, cpus),
@@ -350,7 +354,13 @@ fn from_model(
     let max_ext = model.max_ext_leaf;
     let mut out = vec![entry(0, 0, [max_basic, vb, vc, vd])];
 
-    let clflush_size = if model.features.has("clflush") { 8 } else { 0 };
+    // CLFLUSH line size in 8-byte units: the model's L1 data line.
+    let clflush_size = if model.features.has("clflush") {
+        cache_of(model, 1, &[CacheKind::Data, CacheKind::Unified])
+            .map_or(0, |c| u32::from(c.line_size) / 8)
+    } else {
+        0
+    };
     let mut l1 = entry(
         LEAF_FEATURES,
         0,
