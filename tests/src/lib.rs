@@ -1,5 +1,8 @@
 //! Shared helpers for Abide's integration tests: finding the `abide` binary,
-//! running it with a timeout, and parsing the test guest's report lines.
+//! running it with a timeout, parsing the test guest's report lines, and
+//! the release freeze's git history ([`history`]).
+
+pub mod history;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
