@@ -1,11 +1,80 @@
 //! What the guest sees, as data.
 //!
-//! Every address, port, IRQ and limit a guest can observe lives here and
-//! nowhere else. Devices and firmware take their values from a
-//! [`MachineDescription`]; none of them hides a guest-visible constant.
+//! A [`MachineDescription`] holds every value a guest can observe that is a
+//! choice: addresses, ports, IRQs and limits; PCI identities, interrupt pins
+//! and the BAR placement policy; virtio transport layout, queue counts and
+//! sizes, feature bits (`VIRTIO_F_VERSION_1` included) and configuration
+//! contents and lengths; the default MAC prefix; the interrupt controllers,
+//! LAPIC LINT wiring and the FPU/MSR state vCPUs start with; RTC and i8042
+//! register defaults; ACPI revisions, FADT fields, DSDT names and PNP IDs.
+//! CPU models ([`CpuModel`]) hold CPUID, leaf 2 and the TLB leaves
+//! included. Versioned machine types (`pc-1.0`, `pc-2.0`, …) are instances
+//! of these structures in the registry ([`machine_types`]); a new one is
+//! written as data, by changing fields of its predecessor.
 //!
-//! This crate holds a single machine description for now. Versioned machine
-//! types (`pc-1.0`, `pc-2.0`, …) are built on top of the same structures.
+//! Devices, firmware and the VMM take their values from here. A device that
+//! cannot implement a declared value refuses when the machine is built,
+//! naming itself, the field and the value; nothing is masked or forced.
+//!
+//! # What stays outside, and why
+//!
+//! A grep-level review of `devices/`, `firmware/` and `vmm/` (every `const`
+//! and hex literal outside tests) leaves these guest-visible values in code:
+//!
+//! - **Fixed by a specification or the hardware interface**, so not a
+//!   choice: virtio register offsets, status and ISR bits, capability
+//!   structure layouts, device type IDs, request and header formats
+//!   (virtio 1.x); PCI header offsets and bits, BAR and ROM BAR encodings,
+//!   MSI-X table format; the 16550, MC146818 and i8042 register sets and
+//!   command replies; the ACPI table layouts, RSDP/XSDT/MCFG revisions
+//!   (one defined each), FADT offsets, GAS encodings, MADT structure types;
+//!   PM timer frequency (3.579545 MHz) and PM1 bit layout; the Linux and PVH
+//!   boot protocols (boot GDT entries and selectors 0x10/0x18, 32-bit flat
+//!   entry state, `type_of_loader` 0xff "undefined", `hvm_start_info`
+//!   version 1); XSAVE area sizes; the KVM paravirtual signature
+//!   (`KVMKVMKVM`, leaf 0x4000_0000) that `kvm_features` depends on.
+//! - **Derived from data here**: CPUID topology (APIC IDs, leaf 0xb, leaf 4
+//!   sharing, HTT), CLFLUSH size (the model's L1 line), XSAVE leaves (from
+//!   `avx`/`xsave`), AMD's leaf 1 EDX aliases; cache descriptor encodings
+//!   (every cache is self-initializing with one line per tag); config-space
+//!   capability offsets (from `cap_order`, each capability's size);
+//!   `queue_notify_off` = queue index (with `notify_multiplier`); e820 (from
+//!   `memory` and `pci.ecam_*`); ACPI table addresses (from the BIOS area and
+//!   `acpi.table_align`); the host bridge's interrupt pin 0 (it raises no
+//!   interrupt).
+//! - **Device implementation limits** a guest meets only by exceeding
+//!   them: virtio-net's largest frame (65,550 bytes with no offloads
+//!   offered), virtio-rng's 64 KiB per request, the per-wakeup request
+//!   budgets, virtio-blk's bounce buffer for `direct=on`.
+//! - **Hypervisor placement**: the TSS address KVM needs on Intel
+//!   (`vmm/src/vm.rs`, 0xfffb_d000, 3 pages, inside the 32-bit hole above
+//!   every window). A machine type that puts something there (a firmware
+//!   image of more than 256 KiB below 4 GiB) must move it into the
+//!   description first.
+//! - **Boot placement policy**: the initramfs goes to the highest
+//!   page-aligned address below the limits, and the PVH module list and
+//!   memory map follow `hvm_start_info`; both are read by the kernel from
+//!   the boot structures, never assumed.
+//!
+//! Values that lived in code before and are data now: virtio-net's queue
+//! count (2) and virtio-rng's (1); the feature masks (a declared bit a model
+//! lacks is refused, VERSION_1 is declared); virtio-blk `blk_size` (512),
+//! `seg_max` (queue size − 2) and config length 0x3c; virtio-net `status`
+//! (LINK_UP), `max_virtqueue_pairs` (1) and config length 10; the common
+//! configuration length (0x38) and capability order; INTA#; the BAR
+//! placement policy; the default MAC prefix 52:54:00:ab:1d; CPUID leaf 2 and
+//! the TLB fields of leaves 0x8000_0005/6; the reset FPU control word and
+//! MXCSR, MSRs (`IA32_MISC_ENABLE` fast strings and eight zeroed syscall
+//! MSRs) and LVT0/LVT1 delivery modes; IOAPIC pins (24) and ID (0); RTC
+//! registers A, B, D and the century index; the i8042 command port offset,
+//! configuration byte and output port; ACPI table alignment, FADT/MADT/DSDT
+//! revisions, PM profile, century, hypervisor vendor, FADT flags,
+//! IAPC_BOOT_ARCH, PCI segment and first bus, and the DSDT device names,
+//! `_HID`/`_CID` and `_UID`s.
+//!
+//! The manifest format of release 0.1.0 serializes `legacy`, `memory.map`,
+//! `boot` and `pci.layout` as they are; the new structures live beside
+//! them, so no manifest changed.
 
 use serde::{Deserialize, Serialize};
 
