@@ -623,7 +623,7 @@ mod tests {
     use vmm_sys_util::tempfile::TempFile;
 
     use super::super::pci::testutil::{
-        enable_msix, enable_queue, negotiate, r as pci_r, transport, w as pci_w, LAYOUT,
+        enable_msix, enable_queue, layout, negotiate, r as pci_r, transport, w as pci_w,
     };
     use super::super::pci::VirtioPci;
     use super::super::worker::testutil::*;
@@ -1398,7 +1398,7 @@ mod tests {
         header(d.mem, VIRTIO_BLK_T_IN, sector);
         let head = d.chain(&[(HDR, 16, false), (buf, 512, true), (STATUS, 1, true)]);
         d.submit(head);
-        pci_w(t, u64::from(LAYOUT.notify), 0, 2);
+        pci_w(t, u64::from(layout().notify), 0, 2);
         head
     }
 

@@ -1162,28 +1162,13 @@ impl PciFunction for VirtioPci {
 pub(crate) mod testutil {
     use super::*;
 
-    /// The BAR layout used in tests.
-    pub(crate) const LAYOUT: VirtioPciLayout = VirtioPciLayout {
-        bar_size: 0x8000,
-        common: 0,
-        common_len: COMMON_CFG_LEN,
-        isr: 0x1000,
-        device: 0x2000,
-        notify: 0x3000,
-        notify_multiplier: 4,
-        msix_table: 0x4000,
-        msix_pba: 0x5000,
-        cap_order: [
-            VirtioCap::Common,
-            VirtioCap::Notify,
-            VirtioCap::Isr,
-            VirtioCap::Device,
-            VirtioCap::Msix,
-        ],
-    };
+    /// The BAR layout used in tests: pc-1.0's.
+    pub(crate) fn layout() -> VirtioPciLayout {
+        abide_machines::pc_1_0().virtio.layout
+    }
 
     /// The transport parameters of the tests: 3 MSI-X vectors delivered by
-    /// `msi`, INTA#, [`LAYOUT`].
+    /// `msi`, INTA#, [`layout`].
     pub(crate) fn params(mem: GuestMemoryMmap, msi: Arc<dyn MsiController>) -> VirtioPciParams {
         VirtioPciParams {
             ids: PciIds {
@@ -1195,7 +1180,7 @@ pub(crate) mod testutil {
                 class: 0xff00,
             },
             intx_pin: 1,
-            layout: LAYOUT,
+            layout: layout(),
             msix_vectors: 3,
             msi,
             intx: None,
@@ -1266,7 +1251,7 @@ pub(crate) mod testutil {
         let ctrl = d.msix_cap + 2;
         d.config_mut().write(ctrl, &0x8000u16.to_le_bytes());
         d.config_written(ctrl, 2);
-        let e = u64::from(LAYOUT.msix_table) + 16 * u64::from(vector);
+        let e = u64::from(layout().msix_table) + 16 * u64::from(vector);
         w(d, e, 0xfee0_0000, 4);
         w(d, e + 4, 0, 4);
         w(d, e + 8, u64::from(data), 4);
@@ -1405,13 +1390,8 @@ mod tests {
         w(d, 0x1c, 1, 2);
     }
 
-    #[test]
-    fn header_and_capabilities() {
-        let (d, _) = device();
-        let mut b = [0u8; 4];
-        d.config().read(0, &mut b);
-        assert_eq!(u32::from_le_bytes(b), 0x1044_1af4);
-        // Walk the capability list: four virtio caps then MSI-X.
+    /// The capability list: (ID, byte 3: a virtio capability's cfg_type).
+    fn cap_list(d: &VirtioPci) -> Vec<(u8, u8)> {
         let mut ptr = [0u8; 1];
         d.config().read(0x34, &mut ptr);
         let mut ids = Vec::new();
@@ -1422,6 +1402,17 @@ mod tests {
             ids.push((hdr[0], hdr[3]));
             p = usize::from(hdr[1]);
         }
+        ids
+    }
+
+    #[test]
+    fn header_and_capabilities() {
+        let (d, _) = device();
+        let mut b = [0u8; 4];
+        d.config().read(0, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0x1044_1af4);
+        // Walk the capability list: four virtio caps then MSI-X.
+        let ids = cap_list(&d);
         assert_eq!(ids.len(), 5);
         assert_eq!(&ids[..4], &[(9, 1), (9, 2), (9, 3), (9, 4)]);
         assert_eq!(ids[4].0, 0x11);
@@ -1473,16 +1464,10 @@ mod tests {
         let mut b = [0u8; 1];
         d.config().read(0x3d, &mut b);
         assert_eq!(b[0], 2, "INTB#");
-        let mut ptr = [0u8; 1];
-        d.config().read(0x34, &mut ptr);
-        let mut ids = Vec::new();
-        let mut p = usize::from(ptr[0]);
-        while p != 0 {
-            let mut hdr = [0u8; 4];
-            d.config().read(p, &mut hdr);
-            ids.push((hdr[0], if hdr[0] == 9 { hdr[3] } else { 0 }));
-            p = usize::from(hdr[1]);
-        }
+        let ids: Vec<(u8, u8)> = cap_list(&d)
+            .into_iter()
+            .map(|(id, kind)| (id, if id == 9 { kind } else { 0 }))
+            .collect();
         assert_eq!(ids, [(0x11, 0), (9, 4), (9, 3), (9, 2), (9, 1)]);
     }
 
@@ -1578,7 +1563,7 @@ mod tests {
             index: 0,
             kind: BarKind::Mem64,
             addr,
-            size: LAYOUT.bar_size,
+            size: layout().bar_size,
         };
         d.bars_placed(&[at(0x8000_0000)]);
         assert_eq!(
@@ -1634,9 +1619,9 @@ mod tests {
         }
         w(d, 0x16, sel, 2);
         for off in (0..3 * 16).step_by(4) {
-            v.push(r(d, u64::from(LAYOUT.msix_table) + off, 4));
+            v.push(r(d, u64::from(layout().msix_table) + off, 4));
         }
-        v.push(r(d, u64::from(LAYOUT.msix_pba), 8));
+        v.push(r(d, u64::from(layout().msix_pba), 8));
         v.push(r(d, 0x2000, 8));
         v
     }

@@ -2,6 +2,8 @@
 //! before any byte is written: a choice they cannot honour is refused, never
 //! replaced by something else.
 
+use std::ops::RangeInclusive;
+
 use abide_machines::{AcpiDevice, MachineDescription};
 
 use super::{
@@ -73,54 +75,63 @@ pub(super) fn check(machine: &MachineDescription) -> Result<(), AcpiError> {
             "a power of two from 16 to 4096",
         ));
     }
-    if a.fadt_revision != FADT_IMPLEMENTED_REVISION {
-        return Err(refuse(
+    // (field, value, what these tables can write, why).
+    let ranges: [(&'static str, u8, RangeInclusive<u8>, &str); 5] = [
+        (
             "fadt_revision",
             a.fadt_revision,
+            FADT_IMPLEMENTED_REVISION..=FADT_IMPLEMENTED_REVISION,
             "these tables write the FADT revision 6 layout",
-        ));
-    }
-    if a.fadt_minor_revision > FADT_MAX_MINOR_REVISION {
-        return Err(refuse(
+        ),
+        (
             "fadt_minor_revision",
             a.fadt_minor_revision,
+            0..=FADT_MAX_MINOR_REVISION,
             "FADT revision 6 has minor versions 0 to 5",
-        ));
-    }
-    if !MADT_REVISIONS.contains(&a.madt_revision) {
-        return Err(refuse(
+        ),
+        (
             "madt_revision",
             a.madt_revision,
+            MADT_REVISIONS,
             "the MADT structures written are those of revisions 1 to 5",
-        ));
-    }
-    if a.dsdt_revision < MIN_DSDT_REVISION {
-        return Err(refuse(
+        ),
+        (
             "dsdt_revision",
             a.dsdt_revision,
+            MIN_DSDT_REVISION..=u8::MAX,
             "revision 2 or more (64-bit AML integers) is needed for the 64-bit PCI window",
-        ));
-    }
-    if a.preferred_pm_profile > MAX_PM_PROFILE {
-        return Err(refuse(
+        ),
+        (
             "preferred_pm_profile",
             a.preferred_pm_profile,
+            0..=MAX_PM_PROFILE,
             "profiles 0 to 8 are defined",
-        ));
+        ),
+    ];
+    for (field, value, ok, reason) in ranges {
+        if !ok.contains(&value) {
+            return Err(refuse(field, value, reason));
+        }
     }
-    if a.fadt_flags & !FADT_FLAGS_IMPLEMENTED != 0 {
-        return Err(refuse(
+    // (field, flags, the flags that describe this platform truthfully).
+    let masks: [(&'static str, u32, u32, &str); 2] = [
+        (
             "fadt_flags",
-            format!("{:#x}", a.fadt_flags),
+            a.fadt_flags,
+            FADT_FLAGS_IMPLEMENTED,
             "only WBINVD, PROC_C1, SLP_BUTTON, FIX_RTC and RESET_REG_SUP describe this platform",
-        ));
-    }
-    if a.iapc_boot_arch & !IAPC_IMPLEMENTED != 0 {
-        return Err(refuse(
+        ),
+        (
             "iapc_boot_arch",
-            format!("{:#x}", a.iapc_boot_arch),
+            a.iapc_boot_arch.into(),
+            IAPC_IMPLEMENTED.into(),
             "only LEGACY_DEVICES, 8042 and VGA_NOT_PRESENT describe this platform",
-        ));
+        ),
+    ];
+    for (field, flags, implemented, reason) in masks {
+        if flags & !implemented != 0 {
+            return Err(refuse(field, format!("{flags:#x}"), reason));
+        }
     }
     let d = &a.devices;
     let devices = [
