@@ -213,6 +213,14 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// Says `what` on stderr past the test harness's output capture, so that
+/// `./test.sh` shows it even when the test passes: for what a test could not
+/// check here and why.
+pub fn report(what: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "abide-tests: {what}");
+}
+
 /// Whether /dev/kvm here is PVM (software virtualization; kvm_pvm loaded).
 pub fn host_is_pvm() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
