@@ -1,6 +1,5 @@
 //! How a device asks for the VM to end (guest poweroff or reset).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
@@ -19,7 +18,6 @@ pub enum ExitReason {
 #[derive(Clone, Debug)]
 pub struct ExitSignal {
     reason: Arc<Mutex<Option<ExitReason>>>,
-    requested: Arc<AtomicBool>,
     evt: Arc<EventFd>,
 }
 
@@ -28,7 +26,6 @@ impl ExitSignal {
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             reason: Arc::new(Mutex::new(None)),
-            requested: Arc::new(AtomicBool::new(false)),
             evt: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
         })
     }
@@ -39,14 +36,8 @@ impl ExitSignal {
         if r.is_none() {
             *r = Some(reason);
         }
-        self.requested.store(true, Ordering::Release);
         // A full counter still wakes the waiter, so the error is harmless.
         let _ = self.evt.write(1);
-    }
-
-    /// Whether an exit was requested (cheap enough for every vCPU exit).
-    pub fn requested(&self) -> bool {
-        self.requested.load(Ordering::Acquire)
     }
 
     /// The reason requested so far, if any.
@@ -68,9 +59,7 @@ mod tests {
     fn first_request_wins() {
         let s = ExitSignal::new().expect("eventfd");
         assert_eq!(s.reason(), None);
-        assert!(!s.requested());
         s.clone().request(ExitReason::Reset);
-        assert!(s.requested());
         s.request(ExitReason::Poweroff);
         assert_eq!(s.reason(), Some(ExitReason::Reset));
         assert_eq!(s.eventfd().read().expect("readable"), 2);

@@ -451,10 +451,10 @@ impl Vcpu {
                 }
                 VcpuExit::IoOut(port, data) => {
                     self.pio.write(u64::from(port), data);
-                    // A write that powered off or reset the machine is the
-                    // guest's last instruction on this vCPU: it must not
-                    // run on (and notice) while the VMM stops the VM.
-                    if ctl.exit.requested() {
+                    // A write that ended the VM (ACPI S5, a reset): this
+                    // vCPU runs no further guest code, so the guest cannot
+                    // observe that it is still alive while the VMM stops.
+                    if ctl.exit.reason().is_some() {
                         return Ok(());
                     }
                 }
@@ -463,7 +463,7 @@ impl Vcpu {
                 }
                 VcpuExit::MmioWrite(addr, data) => {
                     self.mmio.write(addr, data);
-                    if ctl.exit.requested() {
+                    if ctl.exit.reason().is_some() {
                         return Ok(());
                     }
                 }
