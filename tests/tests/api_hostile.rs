@@ -34,13 +34,21 @@ fn alive(socket: &Path, what: &str) {
     let t = Instant::now();
     let info = get_ok(socket, "/api/v1/vm.info");
     assert!(
-        t.elapsed() < Duration::from_secs(2),
+        t.elapsed() < Duration::from_secs(3),
         "after {what}: vm.info took {:?}",
         t.elapsed()
     );
     assert_eq!(info["state"], "running", "after {what}: {info}");
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(exits(socket) > before, "after {what}: the guest stopped");
+    // The guest makes exits as it runs (its progress lines); on a loaded
+    // machine its vCPU thread may wait a while for a core.
+    let t = Instant::now();
+    while exits(socket) == before {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "after {what}: the guest stopped"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn refused(r: &Reply, status: u16, needle: &str) {
@@ -215,8 +223,9 @@ fn hostile_clients_get_clear_errors_and_the_guest_carries_on() {
     while Instant::now() < until {
         let t = Instant::now();
         assert_eq!(get(s, "/api/v1/vmm.ping").status, 200);
+        // Far below the 5 s the slow client holds its connection.
         assert!(
-            t.elapsed() < Duration::from_secs(1),
+            t.elapsed() < Duration::from_secs(3),
             "ping took {:?}",
             t.elapsed()
         );

@@ -278,3 +278,70 @@ fn lifecycle_through_the_api_with_restore_into_a_second_serve() {
     assert!(read(&log_b).contains("guest: power-button pressed"));
     assert!(read(&log_b).contains("guest: exit how=poweroff"));
 }
+
+/// A guest driver that misbehaves (the test guest's `hostile` cases: bad
+/// descriptors, impossible ring indices, ...) makes virtio-blk give up on
+/// its queue: each DEVICE_NEEDS_RESET is an event and is counted.
+#[test]
+fn device_errors_from_a_hostile_guest_are_events_and_metrics() {
+    let dir = temp_dir("api-device-errors");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 16 << 20]).expect("disk");
+    let s = Abide::serve(&dir, "serve");
+    let events = Events::open(&s.socket, Some(0));
+    let config = json!({
+        "machine": "pc-1.0",
+        "serial": format!("file:{}", dir.join("guest.log").display()),
+        "cmdline": "hostile rng quiet",
+        "disks": [{"path": disk}],
+        "rng": {},
+    });
+    put_ok(&s.socket, "/api/v1/vm.create", Some(&config.to_string()));
+    put_ok(&s.socket, "/api/v1/vm.boot", None);
+    let seen = events.wait_for("state", Some("shutdown"), T);
+    let info = get_ok(&s.socket, "/api/v1/vm.info");
+    assert_eq!(info["exit"]["reason"], "guest-poweroff", "{info}");
+    let errors: Vec<&Value> = seen
+        .iter()
+        .filter(|e| e["event"] == "device-error")
+        .collect();
+    assert!(!errors.is_empty(), "no device-error event: {seen:?}");
+    for e in &errors {
+        assert_eq!(e["error"], "needs-reset", "{e}");
+        assert!(e["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("DEVICE_NEEDS_RESET")));
+    }
+    let metrics = get_ok(&s.socket, "/api/v1/vm.metrics");
+    let counted: u64 = metrics["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .map(|d| d["needs_reset"].as_u64().expect("needs_reset"))
+        .sum();
+    assert_eq!(counted, errors.len() as u64, "{metrics}\n{seen:?}");
+    for e in &errors {
+        let slot = e["slot"].as_u64().expect("slot");
+        let dev = metrics["devices"]
+            .as_array()
+            .expect("devices")
+            .iter()
+            .find(|d| d["slot"].as_u64() == Some(slot))
+            .unwrap_or_else(|| panic!("no device at slot {slot}: {metrics}"));
+        assert_eq!(dev["model"], e["model"]);
+    }
+    assert!(
+        device(&metrics, "virtio-blk")["errors"]
+            .as_u64()
+            .expect("errors")
+            > 0,
+        "requests failed with an error status: {metrics}"
+    );
+    assert!(
+        device(&metrics, "virtio-rng")["bytes_to_guest"]
+            .as_u64()
+            .expect("bytes")
+            > 0,
+        "the rng kept working: {metrics}"
+    );
+}
