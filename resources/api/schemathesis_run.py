@@ -20,7 +20,7 @@ with the venv that resources/scripts/setup.sh makes.
 
 Usage: schemathesis_run.py --spec FILE --socket PATH --sandbox DIR
            [--examples N] [--exclude OPERATION_ID,...] [--last OPERATION_ID]
-           [--seed N]
+           [--seed N] [--log FILE]
 """
 
 import argparse
@@ -156,6 +156,14 @@ class Run:
         self.session.mount("http://", UnixAdapter(args.socket))
         self.sandbox = Sandbox(args.sandbox)
         self.report = {}
+        self.log_file = open(args.log, "a") if args.log else None
+
+    def log(self, case, status):
+        if self.log_file:
+            body = case.body if isinstance(case.body, (dict, list, str, int, float, bool, type(None))) else repr(case.body)
+            entry = {"op": case.operation.label, "query": case.query, "body": body, "status": status}
+            self.log_file.write(json.dumps(entry, default=repr) + "\n")
+            self.log_file.flush()
 
     def record(self, label, mode, status, failure=None):
         r = self.report.setdefault(label, {"calls": 0, "statuses": {}, "failures": []})
@@ -193,6 +201,7 @@ class Run:
             self.record(label, mode, "error", f"{type(e).__name__}: {e}: {case.as_curl_command()}")
             return
         status = response.status_code
+        self.log(case, status)
         problems = []
         if status >= 500:
             r = self.report.setdefault(label, {"calls": 0, "statuses": {}, "failures": []})
@@ -251,6 +260,7 @@ def main():
     p.add_argument("--exclude", default="")
     p.add_argument("--last", default="")
     p.add_argument("--seed", type=int, default=random.randrange(1 << 32))
+    p.add_argument("--log", default="", help="append every request and its status here (JSON lines)")
     args = p.parse_args()
     os.makedirs(args.sandbox, exist_ok=True)
     schema = schemathesis.openapi.from_path(args.spec)

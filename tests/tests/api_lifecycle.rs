@@ -20,6 +20,8 @@ use serde_json::{json, Value};
 const T: Duration = Duration::from_secs(120);
 const ROUNDS: u64 = 400;
 const BLK_ITERS: u64 = 300;
+/// Resume/pause pairs in quick succession.
+const FLIPS: usize = 40;
 
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
@@ -116,6 +118,19 @@ fn lifecycle_through_the_api_with_restore_into_a_second_serve() {
     );
     assert_eq!(get_ok(&a.socket, "/api/v1/vm.info")["state"], "paused");
 
+    // Resume and pause in quick succession (an orchestrator's retries, a
+    // snapshot right after a resume): every vCPU follows each time.
+    for _ in 0..FLIPS {
+        assert_eq!(
+            put_ok(&a.socket, "/api/v1/vm.resume", None)["state"],
+            "running"
+        );
+        assert_eq!(
+            put_ok(&a.socket, "/api/v1/vm.pause", None)["state"],
+            "paused"
+        );
+    }
+
     // Resume; the virtio-blk loop starts after the rounds.
     assert_eq!(
         put_ok(&a.socket, "/api/v1/vm.resume", None)["state"],
@@ -187,21 +202,19 @@ fn lifecycle_through_the_api_with_restore_into_a_second_serve() {
     assert_eq!(get(&a.socket, "/api/v1/vm.metrics").status, 409);
 
     let seen = events.wait_for("state", Some("not-created"), T);
-    assert_eq!(
-        kinds(&seen),
-        [
-            "state:created",
-            "state:running",
-            "state:paused",
-            "state:running",
-            "state:paused",
-            "snapshot-done",
-            "power-off",
-            "state:shutdown",
-            "state:not-created",
-        ],
-        "{seen:?}"
-    );
+    let mut want = vec!["state:created", "state:running", "state:paused"];
+    for _ in 0..FLIPS {
+        want.extend(["state:running", "state:paused"]);
+    }
+    want.extend([
+        "state:running",
+        "state:paused",
+        "snapshot-done",
+        "power-off",
+        "state:shutdown",
+        "state:not-created",
+    ]);
+    assert_eq!(kinds(&seen), want, "{seen:?}");
     let seqs: Vec<u64> = seen
         .iter()
         .map(|e| e["seq"].as_u64().expect("seq"))
@@ -212,7 +225,7 @@ fn lifecycle_through_the_api_with_restore_into_a_second_serve() {
         "{}",
         events.head()
     );
-    assert_eq!(seen[5]["bytes"], bytes);
+    assert_eq!(seen[5 + 2 * FLIPS]["bytes"], bytes);
     put_ok(&a.socket, "/api/v1/vmm.shutdown", None);
     assert_eq!(a.wait(T), Some(0), "{}", a.output());
     assert!(!a.socket.exists(), "socket removed at exit");

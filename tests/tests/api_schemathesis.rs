@@ -58,6 +58,8 @@ fn schemathesis(socket: &Path, sandbox: &Path, extra: &[&str]) -> Value {
         .arg("--sandbox")
         .arg(sandbox)
         .args(["--examples", EXAMPLES])
+        .arg("--log")
+        .arg(sandbox.with_file_name("requests.jsonl"))
         .args(extra);
     let out = run_command(&mut cmd, None, Duration::from_secs(900));
     assert!(

@@ -417,6 +417,11 @@ impl Vcpu {
                         tell_guest_it_was_paused(&self.fd);
                         return true;
                     }
+                    // A new pause began before this thread left the last
+                    // one (a resume and a pause in quick succession): it is
+                    // still parked, so it acknowledges the new pause, which
+                    // would otherwise wait for it in vain.
+                    let _ = ctl.paused.send(self.index);
                 }
                 Ok(VcpuCommand::Stop) | Err(_) => return false,
             }
