@@ -186,11 +186,12 @@ class Run:
                 status = response.status_code
                 ctype = response.headers.get("content-type", "")
                 response.close()
+                self.log(case, status)
                 problem = None
-                if mode == "negative" and not 400 <= status < 500:
-                    problem = f"an invalid event stream request got {status}"
+                if mode == "negative" and invalid_parts(case) and not 400 <= status < 500:
+                    problem = f"an invalid event stream request got {status}: {case.as_curl_command()}"
                 elif mode != "negative" and (status != 200 or not ctype.startswith("application/x-ndjson")):
-                    problem = f"event stream answered {status} {ctype}"
+                    problem = f"event stream answered {status} {ctype}: {case.as_curl_command()}"
                 self.record(label, mode, status, problem)
                 return
             response = case.call(base_url=self.base, session=self.session, timeout=REQUEST_TIMEOUT_S)

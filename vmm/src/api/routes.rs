@@ -327,7 +327,9 @@ pub fn route(req: &Request) -> Result<Op, Reply> {
             let mut follow = true;
             for (k, v) in params {
                 if k == "since" {
-                    since = Some(v.parse::<u64>().map_err(|_| {
+                    // Digits only: u64's parser would also take "+5".
+                    let digits = !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
+                    since = Some(v.parse::<u64>().ok().filter(|_| digits).ok_or_else(|| {
                         bad(format!(
                             "query parameter since='{v}': use an event number (0 or more)"
                         ))
@@ -450,6 +452,8 @@ mod tests {
         assert_eq!(status("PUT", "/api/v1/vm.pause", "garbage"), 400);
         assert_eq!(status("GET", "/api/v1/vm.info?x=1", ""), 400);
         assert_eq!(status("GET", "/api/v1/events?since=-1", ""), 400);
+        assert_eq!(status("GET", "/api/v1/events?since=%2B5", ""), 400);
+        assert_eq!(status("GET", "/api/v1/events?since=", ""), 400);
         assert_eq!(status("GET", "/api/v1/events?since=1&since=2", ""), 400);
         assert_eq!(status("GET", "/api/v1/events?follow=maybe", ""), 400);
         assert_eq!(status("GET", "/api/v1/vm.metrics?format=xml", ""), 400);
