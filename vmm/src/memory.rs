@@ -9,10 +9,11 @@ use std::os::fd::FromRawFd;
 use abide_machines::MachineDescription;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap,
-};
+use abide_devices::GuestMem;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
 
 /// Errors setting up guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +52,7 @@ pub enum MemoryError {
 #[derive(Debug)]
 pub struct GuestRam {
     /// The mapped memory.
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestMem,
     /// Size in bytes.
     pub size: u64,
     /// The memfd backing all of RAM, ranges laid out back to back.
@@ -149,7 +150,7 @@ impl GuestRam {
         for r in &regions {
             advise_huge(r);
         }
-        let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map {
+        let mem = GuestMem::from_regions(regions).map_err(|e| MemoryError::Map {
             addr: 0,
             size,
             reason: e.to_string(),

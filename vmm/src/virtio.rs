@@ -15,7 +15,7 @@ use abide_devices::virtio::pci::{NotifyRegistrar, VirtioPci, VirtioPciParams};
 use abide_devices::virtio::VirtioDevice;
 use abide_machines::{MachineDescription, VirtioModel};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
-use vm_memory::GuestMemoryMmap;
+use abide_devices::GuestMem;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backends::Backends;
@@ -277,7 +277,7 @@ pub struct VirtioAttach<'a> {
     /// Interrupt and notification wiring.
     pub wiring: &'a dyn Wiring,
     /// Guest memory.
-    pub mem: &'a GuestMemoryMmap,
+    pub mem: &'a GuestMem,
     /// Bus 0.
     pub pci: &'a PciPlatform,
 }

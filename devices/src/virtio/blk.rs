@@ -25,7 +25,7 @@ use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
-    Bytes, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile, VolatileMemoryError, VolatileSlice,
+    Bytes, GuestMemoryBackend, ReadVolatile, VolatileMemoryError, VolatileSlice,
     WriteVolatile,
 };
 
@@ -37,6 +37,7 @@ use super::{
     device_type, read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::GuestMem;
 
 /// `VIRTIO_BLK_F_SEG_MAX`: `seg_max` is valid.
 pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
@@ -389,7 +390,7 @@ fn vm_err(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
 #[derive(Debug)]
 struct BlockIo {
     disk: Arc<Disk>,
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     bounce: Option<Bounce>,
 }
 
@@ -397,7 +398,7 @@ impl BlockIo {
     /// Handles one chain; returns the bytes written into it.
     fn handle(
         &mut self,
-        chain: DescriptorChain<&GuestMemoryMmap>,
+        chain: DescriptorChain<&GuestMem>,
         max: usize,
     ) -> Result<u32, Unusable> {
         let segs = collect_chain(chain, max)?;
@@ -643,7 +644,7 @@ mod tests {
         }
     }
 
-    fn worker(b: &Block, mem: &GuestMemoryMmap, d: &Driver) -> (BlockWorker, Arc<TestInterrupt>) {
+    fn worker(b: &Block, mem: &GuestMem, d: &Driver) -> (BlockWorker, Arc<TestInterrupt>) {
         let (t, irq) = test_irq();
         let w = b
             .worker_for(Activation {
@@ -656,7 +657,7 @@ mod tests {
         (w, t)
     }
 
-    fn header(mem: &GuestMemoryMmap, typ: u32, sector: u64) {
+    fn header(mem: &GuestMem, typ: u32, sector: u64) {
         let mut h = [0u8; 16];
         h[0..4].copy_from_slice(&typ.to_le_bytes());
         h[8..16].copy_from_slice(&sector.to_le_bytes());
@@ -665,7 +666,7 @@ mod tests {
             .expect("status");
     }
 
-    fn status(mem: &GuestMemoryMmap) -> u8 {
+    fn status(mem: &GuestMem) -> u8 {
         mem.read_obj(GuestAddress(STATUS)).expect("status")
     }
 
@@ -1031,7 +1032,7 @@ mod tests {
     /// Submits `head` and runs the queue; checks the device gave up.
     fn expect_needs_reset(
         r: &Rig,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMem,
         d: &mut Driver,
         setup: impl Fn(&Driver) -> u16,
     ) {

@@ -15,7 +15,7 @@ mod worker;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestMemoryMmap;
+use crate::GuestMem;
 use vmm_sys_util::eventfd::EventFd;
 
 /// `VIRTIO_F_VERSION_1`: the modern interface; required.
@@ -73,7 +73,7 @@ pub struct ActiveQueue {
 /// What a device gets when the driver sets DRIVER_OK.
 pub struct Activation {
     /// Guest memory.
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestMem,
     /// Features both sides agreed on.
     pub features: u64,
     /// The enabled queues.

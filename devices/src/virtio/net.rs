@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::DescriptorChain;
-use vm_memory::GuestMemoryMmap;
+use crate::GuestMem;
 
 use super::worker::{
     collect_chain, take_queues, total_len, Handler, SegCursor, Unusable, WorkerQueue, WorkerSlot,
@@ -408,7 +408,7 @@ enum RxStop {
 
 /// The network device's worker.
 struct NetWorker<B> {
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     rx: WorkerQueue,
     tx: WorkerQueue,
     backend: Arc<B>,
@@ -424,8 +424,8 @@ struct NetWorker<B> {
 /// Copies a received frame into a receive chain; returns the used length
 /// (0 when the chain is malformed or too small: the frame is dropped).
 fn deliver(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMem,
+    chain: DescriptorChain<&GuestMem>,
     frame: &[u8],
     max: usize,
 ) -> Result<u32, Unusable> {
@@ -449,10 +449,10 @@ fn deliver(
 
 /// Sends the frame of one transmit chain; returns the used length (0).
 fn transmit<B: NetBackend>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     backend: &B,
     buf: &mut [u8],
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    chain: DescriptorChain<&GuestMem>,
     max: usize,
 ) -> Result<u32, Unusable> {
     let segs = collect_chain(chain, max)?;
@@ -630,7 +630,7 @@ mod tests {
         tx: Driver<'m>,
     }
 
-    fn rig<'m>(n: &Net<Tap>, mem: &'m GuestMemoryMmap) -> Rig<'m> {
+    fn rig<'m>(n: &Net<Tap>, mem: &'m GuestMem) -> Rig<'m> {
         let rx = Driver::new(mem, RXQ, QSIZE);
         let tx = Driver::new(mem, TXQ, QSIZE);
         let (irq, i) = test_irq();

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::GuestMemoryMmap;
+use crate::GuestMem;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::legacy::IrqLine;
@@ -74,7 +74,7 @@ pub struct VirtioPciParams {
     /// INTx line (INTA#), used while MSI-X is disabled.
     pub intx: Option<IrqLine>,
     /// Guest memory.
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestMem,
     /// Expansion ROM: slot size and image (image no larger than the slot).
     pub rom: Option<(u64, Vec<u8>)>,
     /// ioeventfd registration for notifications (None: notifications go
@@ -138,7 +138,7 @@ pub struct VirtioPci {
     config: PciConfig,
     layout: VirtioPciLayout,
     device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     irq: Arc<Interrupts>,
     queues: Vec<Queue>,
     kicks: Vec<EventFd>,
@@ -1109,7 +1109,7 @@ pub(crate) mod testutil {
     /// `device` behind a transport with 3 MSI-X vectors delivered by `msi`.
     pub(crate) fn transport(
         device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         msi: Arc<dyn MsiController>,
     ) -> VirtioPci {
         VirtioPci::new(
@@ -1301,7 +1301,7 @@ mod tests {
 
     fn device_with(msi: Arc<dyn MsiController>) -> (VirtioPci, Arc<Counters>) {
         let c = Arc::new(Counters::default());
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mem");
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mem");
         let dev = transport(
             Box::new(Dummy {
                 c: c.clone(),
