@@ -10,12 +10,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use abide_devices::pci::config::BarKind;
+use abide_devices::GuestMem;
 use abide_devices::{Bus, ExitSignal};
 use abide_machines::{BootLayout, LegacyDevices, MachineDescription, MemoryMap};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use abide_devices::GuestMem;
 use vm_memory::GuestAddress;
 
 use crate::config::{KernelSource, SerialConfig, VmConfig};

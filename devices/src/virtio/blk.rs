@@ -25,8 +25,7 @@ use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
-    Bytes, GuestMemoryBackend, ReadVolatile, VolatileMemoryError, VolatileSlice,
-    WriteVolatile,
+    Bytes, GuestMemoryBackend, ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile,
 };
 
 use super::worker::{
@@ -396,11 +395,7 @@ struct BlockIo {
 
 impl BlockIo {
     /// Handles one chain; returns the bytes written into it.
-    fn handle(
-        &mut self,
-        chain: DescriptorChain<&GuestMem>,
-        max: usize,
-    ) -> Result<u32, Unusable> {
+    fn handle(&mut self, chain: DescriptorChain<&GuestMem>, max: usize) -> Result<u32, Unusable> {
         let segs = collect_chain(chain, max)?;
         let (status, rest) = segs.split_last().ok_or(Unusable)?;
         if !status.usable(&self.mem, true) {
@@ -1030,12 +1025,7 @@ mod tests {
     }
 
     /// Submits `head` and runs the queue; checks the device gave up.
-    fn expect_needs_reset(
-        r: &Rig,
-        mem: &GuestMem,
-        d: &mut Driver,
-        setup: impl Fn(&Driver) -> u16,
-    ) {
+    fn expect_needs_reset(r: &Rig, mem: &GuestMem, d: &mut Driver, setup: impl Fn(&Driver) -> u16) {
         let (mut w, irq) = worker(&r.block, mem, d);
         header(mem, VIRTIO_BLK_T_IN, 0);
         let head = setup(d);

@@ -14,8 +14,8 @@ mod worker;
 
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use crate::GuestMem;
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 /// `VIRTIO_F_VERSION_1`: the modern interface; required.

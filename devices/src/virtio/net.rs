@@ -23,9 +23,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
+use crate::GuestMem;
 use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::DescriptorChain;
-use crate::GuestMem;
 
 use super::worker::{
     collect_chain, take_queues, total_len, Handler, SegCursor, Unusable, WorkerQueue, WorkerSlot,
@@ -181,6 +181,14 @@ impl Tap {
     pub unsafe fn from_raw_fd(fd: RawFd) -> io::Result<Self> {
         // SAFETY: the caller hands over ownership of an open descriptor.
         Self::from_fd(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// A second handle on the same tap queue (a duplicated descriptor),
+    /// e.g. for the VMM to send frames of its own on the guest's port.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            file: self.file.try_clone()?,
+        })
     }
 
     /// The interface name.

@@ -8,9 +8,9 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::GuestMem;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
-use crate::GuestMem;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::legacy::IrqLine;

@@ -533,12 +533,7 @@ impl WorkerQueue {
     }
 
     /// Returns chain `head` to the driver with `len` bytes written.
-    pub(crate) fn add_used(
-        &mut self,
-        mem: &GuestMem,
-        head: u16,
-        len: u32,
-    ) -> Result<(), Unusable> {
+    pub(crate) fn add_used(&mut self, mem: &GuestMem, head: u16, len: u32) -> Result<(), Unusable> {
         self.queue.add_used(mem, head, len).map_err(|_| Unusable)?;
         self.pending_used = true;
         Ok(())
@@ -696,11 +691,11 @@ pub(crate) mod testutil {
     use std::sync::atomic::Ordering;
     use std::time::{Duration, Instant};
 
+    use crate::GuestMem;
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueT};
-    use crate::GuestMem;
     use vm_memory::{Address, Bytes, GuestAddress};
     use vmm_sys_util::eventfd::EventFd;
 
