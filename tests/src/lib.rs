@@ -137,6 +137,77 @@ impl GuestLine {
     }
 }
 
+/// Lines of a test guest's serial log that do not depend on time (no
+/// `rtc` or `tick` lines, no `ticks=` fields): two runs of the same
+/// workload, however interrupted, must give the same ones.
+pub fn stable_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| {
+            let Some(g) = GuestLine::parse(l) else {
+                return false;
+            };
+            !matches!(g.topic.as_str(), "rtc" | "tick") && !l.contains("ticks=")
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// The round numbers of the complete `progress round=N sum=...` lines.
+pub fn progress_rounds(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(GuestLine::parse)
+        .filter(|l| l.topic == "progress" && l.fields.contains_key("sum"))
+        .map(|l| l.num("round"))
+        .collect()
+}
+
+/// The block the guest writes in iteration `i` of `blk-loop` (the guest's
+/// xorshift64 pattern).
+pub fn blk_loop_block(i: u64) -> Vec<u8> {
+    let mut x = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(4096);
+    for _ in 0..512 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+/// Checks a `blk-loop=ITERS` run whose serial output (of one or more
+/// processes, joined) is `joined` and whose disk ended up in `image`:
+/// every iteration ran exactly once, in order, and verified; the loop
+/// ended with errors=0; every block holds what the guest wrote last.
+pub fn check_blk_loop(joined: &str, iters: u64, image: &Path) {
+    let mut seen: Vec<u64> = joined
+        .lines()
+        .filter_map(GuestLine::parse)
+        .filter(|l| l.topic == "blk-loop" && l.fields.contains_key("iter"))
+        .map(|l| {
+            assert_eq!(l.get("ok"), "1", "iteration failed: {l:?}");
+            l.num("iter")
+        })
+        .collect();
+    let n = seen.len();
+    seen.dedup();
+    assert_eq!(n, seen.len(), "an iteration ran twice");
+    assert_eq!(seen, (0..iters).collect::<Vec<_>>(), "iterations lost");
+    assert!(
+        joined.contains(&format!("guest: blk-loop done iters={iters} errors=0")),
+        "{joined}"
+    );
+    let image = std::fs::read(image).expect("image");
+    for block in 0..64u64 {
+        let last = (0..iters).rev().find(|i| i % 64 == block).expect("written");
+        let at = (block * 4096) as usize;
+        assert!(
+            image[at..at + 4096] == blk_loop_block(last)[..],
+            "block {block} does not hold iteration {last}'s data"
+        );
+    }
+}
+
 /// Runs `abide` with `args`, feeding `stdin`, killing it after `timeout`.
 pub fn run_abide(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Outcome {
     run_command(Command::new(abide_bin()).args(args), stdin, timeout)

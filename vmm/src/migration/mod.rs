@@ -203,9 +203,10 @@ pub struct Report {
 
 /// The test-only fault hook: `ABIDE_TEST_MIGRATION_FAULT` makes the
 /// destination kill itself at a fixed point (`kill-during-memory`: at the
-/// second page frame; `kill-during-state`: at the first state section), so
-/// the tests can check what the source does when the destination dies in
-/// each phase. Documented in the README as for tests only.
+/// second page frame; `kill-during-state`: at the first state section;
+/// `kill-after-commit`: right after reading *commit*), so the tests can
+/// check what the source does when the destination dies in each phase.
+/// Documented in the README as for tests only.
 pub(crate) fn fault(phase: &str) {
     if std::env::var("ABIDE_TEST_MIGRATION_FAULT").is_ok_and(|v| v == phase) {
         eprintln!("abide: test fault hook: dying {phase}");

@@ -222,6 +222,7 @@ pub fn receive(
     const WAIT: &str = "waiting for commit (the guest stays with the source)";
     let tag = wire::read_frame(&mut conn, &mut buf).map_err(stream(WAIT))?;
     let committed_at = Instant::now();
+    super::fault("kill-after-commit");
     match tag {
         wire::COMMIT => {}
         wire::ABORT => return Err(MigrationError::SourceAborted(wire::error_text(&buf))),
