@@ -35,8 +35,11 @@ struct Abide {
     api: PathBuf,
     serial: PathBuf,
     stderr: PathBuf,
-    lines: Option<Arc<Mutex<Vec<(Instant, String)>>>>,
+    lines: Option<Lines>,
 }
+
+/// Console lines with the time each arrived.
+type Lines = Arc<Mutex<Vec<(Instant, String)>>>;
 
 impl Abide {
     fn spawn(dir: &Path, tag: &str, args: &[&str], env: &[(&str, &str)], piped: bool) -> Self {

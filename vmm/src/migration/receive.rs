@@ -274,3 +274,31 @@ fn take_section(sections: &mut Sections, buf: &[u8]) -> Result<(), MigrationErro
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(name: &str, version: u32, optional: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        wire::write_section(&mut out, name, version, optional, b"{}").expect("write");
+        let mut buf = Vec::new();
+        wire::read_frame(&mut &out[..], &mut buf).expect("frame");
+        buf
+    }
+
+    #[test]
+    fn sections_are_checked_against_this_builds_versions() {
+        let mut s = Sections::default();
+        take_section(&mut s, &frame("vcpu.0", 1, false)).expect("known");
+        let e = take_section(&mut s, &frame("vcpu.1", 99, false)).expect_err("newer");
+        assert!(e.to_string().contains("has version 99"), "{e}");
+        let e = take_section(&mut s, &frame("gizmo", 1, false)).expect_err("unknown");
+        assert!(e.to_string().contains("not known to this Abide"), "{e}");
+        take_section(&mut s, &frame("gizmo.extra", 1, true)).expect("optional skipped");
+        let e = take_section(&mut s, &frame("vcpu.0", 1, false)).expect_err("twice");
+        assert!(e.to_string().contains("appears twice"), "{e}");
+        use crate::snapshot::state::SectionSource;
+        assert_eq!(s.names(), ["vcpu.0"]);
+    }
+}

@@ -252,9 +252,11 @@ impl PageBatch {
     }
 }
 
-/// A verified `PAGES` payload: each page's address and its bytes (`None`
-/// for a zero page).
-pub fn parse_pages(buf: &[u8]) -> Result<Vec<(u64, Option<&[u8]>)>, WireError> {
+/// A received page: its guest address and bytes (`None`: a zero page).
+pub type Page<'a> = (u64, Option<&'a [u8]>);
+
+/// A verified `PAGES` payload.
+pub fn parse_pages(buf: &[u8]) -> Result<Vec<Page<'_>>, WireError> {
     let bad = |why: &str| WireError::Malformed(format!("page frame: {why}"));
     if buf.len() < 4 + HASH_LEN {
         return Err(bad("too short"));
