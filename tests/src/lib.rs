@@ -356,6 +356,80 @@ fn first_word(out: &[u8]) -> String {
         .to_string()
 }
 
+/// Reading the output of a Linux guest session script (tests/tests/linux_*.rs):
+/// `host: key=value` lines, `@@@ begin NAME` ... `@@@ end NAME rc=` sections
+/// and the guest's `abide-linux: ` lines.
+pub mod session {
+    /// The text between `@@@ begin NAME` and `@@@ end NAME rc=`, and the rc.
+    pub fn section<'a>(out: &'a str, name: &str) -> (&'a str, String) {
+        let begin = format!("@@@ begin {name}\n");
+        let end = format!("@@@ end {name} rc=");
+        let from = out
+            .find(&begin)
+            .unwrap_or_else(|| panic!("no section {name} in the session's output\n{out}"))
+            + begin.len();
+        let rest = &out[from..];
+        let to = rest
+            .find(&end)
+            .unwrap_or_else(|| panic!("section {name} has no end\n{out}"));
+        let rc = rest[to + end.len()..].lines().next().unwrap_or("").trim();
+        (&rest[..to], rc.to_string())
+    }
+
+    /// The value of the session's `host: KEY=value` line.
+    pub fn host_field<'a>(out: &'a str, key: &str) -> &'a str {
+        let prefix = format!("host: {key}=");
+        out.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("the session did not report {key}\n{out}"))
+    }
+
+    /// `A..B` from a host window line.
+    pub fn window(out: &str, key: &str) -> (i64, i64) {
+        let w = host_field(out, key);
+        let (a, b) = w
+            .split_once("..")
+            .unwrap_or_else(|| panic!("{key}={w} is not A..B"));
+        (
+            a.parse().expect("window start"),
+            b.parse().expect("window end"),
+        )
+    }
+
+    /// The rest of the guest's `abide-linux: PREFIX` line (one of them; the
+    /// echoed command lines start with the shell prompt, not with this).
+    pub fn guest<'a>(log: &'a str, prefix: &str) -> &'a str {
+        let prefix = format!("abide-linux: {prefix}");
+        log.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("the guest did not print '{prefix}'\n{log}"))
+    }
+
+    /// `key=value` from a line of space-separated pairs.
+    pub fn word<'a>(line: &'a str, key: &str) -> &'a str {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {key}= in '{line}'"))
+    }
+
+    /// Kernel messages that mean something went wrong in the guest.
+    pub const KERNEL_TROUBLE: &[&str] = &[
+        "WARNING:",
+        "BUG:",
+        "soft lockup",
+        "hard LOCKUP",
+        "rcu: INFO",
+        "detected stall",
+        "self-detected stall",
+        "blocked for more than",
+        "Call Trace",
+        "Oops",
+        "Kernel panic",
+        "clocksource: timekeeping watchdog",
+        "Marking clocksource",
+    ];
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

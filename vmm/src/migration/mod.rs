@@ -114,6 +114,9 @@ pub enum MigrationError {
     /// The whole migration took too long.
     #[error("the migration did not finish within {0} s (--timeout); the guest keeps running here")]
     Timeout(u64),
+    /// The guest ended (poweroff, reset) as the migration paused it.
+    #[error("the guest ended ({0}) before it could be moved")]
+    GuestEnded(String),
     /// Cancelled through the API (quit).
     #[error("the migration was cancelled")]
     Cancelled,
@@ -199,6 +202,12 @@ pub struct Report {
     pub final_pages: u64,
     /// Where the guest went.
     pub to: String,
+    /// Where the time went, in ms: pre-copy (reading guest memory, and
+    /// hashing and sending it), and the stop-and-copy steps on the source
+    /// (pause, flush, last pages, state, waiting for *ready*, waiting for
+    /// the guest to run at the destination) and on the destination (loading
+    /// the state, from *commit* to running).
+    pub phases: serde_json::Map<String, serde_json::Value>,
 }
 
 /// The test-only fault hook: `ABIDE_TEST_MIGRATION_FAULT` makes the

@@ -28,6 +28,7 @@ pub struct Incoming {
     conn: Conn,
     committed_at: Instant,
     source_paused_ms: f64,
+    load_ms: f64,
     /// The source's Abide version.
     pub source_version: String,
     /// Bytes received.
@@ -54,6 +55,7 @@ impl Incoming {
             conn,
             committed_at,
             source_paused_ms,
+            load_ms,
             ..
         } = self;
         (
@@ -62,6 +64,7 @@ impl Incoming {
                 conn,
                 committed_at,
                 source_paused_ms,
+                load_ms,
             },
         )
     }
@@ -73,17 +76,19 @@ pub struct Confirm {
     conn: Conn,
     committed_at: Instant,
     source_paused_ms: f64,
+    load_ms: f64,
 }
 
 impl Confirm {
     /// Tells the source the guest runs here; returns this side's downtime.
     pub fn send(mut self) -> f64 {
-        let downtime_ms = self.source_paused_ms + crate::api::ms(self.committed_at);
-        if let Err(e) = wire::write_json(
-            &mut self.conn,
-            wire::RESUMED,
-            &json!({"downtime_ms": downtime_ms}),
-        ) {
+        let start_ms = crate::api::ms(self.committed_at);
+        let downtime_ms = self.source_paused_ms + start_ms;
+        let answer = json!({
+            "downtime_ms": downtime_ms,
+            "phases": {"load_ms": self.load_ms, "start_ms": start_ms},
+        });
+        if let Err(e) = wire::write_json(&mut self.conn, wire::RESUMED, &answer) {
             eprintln!("abide: warning: cannot tell the source that the guest runs here: {e}");
         }
         self.conn.shutdown();
@@ -196,7 +201,8 @@ pub fn receive(
                 if let Ok(v) = wire::parse_json::<serde_json::Value>(tag, &buf) {
                     status(&format!("receiving memory (pass {})", v["iteration"]));
                 }
-                Ok(())
+                wire::write_json(&mut conn, wire::PASS_STORED, &json!({}))
+                    .map_err(stream("receiving memory"))
             }
             wire::SECTION => {
                 super::fault("kill-during-state");
@@ -212,9 +218,11 @@ pub fn receive(
         }
     }
     status("loading state");
+    let t = Instant::now();
     if let Err(e) = state::load(&mut vm, &sections, &[]) {
         return Err(tell(&mut conn, wire::ERROR, e.into()));
     }
+    let load_ms = crate::api::ms(t);
     if let Err(e) = wire::write_json(&mut conn, wire::READY, &json!({})) {
         return Err(stream("answering ready")(e));
     }
@@ -234,6 +242,7 @@ pub fn receive(
         conn,
         committed_at,
         source_paused_ms: commit["paused_ms"].as_f64().unwrap_or(0.0),
+        load_ms,
         source_version: header.abide_version,
         bytes,
         pages,

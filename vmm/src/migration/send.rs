@@ -148,6 +148,11 @@ struct Sender<'a> {
     /// Bytes and time spent sending, for the bandwidth.
     send_bytes: u64,
     send_time: Duration,
+    /// Time reading guest memory, and hashing and writing frames.
+    copy_time: Duration,
+    write_time: Duration,
+    /// Stop-and-copy steps, in order.
+    phases: serde_json::Map<String, serde_json::Value>,
     /// The last measured dirty rate (MiB/s), dirty bytes and pass.
     dirty_rate: f64,
     dirty_bytes: u64,
@@ -206,6 +211,11 @@ impl Sender<'_> {
         }
     }
 
+    fn phase(&mut self, name: &str, since: Instant) {
+        self.phases
+            .insert(name.to_string(), json!(crate::api::ms(since)));
+    }
+
     fn bandwidth(&self) -> f64 {
         let secs = self.send_time.as_secs_f64();
         if secs <= 0.0 {
@@ -218,7 +228,10 @@ impl Sender<'_> {
         if self.batch.is_empty() {
             return Ok(());
         }
-        match self.batch.send(&mut self.conn) {
+        let t = Instant::now();
+        let sent = self.batch.send(&mut self.conn);
+        self.write_time += t.elapsed();
+        match sent {
             Ok(n) => {
                 self.bytes += n;
                 Ok(())
@@ -240,12 +253,15 @@ impl Sender<'_> {
         let before = self.bytes;
         let mut n = 0u64;
         for gpa in gpas {
+            let c = Instant::now();
             self.vm
                 .ram
                 .mem
                 .read_slice(&mut self.page, GuestAddress(gpa))
                 .map_err(|e| MigrationError::Memory(format!("reading {gpa:#x}: {e}")))?;
-            if skip_zero && wire::is_zero(&self.page) {
+            let zero = skip_zero && wire::is_zero(&self.page);
+            self.copy_time += c.elapsed();
+            if zero {
                 continue;
             }
             if self.sent.set(gpa) {
@@ -369,13 +385,35 @@ impl Sender<'_> {
         }
     }
 
+    /// Ends a pass and waits until the destination has stored it, so that
+    /// the bandwidth is measured end to end and nothing is left queued for
+    /// the destination when the guest is paused.
     fn pass_marker(&mut self, pass: u32, pages: u64) -> Result<(), MigrationError> {
+        const PHASE: &str = "sending memory";
+        let t = Instant::now();
         wire::write_json(
             &mut self.conn,
             wire::PASS,
             &json!({"iteration": pass, "pages": pages}),
         )
-        .map_err(|e| stream(&mut self.conn, "sending memory", e))
+        .map_err(|e| stream(&mut self.conn, PHASE, e))?;
+        let mut buf = Vec::new();
+        let r = wire::read_frame(&mut self.conn, &mut buf);
+        self.send_time += t.elapsed();
+        self.write_time += t.elapsed();
+        match r {
+            Ok(wire::PASS_STORED) => Ok(()),
+            Ok(wire::ERROR) => Err(MigrationError::Destination(wire::error_text(&buf))),
+            Ok(t) => Err(MigrationError::Stream {
+                phase: PHASE,
+                source: WireError::Malformed(format!(
+                    "unexpected frame '{}'",
+                    char::from(t).escape_default()
+                )),
+                peer: None,
+            }),
+            Err(e) => Err(stream(&mut self.conn, PHASE, e)),
+        }
     }
 
     /// With the guest paused: the last pages, every state section, and the
@@ -385,13 +423,18 @@ impl Sender<'_> {
         vcpus: &Mutex<Vcpus>,
         mut pending: PageBits,
     ) -> Result<u64, MigrationError> {
+        let t = Instant::now();
         for f in &self.vm.disk_files {
             f.sync_data()
                 .map_err(|e| MigrationError::Memory(format!("cannot flush a disk image: {e}")))?;
         }
+        self.phase("flush_ms", t);
+        let t = Instant::now();
         self.take_dirty(&mut pending)?;
         let gpas = pending.drain();
         let n = self.send_pages(gpas.into_iter(), false, false, "sending the last pages")?;
+        self.phase("last_pages_ms", t);
+        let t = Instant::now();
         let sections = {
             let v = vcpus.lock().unwrap_or_else(|e| e.into_inner());
             state::collect(self.vm, &v)?
@@ -408,9 +451,13 @@ impl Sender<'_> {
             &json!({"sections": sections.len()}),
         )
         .map_err(|e| stream(&mut self.conn, PHASE, e))?;
+        self.phase("state_ms", t);
+        let t = Instant::now();
         let mut buf = Vec::new();
         const WAIT: &str = "waiting for the destination to load the state";
-        match wire::read_frame(&mut self.conn, &mut buf) {
+        let ready = wire::read_frame(&mut self.conn, &mut buf);
+        self.phase("ready_wait_ms", t);
+        match ready {
             Ok(wire::READY) => Ok(n),
             Ok(wire::ERROR) | Ok(wire::REFUSE) => {
                 Err(MigrationError::Destination(wire::error_text(&buf)))
@@ -461,6 +508,9 @@ pub fn send(
         pages_resent: 0,
         send_bytes: 0,
         send_time: Duration::ZERO,
+        copy_time: Duration::ZERO,
+        write_time: Duration::ZERO,
+        phases: serde_json::Map::new(),
         dirty_rate: 0.0,
         dirty_bytes: 0,
         passes: 0,
@@ -481,6 +531,7 @@ pub fn send(
     let stop_logging = || {
         let _ = vm.ram.set_dirty_logging(&vm.vm, false);
     };
+    let precopy_start = Instant::now();
     let (pending, passes) = match s.precopy(progress) {
         Ok(r) => r,
         Err(e) => {
@@ -488,21 +539,26 @@ pub fn send(
             return Err(abort(&mut s, e));
         }
     };
+    let precopy_ms = crate::api::ms(precopy_start);
     // Stop-and-copy: from here the guest is paused.
     let paused_at = Instant::now();
     let paused = {
         let mut v = vcpus.lock().unwrap_or_else(|e| e.into_inner());
         vm.pause(&mut v)
     };
+    s.phase("pause_ms", paused_at);
     if let Err(e) = paused {
         stop_logging();
         return Err(abort(&mut s, e.into()));
     }
-    if vm.exit.reason().is_some() {
+    if let Some(reason) = vm.exit.reason() {
         // The guest powered off or reset just before the pause: it ends
         // here, as it asked, and is not sent anywhere.
         stop_logging();
-        return Err(abort(&mut s, MigrationError::Cancelled));
+        return Err(abort(
+            &mut s,
+            MigrationError::GuestEnded(format!("{reason:?}")),
+        ));
     }
     let resume_here = |s: &mut Sender<'_>, e: MigrationError| {
         stop_logging();
@@ -523,6 +579,7 @@ pub fn send(
         Err(e) => return Err(resume_here(&mut s, e)),
     };
     let paused_ms = crate::api::ms(paused_at);
+    let committed_at = Instant::now();
     if let Err(e) = wire::write_json(&mut s.conn, wire::COMMIT, &json!({"paused_ms": paused_ms})) {
         // Not written: the destination cannot have it.
         let e = stream(&mut s.conn, "sending commit", e);
@@ -557,6 +614,17 @@ pub fn send(
     let downtime_ms = crate::api::ms(paused_at);
     let resumed = resumed.map_err(SendError::Unconfirmed)?;
     s.conn.shutdown();
+    s.phase("resume_wait_ms", committed_at);
+    let mut phases = serde_json::Map::new();
+    phases.insert("precopy_ms".into(), json!(precopy_ms));
+    phases.insert("copy_ms".into(), json!(s.copy_time.as_secs_f64() * 1e3));
+    phases.insert("send_ms".into(), json!(s.write_time.as_secs_f64() * 1e3));
+    phases.extend(std::mem::take(&mut s.phases));
+    if let Some(d) = resumed["phases"].as_object() {
+        for (k, v) in d {
+            phases.insert(format!("destination_{k}"), v.clone());
+        }
+    }
     Ok(Report {
         status: "migrated",
         downtime_ms,
@@ -568,5 +636,6 @@ pub fn send(
         pages_resent: s.pages_resent,
         final_pages,
         to: opts.to.to_string(),
+        phases,
     })
 }
