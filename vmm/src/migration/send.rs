@@ -439,6 +439,7 @@ impl Sender<'_> {
             let v = vcpus.lock().unwrap_or_else(|e| e.into_inner());
             state::collect(self.vm, &v)?
         };
+        self.phase("collect_ms", t);
         const PHASE: &str = "sending the device and vCPU state";
         for s in &sections {
             wire::write_section(&mut self.conn, &s.name, s.version, s.optional, &s.bytes)
