@@ -360,6 +360,48 @@ fn first_word(out: &[u8]) -> String {
 /// `host: key=value` lines, `@@@ begin NAME` ... `@@@ end NAME rc=` sections
 /// and the guest's `abide-linux: ` lines.
 pub mod session {
+    use std::process::Command;
+    use std::time::Duration;
+
+    use super::{now, repo_root, run_command, Outcome};
+
+    /// Runs a session script with `sh -c` where Linux guests run (directly
+    /// or in the nested test host), within `budget` seconds plus margins;
+    /// asserts that it succeeded and shows its `host:` lines. 125 means the
+    /// nested host itself failed (its reason is on stderr); 1 a step of the
+    /// script (`host: failed: ...`, logs follow).
+    pub fn run_session(script: &str, budget: u64, what: &str) -> Outcome {
+        let start = now();
+        let out = run_command(
+            Command::new(repo_root().join("resources/linux/run-direct-or-nested.sh"))
+                .args(["--timeout", &(budget + 40).to_string(), "--", "sh", "-c"])
+                .arg(script)
+                .current_dir(repo_root()),
+            None,
+            Duration::from_secs(budget + 60),
+        );
+        eprintln!(
+            "{} (session {} s)",
+            out.stderr.lines().next().unwrap_or(""),
+            now() - start
+        );
+        assert_eq!(out.code, Some(0), "the {what} session failed\n{out}");
+        for l in out.stdout.lines().filter(|l| l.starts_with("host: ")) {
+            eprintln!("{l}");
+        }
+        out
+    }
+
+    /// Asserts that no line of the guest console `log` shows kernel
+    /// trouble ([`KERNEL_TROUBLE`]).
+    pub fn assert_no_kernel_trouble(name: &str, log: &str) {
+        for l in log.lines() {
+            assert!(
+                !KERNEL_TROUBLE.iter().any(|w| l.contains(w)),
+                "kernel trouble on the {name} console: {l}\n{log}"
+            );
+        }
+    }
     /// The text between `@@@ begin NAME` and `@@@ end NAME rc=`, and the rc.
     pub fn section<'a>(out: &'a str, name: &str) -> (&'a str, String) {
         let begin = format!("@@@ begin {name}\n");

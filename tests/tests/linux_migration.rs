@@ -17,11 +17,12 @@
 //! Where this host's CPU has vmx/svm it runs directly; otherwise inside the
 //! nested test host (see tests/tests/linux_guest.rs).
 
-use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use abide_tests::session::{guest, host_field, section, window, word, KERNEL_TROUBLE};
-use abide_tests::{abide_bin, guest_file, now, repo_root, run_command, Outcome};
+use abide_tests::session::{
+    assert_no_kernel_trouble, guest, host_field, run_session, section, window, word,
+};
+use abide_tests::{abide_bin, guest_file};
 use serde_json::Value;
 
 /// How far the guest's `date +%s` may be from the host's window around it
@@ -189,25 +190,8 @@ fn linux_guest_migrates_live_over_tcp() {
         .replace("@MAC@", mac)
         // pc-1.0: host bridge at 0, the disk at 1, the NIC at 2.
         .replace("@NIC_SLOT@", "2");
-    let start = now();
-    let out: Outcome = run_command(
-        Command::new(repo_root().join("resources/linux/run-direct-or-nested.sh"))
-            .args(["--timeout", &(budget + 40).to_string(), "--", "sh", "-c"])
-            .arg(&script)
-            .current_dir(repo_root()),
-        None,
-        Duration::from_secs(budget + 60),
-    );
-    eprintln!(
-        "{} (session {} s)",
-        out.stderr.lines().next().unwrap_or(""),
-        now() - start
-    );
-    assert_eq!(out.code, Some(0), "the migration session failed\n{out}");
+    let out = run_session(&script, budget, "migration");
     let text = out.stdout.as_str();
-    for l in text.lines().filter(|l| l.starts_with("host: ")) {
-        eprintln!("{l}");
-    }
     let (before, _) = section(text, "console1");
     let (after, rc2) = section(text, "console2");
     let (stderr2, _) = section(text, "stderr2");
@@ -308,14 +292,8 @@ fn linux_guest_migrates_live_over_tcp() {
     for l in &kmsg {
         eprintln!("  {l}");
     }
-    for (name, log) in [("before", before), ("after", after)] {
-        for l in log.lines() {
-            assert!(
-                !KERNEL_TROUBLE.iter().any(|w| l.contains(w)),
-                "kernel trouble on the {name} console: {l}\n{log}"
-            );
-        }
-    }
+    assert_no_kernel_trouble("before", before);
+    assert_no_kernel_trouble("after", after);
     assert_eq!(
         rc2, "0",
         "the destination abide should exit 0\n{after}\n{stderr2}"

@@ -14,11 +14,12 @@
 //! the project's machines) inside the nested test host (QEMU TCG with
 //! emulated AMD-V, where KVM is real). See tests/tests/linux_guest.rs.
 
-use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use abide_tests::session::{guest, host_field, section, window, word, KERNEL_TROUBLE};
-use abide_tests::{abide_bin, guest_file, now, repo_root, run_command, Outcome};
+use abide_tests::session::{
+    assert_no_kernel_trouble, guest, host_field, run_session, section, window, word,
+};
+use abide_tests::{abide_bin, guest_file};
 use serde_json::Value;
 
 /// Seconds between killing the first Abide and starting the restore. The
@@ -207,27 +208,8 @@ fn linux_guest_survives_snapshot_kill_and_restore() {
         .replace("@GUEST_IP@", "192.168.215.2")
         .replace("@DISK_SLOT@", &DISK_SLOT.to_string())
         .replace("@NIC_SLOT@", &NIC_SLOT.to_string());
-    let start = now();
-    let out: Outcome = run_command(
-        Command::new(repo_root().join("resources/linux/run-direct-or-nested.sh"))
-            .args(["--timeout", &(budget + 40).to_string(), "--", "sh", "-c"])
-            .arg(&script)
-            .current_dir(repo_root()),
-        None,
-        Duration::from_secs(budget + 60),
-    );
-    eprintln!(
-        "{} (session {} s)",
-        out.stderr.lines().next().unwrap_or(""),
-        now() - start
-    );
-    // 125: the nested host itself failed (its reason is on stderr); 1: a
-    // step of the script failed (`host: failed: ...`, logs follow).
-    assert_eq!(out.code, Some(0), "the snapshot session failed\n{out}");
+    let out = run_session(&script, budget, "snapshot");
     let text = out.stdout.as_str();
-    for l in text.lines().filter(|l| l.starts_with("host: ")) {
-        eprintln!("{l}");
-    }
     let (before, rc1) = section(text, "console1");
     let (after, rc2) = section(text, "console2");
     let (stderr2, _) = section(text, "stderr2");
@@ -369,11 +351,8 @@ fn linux_guest_survives_snapshot_kill_and_restore() {
             {
                 eprintln!("console {name}: {l}");
             }
-            assert!(
-                !KERNEL_TROUBLE.iter().any(|w| l.contains(w)),
-                "kernel trouble on the {name} console: {l}\n{log}"
-            );
         }
+        assert_no_kernel_trouble(name, log);
     }
 
     // poweroff -f ends the restored abide with 0.

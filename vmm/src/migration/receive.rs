@@ -107,10 +107,7 @@ fn stream(phase: &'static str) -> impl FnOnce(WireError) -> MigrationError {
 fn unexpected(phase: &'static str, tag: u8) -> MigrationError {
     MigrationError::Stream {
         phase,
-        source: WireError::Malformed(format!(
-            "unexpected frame '{}'",
-            char::from(tag).escape_default()
-        )),
+        source: wire::unexpected(tag),
         peer: None,
     }
 }

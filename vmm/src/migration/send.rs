@@ -332,10 +332,7 @@ impl Sender<'_> {
             wire::ERROR => Err(MigrationError::Destination(wire::error_text(&buf))),
             t => Err(MigrationError::Stream {
                 phase: "waiting for the destination to accept",
-                source: WireError::Malformed(format!(
-                    "unexpected frame '{}'",
-                    char::from(t).escape_default()
-                )),
+                source: wire::unexpected(t),
                 peer: None,
             }),
         }
@@ -406,10 +403,7 @@ impl Sender<'_> {
             Ok(wire::ERROR) => Err(MigrationError::Destination(wire::error_text(&buf))),
             Ok(t) => Err(MigrationError::Stream {
                 phase: PHASE,
-                source: WireError::Malformed(format!(
-                    "unexpected frame '{}'",
-                    char::from(t).escape_default()
-                )),
+                source: wire::unexpected(t),
                 peer: None,
             }),
             Err(e) => Err(stream(&mut self.conn, PHASE, e)),
@@ -465,10 +459,7 @@ impl Sender<'_> {
             }
             Ok(t) => Err(MigrationError::Stream {
                 phase: WAIT,
-                source: WireError::Malformed(format!(
-                    "unexpected frame '{}'",
-                    char::from(t).escape_default()
-                )),
+                source: wire::unexpected(t),
                 peer: None,
             }),
             Err(e) => Err(stream(&mut self.conn, WAIT, e)),
@@ -600,10 +591,7 @@ pub fn send(
             Ok(wire::ERROR) => Err(MigrationError::Destination(wire::error_text(&buf))),
             Ok(t) => Err(MigrationError::Stream {
                 phase: WAIT,
-                source: WireError::Malformed(format!(
-                    "unexpected frame '{}'",
-                    char::from(t).escape_default()
-                )),
+                source: wire::unexpected(t),
                 peer: None,
             }),
             Err(e) => Err(MigrationError::Stream {

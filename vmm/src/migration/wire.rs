@@ -186,6 +186,14 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<u8, WireError>
     Ok(head[0])
 }
 
+/// The error for a frame that has no business at this point.
+pub fn unexpected(tag: u8) -> WireError {
+    WireError::Malformed(format!(
+        "unexpected frame '{}'",
+        char::from(tag).escape_default()
+    ))
+}
+
 /// Parses a JSON payload.
 pub fn parse_json<T: DeserializeOwned>(tag: u8, buf: &[u8]) -> Result<T, WireError> {
     serde_json::from_slice(buf).map_err(|e| {
