@@ -15,11 +15,12 @@
 //! of bus 0) and `MRES` (motherboard resources: the ECAM window). The PCI
 //! parts are in the `pci` submodule (`acpi/pci.rs`).
 //!
-//! Every table starts on a [`TABLE_ALIGN`]-byte boundary. Addresses, ports,
-//! IRQs and IDs come from the machine description. Guest-visible choices that
-//! the description does not (yet) carry are the `const`s in the first block
-//! below; everything else that is a literal is fixed by the ACPI
-//! specification.
+//! Every table starts on an `acpi.table_align`-byte boundary. Addresses,
+//! ports, IRQs, IDs, table revisions, FADT fields and the DSDT's device names
+//! and PNP IDs come from the machine description (`acpi`, `acpi_ids`,
+//! `irqchip`, `legacy`, `legacy_defaults`, `pci`); what it declares that
+//! these tables cannot express is refused ([`AcpiError`]). Every literal
+//! left here is fixed by the ACPI specification.
 //!
 //! # What the device models must do to match
 //!
@@ -38,8 +39,8 @@
 //! * Writing `reset.value` to `reset.port` resets the machine (`RESET_REG`).
 //! * The MADT has no override for ISA IRQ 0: the PIT is on IOAPIC pin 0, which
 //!   is where KVM's default GSI routing delivers it.
-//! * The IOAPIC's ID register must read [`IOAPIC_ID`] (KVM's in-kernel IOAPIC
-//!   resets to 0).
+//! * The IOAPIC's ID register must read `irqchip.ioapic_id` (KVM's in-kernel
+//!   IOAPIC resets to 0, so the VMM refuses any other ID).
 //! * PCI: CONFIG_ADDRESS/CONFIG_DATA at `pci.config_io_port` (8 ports; the
 //!   byte port `reset.port` may sit inside them), ECAM for buses
 //!   `0..ecam_size >> 20` at `pci.ecam_base` (segment 0). BARs are placed in
@@ -48,57 +49,25 @@
 //!   `pci.intx_gsis[(N + P) % 4]`, level-triggered, active-low as the guest
 //!   programs it: the device must keep the line asserted while its interrupt
 //!   is pending (re-raise after EOI) and drop it when the guest clears it.
-//!   Those GSIs must be IOAPIC pins (below 24) and not ISA IRQs.
+//!   Those GSIs must be IOAPIC pins (below `irqchip.ioapic_pins`) and not
+//!   ISA IRQs.
 //! * The 64-bit window ends at `mmio64_base + mmio64_size - 1`; CPUID must
 //!   report enough physical address bits to reach it (40 for the `pc` machine),
 //!   or Linux drops the window.
 
-use abide_machines::{AcpiIds, MachineDescription, PioDevice, PmBlock};
+use abide_machines::{
+    AcpiDevice, AcpiIds, LintMode, MachineDescription, PioDevice, PmBlock, FADT_FIX_RTC,
+    FADT_PROC_C1, FADT_RESET_REG_SUP, FADT_SLP_BUTTON, FADT_WBINVD, IAPC_8042, IAPC_LEGACY_DEVICES,
+};
 use acpi_tables::{aml, Aml, AmlSink};
 
+mod choices;
 mod pci;
 
-// ---------------------------------------------------------------------------
-// Guest-visible choices not (yet) in the machine description.
-// ---------------------------------------------------------------------------
-
-/// FADT major revision (header `Revision`): the ACPI 6.x layout, 276 bytes.
-const FADT_REVISION: u8 = 6;
-/// FADT minor version (offset 131): ACPI 6.5.
-const FADT_MINOR_REVISION: u8 = 5;
-/// MADT revision (ACPI 6.5).
-const MADT_REVISION: u8 = 5;
-/// DSDT revision; 2 or more makes AML integers 64 bits wide.
-const DSDT_REVISION: u8 = 2;
-/// FADT `Preferred_PM_Profile`: 0 = unspecified.
-const FADT_PREFERRED_PM_PROFILE: u8 = 0;
-/// FADT `CENTURY`: CMOS index of the century byte; 0 = not supported.
-const FADT_CENTURY_CMOS_INDEX: u8 = 0;
-/// FADT `Hypervisor Vendor Identity`; 0 = none given.
-const FADT_HYPERVISOR_VENDOR_ID: u64 = 0;
-/// ID of the (single) IOAPIC in the MADT. 0 is the reset value of the IOAPIC
-/// ID register in KVM's in-kernel IOAPIC, so the table matches the device.
-pub const IOAPIC_ID: u8 = 0;
-/// Local APIC input wired to NMI (the PC-compatible wiring).
-const LAPIC_NMI_LINT: u8 = 1;
-/// Offset of the i8042 command/status port from its data port (mirrors the
-/// doc comment on `LegacyDevices::i8042`).
-const I8042_COMMAND_PORT_OFFSET: u16 = 4;
 /// Most vCPUs the tables describe: xAPIC IDs and MADT processor UIDs are 8
 /// bits, 0xFF being the broadcast APIC ID and the "all processors" UID; we
 /// stop at 254 vCPUs (IDs `0..=253`).
 pub const MAX_XAPIC_CPUS: u32 = 254;
-/// Alignment of every table (and of the RSDP, which the legacy scan needs on
-/// a 16-byte boundary).
-pub const TABLE_ALIGN: u64 = 16;
-/// AML namespace names of the `\_SB` devices.
-const COM1_NAME: &str = "COM1";
-const PWRB_NAME: &str = "PWRB";
-const KBD_NAME: &str = "KBD_";
-const RTC_NAME: &str = "RTC_";
-/// `_UID` of COM1 and of the power button.
-const COM1_UID: u8 = 0;
-const PWRB_UID: u8 = 0;
 
 // ---------------------------------------------------------------------------
 // ACPI specification constants.
@@ -151,15 +120,25 @@ const PM_TMR_LEN: u8 = 4;
 const P_LVL2_LAT_NO_C2: u16 = 101;
 const P_LVL3_LAT_NO_C3: u16 = 1001;
 
-/// FADT flags.
-const FADT_WBINVD: u32 = 1 << 0;
-const FADT_PROC_C1: u32 = 1 << 2;
-const FADT_SLP_BUTTON: u32 = 1 << 5;
-const FADT_FIX_RTC: u32 = 1 << 6;
-const FADT_RESET_REG_SUP: u32 = 1 << 10;
-/// FADT IA-PC boot architecture flags.
-const IAPC_LEGACY_DEVICES: u16 = 1 << 0;
-const IAPC_8042: u16 = 1 << 1;
+/// FADT flags these tables and the device models can honour: the rest
+/// (`PWR_BUTTON` clear is required: the power button is a fixed feature;
+/// `TMR_VAL_EXT` clear: the PM timer is 24 bits; no `HW_REDUCED_ACPI`) are
+/// refused.
+const FADT_FLAGS_IMPLEMENTED: u32 =
+    FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_FIX_RTC | FADT_RESET_REG_SUP;
+/// `IAPC_BOOT_ARCH` `VGA_NOT_PRESENT`.
+const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
+/// `IAPC_BOOT_ARCH` flags that describe this platform truthfully (there is
+/// no VGA; MSI works, the RTC exists: those flags stay clear).
+const IAPC_IMPLEMENTED: u16 = IAPC_LEGACY_DEVICES | IAPC_8042 | IAPC_VGA_NOT_PRESENT;
+/// The FADT layout these tables write (ACPI 6.x, 276 bytes).
+const FADT_IMPLEMENTED_REVISION: u8 = 6;
+/// Highest FADT minor version of revision 6 (ACPI 6.5).
+const FADT_MAX_MINOR_REVISION: u8 = 5;
+/// MADT revisions whose structures these tables use unchanged.
+const MADT_REVISIONS: std::ops::RangeInclusive<u8> = 1..=5;
+/// Highest `Preferred_PM_Profile` defined (8: tablet).
+const MAX_PM_PROFILE: u8 = 8;
 
 /// Generic Address Structure: address space IDs and access sizes.
 const GAS_SYSTEM_IO: u8 = 1;
@@ -191,12 +170,6 @@ const ISA_IRQ_COUNT: u32 = 16;
 const IRQ_NO_FLAGS_DESCRIPTOR: u8 = 0x22;
 /// Alignment given in an IO descriptor whose minimum equals its maximum.
 const IO_FIXED_ALIGNMENT: u8 = 1;
-
-/// PNP IDs of the devices in the DSDT.
-const PNP_COM: &str = "PNP0501";
-const PNP_POWER_BUTTON: &str = "PNP0C0C";
-const PNP_PS2_KEYBOARD: &str = "PNP0303";
-const PNP_RTC: &str = "PNP0B00";
 
 /// Errors building ACPI tables.
 #[derive(Debug, thiserror::Error)]
@@ -238,6 +211,16 @@ pub enum AcpiError {
         /// Length the field requires.
         len: usize,
     },
+    /// A choice of the machine's `acpi` these tables cannot express.
+    #[error("ACPI {field} = {value} cannot be given: {reason}")]
+    Unsupported {
+        /// The machine description's field.
+        field: &'static str,
+        /// Its value.
+        value: String,
+        /// What the tables can express instead.
+        reason: String,
+    },
     /// A device's resources cannot be described in ACPI.
     #[error("{device}: {reason}")]
     BadResource {
@@ -268,9 +251,14 @@ pub fn build(machine: &MachineDescription, num_cpus: u32) -> Result<AcpiTables, 
             max: MAX_XAPIC_CPUS,
         });
     }
+    choices::check(machine)?;
     let ids = TableIds::new(&machine.acpi_ids)?;
     let mem = &machine.memory;
-    let mut layout = Layout::new(mem.bios_area_start, mem.bios_area_end)?;
+    let mut layout = Layout::new(
+        mem.bios_area_start,
+        mem.bios_area_end,
+        machine.acpi.table_align,
+    )?;
 
     let rsdp_addr = layout.place(RSDP_LEN);
     let dsdt = build_dsdt(machine, &ids)?;
@@ -306,27 +294,26 @@ struct Layout {
     start: u64,
     end: u64,
     next: u64,
+    align: u64,
 }
 
 impl Layout {
-    fn new(start: u64, end: u64) -> Result<Self, AcpiError> {
-        if align_up(start, TABLE_ALIGN) != start {
-            return Err(AcpiError::Misaligned {
-                addr: start,
-                align: TABLE_ALIGN,
-            });
+    fn new(start: u64, end: u64, align: u64) -> Result<Self, AcpiError> {
+        if align_up(start, align) != start {
+            return Err(AcpiError::Misaligned { addr: start, align });
         }
         Ok(Layout {
             start,
             end,
             next: start,
+            align,
         })
     }
 
     /// Reserves `len` bytes and returns their address.
     fn place(&mut self, len: usize) -> u64 {
         let addr = self.next;
-        self.next = align_up(addr.saturating_add(len as u64), TABLE_ALIGN);
+        self.next = align_up(addr.saturating_add(len as u64), self.align);
         addr
     }
 
@@ -535,12 +522,13 @@ fn build_fadt(
         reason: "SCI does not fit the FADT's 16-bit SCI_INT",
     })?;
 
-    let mut fadt = Sdt::new(b"FACP", FADT_REVISION, ids);
+    let a = &machine.acpi;
+    let mut fadt = Sdt::new(b"FACP", a.fadt_revision, ids);
     fadt.resize(FADT_LEN);
     // The 32-bit pointer is only usable below 4 GiB; X_DSDT always is.
     fadt.put_u32(fadt_off::DSDT, u32::try_from(dsdt_addr).unwrap_or(0));
     fadt.put_u64(fadt_off::X_DSDT, dsdt_addr);
-    fadt.put_u8(fadt_off::PREFERRED_PM_PROFILE, FADT_PREFERRED_PM_PROFILE);
+    fadt.put_u8(fadt_off::PREFERRED_PM_PROFILE, a.preferred_pm_profile);
     fadt.put_u16(fadt_off::SCI_INT, sci_int);
     fadt.put_u32(fadt_off::SMI_CMD, 0);
 
@@ -566,22 +554,24 @@ fn build_fadt(
 
     fadt.put_u16(fadt_off::P_LVL2_LAT, P_LVL2_LAT_NO_C2);
     fadt.put_u16(fadt_off::P_LVL3_LAT, P_LVL3_LAT_NO_C3);
-    fadt.put_u8(fadt_off::CENTURY, FADT_CENTURY_CMOS_INDEX);
-    fadt.put_u16(fadt_off::IAPC_BOOT_ARCH, IAPC_LEGACY_DEVICES | IAPC_8042);
-    fadt.put_u32(
-        fadt_off::FLAGS,
-        FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_FIX_RTC | FADT_RESET_REG_SUP,
-    );
+    let century = if a.declare_century {
+        machine.legacy_defaults.rtc.century_index
+    } else {
+        0
+    };
+    fadt.put_u8(fadt_off::CENTURY, century);
+    fadt.put_u16(fadt_off::IAPC_BOOT_ARCH, a.iapc_boot_arch);
+    fadt.put_u32(fadt_off::FLAGS, a.fadt_flags);
     fadt.put(fadt_off::RESET_REG, &gas_io(reset.port, 1, GAS_ACCESS_BYTE));
     fadt.put_u8(fadt_off::RESET_VALUE, reset.value);
-    fadt.put_u8(fadt_off::MINOR_VERSION, FADT_MINOR_REVISION);
-    fadt.put_u64(fadt_off::HYPERVISOR_VENDOR_ID, FADT_HYPERVISOR_VENDOR_ID);
+    fadt.put_u8(fadt_off::MINOR_VERSION, a.fadt_minor_revision);
+    fadt.put_u64(fadt_off::HYPERVISOR_VENDOR_ID, a.hypervisor_vendor_id);
     Ok(fadt.finish())
 }
 
 /// MADT: one enabled Local APIC per vCPU (UID = APIC ID = index), one IOAPIC
-/// (ID [`IOAPIC_ID`], GSI base 0), the ISA overrides for the PIT and the SCI,
-/// and LINT1 as NMI on every processor.
+/// (ID `irqchip.ioapic_id`, GSI base 0), the ISA override for the SCI, and
+/// every LINT pin the machine wires to NMI, on every processor.
 fn build_madt(
     machine: &MachineDescription,
     ids: &TableIds,
@@ -598,7 +588,7 @@ fn build_madt(
     })?;
     let sci = isa_irq_number(machine.legacy.pm.sci_irq, "SCI")?;
 
-    let mut madt = Sdt::new(b"APIC", MADT_REVISION, ids);
+    let mut madt = Sdt::new(b"APIC", machine.acpi.madt_revision, ids);
     madt.push(&lapic_addr.to_le_bytes());
     madt.push(&MADT_PCAT_COMPAT.to_le_bytes());
 
@@ -612,7 +602,7 @@ fn build_madt(
         madt.push(&MADT_LOCAL_APIC_ENABLED.to_le_bytes());
     }
 
-    madt.push(&[MADT_IO_APIC, 12, IOAPIC_ID, 0]);
+    madt.push(&[MADT_IO_APIC, 12, machine.irqchip.ioapic_id, 0]);
     madt.push(&ioapic_addr.to_le_bytes());
     madt.push(&0u32.to_le_bytes()); // GSI base
 
@@ -624,9 +614,13 @@ fn build_madt(
     // SCI: level-triggered, active high, identity-mapped.
     override_irq(sci, sci.into(), MPS_INTI_ACTIVE_HIGH | MPS_INTI_LEVEL);
 
-    madt.push(&[MADT_LOCAL_APIC_NMI, 6, MADT_ALL_PROCESSORS]);
-    madt.push(&MPS_INTI_CONFORMS.to_le_bytes());
-    madt.push(&[LAPIC_NMI_LINT]);
+    for (lint, mode) in (0u8..).zip(machine.irqchip.lapic_lint) {
+        if mode == LintMode::Nmi {
+            madt.push(&[MADT_LOCAL_APIC_NMI, 6, MADT_ALL_PROCESSORS]);
+            madt.push(&MPS_INTI_CONFORMS.to_le_bytes());
+            madt.push(&[lint]);
+        }
+    }
     Ok(madt.finish())
 }
 
@@ -679,17 +673,21 @@ fn device_irq(device: &'static str, dev: &PioDevice) -> Result<Option<IrqNoFlags
 }
 
 /// Serializes `Device(name) { Name(_HID, EisaId(hid)), <names…>, Name(_CRS, …) }`
-/// (no `_CRS` if `resources` is empty).
+/// (no `_CRS` if `resources` is empty). `extra` entries whose value is
+/// `None` are left out. The name and `_HID` were checked by
+/// [`choices::check`].
 fn hid_device(
-    name: &str,
-    hid: &str,
-    extra: &[(&str, &dyn Aml)],
+    dev: &AcpiDevice,
+    extra: &[(&str, Option<&dyn Aml>)],
     resources: Vec<&dyn Aml>,
 ) -> Vec<u8> {
-    let hid = aml::EISAName::new(hid);
+    let name = dev.name.as_str();
+    let hid = aml::EISAName::new(&dev.hid);
     let mut names = vec![aml::Name::new("_HID".into(), &hid)];
     for (n, value) in extra {
-        names.push(aml::Name::new((*n).into(), *value));
+        if let Some(value) = value {
+            names.push(aml::Name::new((*n).into(), *value));
+        }
     }
     if !resources.is_empty() {
         let crs = aml::ResourceTemplate::new(resources);
@@ -701,7 +699,12 @@ fn hid_device(
     bytes
 }
 
-fn com1_device(com1: &PioDevice) -> Result<Vec<u8>, AcpiError> {
+/// `_UID` of `dev`, if it has one.
+fn uid(dev: &AcpiDevice) -> Option<&dyn Aml> {
+    dev.uid.as_ref().map(|u| u as &dyn Aml)
+}
+
+fn com1_device(dev: &AcpiDevice, com1: &PioDevice) -> Result<Vec<u8>, AcpiError> {
     let io = io_range("COM1", com1.port, com1.len)?;
     let irq = device_irq("COM1", com1)?;
     let mut resources: Vec<&dyn Aml> = vec![&io];
@@ -709,59 +712,72 @@ fn com1_device(com1: &PioDevice) -> Result<Vec<u8>, AcpiError> {
         resources.push(irq);
     }
     Ok(hid_device(
-        COM1_NAME,
-        PNP_COM,
-        &[("_UID", &COM1_UID), ("_STA", &STA_PRESENT_AND_FUNCTIONING)],
+        dev,
+        &[
+            ("_UID", uid(dev)),
+            ("_STA", Some(&STA_PRESENT_AND_FUNCTIONING)),
+        ],
         resources,
     ))
 }
 
-fn power_button_device() -> Vec<u8> {
-    hid_device(
-        PWRB_NAME,
-        PNP_POWER_BUTTON,
-        &[("_UID", &PWRB_UID)],
-        Vec::new(),
-    )
+fn power_button_device(dev: &AcpiDevice) -> Vec<u8> {
+    hid_device(dev, &[("_UID", uid(dev))], Vec::new())
 }
 
-fn keyboard_device(i8042: &PioDevice) -> Result<Vec<u8>, AcpiError> {
+fn keyboard_device(
+    dev: &AcpiDevice,
+    i8042: &PioDevice,
+    command_offset: u16,
+) -> Result<Vec<u8>, AcpiError> {
     const DEVICE: &str = "i8042";
-    if i8042.len <= I8042_COMMAND_PORT_OFFSET {
+    if command_offset == 0 || i8042.len <= command_offset {
         return Err(AcpiError::BadResource {
             device: DEVICE,
             reason: "port range does not reach the command port",
         });
     }
     let data = io_range(DEVICE, i8042.port, 1)?;
-    let command = io_range(DEVICE, i8042.port + I8042_COMMAND_PORT_OFFSET, 1)?;
+    let command_port = i8042
+        .port
+        .checked_add(command_offset)
+        .ok_or(AcpiError::BadResource {
+            device: DEVICE,
+            reason: "command port past the end of the port space",
+        })?;
+    let command = io_range(DEVICE, command_port, 1)?;
     let irq = device_irq(DEVICE, i8042)?;
     let mut resources: Vec<&dyn Aml> = vec![&data, &command];
     if let Some(irq) = &irq {
         resources.push(irq);
     }
-    Ok(hid_device(KBD_NAME, PNP_PS2_KEYBOARD, &[], resources))
+    Ok(hid_device(dev, &[("_UID", uid(dev))], resources))
 }
 
-fn rtc_device(rtc: &PioDevice) -> Result<Vec<u8>, AcpiError> {
+fn rtc_device(dev: &AcpiDevice, rtc: &PioDevice) -> Result<Vec<u8>, AcpiError> {
     let io = io_range("RTC", rtc.port, rtc.len)?;
     let irq = device_irq("RTC", rtc)?;
     let mut resources: Vec<&dyn Aml> = vec![&io];
     if let Some(irq) = &irq {
         resources.push(irq);
     }
-    Ok(hid_device(RTC_NAME, PNP_RTC, &[], resources))
+    Ok(hid_device(dev, &[("_UID", uid(dev))], resources))
 }
 
 /// The devices in `\_SB`, each serialized: the legacy devices, then the PCI
 /// root bridge and the motherboard resources (see [`pci`]).
 fn system_bus_devices(machine: &MachineDescription) -> Result<Vec<Vec<u8>>, AcpiError> {
     let legacy = &machine.legacy;
+    let d = &machine.acpi.devices;
     let mut devices = vec![
-        com1_device(&legacy.com1)?,
-        power_button_device(),
-        keyboard_device(&legacy.i8042)?,
-        rtc_device(&legacy.rtc)?,
+        com1_device(&d.com1, &legacy.com1)?,
+        power_button_device(&d.power_button),
+        keyboard_device(
+            &d.keyboard,
+            &legacy.i8042,
+            machine.legacy_defaults.i8042.command_offset,
+        )?,
+        rtc_device(&d.rtc, &legacy.rtc)?,
     ];
     devices.extend(pci::system_bus_devices(machine)?);
     Ok(devices)
@@ -781,7 +797,7 @@ fn s5_object(pm: &PmBlock) -> Vec<u8> {
 }
 
 fn build_dsdt(machine: &MachineDescription, ids: &TableIds) -> Result<Vec<u8>, AcpiError> {
-    let mut dsdt = Sdt::new(b"DSDT", DSDT_REVISION, ids);
+    let mut dsdt = Sdt::new(b"DSDT", machine.acpi.dsdt_revision, ids);
     let system_bus: Vec<u8> = system_bus_devices(machine)?.concat();
     dsdt.push(&aml::Scope::raw("\\_SB_".into(), system_bus));
     dsdt.push(&s5_object(&machine.legacy.pm));
@@ -1065,7 +1081,7 @@ mod tests {
             assert_eq!(lapic_ids, (0..cpus).collect::<Vec<_>>());
             assert_eq!(
                 ioapics,
-                [(IOAPIC_ID, m.memory.ioapic_addr as u32, 0)],
+                [(m.irqchip.ioapic_id, m.memory.ioapic_addr as u32, 0)],
                 "one IOAPIC"
             );
             let sci = m.legacy.pm.sci_irq;
@@ -1120,7 +1136,7 @@ mod tests {
         assert_eq!(t.blobs[0].0, t.rsdp_addr, "RSDP first");
         let mut prev_end = m.memory.bios_area_start;
         for (addr, blob) in &t.blobs {
-            assert_eq!(align_up(*addr, TABLE_ALIGN), *addr, "alignment");
+            assert_eq!(align_up(*addr, m.acpi.table_align), *addr, "alignment");
             assert!(*addr >= prev_end, "blob at {addr:#x} overlaps");
             prev_end = addr + blob.len() as u64;
             assert!(prev_end <= m.memory.bios_area_end);

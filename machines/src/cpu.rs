@@ -463,6 +463,32 @@ pub struct Cache {
     pub shared: bool,
 }
 
+/// The TLB registers of leaves 0x8000_0005 and 0x8000_0006 (AMD's format).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AmdTlb {
+    /// Leaf 0x8000_0005 EAX: L1 TLB for 2 MiB/4 MiB pages.
+    pub l1_large: u32,
+    /// Leaf 0x8000_0005 EBX: L1 TLB for 4 KiB pages.
+    pub l1_4k: u32,
+    /// Leaf 0x8000_0006 EAX: L2 TLB for 2 MiB/4 MiB pages.
+    pub l2_large: u32,
+    /// Leaf 0x8000_0006 EBX: L2 TLB for 4 KiB pages.
+    pub l2_4k: u32,
+}
+
+/// Leaf 2 of the named models: one iteration, descriptor 0xff ("no
+/// descriptors here, use leaf 4").
+const LEAF2_USE_LEAF4: [u32; 4] = [1, 0, 0, 0xff];
+
+/// The TLBs of the named models (QEMU's values): 255-entry L1 TLBs, no L2
+/// TLB for large pages, a 512-entry 4-way L2 TLB for 4 KiB pages.
+const STANDARD_TLB: AmdTlb = AmdTlb {
+    l1_large: 0x01ff_01ff,
+    l1_4k: 0x01ff_01ff,
+    l2_large: 0,
+    l2_4k: 0x4200_4200,
+};
+
 /// A CPU model.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CpuModel {
@@ -495,6 +521,12 @@ pub struct CpuModel {
     pub virt_bits: u8,
     /// Cache hierarchy.
     pub caches: Vec<Cache>,
+    /// Leaf 2 (EAX, EBX, ECX, EDX) when `max_basic_leaf` >= 2: cache and
+    /// TLB descriptors.
+    pub leaf2: [u32; 4],
+    /// TLB descriptions in AMD's format (the cache fields of the same
+    /// leaves come from `caches`).
+    pub tlb: AmdTlb,
     /// Pass the host's KVM-supported CPUID through instead of the fields
     /// above (the `host` model). Such a VM is not migratable.
     pub passthrough: bool,
@@ -654,6 +686,8 @@ pub fn abide_v1() -> CpuModel {
         phys_bits: 40,
         virt_bits: 48,
         caches: standard_caches(),
+        leaf2: LEAF2_USE_LEAF4,
+        tlb: STANDARD_TLB,
         passthrough: false,
     }
 }
@@ -677,6 +711,8 @@ pub fn abide_v2() -> CpuModel {
         phys_bits: 40,
         virt_bits: 48,
         caches: standard_caches(),
+        leaf2: LEAF2_USE_LEAF4,
+        tlb: STANDARD_TLB,
         passthrough: false,
     }
 }
@@ -698,6 +734,13 @@ pub fn host() -> CpuModel {
         phys_bits: 0,
         virt_bits: 0,
         caches: Vec::new(),
+        leaf2: [0; 4],
+        tlb: AmdTlb {
+            l1_large: 0,
+            l1_4k: 0,
+            l2_large: 0,
+            l2_4k: 0,
+        },
         passthrough: true,
     }
 }

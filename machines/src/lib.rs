@@ -1,23 +1,110 @@
 //! What the guest sees, as data.
 //!
-//! Every address, port, IRQ and limit a guest can observe lives here and
-//! nowhere else. Devices and firmware take their values from a
-//! [`MachineDescription`]; none of them hides a guest-visible constant.
+//! A [`MachineDescription`] holds every value a guest can observe that is a
+//! choice: addresses, ports, IRQs and limits; PCI identities, interrupt pins
+//! and the BAR placement policy; virtio transport layout, queue counts and
+//! sizes, feature bits (`VIRTIO_F_VERSION_1` included) and configuration
+//! contents and lengths; the default MAC prefix; the interrupt controllers,
+//! LAPIC LINT wiring and the FPU/MSR state vCPUs start with; RTC and i8042
+//! register defaults; ACPI revisions, FADT fields, DSDT names and PNP IDs.
+//! CPU models ([`CpuModel`]) hold CPUID, leaf 2 and the TLB leaves
+//! included. Versioned machine types (`pc-1.0`, `pc-2.0`, …) are instances
+//! of these structures in the registry ([`machine_types`]); a new one is
+//! written as data, by changing fields of its predecessor.
 //!
-//! This crate holds a single machine description for now. Versioned machine
-//! types (`pc-1.0`, `pc-2.0`, …) are built on top of the same structures.
+//! Devices, firmware and the VMM take their values from here. A device that
+//! cannot implement a declared value refuses when the machine is built,
+//! naming itself, the field and the value; nothing is masked or forced.
+//!
+//! # What stays outside, and why
+//!
+//! A grep-level review of `devices/`, `firmware/` and `vmm/` (every `const`
+//! and hex literal outside tests) leaves these guest-visible values in code:
+//!
+//! - **Fixed by a specification or the hardware interface**, so not a
+//!   choice: virtio register offsets, status and ISR bits, capability
+//!   structure layouts, device type IDs, request and header formats
+//!   (virtio 1.x); PCI header offsets and bits, BAR and ROM BAR encodings,
+//!   MSI-X table format; the 16550, MC146818 and i8042 register sets and
+//!   command replies; the ACPI table layouts, RSDP/XSDT/MCFG revisions
+//!   (one defined each), FADT offsets, GAS encodings, MADT structure types;
+//!   PM timer frequency (3.579545 MHz) and PM1 bit layout; the Linux and PVH
+//!   boot protocols (boot GDT entries and selectors 0x10/0x18, 32-bit flat
+//!   entry state, `type_of_loader` 0xff "undefined", `hvm_start_info`
+//!   version 1); XSAVE area sizes; the KVM paravirtual signature
+//!   (`KVMKVMKVM`, leaf 0x4000_0000) that `kvm_features` depends on.
+//! - **Derived from data here**: CPUID topology (APIC IDs, leaf 0xb, leaf 4
+//!   sharing, HTT), CLFLUSH size (the model's L1 line), XSAVE leaves (from
+//!   `avx`/`xsave`), AMD's leaf 1 EDX aliases; cache descriptor encodings
+//!   (every cache is self-initializing with one line per tag); config-space
+//!   capability offsets (from `cap_order`, each capability's size);
+//!   `queue_notify_off` = queue index (with `notify_multiplier`); e820 (from
+//!   `memory` and `pci.ecam_*`); ACPI table addresses (from the BIOS area and
+//!   `acpi.table_align`); the host bridge's interrupt pin 0 (it raises no
+//!   interrupt).
+//! - **Device implementation limits** a guest meets only by exceeding
+//!   them: virtio-net's largest frame (65,550 bytes with no offloads
+//!   offered), virtio-rng's 64 KiB per request, the per-wakeup request
+//!   budgets, virtio-blk's bounce buffer for `direct=on`.
+//! - **Hypervisor placement**: the TSS address KVM needs on Intel
+//!   (`vmm/src/vm.rs`, 0xfffb_d000, 3 pages, inside the 32-bit hole above
+//!   every window). A machine type that puts something there (a firmware
+//!   image of more than 256 KiB below 4 GiB) must move it into the
+//!   description first.
+//! - **Boot placement policy**: the initramfs goes to the highest
+//!   page-aligned address below the limits, and the PVH module list and
+//!   memory map follow `hvm_start_info`; both are read by the kernel from
+//!   the boot structures, never assumed.
+//!
+//! Values that lived in code before and are data now: virtio-net's queue
+//! count (2) and virtio-rng's (1); the feature masks (a declared bit a model
+//! lacks is refused, VERSION_1 is declared); virtio-blk `blk_size` (512),
+//! `seg_max` (queue size − 2) and config length 0x3c; virtio-net `status`
+//! (LINK_UP), `max_virtqueue_pairs` (1) and config length 10; the common
+//! configuration length (0x38) and capability order; INTA#; the BAR
+//! placement policy; the default MAC prefix 52:54:00:ab:1d; CPUID leaf 2 and
+//! the TLB fields of leaves 0x8000_0005/6; the reset FPU control word and
+//! MXCSR, MSRs (`IA32_MISC_ENABLE` fast strings and eight zeroed syscall
+//! MSRs) and LVT0/LVT1 delivery modes; IOAPIC pins (24) and ID (0); RTC
+//! registers A, B, D and the century index; the i8042 command port offset,
+//! configuration byte and output port; ACPI table alignment, FADT/MADT/DSDT
+//! revisions, PM profile, century, hypervisor vendor, FADT flags,
+//! IAPC_BOOT_ARCH, PCI segment and first bus, and the DSDT device names,
+//! `_HID`/`_CID` and `_UID`s.
+//!
+//! The manifest format of release 0.1.0 serializes `legacy`, `memory.map`,
+//! `boot` and `pci.layout` as they are; the new structures live beside
+//! them, so no manifest changed.
 
 use serde::{Deserialize, Serialize};
 
+mod acpi;
 mod cpu;
+mod platform;
 mod types;
+mod virtio;
+pub use acpi::{
+    AcpiChoices, AcpiDevice, AcpiDevices, FADT_FIX_RTC, FADT_PROC_C1, FADT_RESET_REG_SUP,
+    FADT_SLP_BUTTON, FADT_WBINVD, IAPC_8042, IAPC_LEGACY_DEVICES,
+};
 pub use cpu::{
-    abide_v1, abide_v2, cpu_model, cpu_models, feature, host as host_cpu_model, Cache, CacheKind,
-    CpuFeature, CpuModel, FeatureReg, FeatureSet, UnknownCpuModel, UnknownFeature, VendorPolicy,
-    HOST_MODEL, KNOWN_FEATURES, VMM_PROVIDED_FEATURES,
+    abide_v1, abide_v2, cpu_model, cpu_models, feature, host as host_cpu_model, AmdTlb, Cache,
+    CacheKind, CpuFeature, CpuModel, FeatureReg, FeatureSet, UnknownCpuModel, UnknownFeature,
+    VendorPolicy, HOST_MODEL, KNOWN_FEATURES, VMM_PROVIDED_FEATURES,
+};
+pub use platform::{
+    BarPlacement, CpuReset, I8042Defaults, InterruptControllers, LegacyDefaults, LintMode,
+    MsrValue, RtcDefaults,
 };
 pub use types::{
     machine_types, newest, pc_2_0, resolve, types_alias, MachineTypeInfo, UnknownMachine,
+};
+pub use virtio::{
+    virtio_feature_name, virtio_feature_names, BlkConfig, NetConfig, VirtioBarLayout, VirtioCap,
+    VirtioModel, VirtioModels, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 /// One KiB.
@@ -131,7 +218,8 @@ pub struct ResetRegister {
 pub struct LegacyDevices {
     /// COM1 16550 UART.
     pub com1: PioDevice,
-    /// i8042 keyboard controller (data port; command port is data + 4).
+    /// i8042 keyboard controller (data port; the command port is at
+    /// `legacy_defaults.i8042.command_offset` from it, inside `len`).
     pub i8042: PioDevice,
     /// CMOS RTC index/data pair.
     pub rtc: PioDevice,
@@ -200,57 +288,6 @@ pub struct PciLayout {
     pub host_bridge: PciIdentity,
 }
 
-/// Where the virtio-pci transport's regions sit in BAR 0 (guest-visible).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VirtioBarLayout {
-    /// BAR 0 size (64-bit memory BAR).
-    pub bar_size: u64,
-    /// Common configuration offset.
-    pub common: u32,
-    /// ISR offset.
-    pub isr: u32,
-    /// Device configuration offset.
-    pub device: u32,
-    /// Notification area offset.
-    pub notify: u32,
-    /// Bytes between queue notification addresses.
-    pub notify_multiplier: u32,
-    /// MSI-X table offset.
-    pub msix_table: u32,
-    /// MSI-X pending-bit array offset.
-    pub msix_pba: u32,
-}
-
-/// One virtio device model as the guest sees it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VirtioModel {
-    /// PCI identity.
-    pub pci: PciIdentity,
-    /// MSI-X vectors (one per queue plus one for configuration changes).
-    pub msix_vectors: u16,
-    /// Number of virtqueues.
-    pub num_queues: u16,
-    /// Maximum size of each virtqueue.
-    pub queue_size: u16,
-    /// Expansion ROM slot size, for models that can carry an option ROM.
-    pub rom_slot: Option<u64>,
-    /// Virtio feature bits offered to the driver.
-    pub features: u64,
-}
-
-/// The virtio device models of a machine.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VirtioModels {
-    /// Transport layout shared by all models.
-    pub layout: VirtioBarLayout,
-    /// virtio-blk.
-    pub blk: VirtioModel,
-    /// virtio-net.
-    pub net: VirtioModel,
-    /// virtio-rng.
-    pub rng: VirtioModel,
-}
-
 /// Where direct kernel boot puts its structures in low RAM.
 ///
 /// These addresses are guest-visible (a kernel can read where its zero page or
@@ -305,41 +342,16 @@ pub struct MachineDescription {
     pub pci: PciLayout,
     /// Virtio device models.
     pub virtio: VirtioModels,
-}
-
-/// `VIRTIO_F_VERSION_1`.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-const BLK_F_SEG_MAX: u64 = 1 << 2;
-const BLK_F_BLK_SIZE: u64 = 1 << 6;
-const BLK_F_FLUSH: u64 = 1 << 9;
-const NET_F_MAC: u64 = 1 << 5;
-const NET_F_STATUS: u64 = 1 << 16;
-
-fn virtio_model(
-    device: u16,
-    class: u32,
-    msix_vectors: u16,
-    num_queues: u16,
-    queue_size: u16,
-    rom_slot: Option<u64>,
-    features: u64,
-) -> VirtioModel {
-    VirtioModel {
-        pci: PciIdentity {
-            vendor: 0x1af4,
-            device,
-            subsystem_vendor: 0x1af4,
-            // Modern virtio devices use subsystem IDs of 0x40 and up.
-            subsystem: 0x40 + (device - 0x1040),
-            revision: 1,
-            class,
-        },
-        msix_vectors,
-        num_queues,
-        queue_size,
-        rom_slot,
-        features,
-    }
+    /// Interrupt controllers.
+    pub irqchip: InterruptControllers,
+    /// vCPU state at reset.
+    pub cpu_reset: CpuReset,
+    /// Register defaults of the legacy devices.
+    pub legacy_defaults: LegacyDefaults,
+    /// How BARs are placed before the guest runs.
+    pub bar_placement: BarPlacement,
+    /// ACPI table choices.
+    pub acpi: AcpiChoices,
 }
 
 /// The first released machine type. Frozen: never change a value here.
@@ -430,33 +442,106 @@ pub fn pc_1_0() -> MachineDescription {
             layout: VirtioBarLayout {
                 bar_size: 0x8000,
                 common: 0x0000,
+                common_len: 0x38,
                 isr: 0x1000,
                 device: 0x2000,
                 notify: 0x3000,
                 notify_multiplier: 4,
                 msix_table: 0x4000,
                 msix_pba: 0x5000,
+                cap_order: [
+                    VirtioCap::Common,
+                    VirtioCap::Notify,
+                    VirtioCap::Isr,
+                    VirtioCap::Device,
+                    VirtioCap::Msix,
+                ],
             },
-            blk: virtio_model(
-                0x1042,
-                0x01_0000,
-                2,
-                1,
-                256,
-                None,
-                VIRTIO_F_VERSION_1 | BLK_F_SEG_MAX | BLK_F_BLK_SIZE | BLK_F_FLUSH,
-            ),
-            net: virtio_model(
-                0x1041,
-                0x02_0000,
-                3,
-                2,
-                256,
-                Some(128 * KIB),
-                VIRTIO_F_VERSION_1 | NET_F_MAC | NET_F_STATUS,
-            ),
-            rng: virtio_model(0x1044, 0x00_ff00, 2, 1, 256, None, VIRTIO_F_VERSION_1),
+            blk: VirtioModel {
+                msix_vectors: 2,
+                num_queues: 1,
+                queue_size: 256,
+                features: VIRTIO_F_VERSION_1
+                    | VIRTIO_BLK_F_SEG_MAX
+                    | VIRTIO_BLK_F_BLK_SIZE
+                    | VIRTIO_BLK_F_FLUSH,
+                // Through `write_zeroes_may_unmap` of `struct virtio_blk_config`.
+                config_len: 0x3c,
+                ..virtio::model(0x1042, 0x01_0000)
+            },
+            blk_config: BlkConfig {
+                blk_size: 512,
+                seg_max: 256 - 2,
+            },
+            net: VirtioModel {
+                msix_vectors: 3,
+                num_queues: 2,
+                queue_size: 256,
+                rom_slot: Some(128 * KIB),
+                features: VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS,
+                // `mac`, `status`, `max_virtqueue_pairs`.
+                config_len: 10,
+                ..virtio::model(0x1041, 0x02_0000)
+            },
+            net_config: NetConfig {
+                status: VIRTIO_NET_S_LINK_UP,
+                max_virtqueue_pairs: 1,
+                // QEMU's locally administered 52:54:00, then ab:1d.
+                default_mac_prefix: [0x52, 0x54, 0x00, 0xab, 0x1d],
+            },
+            rng: VirtioModel {
+                msix_vectors: 2,
+                num_queues: 1,
+                queue_size: 256,
+                features: VIRTIO_F_VERSION_1,
+                config_len: 0,
+                ..virtio::model(0x1044, 0x00_ff00)
+            },
         },
+        irqchip: InterruptControllers {
+            // KVM's in-kernel IOAPIC.
+            ioapic_pins: 24,
+            ioapic_id: 0,
+            lapic_lint: [LintMode::ExtInt, LintMode::Nmi],
+        },
+        cpu_reset: CpuReset {
+            fpu_control_word: 0x37f,
+            mxcsr: 0x1f80,
+            msrs: [
+                (0x174, 0),       // IA32_SYSENTER_CS
+                (0x175, 0),       // IA32_SYSENTER_ESP
+                (0x176, 0),       // IA32_SYSENTER_EIP
+                (0xc000_0081, 0), // STAR
+                (0xc000_0083, 0), // CSTAR
+                (0xc000_0102, 0), // KERNEL_GS_BASE
+                (0xc000_0084, 0), // SYSCALL_MASK
+                (0xc000_0082, 0), // LSTAR
+                (0x1a0, 1),       // IA32_MISC_ENABLE: fast strings
+                                  // 0.1.0 also asked for IA32_MTRR_DEF_TYPE (0x2ff) = 0xc06
+                                  // (MTRRs on, write-back), but KVM does not list that MSR, so
+                                  // it was silently skipped: no released guest ever got it.
+            ]
+            .into_iter()
+            .map(|(index, value)| MsrValue { index, value })
+            .collect(),
+        },
+        legacy_defaults: LegacyDefaults {
+            rtc: RtcDefaults {
+                // 32.768 kHz time base, 1024 Hz periodic rate.
+                register_a: 0x26,
+                register_b: 0x02,
+                register_d: 0x80,
+                century_index: 0x32,
+            },
+            i8042: I8042Defaults {
+                command_offset: 4,
+                // System flag; keyboard and aux ports disabled.
+                config_byte: 0x34,
+                output_port: 0x03,
+            },
+        },
+        bar_placement: BarPlacement::SlotOrder,
+        acpi: acpi::pc_1_0_choices(),
     }
 }
 

@@ -6,10 +6,7 @@
 
 use serde::Serialize;
 
-use crate::{pc_1_0, MachineDescription, KIB};
-
-/// `VIRTIO_BLK_F_MQ`.
-const BLK_F_MQ: u64 = 1 << 12;
+use crate::{pc_1_0, MachineDescription, KIB, VIRTIO_BLK_F_MQ};
 
 /// pc-2.0: pc-1.0 plus a larger virtio-net ROM slot (room for the combined
 /// EFI+PXE iPXE ROM), multi-queue virtio-blk with deeper queues, a virtio-rng
@@ -22,9 +19,10 @@ pub fn pc_2_0() -> MachineDescription {
     m.virtio.net.rom_slot = Some(256 * KIB);
     m.virtio.blk.num_queues = 4;
     m.virtio.blk.queue_size = 1024;
+    m.virtio.blk_config.seg_max = 1024 - 2;
     // One vector per queue plus one for configuration changes.
     m.virtio.blk.msix_vectors = 5;
-    m.virtio.blk.features |= BLK_F_MQ;
+    m.virtio.blk.features |= VIRTIO_BLK_F_MQ;
     m.acpi_ids.oem_revision = 2;
     m
 }

@@ -62,6 +62,9 @@ run_test() {
             # The CPU model as Linux sees it (tests/tests/linux_guest.rs).
             say "cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
             say "cpu_flags=$(sed -n 's/^flags[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
+            # Why XSAVE is missing, when it is (the nested test host).
+            say "xsave_problems=$(dmesg | grep -c 'XSAVE consistency problem')"
+            dmesg | grep 'x86/fpu' | while read -r l; do say "fpu-kmsg $l"; done
             ;;
         devices)
             # What the VMM exposes: PCI functions and virtio devices.

@@ -1,5 +1,8 @@
 //! Shared helpers for Abide's integration tests: finding the `abide` binary,
-//! running it with a timeout, and parsing the test guest's report lines.
+//! running it with a timeout, parsing the test guest's report lines, and
+//! the release freeze's git history ([`history`]).
+
+pub mod history;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -279,6 +282,14 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create temp dir");
     dir
+}
+
+/// Says `what` on stderr past the test harness's output capture, so that
+/// `./test.sh` shows it even when the test passes: for what a test could not
+/// check here and why.
+pub fn report(what: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "abide-tests: {what}");
 }
 
 /// Whether /dev/kvm here is PVM (software virtualization; kvm_pvm loaded).

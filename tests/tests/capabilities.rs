@@ -75,23 +75,27 @@ fn capabilities_describe_host_and_guest() {
         .iter()
         .map(|t| t["name"].as_str().expect("name"))
         .collect();
-    assert_eq!(names, ["pc-2.0", "pc-1.0"], "newest (default) first");
-    assert_eq!(types[0]["default"], true);
-    assert_eq!(types[1]["default"], false);
-    assert_eq!(strings(&types[0]["aliases"]), ["pc"]);
-    assert_eq!(types[0]["default_cpu_model"], "abide-v2");
-    assert_eq!(types[1]["default_cpu_model"], "abide-v1");
-    for (t, rom) in types.iter().zip([256 << 10, 128 << 10]) {
-        let m = abide_machines::resolve(t["name"].as_str().expect("name")).expect("machine");
+    let registry = abide_machines::machine_types();
+    let want: Vec<&str> = registry.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, want, "the registry, newest (default) first");
+    for (t, info) in types.iter().zip(&registry) {
+        let m = abide_machines::resolve(&info.name).expect("machine");
+        assert_eq!(t["default"], info.default, "{}", info.name);
+        assert_eq!(t["default"], info.name == abide_machines::newest());
+        assert_eq!(strings(&t["aliases"]), info.aliases, "{}", info.name);
+        assert_eq!(t["default_cpu_model"], m.default_cpu_model.as_str());
         assert_eq!(t["max_vcpus"], m.max_vcpus);
         assert_eq!(t["max_memory_bytes"], m.max_memory);
-        assert_eq!(t["deprecated"], false);
+        assert_eq!(t["deprecated"], info.deprecated);
         let devs = t["devices"].as_array().expect("devices");
         let net = devs
             .iter()
             .find(|d| d["model"] == "virtio-net")
             .expect("virtio-net");
-        assert_eq!(net["rom_slot_bytes"], rom);
+        assert_eq!(
+            net["rom_slot_bytes"],
+            serde_json::to_value(m.virtio.net.rom_slot).expect("json")
+        );
         let blk = devs
             .iter()
             .find(|d| d["model"] == "virtio-blk")
@@ -103,8 +107,9 @@ fn capabilities_describe_host_and_guest() {
             .as_array()
             .expect("legacy")
             .iter()
-            .any(|d| d["name"] == "com1" && d["port"] == 0x3f8));
+            .any(|d| d["name"] == "com1" && d["port"] == m.legacy.com1.port));
     }
+    // (tests/declared_offered.rs compares every reported device field.)
 
     let v1 = cpu_model(&caps, "abide-v1");
     assert_eq!(v1["usable"], true, "abide-v1 runs everywhere\n{caps:#}");
@@ -147,61 +152,103 @@ fn pvm_host_is_reported_as_such() {
     assert_eq!(v2["usable"], false, "{v2:#}");
 }
 
+/// Named, migratable CPU models usable here, in registry order.
+fn usable_models(caps: &Value) -> Vec<String> {
+    abide_machines::cpu_models()
+        .into_iter()
+        .filter(|m| m.migratable() && cpu_model(caps, &m.name)["usable"] == true)
+        .map(|m| m.name)
+        .collect()
+}
+
 #[test]
 fn default_machine_boots_or_is_refused_by_cpu_model() {
     let caps = capabilities();
-    let v2 = cpu_model(&caps, "abide-v2");
-    for machine in ["pc-2.0", "pc"] {
+    let default = abide_machines::newest();
+    let model = abide_machines::resolve(default)
+        .expect("newest")
+        .default_cpu_model;
+    let entry = cpu_model(&caps, &model);
+    let usable = usable_models(&caps);
+    // The hint names another machine type whose default model runs here,
+    // and a model that runs here.
+    let other_machine = abide_machines::machine_types()
+        .into_iter()
+        .filter(|t| t.name != default)
+        .find(|t| {
+            let m = abide_machines::resolve(&t.name).expect("machine");
+            usable.contains(&m.default_cpu_model)
+        })
+        .map(|t| t.name);
+    let other_model = usable.iter().rfind(|m| **m != model).cloned();
+    for machine in [default, abide_machines::types_alias()] {
         let args = ["run", "--machine", machine, "--serial", "null"];
-        if v2["usable"] == true {
+        if entry["usable"] == true {
             let out = run_abide(&args, None, TIMEOUT);
-            assert_eq!(out.code, Some(0), "abide-v2 is usable here\n{out}");
+            assert_eq!(out.code, Some(0), "{model} is usable here\n{out}");
             continue;
         }
-        let missing = strings(&v2["missing_features"]);
         let mut needles = vec![
-            "CPU model 'abide-v2'",
-            "default of machine type 'pc-2.0'",
-            "--machine pc-1.0",
-            "--cpu abide-v1",
+            format!("CPU model '{model}'"),
+            format!("default of machine type '{default}'"),
         ];
-        needles.extend(missing.iter().copied());
+        needles.extend(other_machine.iter().map(|m| format!("--machine {m}")));
+        needles.extend(other_model.iter().map(|m| format!("--cpu {m}")));
+        needles.extend(
+            strings(&entry["missing_features"])
+                .iter()
+                .map(|f| f.to_string()),
+        );
+        let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
         refused(&args, &needles);
     }
     // Choosing the model explicitly names only the model.
-    if v2["usable"] != true {
-        let out = refused(
-            &["run", "--machine", "pc-1.0", "--cpu", "abide-v2"],
-            &["CPU model 'abide-v2' needs", "--cpu abide-v1"],
-        );
+    if entry["usable"] != true {
+        let oldest = abide_machines::machine_types()
+            .last()
+            .map(|t| t.name.clone())
+            .expect("a machine type");
+        let args = ["run", "--machine", oldest.as_str(), "--cpu", model.as_str()];
+        let needs = format!("CPU model '{model}' needs");
+        let mut needles = vec![needs.as_str()];
+        let hint = other_model.as_ref().map(|m| format!("--cpu {m}"));
+        needles.extend(hint.as_deref());
+        let out = refused(&args, &needles);
         assert!(!out.stderr.contains("default of"), "{out}");
     }
 }
 
 #[test]
 fn unknown_names_list_the_valid_ones() {
-    refused(
-        &["run", "--cpu", "pentium4"],
-        &[
-            "unknown CPU model 'pentium4'",
-            "abide-v1",
-            "abide-v2",
-            "host",
-        ],
-    );
-    refused(
-        &["run", "--machine", "pc-0.5"],
-        &["unknown machine type 'pc-0.5'", "pc-1.0", "pc-2.0", "pc"],
-    );
+    let models: Vec<String> = abide_machines::cpu_models()
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    let mut needles = vec!["unknown CPU model 'pentium4'"];
+    needles.extend(models.iter().map(String::as_str));
+    refused(&["run", "--cpu", "pentium4"], &needles);
+    let types: Vec<String> = abide_machines::machine_types()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    let mut needles = vec![
+        "unknown machine type 'pc-0.5'",
+        abide_machines::types_alias(),
+    ];
+    needles.extend(types.iter().map(String::as_str));
+    refused(&["run", "--machine", "pc-0.5"], &needles);
 }
 
 #[test]
 fn explicit_cpu_models_boot_the_test_guest() {
-    for (machine, cpu) in [
-        ("pc-2.0", "host"),
-        ("pc-1.0", "abide-v1"),
-        ("pc-2.0", "abide-v1"),
-    ] {
+    // abide-v1 runs everywhere: every machine type boots with it; `host`
+    // too, on the newest.
+    let mut runs: Vec<(String, &str)> = abide_machines::machine_types()
+        .into_iter()
+        .map(|t| (t.name, "abide-v1"))
+        .collect();
+    runs.push((abide_machines::newest().to_string(), "host"));
+    for (machine, cpu) in &runs {
         let out = run_abide(
             &["run", "--machine", machine, "--cpu", cpu, "--cpus", "2"],
             None,
@@ -214,7 +261,7 @@ fn explicit_cpu_models_boot_the_test_guest() {
 }
 
 #[test]
-fn machines_table_lists_both_types() {
+fn machines_table_lists_every_type() {
     let out = run_abide(&["machines"], None, TIMEOUT);
     assert_eq!(out.code, Some(0), "{out}");
     let lines: Vec<&str> = out.stdout.lines().collect();
@@ -227,20 +274,44 @@ fn machines_table_lists_both_types() {
             .split_whitespace()
             .collect::<Vec<_>>()
     };
-    let pc2 = row("pc-2.0");
-    assert_eq!(pc2[1..5], ["pc", "yes", "no", "abide-v2"], "{out}");
-    let pc1 = row("pc-1.0");
-    assert_eq!(pc1[1..6], ["-", "no", "no", "abide-v1", "yes"], "{out}");
-    assert!(
-        out.stdout.contains("256 KiB") && out.stdout.contains("128 KiB"),
-        "{out}"
-    );
-    let v2_usable = cpu_model(&capabilities(), "abide-v2")["usable"] == true;
-    assert_eq!(pc2[5], if v2_usable { "yes" } else { "no" }, "{out}");
-    if !v2_usable {
-        assert!(
-            out.stdout.contains("pc-2.0: CPU model abide-v2 needs "),
+    let caps = capabilities();
+    let yes_no = |b: bool| if b { "yes" } else { "no" };
+    for t in abide_machines::machine_types() {
+        let m = abide_machines::resolve(&t.name).expect("machine");
+        let r = row(&t.name);
+        let aliases = if t.aliases.is_empty() {
+            "-".to_string()
+        } else {
+            t.aliases.join(",")
+        };
+        let usable = cpu_model(&caps, &m.default_cpu_model)["usable"] == true;
+        assert_eq!(
+            r[1..6],
+            [
+                aliases.as_str(),
+                yes_no(t.default),
+                yes_no(t.deprecated),
+                m.default_cpu_model.as_str(),
+                yes_no(usable),
+            ],
             "{out}"
         );
+        assert_eq!(r[6], m.max_vcpus.to_string(), "{out}");
+        if let Some(slot) = m.virtio.net.rom_slot {
+            assert_eq!(
+                r[r.len() - 2..],
+                [(slot >> 10).to_string().as_str(), "KiB"],
+                "{out}"
+            );
+        }
+        if !usable {
+            assert!(
+                out.stdout.contains(&format!(
+                    "{}: CPU model {} needs ",
+                    t.name, m.default_cpu_model
+                )),
+                "{out}"
+            );
+        }
     }
 }

@@ -389,7 +389,8 @@ fn corrupt_snapshots_are_refused() {
     let good = std::fs::read(&snap).expect("read");
 
     // Sanity: the untouched file restores (the guest then spins; stop it
-    // through the API).
+    // through the API), so the refusals below are the edits' doing.
+    restore_ticks_then_quit(&snap, &dir, "untouched");
     let n = good.len();
     refused(&dir, "truncated", &good[..n / 2], "truncated");
     refused(&dir, "truncated-header", &good[..100], "truncated");

@@ -82,11 +82,6 @@ pub fn load_rom(
     Ok((slot, image))
 }
 
-/// A stable, locally administered MAC for card `index` when none is given.
-fn default_mac(index: usize) -> [u8; 6] {
-    [0x52, 0x54, 0x00, 0xab, 0x1d, index as u8]
-}
-
 /// Why backends are opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Purpose {
@@ -158,7 +153,9 @@ pub fn open_for(
             config: n.clone(),
             rom,
             rom_slot_overridden: n.romsize.is_some(),
-            mac: n.mac.unwrap_or_else(|| default_mac(i)),
+            mac: n
+                .mac
+                .unwrap_or_else(|| machine.virtio.net_config.default_mac(i)),
             slot: next_slot(),
         });
     }

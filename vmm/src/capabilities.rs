@@ -8,6 +8,7 @@
 
 use std::fmt::Write as _;
 
+use abide_devices::virtio::device_type::{BLOCK, NET, RNG};
 use abide_machines::{CpuModel, MachineDescription, VirtioModel};
 use kvm_bindings::{kvm_cpuid_entry2, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm};
@@ -184,9 +185,10 @@ fn kvm_json(host: &HostKvm) -> Value {
     v
 }
 
-fn virtio_json(name: &str, m: &VirtioModel, default: bool) -> Value {
+fn virtio_json(name: &str, device_type: u16, m: &VirtioModel, default: bool) -> Value {
     json!({
         "model": name,
+        "virtio_device_type": device_type,
         "bus": "pci",
         "vendor_id": m.pci.vendor,
         "device_id": m.pci.device,
@@ -194,11 +196,14 @@ fn virtio_json(name: &str, m: &VirtioModel, default: bool) -> Value {
         "subsystem_id": m.pci.subsystem,
         "revision": m.pci.revision,
         "class": m.pci.class,
+        "intx_pin": m.intx_pin,
         "queues": m.num_queues,
         "queue_size": m.queue_size,
         "msix_vectors": m.msix_vectors,
         "rom_slot_bytes": m.rom_slot,
         "features": m.features,
+        "feature_names": abide_machines::virtio_feature_names(device_type, m.features),
+        "config_len": m.config_len,
         "default": default,
     })
 }
@@ -220,9 +225,9 @@ fn machine_json(info: &abide_machines::MachineTypeInfo, m: &MachineDescription) 
             "device_id": m.pci.host_bridge.device,
         },
         "devices": [
-            virtio_json("virtio-blk", &m.virtio.blk, false),
-            virtio_json("virtio-net", &m.virtio.net, false),
-            virtio_json("virtio-rng", &m.virtio.rng, m.default_devices.rng),
+            virtio_json("virtio-blk", BLOCK, &m.virtio.blk, false),
+            virtio_json("virtio-net", NET, &m.virtio.net, false),
+            virtio_json("virtio-rng", RNG, &m.virtio.rng, m.default_devices.rng),
         ],
         "legacy_devices": [
             pio("com1", &l.com1),

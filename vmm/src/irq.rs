@@ -5,18 +5,19 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use abide_devices::pci::msix::{MsiController, MsiMessage};
+use abide_machines::InterruptControllers;
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
-    kvm_irq_routing_msi, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+    kvm_irq_routing_msi, KvmIrqRouting, KVM_IOAPIC_NUM_PINS, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
-/// Pins of KVM's in-kernel IOAPIC.
-const IOAPIC_PINS: u32 = 24;
-/// Legacy PIC inputs.
+/// Legacy PIC inputs: the two cascaded 8259s of KVM's in-kernel PIC.
 const PIC_PINS: u32 = 16;
+/// The ID register of KVM's in-kernel IOAPIC after reset.
+const KVM_IOAPIC_RESET_ID: u8 = 0;
 
 /// Errors setting up interrupt routing.
 #[derive(Debug, thiserror::Error)]
@@ -30,9 +31,51 @@ pub enum IrqError {
     /// eventfd or irqfd.
     #[error("cannot create an MSI irqfd")]
     Irqfd(#[source] std::io::Error),
+    /// The machine declares interrupt controllers KVM's in-kernel ones are not.
+    #[error(
+        "machine type '{machine}' declares {field} = {value}, but KVM's in-kernel IOAPIC has {kvm}"
+    )]
+    Irqchip {
+        /// Machine type.
+        machine: String,
+        /// The field of `irqchip`.
+        field: &'static str,
+        /// Its value.
+        value: u32,
+        /// What KVM's IOAPIC has.
+        kvm: u32,
+    },
+}
+
+/// Refuses interrupt controllers that KVM's in-kernel IOAPIC cannot be:
+/// it has [`KVM_IOAPIC_NUM_PINS`] pins and its ID register resets to 0.
+pub fn check_irqchip(machine: &abide_machines::MachineDescription) -> Result<(), IrqError> {
+    let c = &machine.irqchip;
+    let refuse = |field, value: u32, kvm: u32| IrqError::Irqchip {
+        machine: machine.name.clone(),
+        field,
+        value,
+        kvm,
+    };
+    if c.ioapic_pins != KVM_IOAPIC_NUM_PINS {
+        return Err(refuse(
+            "irqchip.ioapic_pins",
+            c.ioapic_pins,
+            KVM_IOAPIC_NUM_PINS,
+        ));
+    }
+    if c.ioapic_id != KVM_IOAPIC_RESET_ID {
+        return Err(refuse(
+            "irqchip.ioapic_id",
+            c.ioapic_id.into(),
+            KVM_IOAPIC_RESET_ID.into(),
+        ));
+    }
+    Ok(())
 }
 
 struct RouterState {
+    ioapic_pins: u32,
     msi: BTreeMap<u32, MsiMessage>,
     next_gsi: u32,
     max_gsi: u32,
@@ -79,14 +122,20 @@ fn msi_entry(gsi: u32, m: MsiMessage) -> kvm_irq_routing_entry {
 }
 
 impl GsiRouter {
-    /// The default routes (GSI 0–15 to the PICs and IOAPIC, 16–23 to the
-    /// IOAPIC), with MSI GSIs allocated from 24 up to `max_gsi`.
-    pub fn new(vm: Arc<VmFd>, max_gsi: u32) -> Result<Arc<Self>, IrqError> {
+    /// The default routes (GSI 0–15 to the PICs and IOAPIC, the rest of
+    /// the IOAPIC's pins to it), with MSI GSIs allocated from the first GSI
+    /// above the IOAPIC's pins up to `max_gsi`.
+    pub fn new(
+        vm: Arc<VmFd>,
+        max_gsi: u32,
+        irqchip: &InterruptControllers,
+    ) -> Result<Arc<Self>, IrqError> {
         let r = Arc::new(Self {
             vm,
             state: Mutex::new(RouterState {
+                ioapic_pins: irqchip.ioapic_pins,
                 msi: BTreeMap::new(),
-                next_gsi: IOAPIC_PINS,
+                next_gsi: irqchip.ioapic_pins,
                 max_gsi,
             }),
         });
@@ -96,7 +145,7 @@ impl GsiRouter {
 
     fn commit(&self, st: &RouterState) -> Result<(), IrqError> {
         let mut entries = Vec::new();
-        for gsi in 0..IOAPIC_PINS {
+        for gsi in 0..st.ioapic_pins {
             if gsi < PIC_PINS {
                 let (chip, pin) = if gsi < 8 {
                     (KVM_IRQCHIP_PIC_MASTER, gsi)

@@ -27,6 +27,15 @@ pub enum LegacyError {
     /// Two devices claim the same ports.
     #[error("cannot place {0} on the port bus")]
     Bus(&'static str, #[source] BusError),
+    /// A device model refused the machine's defaults.
+    #[error("machine type '{machine}' declares what a legacy device cannot implement")]
+    Model {
+        /// Machine type.
+        machine: String,
+        /// The refusal.
+        #[source]
+        source: abide_devices::ModelError,
+    },
 }
 
 /// Handles the VMM keeps to legacy devices after attaching them.
@@ -75,9 +84,15 @@ pub fn attach(
     };
     let serial = Arc::new(Mutex::new(Serial::new(com1_irq, serial_out)));
     place("COM1", serial.clone(), l.com1.port, l.com1.len)?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone())));
+    let refused = |source| LegacyError::Model {
+        machine: machine.name.clone(),
+        source,
+    };
+    let defaults = &machine.legacy_defaults;
+    let i8042 = I8042::new(exit.clone(), defaults.i8042).map_err(refused)?;
+    let i8042 = Arc::new(Mutex::new(i8042));
     place("i8042", i8042.clone(), l.i8042.port, l.i8042.len)?;
-    let rtc = Arc::new(Mutex::new(Rtc::new()));
+    let rtc = Arc::new(Mutex::new(Rtc::new(defaults.rtc).map_err(refused)?));
     place("RTC", rtc.clone(), l.rtc.port, l.rtc.len)?;
     let pm = Arc::new(Mutex::new(AcpiPm::new(l.pm, exit.clone())));
     place("ACPI PM block", pm.clone(), l.pm.base, l.pm.len)?;

@@ -245,6 +245,64 @@ fn bar_kind(k: BarKind) -> &'static str {
     }
 }
 
+/// The bus and device models a VM gets, wired to nothing: what [`describe`]
+/// reads back, and what tests read the way a guest would (configuration
+/// cycles on `pio`, BAR accesses on `mmio`).
+pub struct DetachedPlatform {
+    /// The port bus: PCI configuration mechanism #1 is on it.
+    pub pio: Arc<Bus>,
+    /// The MMIO bus: ECAM, and the BARs once decode is enabled.
+    pub mmio: Arc<Bus>,
+    /// PCI bus 0, BARs assigned.
+    pub pci: PciPlatform,
+    _exit: ExitSignal,
+}
+
+impl std::fmt::Debug for DetachedPlatform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DetachedPlatform")
+            .field("pci", &self.pci)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DetachedPlatform {
+    /// Builds `machine`'s PCI platform with the devices of `backends` and
+    /// assigns BARs, without a hypervisor.
+    pub fn build(
+        machine: &MachineDescription,
+        backends: crate::backends::Backends,
+    ) -> Result<Self, Error> {
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        let exit = ExitSignal::new().map_err(Error::EventFd)?;
+        let pci = PciPlatform::new(machine, &pio, &mmio, &exit)?;
+        let scratch = GuestMem::from_ranges(&[(GuestAddress(0), 4096)]).map_err(|e| {
+            Error::Memory(crate::memory::MemoryError::Map {
+                addr: 0,
+                size: 4096,
+                reason: e.to_string(),
+            })
+        })?;
+        attach_all(
+            &VirtioAttach {
+                machine,
+                wiring: &DetachedWiring,
+                mem: &scratch,
+                pci: &pci,
+            },
+            backends,
+        )?;
+        pci.assign_resources(machine)?;
+        Ok(Self {
+            pio,
+            mmio,
+            pci,
+            _exit: exit,
+        })
+    }
+}
+
 /// Builds the guest ABI manifest for `cfg` on `machine` without starting a
 /// VM. `cpuid` gives each vCPU's CPUID and whether the CPU is migratable.
 pub fn describe(
@@ -254,6 +312,7 @@ pub fn describe(
     migratable: bool,
 ) -> Result<Description, Error> {
     cfg.validate(machine)?;
+    crate::irq::check_irqchip(machine)?;
     let backends = crate::backends::open_for(machine, cfg, crate::backends::Purpose::Describe)?;
     let host = host_config(cfg, &backends);
     let overridden: Vec<u8> = backends
@@ -263,28 +322,8 @@ pub fn describe(
         .map(|n| n.slot)
         .collect();
 
-    // The same bus and device models a VM gets, wired to nothing.
-    let pio = Arc::new(Bus::new());
-    let mmio = Arc::new(Bus::new());
-    let exit = ExitSignal::new().map_err(Error::EventFd)?;
-    let pci = PciPlatform::new(machine, &pio, &mmio, &exit)?;
-    let scratch = GuestMem::from_ranges(&[(GuestAddress(0), 4096)]).map_err(|e| {
-        Error::Memory(crate::memory::MemoryError::Map {
-            addr: 0,
-            size: 4096,
-            reason: e.to_string(),
-        })
-    })?;
-    attach_all(
-        &VirtioAttach {
-            machine,
-            wiring: &DetachedWiring,
-            mem: &scratch,
-            pci: &pci,
-        },
-        backends,
-    )?;
-    pci.assign_resources(machine)?;
+    let platform = DetachedPlatform::build(machine, backends)?;
+    let pci = &platform.pci;
 
     let virtio = pci.virtio.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let slots = pci.root.lock().unwrap_or_else(|e| e.into_inner()).slots();

@@ -158,7 +158,7 @@ impl PciPlatform {
         self.root
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .assign_resources(&windows)?;
+            .assign_resources(&windows, machine.bar_placement)?;
         Ok(())
     }
 }

@@ -58,10 +58,12 @@ pub enum VirtioSetupError {
     #[error(transparent)]
     Pci(#[from] PciSetupError),
     /// The device model refused its parameters.
-    #[error("cannot create {name}")]
+    #[error("cannot create {name} for machine type '{machine}'")]
     Device {
         /// Device name.
         name: String,
+        /// Machine type.
+        machine: String,
         /// Cause.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
@@ -88,17 +90,11 @@ pub fn attach_all(ctx: &VirtioAttach<'_>, b: Backends) -> Result<Vec<NetPort>, c
     let models = &ctx.machine.virtio;
     for (i, d) in b.disks.into_iter().enumerate() {
         let name = format!("virtio-blk #{i} ({})", d.config.path.display());
-        let mut params = BlockParams::new(d.file);
+        let mut params = BlockParams::new(d.file, &models.blk, models.blk_config);
         params.read_only = d.config.readonly;
         params.serial = d.config.serial.clone();
         params.direct = d.config.direct;
-        params.num_queues = models.blk.num_queues;
-        params.queue_size = models.blk.queue_size;
-        params.features = models.blk.features;
-        let dev = Block::new(params).map_err(|source| VirtioSetupError::Device {
-            name: name.clone(),
-            source: Box::new(source),
-        })?;
+        let dev = Block::new(params).map_err(|source| ctx.device_error(&name, source))?;
         ctx.attach(
             &name,
             "virtio-blk",
@@ -124,26 +120,19 @@ pub fn attach_all(ctx: &VirtioAttach<'_>, b: Backends) -> Result<Vec<NetPort>, c
                 source,
             })?;
             ports.push((port, n.mac));
-            net_device(&name, &models.net, tap, n.mac)?
+            net_device(ctx, &name, tap, n.mac)?
         } else {
             let detached = Detached::new().map_err(|source| VirtioSetupError::Tap {
                 name: name.clone(),
                 source,
             })?;
-            net_device(&name, &models.net, detached, n.mac)?
+            net_device(ctx, &name, detached, n.mac)?
         };
         ctx.attach(&name, "virtio-net", &models.net, n.slot, dev, n.rom)?;
     }
     if let Some(slot) = b.rng_slot {
-        let dev = Rng::new(RngParams {
-            queue_size: models.rng.queue_size,
-            features: models.rng.features,
-            ..RngParams::default()
-        })
-        .map_err(|source| VirtioSetupError::Device {
-            name: "virtio-rng".into(),
-            source: Box::new(source),
-        })?;
+        let dev = Rng::new(RngParams::new(&models.rng))
+            .map_err(|source| ctx.device_error("virtio-rng", source))?;
         ctx.attach(
             "virtio-rng",
             "virtio-rng",
@@ -157,18 +146,14 @@ pub fn attach_all(ctx: &VirtioAttach<'_>, b: Backends) -> Result<Vec<NetPort>, c
 }
 
 fn net_device<B: abide_devices::virtio::net::NetBackend>(
+    ctx: &VirtioAttach<'_>,
     name: &str,
-    model: &VirtioModel,
     backend: B,
     mac: [u8; 6],
 ) -> Result<Box<dyn VirtioDevice>, VirtioSetupError> {
-    let mut params = NetParams::new(backend, mac);
-    params.queue_size = model.queue_size;
-    params.features = model.features;
-    let dev = Net::new(params).map_err(|source| VirtioSetupError::Device {
-        name: name.to_string(),
-        source: Box::new(source),
-    })?;
+    let models = &ctx.machine.virtio;
+    let params = NetParams::new(backend, mac, &models.net, models.net_config);
+    let dev = Net::new(params).map_err(|source| ctx.device_error(name, source))?;
     Ok(Box::new(dev))
 }
 
@@ -294,6 +279,20 @@ pub struct VirtioAttach<'a> {
 }
 
 impl VirtioAttach<'_> {
+    /// The error for `name`'s device model refusing what the machine
+    /// declares (or its other parameters).
+    fn device_error(
+        &self,
+        name: &str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> VirtioSetupError {
+        VirtioSetupError::Device {
+            name: name.to_string(),
+            machine: self.machine.name.clone(),
+            source: Box::new(source),
+        }
+    }
+
     /// Wraps `device` (of `model`) in virtio-pci at `slot`, with an optional ROM image.
     pub fn attach(
         &self,
@@ -316,6 +315,7 @@ impl VirtioAttach<'_> {
             device,
             VirtioPciParams {
                 ids: model.pci,
+                intx_pin: model.intx_pin,
                 layout: self.machine.virtio.layout,
                 msix_vectors: model.msix_vectors,
                 msi,
@@ -329,16 +329,20 @@ impl VirtioAttach<'_> {
             name: named(name),
             source,
         })?;
-        // INTA# of this slot, per the machine's swizzle.
-        let gsi = self.machine.pci.intx_gsis[usize::from(slot) % 4];
-        let line = self
-            .wiring
-            .intx(gsi, function.intx_resample())
-            .map_err(|source| VirtioSetupError::Intx {
-                name: named(name),
-                source,
-            })?;
-        function.set_intx(line);
+        // The model's pin of this slot, per the machine's swizzle (the
+        // transport checked the pin is 0..=4; 0 is no INTx).
+        if let Some(pin) = model.intx_pin.checked_sub(1) {
+            let swizzled = (usize::from(slot) + usize::from(pin)) % 4;
+            let gsi = self.machine.pci.intx_gsis[swizzled];
+            let line = self
+                .wiring
+                .intx(gsi, function.intx_resample())
+                .map_err(|source| VirtioSetupError::Intx {
+                    name: named(name),
+                    source,
+                })?;
+            function.set_intx(line);
+        }
         let typed = Arc::new(Mutex::new(function));
         let function: Arc<Mutex<dyn PciFunction>> = typed.clone();
         self.pci.add(name, slot, function)?;

@@ -126,6 +126,7 @@ impl Vm {
         start: Start,
     ) -> Result<Self, Error> {
         cfg.validate(&machine)?;
+        crate::irq::check_irqchip(&machine)?;
         let cpu_model = vcpu::cpuid::model_for(&machine, &cfg.cpu)?;
         // Open user files first, so bad paths fail before any KVM work.
         let mut boot_files = None;
@@ -218,7 +219,7 @@ impl Vm {
         let legacy = legacy::attach(&vm, &pio, &machine, serial_out, &exit)?;
         let pci = PciPlatform::new(&machine, &pio, &mmio, &exit)?;
         let max_gsi = kvm.check_extension_int(kvm_ioctls::Cap::IrqRouting).max(0) as u32;
-        let router = GsiRouter::new(vm.clone(), max_gsi)?;
+        let router = GsiRouter::new(vm.clone(), max_gsi, &machine.irqchip)?;
         let resampler = Resampler::new().map_err(Error::Resampler)?;
         let net_ports = crate::virtio::attach_all(
             &crate::virtio::VirtioAttach {
@@ -248,7 +249,7 @@ impl Vm {
             let cpuid = vcpu::cpuid::build(&cpu.model, supported.as_slice(), index, cfg.cpus)?;
             fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
             if let Some(entry) = &entry {
-                regs::setup_common(&fd, index, msr_list.as_slice())?;
+                regs::setup_common(&fd, index, &machine, msr_list.as_slice())?;
                 if index == 0 {
                     regs::setup_boot_cpu(&fd, entry)?;
                 }

@@ -7,12 +7,13 @@
 
 use std::collections::VecDeque;
 
+use abide_machines::I8042Defaults;
+
 use crate::bus::BusDevice;
 use crate::exit::{ExitReason, ExitSignal};
+use crate::model::ModelError;
 
-/// Offset of the command/status port from the data port.
-pub const COMMAND_OFFSET: u64 = 4;
-
+const DEVICE: &str = "i8042";
 const STATUS_OUTPUT_FULL: u8 = 1 << 0;
 const STATUS_SYSTEM_FLAG: u8 = 1 << 2;
 const STATUS_LAST_WAS_COMMAND: u8 = 1 << 3;
@@ -35,11 +36,13 @@ const CMD_WRITE_AUX_OUTPUT: u8 = 0xd3;
 const CMD_WRITE_AUX: u8 = 0xd4;
 const CMD_PULSE_RESET: u8 = 0xfe;
 
+const CTR_KBD_INT: u8 = 1 << 0;
+const CTR_AUX_INT: u8 = 1 << 1;
 const CTR_KBD_DISABLED: u8 = 1 << 4;
 const CTR_AUX_DISABLED: u8 = 1 << 5;
-const CTR_SYSTEM_FLAG: u8 = 1 << 2;
 /// Output port: bit 0 is the (active-low) reset line, bit 1 the A20 gate.
-const OUTPUT_PORT_DEFAULT: u8 = 0x03;
+const OUTPUT_RESET_INACTIVE: u8 = 1 << 0;
+const OUTPUT_A20: u8 = 1 << 1;
 
 const SELF_TEST_OK: u8 = 0x55;
 const PORT_TEST_OK: u8 = 0x00;
@@ -96,9 +99,12 @@ impl crate::persist::Persist for I8042 {
     }
 }
 
-/// The i8042 at data port + command port (`base`, `base + 4`).
+/// The i8042 at data port + command port (`base`, `base` + the machine's
+/// command offset).
 #[derive(Debug)]
 pub struct I8042 {
+    /// Offset of the command/status port from the data port.
+    command_offset: u64,
     ctr: u8,
     output_port: u8,
     pending_write: Option<u8>,
@@ -109,16 +115,44 @@ pub struct I8042 {
 }
 
 impl I8042 {
-    /// A controller whose reset command ends the VM through `exit`.
-    pub fn new(exit: ExitSignal) -> Self {
-        Self {
-            ctr: CTR_SYSTEM_FLAG | CTR_KBD_DISABLED | CTR_AUX_DISABLED,
-            output_port: OUTPUT_PORT_DEFAULT,
+    /// A controller with the machine's defaults whose reset command ends
+    /// the VM through `exit`.
+    pub fn new(exit: ExitSignal, defaults: I8042Defaults) -> Result<Self, ModelError> {
+        let d = defaults;
+        if d.command_offset == 0 {
+            return Err(ModelError::value(
+                DEVICE,
+                "command_offset",
+                d.command_offset,
+                "the command port cannot be the data port",
+            ));
+        }
+        if d.config_byte & (CTR_KBD_INT | CTR_AUX_INT) != 0 {
+            return Err(ModelError::value(
+                DEVICE,
+                "config_byte",
+                format!("{:#04x}", d.config_byte),
+                "no port raises an interrupt (bits 0 and 1 must be clear)",
+            ));
+        }
+        let needed = OUTPUT_RESET_INACTIVE | OUTPUT_A20;
+        if d.output_port & needed != needed {
+            return Err(ModelError::value(
+                DEVICE,
+                "output_port",
+                format!("{:#04x}", d.output_port),
+                "the CPU runs and A20 is always enabled (bits 0 and 1 must be set)",
+            ));
+        }
+        Ok(Self {
+            command_offset: u64::from(d.command_offset),
+            ctr: d.config_byte,
+            output_port: d.output_port,
             pending_write: None,
             last_was_command: false,
             output: VecDeque::new(),
             exit,
-        }
+        })
     }
 
     fn status(&self) -> u8 {
@@ -195,7 +229,7 @@ impl BusDevice for I8042 {
         };
         *first = match offset {
             0 => self.output.pop_front().map_or(0, |(v, _)| v),
-            COMMAND_OFFSET => self.status(),
+            o if o == self.command_offset => self.status(),
             _ => 0xff,
         };
     }
@@ -206,7 +240,7 @@ impl BusDevice for I8042 {
         };
         match offset {
             0 => self.data(v),
-            COMMAND_OFFSET => self.command(v),
+            o if o == self.command_offset => self.command(v),
             _ => {}
         }
     }
@@ -216,9 +250,43 @@ impl BusDevice for I8042 {
 mod tests {
     use super::*;
 
+    /// pc-1.0's command port offset.
+    const COMMAND_OFFSET: u64 = 4;
+    const CTR_SYSTEM_FLAG: u8 = 1 << 2;
+
     fn kbd() -> (I8042, ExitSignal) {
         let exit = ExitSignal::new().expect("eventfd");
-        (I8042::new(exit.clone()), exit)
+        let d = abide_machines::pc_1_0().legacy_defaults.i8042;
+        assert_eq!(u64::from(d.command_offset), COMMAND_OFFSET);
+        (I8042::new(exit.clone(), d).expect("i8042"), exit)
+    }
+
+    #[test]
+    fn undeclarable_defaults_are_refused() {
+        let refusal = |edit: &dyn Fn(&mut I8042Defaults)| {
+            let mut d = abide_machines::pc_1_0().legacy_defaults.i8042;
+            edit(&mut d);
+            let exit = ExitSignal::new().expect("eventfd");
+            I8042::new(exit, d).expect_err("refused").to_string()
+        };
+        assert!(refusal(&|d| d.command_offset = 0).contains("command_offset = 0"));
+        assert!(refusal(&|d| d.config_byte = 0x35).contains("config_byte = 0x35"));
+        let e = refusal(&|d| d.output_port = 0x01);
+        assert!(
+            e.contains("i8042") && e.contains("output_port = 0x01"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn command_port_follows_the_machine() {
+        let exit = ExitSignal::new().expect("eventfd");
+        let mut d = abide_machines::pc_1_0().legacy_defaults.i8042;
+        d.command_offset = 2;
+        let mut k = I8042::new(exit, d).expect("i8042");
+        k.write(2, &[CMD_SELF_TEST]);
+        assert_eq!(read(&mut k, 0), SELF_TEST_OK);
+        assert_eq!(read(&mut k, 4), 0xff, "nothing at pc-1.0's offset");
     }
 
     fn read(k: &mut I8042, off: u64) -> u8 {

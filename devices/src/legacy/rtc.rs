@@ -5,7 +5,10 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use abide_machines::RtcDefaults;
+
 use crate::bus::BusDevice;
+use crate::model::ModelError;
 
 const REG_SECONDS: usize = 0x00;
 const REG_MINUTES: usize = 0x02;
@@ -18,12 +21,19 @@ const REG_A: usize = 0x0a;
 const REG_B: usize = 0x0b;
 const REG_C: usize = 0x0c;
 const REG_D: usize = 0x0d;
-const REG_CENTURY: usize = 0x32;
+/// First CMOS byte after the clock's registers.
+const FIRST_RAM_BYTE: u8 = 0x0e;
 
 const B_SET: u8 = 0x80;
 const B_BINARY: u8 = 0x04;
 const B_24H: u8 = 0x02;
+/// Register B bits a machine may set at reset: the data mode and the hour
+/// format. The interrupt enables, square wave, daylight saving and SET are
+/// not implemented.
+const B_DECLARABLE: u8 = B_BINARY | B_24H;
+const A_UIP: u8 = 0x80;
 const D_VRT: u8 = 0x80;
+const DEVICE: &str = "cmos-rtc";
 
 /// Source of "now", in seconds since the Unix epoch (replaceable in tests).
 pub type Clock = fn() -> i64;
@@ -145,35 +155,67 @@ impl crate::persist::Persist for Rtc {
 pub struct Rtc {
     index: u8,
     cmos: [u8; 128],
+    /// CMOS index of the century byte.
+    century: usize,
     /// Guest time minus host time, in seconds.
     offset: i64,
     clock: Clock,
 }
 
-impl Default for Rtc {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Rtc {
-    /// An RTC following the host clock.
-    pub fn new() -> Self {
-        Self::with_clock(host_now)
+    /// An RTC following the host clock, with the machine's register
+    /// defaults.
+    pub fn new(defaults: RtcDefaults) -> Result<Self, ModelError> {
+        Self::with_clock(defaults, host_now)
     }
 
     /// An RTC following `clock`.
-    pub fn with_clock(clock: Clock) -> Self {
+    pub fn with_clock(defaults: RtcDefaults, clock: Clock) -> Result<Self, ModelError> {
+        let d = defaults;
+        let hex = |v: u8| format!("{v:#04x}");
+        if d.register_a & A_UIP != 0 {
+            return Err(ModelError::value(
+                DEVICE,
+                "register_a",
+                hex(d.register_a),
+                "update-in-progress (bit 7) always reads 0",
+            ));
+        }
+        if d.register_b & !B_DECLARABLE != 0 {
+            return Err(ModelError::value(
+                DEVICE,
+                "register_b",
+                hex(d.register_b),
+                "only the data mode (bit 2) and 24-hour format (bit 1) are implemented",
+            ));
+        }
+        if d.register_d != D_VRT {
+            return Err(ModelError::value(
+                DEVICE,
+                "register_d",
+                hex(d.register_d),
+                "register D reads 0x80 (valid RAM and time)",
+            ));
+        }
+        if !(FIRST_RAM_BYTE..=0x7f).contains(&d.century_index) {
+            return Err(ModelError::value(
+                DEVICE,
+                "century_index",
+                hex(d.century_index),
+                "the century byte must be a CMOS RAM byte (0x0e..=0x7f)",
+            ));
+        }
         let mut cmos = [0u8; 128];
-        cmos[REG_A] = 0x26; // 32.768 kHz time base, 1024 Hz periodic rate
-        cmos[REG_B] = B_24H;
-        cmos[REG_D] = D_VRT;
-        Self {
+        cmos[REG_A] = d.register_a;
+        cmos[REG_B] = d.register_b;
+        cmos[REG_D] = d.register_d;
+        Ok(Self {
             index: 0,
             cmos,
+            century: usize::from(d.century_index),
             offset: 0,
             clock,
-        }
+        })
     }
 
     fn now(&self) -> DateTime {
@@ -219,7 +261,7 @@ impl Rtc {
             REG_DAY => self.encode(t.day),
             REG_MONTH => self.encode(t.month),
             REG_YEAR => self.encode((t.year % 100) as u32),
-            REG_CENTURY => self.encode((t.year / 100) as u32),
+            r if r == self.century => self.encode((t.year / 100) as u32),
             // Update-in-progress is never reported: reads are always coherent.
             REG_A => self.cmos[REG_A] & 0x7f,
             REG_C => {
@@ -232,35 +274,39 @@ impl Rtc {
     }
 
     fn write_reg(&mut self, reg: usize, v: u8) {
+        let century = reg == self.century;
         match reg {
             REG_SECONDS | REG_MINUTES | REG_HOURS | REG_WEEKDAY | REG_DAY | REG_MONTH
-            | REG_YEAR | REG_CENTURY => {
-                // Latch the current time into CMOS RAM, apply the write and
-                // derive the new offset from it.
-                let mut t = self.now();
-                let d = self.decode(v & if reg == REG_HOURS { 0x7f } else { 0xff });
-                match reg {
-                    REG_SECONDS => t.second = d.min(59),
-                    REG_MINUTES => t.minute = d.min(59),
-                    REG_HOURS => {
-                        t.hour = if self.cmos[REG_B] & B_24H != 0 {
-                            d.min(23)
-                        } else {
-                            d % 12 + if v & 0x80 != 0 { 12 } else { 0 }
-                        }
-                    }
-                    REG_DAY => t.day = d.clamp(1, 31),
-                    REG_MONTH => t.month = d.clamp(1, 12),
-                    REG_YEAR => t.year = t.year / 100 * 100 + i64::from(d),
-                    REG_CENTURY => t.year = i64::from(d) * 100 + t.year % 100,
-                    _ => {}
-                }
-                self.offset = t.to_unix() - (self.clock)();
-            }
+            | REG_YEAR => self.set_time(reg, v),
+            _ if century => self.set_time(reg, v),
             REG_B => self.cmos[REG_B] = v & !B_SET | (v & B_SET),
             REG_C | REG_D => {}
             _ => self.cmos[reg] = v,
         }
+    }
+
+    /// A write to a time register (or the century byte): latch the current
+    /// time, apply the write and derive the new offset from it.
+    fn set_time(&mut self, reg: usize, v: u8) {
+        let mut t = self.now();
+        let d = self.decode(v & if reg == REG_HOURS { 0x7f } else { 0xff });
+        match reg {
+            REG_SECONDS => t.second = d.min(59),
+            REG_MINUTES => t.minute = d.min(59),
+            REG_HOURS => {
+                t.hour = if self.cmos[REG_B] & B_24H != 0 {
+                    d.min(23)
+                } else {
+                    d % 12 + if v & 0x80 != 0 { 12 } else { 0 }
+                }
+            }
+            REG_DAY => t.day = d.clamp(1, 31),
+            REG_MONTH => t.month = d.clamp(1, 12),
+            REG_YEAR => t.year = t.year / 100 * 100 + i64::from(d),
+            r if r == self.century => t.year = i64::from(d) * 100 + t.year % 100,
+            _ => {}
+        }
+        self.offset = t.to_unix() - (self.clock)();
     }
 }
 
@@ -303,6 +349,38 @@ mod tests {
     // 2026-11-23 17:05:09 UTC, a Monday.
     const T: i64 = 1_795_453_509;
 
+    /// pc-1.0's RTC at time `T`.
+    fn rtc() -> Rtc {
+        Rtc::with_clock(abide_machines::pc_1_0().legacy_defaults.rtc, || T).expect("rtc")
+    }
+
+    #[test]
+    fn undeclarable_defaults_are_refused() {
+        let refusal = |edit: &dyn Fn(&mut RtcDefaults)| {
+            let mut d = abide_machines::pc_1_0().legacy_defaults.rtc;
+            edit(&mut d);
+            Rtc::with_clock(d, || T).expect_err("refused").to_string()
+        };
+        assert!(refusal(&|d| d.register_a = 0xa6).contains("register_a = 0xa6"));
+        // Periodic interrupts are not implemented.
+        assert!(refusal(&|d| d.register_b = 0x42).contains("register_b = 0x42"));
+        assert!(refusal(&|d| d.register_d = 0).contains("register_d = 0x00"));
+        let e = refusal(&|d| d.century_index = 0x09);
+        assert!(
+            e.contains("cmos-rtc") && e.contains("century_index = 0x09"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn century_byte_is_where_the_machine_puts_it() {
+        let mut d = abide_machines::pc_1_0().legacy_defaults.rtc;
+        d.century_index = 0x48;
+        let mut rtc = Rtc::with_clock(d, || T).expect("rtc");
+        assert_eq!(rd(&mut rtc, 0x48), 0x20);
+        assert_eq!(rd(&mut rtc, 0x32), 0, "plain CMOS RAM now");
+    }
+
     fn rd(rtc: &mut Rtc, reg: u8) -> u8 {
         rtc.write(0, &[reg]);
         let mut b = [0];
@@ -324,7 +402,7 @@ mod tests {
 
     #[test]
     fn reads_bcd_time() {
-        let mut rtc = Rtc::with_clock(|| T);
+        let mut rtc = rtc();
         assert_eq!(rd(&mut rtc, 0x09), 0x26);
         assert_eq!(rd(&mut rtc, 0x32), 0x20);
         assert_eq!(rd(&mut rtc, 0x08), 0x11);
@@ -336,7 +414,7 @@ mod tests {
 
     #[test]
     fn binary_mode_and_guest_set_time() {
-        let mut rtc = Rtc::with_clock(|| T);
+        let mut rtc = rtc();
         rtc.write(0, &[0x0b]);
         rtc.write(1, &[B_24H | B_BINARY]);
         assert_eq!(rd(&mut rtc, 0x04), 17);
@@ -349,13 +427,13 @@ mod tests {
     #[test]
     fn state_round_trips() {
         use crate::persist::Persist;
-        let mut a = Rtc::with_clock(|| T);
+        let mut a = rtc();
         a.write(0, &[0x40]);
         a.write(1, &[0xab]);
         a.write(0, &[0x04]);
         a.write(1, &[0x05]); // guest sets the hour: an offset
         let (v, bytes) = a.save_section();
-        let mut b = Rtc::with_clock(|| T);
+        let mut b = rtc();
         b.restore_section(v, &bytes).expect("restore");
         assert_eq!(rd(&mut b, 0x40), 0xab);
         assert_eq!(rd(&mut b, 0x04), 0x05, "guest time kept");
@@ -366,7 +444,7 @@ mod tests {
 
     #[test]
     fn cmos_ram_keeps_bytes() {
-        let mut rtc = Rtc::with_clock(|| T);
+        let mut rtc = rtc();
         rtc.write(0, &[0x40]);
         rtc.write(1, &[0xab]);
         assert_eq!(rd(&mut rtc, 0x40), 0xab);

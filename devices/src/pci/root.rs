@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use abide_machines::BarPlacement;
+
 use crate::bus::{Bus, BusDevice};
 use crate::pci::config::{reg, BarKind, BarMapping, BarSpec, PciConfig, ROM_BAR_INDEX};
 
@@ -273,10 +275,23 @@ impl PciRoot {
         }
     }
 
-    /// Gives every BAR and ROM BAR an address, as firmware would: slots in
-    /// order, BARs in index order, each naturally aligned in its window.
-    /// Decode stays off (the guest enables it); ROM BARs are not enabled.
-    pub fn assign_resources(&mut self, windows: &Windows) -> Result<(), AllocError> {
+    /// Gives every BAR and ROM BAR an address, as firmware would, by the
+    /// machine's `policy` (see [`BarPlacement`]). Decode stays off (the
+    /// guest enables it); ROM BARs are not enabled.
+    pub fn assign_resources(
+        &mut self,
+        windows: &Windows,
+        policy: BarPlacement,
+    ) -> Result<(), AllocError> {
+        match policy {
+            BarPlacement::SlotOrder => self.place_in_slot_order(windows),
+        }
+    }
+
+    /// [`BarPlacement::SlotOrder`]: slots in order; a function's BARs in
+    /// index order, then its ROM BAR; each naturally aligned, bottom-up in
+    /// its window.
+    fn place_in_slot_order(&mut self, windows: &Windows) -> Result<(), AllocError> {
         let mut mem32 = Cursor::new("32-bit MMIO", windows.mmio32);
         let mut mem64 = Cursor::new("64-bit MMIO", windows.mmio64);
         let mut io = Cursor::new("I/O", windows.io);
@@ -738,7 +753,8 @@ mod tests {
             mmio64: (0x80_0000_0000, 0x1000_0000),
             io: (0x1000, 0x1000),
         };
-        root.assign_resources(&w).expect("assign");
+        root.assign_resources(&w, BarPlacement::SlotOrder)
+            .expect("assign");
         let bar = |d: u8, off: usize| {
             let mut b = [0u8; 4];
             root.config_read(
@@ -763,7 +779,9 @@ mod tests {
             mmio32: (0xc000_0000, 0x1000),
             ..w
         };
-        assert!(root.assign_resources(&tiny).is_err());
+        assert!(root
+            .assign_resources(&tiny, BarPlacement::SlotOrder)
+            .is_err());
     }
 
     #[test]

@@ -33,27 +33,21 @@ use super::worker::{
     WorkerSlot,
 };
 use super::{
-    device_type, read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    check_config_len, check_features, check_queues, device_type, read_config_bytes, ActivateError,
+    Activation, ModelError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
+use abide_machines::{BlkConfig, VirtioModel};
+
 use crate::GuestMem;
+pub use abide_machines::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 
-/// `VIRTIO_BLK_F_SEG_MAX`: `seg_max` is valid.
-pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
-/// `VIRTIO_BLK_F_RO`: the device is read-only.
-pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
-/// `VIRTIO_BLK_F_BLK_SIZE`: `blk_size` is valid.
-pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
-/// `VIRTIO_BLK_F_FLUSH`: FLUSH is supported.
-pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
-/// `VIRTIO_BLK_F_MQ`: `num_queues` is valid.
-pub const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
-/// `VIRTIO_RING_F_INDIRECT_DESC`.
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-
-/// The features this model can offer. `RO` is offered exactly when the
-/// device is read-only and `MQ` when it has more than one queue; the rest
-/// are offered when they are in [`BlockParams::features`].
+/// The features this model implements. `RO` is offered exactly when the
+/// disk is read-only (never by a machine type); the others exactly when
+/// the machine declares them.
 pub const BLOCK_SUPPORTED_FEATURES: u64 = VIRTIO_F_VERSION_1
     | VIRTIO_BLK_F_SEG_MAX
     | VIRTIO_BLK_F_BLK_SIZE
@@ -62,12 +56,8 @@ pub const BLOCK_SUPPORTED_FEATURES: u64 = VIRTIO_F_VERSION_1
     | VIRTIO_RING_F_INDIRECT_DESC
     | VIRTIO_RING_F_EVENT_IDX;
 
-/// The default feature mask of [`BlockParams::new`].
-pub const BLOCK_DEFAULT_FEATURES: u64 = VIRTIO_F_VERSION_1
-    | VIRTIO_BLK_F_SEG_MAX
-    | VIRTIO_BLK_F_BLK_SIZE
-    | VIRTIO_BLK_F_FLUSH
-    | VIRTIO_BLK_F_MQ;
+/// The device's name in messages.
+const DEVICE: &str = "virtio-blk";
 
 /// Request types.
 pub const VIRTIO_BLK_T_IN: u32 = 0;
@@ -87,13 +77,19 @@ pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 
 /// The protocol's sector size.
 pub const SECTOR_SIZE: u64 = 512;
-/// `blk_size` in the configuration space.
-pub const BLK_SIZE: u32 = 512;
 /// Length of the GET_ID string.
 pub const ID_LEN: usize = 20;
-/// Size of the device configuration space exposed (through the
-/// `write_zeroes_may_unmap` field of `struct virtio_blk_config`).
+/// Size of the configuration space this model implements (through the
+/// `write_zeroes_may_unmap` field of `struct virtio_blk_config`); a machine
+/// exposes a prefix of it.
 pub const CONFIG_LEN: usize = 0x3c;
+/// Where the fields a feature makes valid end: `seg_max`, `blk_size`,
+/// `num_queues`.
+const CONFIG_FIELDS: &[(u64, usize)] = &[
+    (VIRTIO_BLK_F_SEG_MAX, 0x10),
+    (VIRTIO_BLK_F_BLK_SIZE, 0x18),
+    (VIRTIO_BLK_F_MQ, 0x24),
+];
 
 /// Request header size.
 const HEADER_LEN: u32 = 16;
@@ -106,7 +102,8 @@ const BOUNCE_ALIGN: usize = 4096;
 /// Requests handled per wakeup before the worker looks at other events.
 const BUDGET: usize = 256;
 
-/// Everything the VMM decides about a virtio-blk device.
+/// Everything the VMM decides about a virtio-blk device: the disk, and
+/// the machine's virtio-blk model.
 #[derive(Debug)]
 pub struct BlockParams {
     /// The raw image. Its size, rounded down to sectors, is the capacity.
@@ -117,26 +114,22 @@ pub struct BlockParams {
     pub serial: Option<String>,
     /// The file was opened with `O_DIRECT`: use aligned bounce buffers.
     pub direct: bool,
-    /// Request queues (at least 1).
-    pub num_queues: u16,
-    /// Maximum size of each queue (a power of two, at least 4).
-    pub queue_size: u16,
-    /// Features that may be offered (see [`BLOCK_SUPPORTED_FEATURES`]).
-    pub features: u64,
+    /// Queues, features, configuration length (the machine's).
+    pub model: VirtioModel,
+    /// `blk_size` and `seg_max` (the machine's).
+    pub config: BlkConfig,
 }
 
 impl BlockParams {
-    /// One queue of 256, writable, no serial, buffered I/O, default
-    /// features.
-    pub fn new(file: File) -> Self {
+    /// A writable disk without serial, buffered I/O, as `model` describes.
+    pub fn new(file: File, model: &VirtioModel, config: BlkConfig) -> Self {
         Self {
             file,
             read_only: false,
             serial: None,
             direct: false,
-            num_queues: 1,
-            queue_size: 256,
-            features: BLOCK_DEFAULT_FEATURES,
+            model: model.clone(),
+            config,
         }
     }
 }
@@ -150,9 +143,50 @@ pub enum BlockError {
     /// Serial longer than 20 bytes.
     #[error("serial is {0} bytes; at most 20 are allowed")]
     Serial(usize),
-    /// Bad queue parameters.
-    #[error("invalid queue parameters: {0} queues of {1}")]
-    Queues(u16, u16),
+    /// The machine declares something this model cannot implement.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// Checks the machine's virtio-blk model and returns the features to offer
+/// (before `RO`).
+fn checked_features(m: &VirtioModel, c: &BlkConfig) -> Result<u64, ModelError> {
+    check_features(
+        DEVICE,
+        device_type::BLOCK,
+        m.features & !VIRTIO_BLK_F_RO,
+        BLOCK_SUPPORTED_FEATURES,
+    )?;
+    if m.features & VIRTIO_BLK_F_RO != 0 {
+        return Err(ModelError::value(
+            DEVICE,
+            "features",
+            "VIRTIO_BLK_F_RO",
+            "read-only is a disk's property (readonly=on), not the machine type's",
+        ));
+    }
+    check_queues(DEVICE, m.num_queues, 1..=u16::MAX, m.queue_size, 4)?;
+    check_config_len(DEVICE, m.config_len, CONFIG_LEN, m.features, CONFIG_FIELDS)?;
+    if c.seg_max == 0 || c.seg_max > u32::from(m.queue_size) - 2 {
+        return Err(ModelError::value(
+            DEVICE,
+            "seg_max",
+            c.seg_max,
+            format!(
+                "requests of up to the queue size ({}) less the header and status descriptors",
+                m.queue_size
+            ),
+        ));
+    }
+    if !c.blk_size.is_power_of_two() || !(512..=4096).contains(&c.blk_size) {
+        return Err(ModelError::value(
+            DEVICE,
+            "blk_size",
+            c.blk_size,
+            "a power of two from 512 to 4096",
+        ));
+    }
+    Ok(m.features)
 }
 
 /// The image and its fixed properties, shared with the worker.
@@ -173,7 +207,7 @@ pub struct Block {
     features: u64,
     num_queues: u16,
     queue_size: u16,
-    config: [u8; CONFIG_LEN],
+    config: Vec<u8>,
     worker: WorkerSlot<BlockWorker>,
 }
 
@@ -185,22 +219,10 @@ impl Block {
         if serial.len() > ID_LEN {
             return Err(BlockError::Serial(serial.len()));
         }
-        if p.num_queues == 0
-            || p.queue_size < 4
-            || !p.queue_size.is_power_of_two()
-            || p.queue_size > 32768
-        {
-            return Err(BlockError::Queues(p.num_queues, p.queue_size));
-        }
+        let mut features = checked_features(&p.model, &p.config)?;
         let mut id = [0u8; ID_LEN];
         id[..serial.len()].copy_from_slice(serial.as_bytes());
         let capacity = len / SECTOR_SIZE;
-
-        let mut features = VIRTIO_F_VERSION_1
-            | (p.features & BLOCK_SUPPORTED_FEATURES & !(VIRTIO_BLK_F_MQ | VIRTIO_BLK_F_RO));
-        if p.num_queues > 1 && p.features & VIRTIO_BLK_F_MQ != 0 {
-            features |= VIRTIO_BLK_F_MQ;
-        }
         if p.read_only {
             features |= VIRTIO_BLK_F_RO;
         }
@@ -208,9 +230,10 @@ impl Block {
         let mut config = [0u8; CONFIG_LEN];
         config[0..8].copy_from_slice(&capacity.to_le_bytes());
         // size_max (0x08) is not offered.
-        config[0x0c..0x10].copy_from_slice(&u32::from(p.queue_size - 2).to_le_bytes());
-        config[0x14..0x18].copy_from_slice(&BLK_SIZE.to_le_bytes());
-        config[0x22..0x24].copy_from_slice(&p.num_queues.to_le_bytes());
+        config[0x0c..0x10].copy_from_slice(&p.config.seg_max.to_le_bytes());
+        config[0x14..0x18].copy_from_slice(&p.config.blk_size.to_le_bytes());
+        config[0x22..0x24].copy_from_slice(&p.model.num_queues.to_le_bytes());
+        let config = config[..p.model.config_len as usize].to_vec();
 
         Ok(Self {
             disk: Arc::new(Disk {
@@ -221,10 +244,10 @@ impl Block {
                 id,
             }),
             features,
-            num_queues: p.num_queues,
-            queue_size: p.queue_size,
+            num_queues: p.model.num_queues,
+            queue_size: p.model.queue_size,
             config,
-            worker: WorkerSlot::new("virtio-blk"),
+            worker: WorkerSlot::new(DEVICE),
         })
     }
 
@@ -271,7 +294,7 @@ impl VirtioDevice for Block {
     }
 
     fn config_len(&self) -> u32 {
-        CONFIG_LEN as u32
+        self.config.len() as u32
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -596,7 +619,7 @@ mod tests {
     use vmm_sys_util::tempfile::TempFile;
 
     use super::super::pci::testutil::{
-        enable_msix, enable_queue, negotiate, r as pci_r, transport, w as pci_w, LAYOUT,
+        enable_msix, enable_queue, layout, negotiate, r as pci_r, transport, w as pci_w,
     };
     use super::super::pci::VirtioPci;
     use super::super::worker::testutil::*;
@@ -623,15 +646,23 @@ mod tests {
         block: Block,
     }
 
+    /// pc-1.0's virtio-blk with queues of `QSIZE`.
+    fn params(file: File) -> BlockParams {
+        let m = abide_machines::pc_1_0();
+        let mut p = BlockParams::new(file, &m.virtio.blk, m.virtio.blk_config);
+        p.model.queue_size = QSIZE;
+        p.config.seg_max = u32::from(QSIZE) - 2;
+        p
+    }
+
     fn rig(read_only: bool, direct: bool) -> Rig {
         let tmp = TempFile::new().expect("tempfile");
         let file = tmp.as_file().try_clone().expect("clone");
         file.set_len(SECTORS * SECTOR_SIZE).expect("set_len");
-        let mut p = BlockParams::new(tmp.as_file().try_clone().expect("clone"));
+        let mut p = params(tmp.as_file().try_clone().expect("clone"));
         p.read_only = read_only;
         p.direct = direct;
         p.serial = Some("abide-serial".into());
-        p.queue_size = QSIZE;
         Rig {
             _tmp: tmp,
             file,
@@ -729,28 +760,84 @@ mod tests {
     }
 
     #[test]
-    fn multiqueue_and_masks() {
+    fn multiqueue_and_read_only() {
         let tmp = TempFile::new().expect("tempfile");
-        let mut p = BlockParams::new(tmp.as_file().try_clone().expect("clone"));
-        p.num_queues = 4;
-        p.read_only = true;
-        p.features = VIRTIO_BLK_F_MQ;
-        let b = Block::new(p).expect("block");
-        assert_eq!(
-            b.features(),
-            VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_MQ | VIRTIO_BLK_F_RO
+        let m = abide_machines::pc_2_0();
+        let mut p = BlockParams::new(
+            tmp.as_file().try_clone().expect("clone"),
+            &m.virtio.blk,
+            m.virtio.blk_config,
         );
-        assert_eq!(b.queue_max_sizes(), vec![256; 4]);
-        let mut c = [0u8; 2];
-        b.read_config(0x22, &mut c);
-        assert_eq!(u16::from_le_bytes(c), 4);
+        p.read_only = true;
+        let b = Block::new(p).expect("block");
+        // Exactly the declared features, plus RO for this disk.
+        assert_eq!(b.features(), m.virtio.blk.features | VIRTIO_BLK_F_RO);
+        assert_eq!(b.queue_max_sizes(), vec![1024; 4]);
+        let mut c = [0u8; 4];
+        b.read_config(0x22, &mut c[..2]);
+        assert_eq!(u16::from_le_bytes([c[0], c[1]]), 4);
+        b.read_config(0x0c, &mut c);
+        assert_eq!(u32::from_le_bytes(c), 1022);
 
-        let mut p = BlockParams::new(tmp.as_file().try_clone().expect("clone"));
+        let mut p = params(tmp.as_file().try_clone().expect("clone"));
         p.serial = Some("x".repeat(21));
         assert!(matches!(Block::new(p), Err(BlockError::Serial(21))));
-        let mut p = BlockParams::new(tmp.as_file().try_clone().expect("clone"));
-        p.num_queues = 0;
-        assert!(Block::new(p).is_err());
+    }
+
+    /// Builds a device from pc-1.0's model edited by `edit`; returns the
+    /// refusal's message.
+    fn refusal(edit: impl FnOnce(&mut BlockParams)) -> String {
+        let tmp = TempFile::new().expect("tempfile");
+        let mut p = params(tmp.as_file().try_clone().expect("clone"));
+        edit(&mut p);
+        match Block::new(p) {
+            Err(BlockError::Model(e)) => e.to_string(),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn undeclarable_values_are_refused() {
+        let e = refusal(|p| p.model.features |= 1 << 13);
+        assert!(
+            e.contains("virtio-blk") && e.contains("VIRTIO_BLK_F_DISCARD (bit 13)"),
+            "{e}"
+        );
+        let e = refusal(|p| p.model.features &= !VIRTIO_F_VERSION_1);
+        assert!(e.contains("VIRTIO_F_VERSION_1"), "{e}");
+        let e = refusal(|p| p.model.features |= VIRTIO_BLK_F_RO);
+        assert!(e.contains("readonly=on"), "{e}");
+        let e = refusal(|p| p.model.num_queues = 0);
+        assert!(e.contains("num_queues = 0"), "{e}");
+        let e = refusal(|p| p.model.queue_size = 100);
+        assert!(e.contains("queue_size = 100"), "{e}");
+        let e = refusal(|p| p.config.seg_max = u32::from(QSIZE));
+        assert!(e.contains("seg_max = 16"), "{e}");
+        let e = refusal(|p| p.config.blk_size = 1000);
+        assert!(e.contains("blk_size = 1000"), "{e}");
+        let e = refusal(|p| p.model.config_len = 0x40);
+        assert!(e.contains("config_len = 64"), "{e}");
+        // MQ makes num_queues (0x22..0x24) valid: it must be exposed.
+        let e = refusal(|p| {
+            p.model.features |= VIRTIO_BLK_F_MQ;
+            p.model.config_len = 0x20;
+        });
+        assert!(e.contains("config_len = 32"), "{e}");
+    }
+
+    #[test]
+    fn config_is_cut_to_the_declared_length() {
+        let tmp = TempFile::new().expect("tempfile");
+        tmp.as_file().set_len(SECTORS * SECTOR_SIZE).expect("len");
+        let mut p = params(tmp.as_file().try_clone().expect("clone"));
+        p.model.features = VIRTIO_F_VERSION_1;
+        p.model.config_len = 8;
+        let b = Block::new(p).expect("block");
+        assert_eq!(b.config_len(), 8);
+        let mut c = [0xffu8; 16];
+        b.read_config(0, &mut c);
+        assert_eq!(u64::from_le_bytes(c[..8].try_into().expect("8")), SECTORS);
+        assert_eq!(c[8..], [0; 8]);
     }
 
     /// Dirty bits of guest memory's single region, as page numbers.
@@ -894,9 +981,8 @@ mod tests {
         file.set_len(4 << 20).expect("set_len");
         let pattern: Vec<u8> = (0..(600 << 10) as u32).map(|i| (i % 251) as u8).collect();
         file.write_all_at(&pattern, 4096).expect("fill");
-        let mut p = BlockParams::new(file);
+        let mut p = params(file);
         p.direct = true;
-        p.queue_size = QSIZE;
         let b = Block::new(p).expect("block");
         let mem = memory();
         let mut d = Driver::new(&mem, QBASE, QSIZE);
@@ -1258,9 +1344,8 @@ mod tests {
     #[test]
     fn event_idx_suppresses_interrupts() {
         let tmp = TempFile::new().expect("tempfile");
-        let mut p = BlockParams::new(tmp.as_file().try_clone().expect("clone"));
-        p.queue_size = QSIZE;
-        p.features |= VIRTIO_RING_F_EVENT_IDX;
+        let mut p = params(tmp.as_file().try_clone().expect("clone"));
+        p.model.features |= VIRTIO_RING_F_EVENT_IDX;
         let b = Block::new(p).expect("block");
         assert_ne!(b.features() & VIRTIO_RING_F_EVENT_IDX, 0);
         let mem = memory();
@@ -1349,9 +1434,8 @@ mod tests {
 
     /// A device over `file` with the rig's parameters.
     fn block_over(file: &File) -> Block {
-        let mut p = BlockParams::new(file.try_clone().expect("clone"));
+        let mut p = params(file.try_clone().expect("clone"));
         p.serial = Some("abide-serial".into());
-        p.queue_size = QSIZE;
         Block::new(p).expect("block")
     }
 
@@ -1361,7 +1445,7 @@ mod tests {
         header(d.mem, VIRTIO_BLK_T_IN, sector);
         let head = d.chain(&[(HDR, 16, false), (buf, 512, true), (STATUS, 1, true)]);
         d.submit(head);
-        pci_w(t, u64::from(LAYOUT.notify), 0, 2);
+        pci_w(t, u64::from(layout().notify), 0, 2);
         head
     }
 

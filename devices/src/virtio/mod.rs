@@ -18,10 +18,7 @@ use crate::GuestMem;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
-/// `VIRTIO_F_VERSION_1`: the modern interface; required.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// `VIRTIO_RING_F_EVENT_IDX`.
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+pub use abide_machines::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 /// Device status bits.
 pub mod status {
@@ -89,6 +86,94 @@ impl std::fmt::Debug for Activation {
             .field("queues", &self.queues)
             .finish_non_exhaustive()
     }
+}
+
+pub use crate::model::ModelError;
+
+/// Checks declared features against what a model implements: every bit
+/// must be implemented, and `VIRTIO_F_VERSION_1` must be declared.
+pub fn check_features(
+    device: &'static str,
+    device_type: u16,
+    declared: u64,
+    implemented: u64,
+) -> Result<(), ModelError> {
+    let extra = declared & !implemented;
+    if extra != 0 {
+        return Err(ModelError::Features {
+            device,
+            names: abide_machines::virtio_feature_names(device_type, extra),
+        });
+    }
+    if declared & VIRTIO_F_VERSION_1 == 0 {
+        return Err(ModelError::NoVersion1 { device });
+    }
+    Ok(())
+}
+
+/// Checks a declared queue count and maximum queue size: `count` must be
+/// in `counts`, the size a power of two from `min_size` to 32768.
+pub fn check_queues(
+    device: &'static str,
+    count: u16,
+    counts: std::ops::RangeInclusive<u16>,
+    size: u16,
+    min_size: u16,
+) -> Result<(), ModelError> {
+    if !counts.contains(&count) {
+        let reason = if counts.start() == counts.end() {
+            format!("this model has exactly {} queues", counts.start())
+        } else {
+            format!(
+                "this model has {} to {} queues",
+                counts.start(),
+                counts.end()
+            )
+        };
+        return Err(ModelError::value(device, "num_queues", count, reason));
+    }
+    if size < min_size || !size.is_power_of_two() || size > 32768 {
+        return Err(ModelError::value(
+            device,
+            "queue_size",
+            size,
+            format!("a queue size must be a power of two from {min_size} to 32768"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a declared configuration length: at most `implemented` bytes,
+/// and reaching the end of every field a declared feature makes valid
+/// (`fields`: feature bit, end of its field).
+pub fn check_config_len(
+    device: &'static str,
+    declared_len: u32,
+    implemented: usize,
+    features: u64,
+    fields: &[(u64, usize)],
+) -> Result<(), ModelError> {
+    let len = declared_len as usize;
+    if len > implemented {
+        return Err(ModelError::value(
+            device,
+            "config_len",
+            declared_len,
+            format!("this model implements {implemented} bytes of configuration"),
+        ));
+    }
+    if let Some((_, end)) = fields
+        .iter()
+        .find(|(f, end)| features & f != 0 && *end > len)
+    {
+        return Err(ModelError::value(
+            device,
+            "config_len",
+            declared_len,
+            format!("a declared feature's field ends at byte {end}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Why activation failed.

@@ -31,22 +31,21 @@ use super::worker::{
     collect_chain, take_queues, total_len, Handler, SegCursor, Unusable, WorkerQueue, WorkerSlot,
 };
 use super::{
-    device_type, read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    check_config_len, check_features, check_queues, device_type, read_config_bytes, ActivateError,
+    Activation, ModelError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
+use abide_machines::{NetConfig, VirtioModel};
 
-/// `VIRTIO_NET_F_MAC`: the device has a MAC address.
-pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
-/// `VIRTIO_NET_F_STATUS`: the link status is valid.
-pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
-/// Link up, in the config `status` field.
-pub const VIRTIO_NET_S_LINK_UP: u16 = 1;
+pub use abide_machines::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
 
-/// The features this model can offer.
+/// The features this model implements; it offers exactly the ones the
+/// machine declares.
 pub const NET_SUPPORTED_FEATURES: u64 =
     VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_RING_F_EVENT_IDX;
-/// The default feature mask of [`NetParams::new`].
-pub const NET_DEFAULT_FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS;
+
+/// The device's name in messages.
+const DEVICE: &str = "virtio-net";
 
 /// `virtio_net_hdr` size with VERSION_1 (also the tap's vnet header size).
 pub const NET_HDR_LEN: usize = 12;
@@ -54,9 +53,11 @@ pub const NET_HDR_LEN: usize = 12;
 pub const MAX_BUFFER_LEN: usize = 65562;
 /// Largest frame (without the header).
 pub const MAX_FRAME_LEN: usize = MAX_BUFFER_LEN - NET_HDR_LEN;
-/// Size of the device configuration space: `mac`, `status`,
-/// `max_virtqueue_pairs`.
+/// Size of the configuration space this model implements: `mac`,
+/// `status`, `max_virtqueue_pairs`; a machine exposes a prefix of it.
 pub const CONFIG_LEN: usize = 10;
+/// Where the fields a feature makes valid end: `mac`, `status`.
+const CONFIG_FIELDS: &[(u64, usize)] = &[(VIRTIO_NET_F_MAC, 6), (VIRTIO_NET_F_STATUS, 8)];
 
 /// Receive queue index.
 pub const RX_QUEUE: u16 = 0;
@@ -272,27 +273,28 @@ impl NetBackend for Tap {
     }
 }
 
-/// Everything the VMM decides about a virtio-net device.
+/// Everything the VMM decides about a virtio-net device: the backend and
+/// MAC, and the machine's virtio-net model.
 #[derive(Debug)]
 pub struct NetParams<B> {
     /// The frame backend (normally a [`Tap`]).
     pub backend: B,
     /// MAC address in the config space.
     pub mac: [u8; 6],
-    /// Maximum size of each queue (a power of two).
-    pub queue_size: u16,
-    /// Features that may be offered (see [`NET_SUPPORTED_FEATURES`]).
-    pub features: u64,
+    /// Queues, features, configuration length (the machine's).
+    pub model: VirtioModel,
+    /// `status` and `max_virtqueue_pairs` (the machine's).
+    pub config: NetConfig,
 }
 
 impl<B> NetParams<B> {
-    /// Queues of 256, default features.
-    pub fn new(backend: B, mac: [u8; 6]) -> Self {
+    /// A card with `backend` and `mac`, as `model` describes.
+    pub fn new(backend: B, mac: [u8; 6], model: &VirtioModel, config: NetConfig) -> Self {
         Self {
             backend,
             mac,
-            queue_size: 256,
-            features: NET_DEFAULT_FEATURES,
+            model: model.clone(),
+            config,
         }
     }
 }
@@ -300,9 +302,34 @@ impl<B> NetParams<B> {
 /// Errors creating a network device.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    /// Bad queue size.
-    #[error("invalid queue size {0}")]
-    QueueSize(u16),
+    /// The machine declares something this model cannot implement.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// Checks the machine's virtio-net model.
+fn check_model(m: &VirtioModel, c: &NetConfig) -> Result<(), ModelError> {
+    check_features(DEVICE, device_type::NET, m.features, NET_SUPPORTED_FEATURES)?;
+    // One receive and one transmit queue.
+    check_queues(DEVICE, m.num_queues, 2..=2, m.queue_size, 2)?;
+    check_config_len(DEVICE, m.config_len, CONFIG_LEN, m.features, CONFIG_FIELDS)?;
+    if c.status != VIRTIO_NET_S_LINK_UP {
+        return Err(ModelError::value(
+            DEVICE,
+            "status",
+            c.status,
+            "the link is always up (VIRTIO_NET_S_LINK_UP = 1)",
+        ));
+    }
+    if c.max_virtqueue_pairs != 1 {
+        return Err(ModelError::value(
+            DEVICE,
+            "max_virtqueue_pairs",
+            c.max_virtqueue_pairs,
+            "this model has one queue pair",
+        ));
+    }
+    Ok(())
 }
 
 /// A virtio-net device.
@@ -311,27 +338,24 @@ pub struct Net<B: NetBackend = Tap> {
     backend: Arc<B>,
     features: u64,
     queue_size: u16,
-    config: [u8; CONFIG_LEN],
+    config: Vec<u8>,
     worker: WorkerSlot<NetWorker<B>>,
 }
 
 impl<B: NetBackend> Net<B> {
     /// Creates the device.
     pub fn new(p: NetParams<B>) -> Result<Self, NetError> {
-        if p.queue_size < 2 || !p.queue_size.is_power_of_two() || p.queue_size > 32768 {
-            return Err(NetError::QueueSize(p.queue_size));
-        }
-        let features = VIRTIO_F_VERSION_1 | (p.features & NET_SUPPORTED_FEATURES);
+        check_model(&p.model, &p.config)?;
         let mut config = [0u8; CONFIG_LEN];
         config[0..6].copy_from_slice(&p.mac);
-        config[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
-        config[8..10].copy_from_slice(&1u16.to_le_bytes());
+        config[6..8].copy_from_slice(&p.config.status.to_le_bytes());
+        config[8..10].copy_from_slice(&p.config.max_virtqueue_pairs.to_le_bytes());
         Ok(Self {
             backend: Arc::new(p.backend),
-            features,
-            queue_size: p.queue_size,
-            config,
-            worker: WorkerSlot::new("virtio-net"),
+            features: p.model.features,
+            queue_size: p.model.queue_size,
+            config: config[..p.model.config_len as usize].to_vec(),
+            worker: WorkerSlot::new(DEVICE),
         })
     }
 
@@ -385,7 +409,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
     }
 
     fn config_len(&self) -> u32 {
-        CONFIG_LEN as u32
+        self.config.len() as u32
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -620,15 +644,21 @@ mod tests {
     const RXBUF: u64 = 0x20_0000;
     const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
+    /// pc-1.0's virtio-net over `backend`, with queues of `QSIZE`.
+    fn params<B>(backend: B) -> NetParams<B> {
+        let m = abide_machines::pc_1_0();
+        let mut p = NetParams::new(backend, MAC, &m.virtio.net, m.virtio.net_config);
+        p.model.queue_size = QSIZE;
+        p
+    }
+
     /// A device over one end of a datagram socketpair; the test holds the
     /// other end, speaking the tap framing.
     fn net() -> (Net<Tap>, UnixDatagram) {
         let (a, b) = UnixDatagram::pair().expect("socketpair");
         let tap = Tap::unconfigured(OwnedFd::from(a)).expect("tap");
         b.set_nonblocking(true).expect("nonblocking");
-        let mut p = NetParams::new(tap, MAC);
-        p.queue_size = QSIZE;
-        (Net::new(p).expect("net"), b)
+        (Net::new(params(tap)).expect("net"), b)
     }
 
     struct Rig<'m> {
@@ -677,16 +707,50 @@ mod tests {
         let (n, _peer) = net();
         assert_eq!(n.device_type(), device_type::NET);
         assert_eq!(n.queue_max_sizes(), vec![QSIZE, QSIZE]);
-        assert_eq!(n.features(), NET_DEFAULT_FEATURES);
+        // Exactly what pc-1.0 declares.
+        assert_eq!(n.features(), abide_machines::pc_1_0().virtio.net.features);
         let mut c = [0u8; CONFIG_LEN];
         n.read_config(0, &mut c);
         assert_eq!(&c[..6], &MAC);
         assert_eq!(u16::from_le_bytes([c[6], c[7]]), VIRTIO_NET_S_LINK_UP);
-        // Masked: offload bits are never offered.
-        let (a, _b) = UnixDatagram::pair().expect("socketpair");
-        let mut p = NetParams::new(Tap::unconfigured(OwnedFd::from(a)).expect("tap"), MAC);
-        p.features = u64::MAX;
-        assert_eq!(Net::new(p).expect("net").features(), NET_SUPPORTED_FEATURES);
+        assert_eq!(u16::from_le_bytes([c[8], c[9]]), 1);
+    }
+
+    /// The refusal of pc-1.0's model edited by `edit`.
+    fn refusal(edit: impl FnOnce(&mut NetParams<Detached>)) -> String {
+        let mut p = params(Detached::new().expect("detached"));
+        edit(&mut p);
+        match Net::new(p) {
+            Err(NetError::Model(e)) => e.to_string(),
+            Ok(_) => panic!("expected a refusal"),
+        }
+    }
+
+    #[test]
+    fn undeclarable_values_are_refused() {
+        // Offloads are never offered: declaring one is refused, not masked.
+        let e = refusal(|p| p.model.features |= 1);
+        assert!(
+            e.contains("virtio-net") && e.contains("VIRTIO_NET_F_CSUM (bit 0)"),
+            "{e}"
+        );
+        let e = refusal(|p| p.model.features |= abide_machines::VIRTIO_NET_F_MQ);
+        assert!(e.contains("VIRTIO_NET_F_MQ"), "{e}");
+        let e = refusal(|p| p.model.features &= !VIRTIO_F_VERSION_1);
+        assert!(e.contains("VIRTIO_F_VERSION_1"), "{e}");
+        let e = refusal(|p| p.model.num_queues = 4);
+        assert!(
+            e.contains("num_queues = 4") && e.contains("exactly 2"),
+            "{e}"
+        );
+        let e = refusal(|p| p.config.status = 0);
+        assert!(e.contains("status = 0"), "{e}");
+        let e = refusal(|p| p.config.max_virtqueue_pairs = 2);
+        assert!(e.contains("max_virtqueue_pairs = 2"), "{e}");
+        let e = refusal(|p| p.model.config_len = 6);
+        assert!(e.contains("config_len = 6"), "STATUS needs 8 bytes: {e}");
+        let e = refusal(|p| p.model.config_len = 12);
+        assert!(e.contains("config_len = 12"), "{e}");
     }
 
     #[test]
@@ -869,14 +933,10 @@ mod tests {
     fn failing_backend_is_no_longer_polled() {
         let fd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
         fd.write(1).expect("readable");
-        let mut p = NetParams::new(
-            Broken {
-                fd,
-                reads: Default::default(),
-            },
-            MAC,
-        );
-        p.queue_size = QSIZE;
+        let p = params(Broken {
+            fd,
+            reads: Default::default(),
+        });
         let mut n = Net::new(p).expect("net");
         let mem = memory();
         let rx = Driver::new(&mem, RXQ, QSIZE);

@@ -32,10 +32,14 @@ const CAP_ISR: u8 = 3;
 const CAP_DEVICE: u8 = 4;
 const ISR_QUEUE: u8 = 1;
 const ISR_CONFIG: u8 = 2;
+/// Length of the common configuration this transport implements: the
+/// virtio 1.0 layout, through `queue_device`.
+pub const COMMON_CFG_LEN: u32 = 0x38;
 
 /// Where the transport's regions sit in BAR 0, as the machine description
 /// gives it. Guest-visible.
 pub use abide_machines::VirtioBarLayout as VirtioPciLayout;
+use abide_machines::VirtioCap;
 
 /// Registers queue-notification eventfds with the hypervisor so that a
 /// guest's notify write signals the eventfd without a VM exit to userspace.
@@ -65,13 +69,15 @@ pub struct VirtioDescription {
 pub struct VirtioPciParams {
     /// PCI identity.
     pub ids: PciIds,
+    /// Interrupt pin in config space (0 = none, 1..=4 = INTA#..INTD#).
+    pub intx_pin: u8,
     /// BAR layout.
     pub layout: VirtioPciLayout,
     /// MSI-X vectors.
     pub msix_vectors: u16,
     /// MSI-X delivery.
     pub msi: Arc<dyn MsiController>,
-    /// INTx line (INTA#), used while MSI-X is disabled.
+    /// INTx line (of `intx_pin`), used while MSI-X is disabled.
     pub intx: Option<IrqLine>,
     /// Guest memory.
     pub mem: GuestMem,
@@ -185,6 +191,9 @@ pub enum VirtioPciError {
     /// eventfd creation.
     #[error("cannot create a queue notification eventfd")]
     EventFd(#[source] std::io::Error),
+    /// The machine declares a transport this one cannot implement.
+    #[error(transparent)]
+    Model(#[from] crate::virtio::ModelError),
     /// ROM bigger than its slot.
     #[error("option ROM is {rom} bytes but the slot is {slot} bytes")]
     RomTooLarge {
@@ -206,10 +215,51 @@ fn vendor_cap(cfg_type: u8, offset: u32, length: u32, extra: Option<u32>) -> Vec
     c
 }
 
+/// Refuses transport values this implementation cannot give a guest.
+fn check_transport(p: &VirtioPciParams) -> Result<(), crate::virtio::ModelError> {
+    use crate::virtio::ModelError;
+    const DEVICE: &str = "virtio-pci";
+    if p.layout.common_len != COMMON_CFG_LEN {
+        return Err(ModelError::value(
+            DEVICE,
+            "common_len",
+            format!("{:#x}", p.layout.common_len),
+            format!("this transport implements the virtio 1.0 common configuration ({COMMON_CFG_LEN:#x} bytes)"),
+        ));
+    }
+    let order = p.layout.cap_order;
+    if (0..order.len()).any(|i| order[i + 1..].contains(&order[i])) {
+        return Err(ModelError::value(
+            DEVICE,
+            "cap_order",
+            format!("{order:?}"),
+            "each capability exactly once",
+        ));
+    }
+    if p.intx_pin > 4 {
+        return Err(ModelError::value(
+            DEVICE,
+            "intx_pin",
+            p.intx_pin,
+            "PCI has pins 0 (none) and 1..=4 (INTA#..INTD#)",
+        ));
+    }
+    if p.msix_vectors == 0 || p.msix_vectors > 2048 {
+        return Err(ModelError::value(
+            DEVICE,
+            "msix_vectors",
+            p.msix_vectors,
+            "an MSI-X table has 1 to 2048 entries",
+        ));
+    }
+    Ok(())
+}
+
 impl VirtioPci {
     /// Wraps `device` in a PCI function.
     pub fn new(device: Box<dyn VirtioDevice>, p: VirtioPciParams) -> Result<Self, VirtioPciError> {
-        let mut config = PciConfig::new(p.ids, 1);
+        check_transport(&p)?;
+        let mut config = PciConfig::new(p.ids, p.intx_pin);
         config.set_bar(
             0,
             BarSpec {
@@ -221,28 +271,46 @@ impl VirtioPci {
         let sizes = device.queue_max_sizes();
         let nq = sizes.len() as u32;
         let l = &p.layout;
-        config.add_capability(&vendor_cap(CAP_COMMON, l.common, 0x38, None), &[])?;
-        config.add_capability(
-            &vendor_cap(
-                CAP_NOTIFY,
-                l.notify,
-                nq * l.notify_multiplier,
-                Some(l.notify_multiplier),
-            ),
-            &[],
-        )?;
-        config.add_capability(&vendor_cap(CAP_ISR, l.isr, 1, None), &[])?;
-        // Devices without configuration (virtio-rng) must not announce an
-        // empty region: drivers reject a zero-length capability.
-        if device.config_len() > 0 {
-            config.add_capability(
-                &vendor_cap(CAP_DEVICE, l.device, device.config_len(), None),
-                &[],
-            )?;
-        }
         let msix = Msix::new(p.msix_vectors, p.msi);
-        let (cap, writable) = msix.capability(0, l.msix_table, l.msix_pba);
-        let msix_cap = config.add_capability(&cap, &writable)?;
+        let mut msix_cap = 0;
+        for cap in l.cap_order {
+            match cap {
+                VirtioCap::Common => {
+                    config.add_capability(
+                        &vendor_cap(CAP_COMMON, l.common, l.common_len, None),
+                        &[],
+                    )?;
+                }
+                VirtioCap::Notify => {
+                    config.add_capability(
+                        &vendor_cap(
+                            CAP_NOTIFY,
+                            l.notify,
+                            nq * l.notify_multiplier,
+                            Some(l.notify_multiplier),
+                        ),
+                        &[],
+                    )?;
+                }
+                VirtioCap::Isr => {
+                    config.add_capability(&vendor_cap(CAP_ISR, l.isr, 1, None), &[])?;
+                }
+                // Devices without configuration (virtio-rng) must not
+                // announce an empty region: drivers reject a zero-length
+                // capability.
+                VirtioCap::Device if device.config_len() > 0 => {
+                    config.add_capability(
+                        &vendor_cap(CAP_DEVICE, l.device, device.config_len(), None),
+                        &[],
+                    )?;
+                }
+                VirtioCap::Device => {}
+                VirtioCap::Msix => {
+                    let (cap, writable) = msix.capability(0, l.msix_table, l.msix_pba);
+                    msix_cap = config.add_capability(&cap, &writable)?;
+                }
+            }
+        }
         let rom = match p.rom {
             Some((slot, image)) => {
                 if image.len() as u64 > slot {
@@ -663,7 +731,7 @@ impl VirtioPci {
             let base = u64::from(base);
             (offset >= base && offset < base + len).then(|| offset - base)
         };
-        if let Some(o) = within(l.common, 0x38) {
+        if let Some(o) = within(l.common, u64::from(l.common_len)) {
             return Some((Region::Common, o));
         }
         if let Some(o) = within(l.isr, 1) {
@@ -1094,45 +1162,41 @@ impl PciFunction for VirtioPci {
 pub(crate) mod testutil {
     use super::*;
 
-    /// The BAR layout used in tests.
-    pub(crate) const LAYOUT: VirtioPciLayout = VirtioPciLayout {
-        bar_size: 0x8000,
-        common: 0,
-        isr: 0x1000,
-        device: 0x2000,
-        notify: 0x3000,
-        notify_multiplier: 4,
-        msix_table: 0x4000,
-        msix_pba: 0x5000,
-    };
+    /// The BAR layout used in tests: pc-1.0's.
+    pub(crate) fn layout() -> VirtioPciLayout {
+        abide_machines::pc_1_0().virtio.layout
+    }
 
-    /// `device` behind a transport with 3 MSI-X vectors delivered by `msi`.
+    /// The transport parameters of the tests: 3 MSI-X vectors delivered by
+    /// `msi`, INTA#, [`layout`].
+    pub(crate) fn params(mem: GuestMem, msi: Arc<dyn MsiController>) -> VirtioPciParams {
+        VirtioPciParams {
+            ids: PciIds {
+                vendor: 0x1af4,
+                device: 0x1044,
+                subsystem_vendor: 0x1af4,
+                subsystem: 0x44,
+                revision: 1,
+                class: 0xff00,
+            },
+            intx_pin: 1,
+            layout: layout(),
+            msix_vectors: 3,
+            msi,
+            intx: None,
+            mem,
+            rom: None,
+            notify: None,
+        }
+    }
+
+    /// `device` behind a transport with [`params`].
     pub(crate) fn transport(
         device: Box<dyn VirtioDevice>,
         mem: GuestMem,
         msi: Arc<dyn MsiController>,
     ) -> VirtioPci {
-        VirtioPci::new(
-            device,
-            VirtioPciParams {
-                ids: PciIds {
-                    vendor: 0x1af4,
-                    device: 0x1044,
-                    subsystem_vendor: 0x1af4,
-                    subsystem: 0x44,
-                    revision: 1,
-                    class: 0xff00,
-                },
-                layout: LAYOUT,
-                msix_vectors: 3,
-                msi,
-                intx: None,
-                mem,
-                rom: None,
-                notify: None,
-            },
-        )
-        .expect("transport")
+        VirtioPci::new(device, params(mem, msi)).expect("transport")
     }
 
     /// Guest write of `len` bytes of `v` at BAR 0 offset `off`.
@@ -1187,7 +1251,7 @@ pub(crate) mod testutil {
         let ctrl = d.msix_cap + 2;
         d.config_mut().write(ctrl, &0x8000u16.to_le_bytes());
         d.config_written(ctrl, 2);
-        let e = u64::from(LAYOUT.msix_table) + 16 * u64::from(vector);
+        let e = u64::from(layout().msix_table) + 16 * u64::from(vector);
         w(d, e, 0xfee0_0000, 4);
         w(d, e + 4, 0, 4);
         w(d, e + 8, u64::from(data), 4);
@@ -1326,13 +1390,8 @@ mod tests {
         w(d, 0x1c, 1, 2);
     }
 
-    #[test]
-    fn header_and_capabilities() {
-        let (d, _) = device();
-        let mut b = [0u8; 4];
-        d.config().read(0, &mut b);
-        assert_eq!(u32::from_le_bytes(b), 0x1044_1af4);
-        // Walk the capability list: four virtio caps then MSI-X.
+    /// The capability list: (ID, byte 3: a virtio capability's cfg_type).
+    fn cap_list(d: &VirtioPci) -> Vec<(u8, u8)> {
         let mut ptr = [0u8; 1];
         d.config().read(0x34, &mut ptr);
         let mut ids = Vec::new();
@@ -1343,9 +1402,73 @@ mod tests {
             ids.push((hdr[0], hdr[3]));
             p = usize::from(hdr[1]);
         }
+        ids
+    }
+
+    #[test]
+    fn header_and_capabilities() {
+        let (d, _) = device();
+        let mut b = [0u8; 4];
+        d.config().read(0, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0x1044_1af4);
+        // Walk the capability list: four virtio caps then MSI-X.
+        let ids = cap_list(&d);
         assert_eq!(ids.len(), 5);
         assert_eq!(&ids[..4], &[(9, 1), (9, 2), (9, 3), (9, 4)]);
         assert_eq!(ids[4].0, 0x11);
+    }
+
+    /// Builds the Dummy behind a transport whose parameters `edit` changed.
+    fn built_with(edit: impl FnOnce(&mut VirtioPciParams)) -> Result<VirtioPci, VirtioPciError> {
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mem");
+        let mut p = params(mem, Arc::new(NoMsi));
+        edit(&mut p);
+        let dummy = Dummy {
+            c: Arc::new(Counters::default()),
+            queues: Vec::new(),
+        };
+        VirtioPci::new(Box::new(dummy), p)
+    }
+
+    #[test]
+    fn undeclarable_transports_are_refused() {
+        let refusal = |edit: &dyn Fn(&mut VirtioPciParams)| {
+            built_with(edit)
+                .map(|_| ())
+                .expect_err("refused")
+                .to_string()
+        };
+        let e = refusal(&|p| p.layout.common_len = 0x40);
+        assert!(e.contains("virtio-pci: common_len = 0x40"), "{e}");
+        let e = refusal(&|p| p.intx_pin = 5);
+        assert!(e.contains("intx_pin = 5"), "{e}");
+        let e = refusal(&|p| p.msix_vectors = 0);
+        assert!(e.contains("msix_vectors = 0"), "{e}");
+        let e = refusal(&|p| p.layout.cap_order[4] = VirtioCap::Common);
+        assert!(e.contains("cap_order"), "{e}");
+    }
+
+    #[test]
+    fn pin_and_capability_order_follow_the_machine() {
+        let d = built_with(|p| {
+            p.intx_pin = 2;
+            p.layout.cap_order = [
+                VirtioCap::Msix,
+                VirtioCap::Device,
+                VirtioCap::Isr,
+                VirtioCap::Notify,
+                VirtioCap::Common,
+            ];
+        })
+        .expect("transport");
+        let mut b = [0u8; 1];
+        d.config().read(0x3d, &mut b);
+        assert_eq!(b[0], 2, "INTB#");
+        let ids: Vec<(u8, u8)> = cap_list(&d)
+            .into_iter()
+            .map(|(id, kind)| (id, if id == 9 { kind } else { 0 }))
+            .collect();
+        assert_eq!(ids, [(0x11, 0), (9, 4), (9, 3), (9, 2), (9, 1)]);
     }
 
     #[test]
@@ -1440,7 +1563,7 @@ mod tests {
             index: 0,
             kind: BarKind::Mem64,
             addr,
-            size: LAYOUT.bar_size,
+            size: layout().bar_size,
         };
         d.bars_placed(&[at(0x8000_0000)]);
         assert_eq!(
@@ -1496,9 +1619,9 @@ mod tests {
         }
         w(d, 0x16, sel, 2);
         for off in (0..3 * 16).step_by(4) {
-            v.push(r(d, u64::from(LAYOUT.msix_table) + off, 4));
+            v.push(r(d, u64::from(layout().msix_table) + off, 4));
         }
-        v.push(r(d, u64::from(LAYOUT.msix_pba), 8));
+        v.push(r(d, u64::from(layout().msix_pba), 8));
         v.push(r(d, 0x2000, 8));
         v
     }

@@ -17,33 +17,36 @@ use crate::GuestMem;
 
 use super::worker::{collect_chain, take_queues, Handler, Unusable, WorkerQueue, WorkerSlot};
 use super::{
-    device_type, ActivateError, Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    check_config_len, check_features, check_queues, device_type, ActivateError, Activation,
+    ModelError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use abide_machines::VirtioModel;
 
-/// The features this model can offer.
+/// The features this model implements; it offers exactly the ones the
+/// machine declares.
 pub const RNG_SUPPORTED_FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX;
+
+/// The device's name in messages.
+const DEVICE: &str = "virtio-rng";
 
 /// Requests handled per wakeup before the worker looks at other events.
 const BUDGET: usize = 64;
 
 /// Everything the VMM decides about a virtio-rng device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RngParams {
-    /// Maximum size of the queue (a power of two).
-    pub queue_size: u16,
-    /// Features that may be offered (see [`RNG_SUPPORTED_FEATURES`]).
-    pub features: u64,
-    /// Most bytes filled per request.
+    /// Queue, features (the machine's).
+    pub model: VirtioModel,
+    /// Most bytes filled per request: a host-side bound on the work one
+    /// request causes (the device may fill less than a buffer holds).
     pub max_bytes_per_request: u32,
 }
 
-impl Default for RngParams {
-    /// A queue of 256, VERSION_1 only, 64 KiB per request.
-    fn default() -> Self {
+impl RngParams {
+    /// The device `model` describes, filling at most 64 KiB per request.
+    pub fn new(model: &VirtioModel) -> Self {
         Self {
-            queue_size: 256,
-            features: VIRTIO_F_VERSION_1,
+            model: model.clone(),
             max_bytes_per_request: 64 << 10,
         }
     }
@@ -52,12 +55,12 @@ impl Default for RngParams {
 /// Errors creating an entropy device.
 #[derive(Debug, thiserror::Error)]
 pub enum RngError {
-    /// Bad queue size.
-    #[error("invalid queue size {0}")]
-    QueueSize(u16),
     /// `max_bytes_per_request` is 0.
     #[error("max_bytes_per_request must be at least 1")]
     MaxBytes,
+    /// The machine declares something this model cannot implement.
+    #[error(transparent)]
+    Model(#[from] ModelError),
 }
 
 /// A virtio-rng device.
@@ -71,19 +74,17 @@ pub struct Rng {
 impl Rng {
     /// Creates the device.
     pub fn new(params: RngParams) -> Result<Self, RngError> {
-        if params.queue_size == 0
-            || !params.queue_size.is_power_of_two()
-            || params.queue_size > 32768
-        {
-            return Err(RngError::QueueSize(params.queue_size));
-        }
+        let m = &params.model;
+        check_features(DEVICE, device_type::RNG, m.features, RNG_SUPPORTED_FEATURES)?;
+        check_queues(DEVICE, m.num_queues, 1..=1, m.queue_size, 1)?;
+        check_config_len(DEVICE, m.config_len, 0, m.features, &[])?;
         if params.max_bytes_per_request == 0 {
             return Err(RngError::MaxBytes);
         }
         Ok(Self {
-            features: VIRTIO_F_VERSION_1 | (params.features & RNG_SUPPORTED_FEATURES),
+            features: m.features,
             params,
-            worker: WorkerSlot::new("virtio-rng"),
+            worker: WorkerSlot::new(DEVICE),
         })
     }
 
@@ -113,7 +114,7 @@ impl VirtioDevice for Rng {
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![self.params.queue_size]
+        vec![self.params.model.queue_size]
     }
 
     fn features(&self) -> u64 {
@@ -252,33 +253,59 @@ mod tests {
         b.chunks(64).all(|c| c.iter().any(|&x| x != 0))
     }
 
+    /// pc-1.0's virtio-rng with a queue of `size`.
+    fn params(size: u16) -> RngParams {
+        let mut p = RngParams::new(&abide_machines::pc_1_0().virtio.rng);
+        p.model.queue_size = size;
+        p
+    }
+
     #[test]
     fn params_and_features() {
-        let r = Rng::new(RngParams::default()).expect("rng");
+        let r = Rng::new(params(256)).expect("rng");
         assert_eq!(r.device_type(), device_type::RNG);
         assert_eq!(r.queue_max_sizes(), vec![256]);
         assert_eq!(r.features(), VIRTIO_F_VERSION_1);
         assert_eq!(r.config_len(), 0);
-        let r = Rng::new(RngParams {
-            features: 0,
-            ..RngParams::default()
-        })
-        .expect("rng");
-        assert_eq!(r.features(), VIRTIO_F_VERSION_1);
-        assert!(Rng::new(RngParams {
-            queue_size: 3,
-            ..RngParams::default()
-        })
-        .is_err());
+        let mut p = params(256);
+        p.model.features |= VIRTIO_RING_F_EVENT_IDX;
+        assert_eq!(
+            Rng::new(p).expect("rng").features(),
+            VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
+        );
+    }
+
+    #[test]
+    fn undeclarable_values_are_refused() {
+        let refusal = |edit: &dyn Fn(&mut RngParams)| {
+            let mut p = params(256);
+            edit(&mut p);
+            match Rng::new(p) {
+                Err(RngError::Model(e)) => e.to_string(),
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        };
+        let e = refusal(&|p| p.model.features = 0);
+        assert!(
+            e.contains("virtio-rng") && e.contains("VIRTIO_F_VERSION_1"),
+            "{e}"
+        );
+        let e = refusal(&|p| p.model.features |= 1 << 28);
+        assert!(e.contains("VIRTIO_RING_F_INDIRECT_DESC"), "{e}");
+        let e = refusal(&|p| p.model.num_queues = 2);
+        assert!(
+            e.contains("num_queues = 2") && e.contains("exactly 1"),
+            "{e}"
+        );
+        let e = refusal(&|p| p.model.queue_size = 3);
+        assert!(e.contains("queue_size = 3"), "{e}");
+        let e = refusal(&|p| p.model.config_len = 4);
+        assert!(e.contains("config_len = 4"), "{e}");
     }
 
     #[test]
     fn fills_buffers() {
-        let r = Rng::new(RngParams {
-            queue_size: 16,
-            ..RngParams::default()
-        })
-        .expect("rng");
+        let r = Rng::new(params(16)).expect("rng");
         let mem = memory();
         let mut d = Driver::new(&mem, QBASE, 16);
         let (mut w, irq) = worker(&r, &mem, &d);
@@ -294,9 +321,8 @@ mod tests {
     #[test]
     fn caps_bytes_per_request() {
         let r = Rng::new(RngParams {
-            queue_size: 16,
             max_bytes_per_request: 4096,
-            ..RngParams::default()
+            ..params(16)
         })
         .expect("rng");
         let mem = memory();
@@ -314,11 +340,7 @@ mod tests {
 
     #[test]
     fn hostile_chains() {
-        let r = Rng::new(RngParams {
-            queue_size: 16,
-            ..RngParams::default()
-        })
-        .expect("rng");
+        let r = Rng::new(params(16)).expect("rng");
         let mem = memory();
         let mut d = Driver::new(&mem, QBASE, 16);
         let (mut w, irq) = worker(&r, &mem, &d);
@@ -354,11 +376,7 @@ mod tests {
 
     #[test]
     fn bad_head_needs_reset() {
-        let r = Rng::new(RngParams {
-            queue_size: 16,
-            ..RngParams::default()
-        })
-        .expect("rng");
+        let r = Rng::new(params(16)).expect("rng");
         let mem = memory();
         let d = Driver::new(&mem, QBASE, 16);
         let (mut w, irq) = worker(&r, &mem, &d);
@@ -370,11 +388,7 @@ mod tests {
 
     #[test]
     fn threaded_activate_kick_reset() {
-        let mut r = Rng::new(RngParams {
-            queue_size: 16,
-            ..RngParams::default()
-        })
-        .expect("rng");
+        let mut r = Rng::new(params(16)).expect("rng");
         let mem = memory();
         for round in 0..2u64 {
             let mut d = Driver::new(&mem, QBASE + round * 0x2000, 16);
@@ -402,11 +416,7 @@ mod tests {
 
     #[test]
     fn pause_resume_and_paused_activation() {
-        let mut r = Rng::new(RngParams {
-            queue_size: 16,
-            ..RngParams::default()
-        })
-        .expect("rng");
+        let mut r = Rng::new(params(16)).expect("rng");
         assert!(r.pause().is_empty(), "inactive");
         r.resume().expect("inactive resume");
         let mem = memory();

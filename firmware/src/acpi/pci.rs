@@ -28,29 +28,11 @@
 //! and active-low; the MADT needs no Interrupt Source Override for them
 //! (overrides describe ISA IRQs only).
 
-use abide_machines::{MachineDescription, PciLayout, MIB};
+use abide_machines::{AcpiChoices, MachineDescription, PciLayout, MIB};
 use acpi_tables::{aml, Aml};
 
-use super::{hid_device, AcpiError, Sdt, TableIds, IO_FIXED_ALIGNMENT, ISA_IRQ_COUNT};
+use super::{hid_device, uid, AcpiError, Sdt, TableIds, IO_FIXED_ALIGNMENT, ISA_IRQ_COUNT};
 use super::{SDT_HEADER_LEN, STA_PRESENT_AND_FUNCTIONING};
-
-// ---------------------------------------------------------------------------
-// Guest-visible choices not (yet) in the machine description.
-// ---------------------------------------------------------------------------
-
-/// AML names of the root bridge and the motherboard-resources device.
-const PCI0_NAME: &str = "PCI0";
-const MRES_NAME: &str = "MRES";
-/// PCI segment group of the root bridge (MCFG entry and `_SEG`).
-const PCI_SEGMENT: u16 = 0;
-/// First bus number under the root bridge (MCFG start bus and `_BBN`).
-const PCI_FIRST_BUS: u8 = 0;
-/// `_UID` of the root bridge and of the motherboard-resources device.
-const PCI0_UID: u8 = 0;
-const MRES_UID: u8 = 1;
-/// Interrupt pins the IOAPIC has (KVM's in-kernel IOAPIC: 24). INTx GSIs
-/// must be below this.
-const IOAPIC_PINS: u32 = 24;
 
 // ---------------------------------------------------------------------------
 // Specification constants.
@@ -75,14 +57,11 @@ const PCI_INTX_PINS: u32 = 4;
 /// `_PRT` address field: device in the high word, 0xFFFF = any function.
 const PRT_ANY_FUNCTION: u32 = 0xffff;
 
-/// PNP IDs.
-const PNP_PCIE_ROOT: &str = "PNP0A08";
-const PNP_PCI_ROOT: &str = "PNP0A03";
-const PNP_MOTHERBOARD_RESOURCES: &str = "PNP0C02";
-
 /// The validated PCI layout, in the forms the tables need.
 struct PciTables<'a> {
     layout: &'a PciLayout,
+    /// The machine's ACPI choices (segment, first bus, device names).
+    acpi: &'a AcpiChoices,
     /// Last bus number the ECAM window covers.
     last_bus: u8,
     /// ECAM window as a 32-bit (base, size).
@@ -94,15 +73,17 @@ struct PciTables<'a> {
 }
 
 impl<'a> PciTables<'a> {
-    fn new(layout: &'a PciLayout) -> Result<Self, AcpiError> {
+    fn new(machine: &'a MachineDescription) -> Result<Self, AcpiError> {
         let bad = |device, reason| AcpiError::BadResource { device, reason };
+        let layout = &machine.pci;
+        let first_bus = machine.acpi.pci_first_bus;
 
         let ecam = |reason| bad("PCI ECAM", reason);
         if layout.ecam_size == 0 || !layout.ecam_size.is_multiple_of(ECAM_BYTES_PER_BUS) {
             return Err(ecam("size is not a whole number of 1 MiB buses"));
         }
         let buses = layout.ecam_size / ECAM_BYTES_PER_BUS;
-        if buses > MAX_BUSES - u64::from(PCI_FIRST_BUS) {
+        if buses > MAX_BUSES - u64::from(first_bus) {
             return Err(ecam("window covers more buses than exist"));
         }
         if !layout.ecam_base.is_multiple_of(ECAM_BYTES_PER_BUS) {
@@ -114,7 +95,7 @@ impl<'a> PciTables<'a> {
             .filter(|(base, size)| base.checked_add(*size - 1).is_some())
             .ok_or(ecam("window is not below 4 GiB"))?;
         // buses <= 256 - first bus, so this fits.
-        let last_bus = (u64::from(PCI_FIRST_BUS) + buses - 1) as u8;
+        let last_bus = (u64::from(first_bus) + buses - 1) as u8;
 
         let mmio32 = window(layout.mmio32_base, layout.mmio32_size)
             .and_then(|(min, max)| Some((u32::try_from(min).ok()?, u32::try_from(max).ok()?)))
@@ -147,13 +128,14 @@ impl<'a> PciTables<'a> {
             if gsi < ISA_IRQ_COUNT {
                 return Err(bad("PCI INTx", "GSI collides with the ISA IRQs (0..=15)"));
             }
-            if gsi >= IOAPIC_PINS {
+            if gsi >= machine.irqchip.ioapic_pins {
                 return Err(bad("PCI INTx", "GSI beyond the IOAPIC's pins"));
             }
         }
 
         Ok(PciTables {
             layout,
+            acpi: &machine.acpi,
             last_bus,
             ecam32,
             mmio32,
@@ -173,18 +155,19 @@ fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 <= b.1 && b.0 <= a.1
 }
 
-/// MCFG with one allocation entry: the ECAM window, segment [`PCI_SEGMENT`],
-/// buses [`PCI_FIRST_BUS`] to the last bus the window covers.
+/// MCFG with one allocation entry: the ECAM window, segment
+/// `acpi.pci_segment`, buses `acpi.pci_first_bus` to the last bus the window
+/// covers.
 pub(super) fn build_mcfg(
     machine: &MachineDescription,
     ids: &TableIds,
 ) -> Result<Vec<u8>, AcpiError> {
-    let pci = PciTables::new(&machine.pci)?;
+    let pci = PciTables::new(machine)?;
     let mut mcfg = Sdt::new(b"MCFG", MCFG_REVISION, ids);
     mcfg.push(&[0; MCFG_ENTRIES_OFFSET - SDT_HEADER_LEN]); // reserved
     mcfg.push(&pci.layout.ecam_base.to_le_bytes());
-    mcfg.push(&PCI_SEGMENT.to_le_bytes());
-    mcfg.push(&[PCI_FIRST_BUS, pci.last_bus]);
+    mcfg.push(&pci.acpi.pci_segment.to_le_bytes());
+    mcfg.push(&[pci.acpi.pci_first_bus, pci.last_bus]);
     mcfg.push(&[0; 4]); // reserved
     debug_assert_eq!(mcfg.bytes.len(), MCFG_ENTRIES_OFFSET + MCFG_ENTRY_LEN);
     Ok(mcfg.finish())
@@ -219,11 +202,13 @@ fn intx_gsi(layout: &PciLayout, slot: u32, pin: u32) -> u32 {
 /// `\_SB.PCI0`, the root bridge of bus 0.
 fn pci_root_device(pci: &PciTables) -> Vec<u8> {
     let layout = pci.layout;
-    let cid = aml::EISAName::new(PNP_PCI_ROOT);
-    let seg = PCI_SEGMENT;
-    let bbn = PCI_FIRST_BUS;
+    let dev = &pci.acpi.devices.pci_root;
+    // Checked by `choices::check`.
+    let cid = aml::EISAName::new(&pci.acpi.devices.pci_root_cid);
+    let seg = pci.acpi.pci_segment;
+    let bbn = pci.acpi.pci_first_bus;
 
-    let buses = aml::AddressSpace::<u16>::new_bus_number(PCI_FIRST_BUS.into(), pci.last_bus.into());
+    let buses = aml::AddressSpace::<u16>::new_bus_number(bbn.into(), pci.last_bus.into());
     let cfg = layout.config_io_port;
     let cfg_ports = aml::IO::new(
         cfg,
@@ -263,15 +248,14 @@ fn pci_root_device(pci: &PciTables) -> Vec<u8> {
 
     let prt = RoutingTable { layout };
     hid_device(
-        PCI0_NAME,
-        PNP_PCIE_ROOT,
+        dev,
         &[
-            ("_CID", &cid),
-            ("_SEG", &seg),
-            ("_BBN", &bbn),
-            ("_UID", &PCI0_UID),
-            ("_STA", &STA_PRESENT_AND_FUNCTIONING),
-            ("_PRT", &prt),
+            ("_CID", Some(&cid)),
+            ("_SEG", Some(&seg)),
+            ("_BBN", Some(&bbn)),
+            ("_UID", uid(dev)),
+            ("_STA", Some(&STA_PRESENT_AND_FUNCTIONING)),
+            ("_PRT", Some(&prt)),
         ],
         resources,
     )
@@ -282,17 +266,13 @@ fn pci_root_device(pci: &PciTables) -> Vec<u8> {
 fn motherboard_resources_device(pci: &PciTables) -> Vec<u8> {
     let (base, size) = pci.ecam32;
     let ecam = aml::Memory32Fixed::new(true, base, size);
-    hid_device(
-        MRES_NAME,
-        PNP_MOTHERBOARD_RESOURCES,
-        &[("_UID", &MRES_UID)],
-        vec![&ecam],
-    )
+    let dev = &pci.acpi.devices.motherboard;
+    hid_device(dev, &[("_UID", uid(dev))], vec![&ecam])
 }
 
 /// The PCI devices in `\_SB`, each serialized.
 pub(super) fn system_bus_devices(machine: &MachineDescription) -> Result<Vec<Vec<u8>>, AcpiError> {
-    let pci = PciTables::new(&machine.pci)?;
+    let pci = PciTables::new(machine)?;
     Ok(vec![
         pci_root_device(&pci),
         motherboard_resources_device(&pci),

@@ -9,13 +9,13 @@
 //! Leaves a named model produces (everything else reads as zero):
 //! - 0: highest basic leaf, vendor;
 //! - 1: signature, model features, APIC ID, logical count, CLFLUSH size, HTT;
-//! - 2: "no descriptors, see leaf 4"; 4: the model's caches;
+//! - 2: the model's descriptors; 4: the model's caches;
 //! - 6: model bits (ARAT); 7.0: model bits, no further subleaves;
 //! - 0xb: topology; 0xd: XSAVE components, only if the model has `xsave`;
 //! - 0x4000_0000/1: KVM signature and the model's paravirtual features;
 //! - 0x8000_0000: highest extended leaf, vendor; 0x8000_0001: signature,
 //!   model features (on AMD also the leaf 1 EDX aliases, as AMD CPUs do);
-//! - 0x8000_0002..4: brand; 0x8000_0005/6: the model's caches and fixed TLB
+//! - 0x8000_0002..4: brand; 0x8000_0005/6: the model's caches and TLB
 //!   descriptions; 0x8000_0008: the model's address widths, topology.
 //!
 //! Other leaves carry either feature bits (power management, PMU, SGX, PT,
@@ -189,7 +189,6 @@ fn topology_entries(function: u32, apic_id: u32, cpus: u32) -> Vec<kvm_cpuid_ent
 /// Leaf 1 EBX/EDX topology fields, shared by every model.
 fn patch_leaf1(e: &mut kvm_cpuid_entry2, apic_id: u32, cpus: u32) {
     e.ebx = (e.ebx & 0x0000_ffff) | (apic_id << 24) | (cpus.min(255) << 16);
-    e.ecx |= ECX_HYPERVISOR;
     if cpus > 1 {
         e.edx |= EDX_HTT;
     } else {
@@ -218,7 +217,12 @@ fn passthrough(supported: &[kvm_cpuid_entry2], apic_id: u32, cpus: u32) -> Vec<k
     for entry in supported {
         let mut e = *entry;
         match e.function {
-            LEAF_FEATURES => patch_leaf1(&mut e, apic_id, cpus),
+            LEAF_FEATURES => {
+                patch_leaf1(&mut e, apic_id, cpus);
+                // A passed-through CPU still runs under a hypervisor. (A
+                // named model says so with its `hypervisor` feature.)
+                e.ecx |= ECX_HYPERVISOR;
+            }
             LEAF_CACHE => patch_leaf4(&mut e, cpus),
             LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => continue,
             LEAF_EXT_ADDR => patch_ext_addr(&mut e, cpus),
@@ -296,8 +300,8 @@ fn cache_of(model: &CpuModel, level: u8, kinds: &[CacheKind]) -> Option<Cache> {
         .copied()
 }
 
-/// Leaves 0x8000_0005 (L1) and 0x8000_0006 (L2, L3), AMD's cache format.
-/// TLB fields are fixed for every named model.
+/// Leaves 0x8000_0005 (L1) and 0x8000_0006 (L2, L3), AMD's cache format,
+/// with the model's TLB registers.
 fn amd_cache_leaves(model: &CpuModel) -> [kvm_cpuid_entry2; 2] {
     let l1 = |c: Option<Cache>| {
         c.map_or(0, |c| {
@@ -312,11 +316,10 @@ fn amd_cache_leaves(model: &CpuModel) -> [kvm_cpuid_entry2; 2] {
     let l3 = cache_of(model, 3, &[CacheKind::Unified]).map_or(0, |c| {
         ((c.size_kib / 512) << 18) | (amd_assoc(c.ways) << 12) | (1 << 8) | u32::from(c.line_size)
     });
+    let t = &model.tlb;
     [
-        // 2M/4M and 4K L1 TLBs: 1-way... (QEMU's values), 255 entries.
-        entry(0x8000_0005, 0, [0x01ff_01ff, 0x01ff_01ff, l1d, l1i]),
-        // L2 TLB: no 2M entries; 512 4K entries, 4-way.
-        entry(0x8000_0006, 0, [0, 0x4200_4200, l2, l3]),
+        entry(0x8000_0005, 0, [t.l1_large, t.l1_4k, l1d, l1i]),
+        entry(0x8000_0006, 0, [t.l2_large, t.l2_4k, l2, l3]),
     ]
 }
 
@@ -351,7 +354,13 @@ fn from_model(
     let max_ext = model.max_ext_leaf;
     let mut out = vec![entry(0, 0, [max_basic, vb, vc, vd])];
 
-    let clflush_size = if model.features.has("clflush") { 8 } else { 0 };
+    // CLFLUSH line size in 8-byte units: the model's L1 data line.
+    let clflush_size = if model.features.has("clflush") {
+        cache_of(model, 1, &[CacheKind::Data, CacheKind::Unified])
+            .map_or(0, |c| u32::from(c.line_size) / 8)
+    } else {
+        0
+    };
     let mut l1 = entry(
         LEAF_FEATURES,
         0,
@@ -366,8 +375,7 @@ fn from_model(
     out.push(l1);
 
     if max_basic >= 2 {
-        // One iteration; descriptor 0xff: "no descriptors, use leaf 4".
-        out.push(entry(2, 0, [1, 0, 0, 0xff]));
+        out.push(entry(2, 0, model.leaf2));
     }
     if max_basic >= LEAF_CACHE {
         let mut i = 0;

@@ -419,12 +419,21 @@ impl Vcpu {
                 }
                 VcpuExit::IoOut(port, data) => {
                     self.pio.write(u64::from(port), data);
+                    // A write that ended the VM (ACPI S5, a reset): this
+                    // vCPU runs no further guest code, so the guest cannot
+                    // observe that it is still alive while the VMM stops.
+                    if ctl.exit.reason().is_some() {
+                        return Ok(());
+                    }
                 }
                 VcpuExit::MmioRead(addr, data) => {
                     self.mmio.read(addr, data);
                 }
                 VcpuExit::MmioWrite(addr, data) => {
                     self.mmio.write(addr, data);
+                    if ctl.exit.reason().is_some() {
+                        return Ok(());
+                    }
                 }
                 // With the in-kernel LAPIC, HLT only exits when KVM wants us to
                 // look at something; just re-enter.

@@ -1,31 +1,20 @@
 //! Architectural vCPU state at boot: segments, registers, FPU, MSRs, LAPIC.
+//!
+//! The boot vCPU's registers, segments and GDT are fixed by the boot
+//! protocols (32-bit flat protected mode, paging off); everything else a
+//! vCPU starts with (FPU control, MSRs, LAPIC LINT wiring) is the machine's
+//! `cpu_reset` and `irqchip`.
 
 use abide_firmware::boot::{BootEntry, BootProtocol, BOOT_CS, BOOT_DS, BOOT_GDT};
+use abide_machines::MachineDescription;
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, Msrs};
 use kvm_ioctls::VcpuFd;
 
 const X86_CR0_PE: u64 = 0x1;
 const X86_CR0_ET: u64 = 0x10;
 
-const MSR_IA32_SYSENTER_CS: u32 = 0x174;
-const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
-const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
-const MSR_STAR: u32 = 0xc000_0081;
-const MSR_LSTAR: u32 = 0xc000_0082;
-const MSR_CSTAR: u32 = 0xc000_0083;
-const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
-const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
-const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
-const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
-
-const MISC_ENABLE_FAST_STRING: u64 = 1;
-/// MTRRs enabled, default type write-back.
-const MTRR_DEF_TYPE_WB_ENABLED: u64 = (1 << 11) | 6;
-
-const APIC_LVT0: usize = 0x350;
-const APIC_LVT1: usize = 0x360;
-const APIC_MODE_NMI: u32 = 0x4;
-const APIC_MODE_EXTINT: u32 = 0x7;
+/// LAPIC register offsets of LVT0 (LINT0) and LVT1 (LINT1).
+const APIC_LVT: [usize; 2] = [0x350, 0x360];
 
 /// Errors setting up a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +29,14 @@ pub enum RegsError {
         /// Cause.
         #[source]
         source: kvm_ioctls::Error,
+    },
+    /// The machine sets an MSR this host's KVM does not list.
+    #[error("machine type '{machine}' starts vCPUs with MSR {msr:#x} set, which this host's KVM does not offer")]
+    UnknownMsr {
+        /// Machine type.
+        machine: String,
+        /// MSR index.
+        msr: u32,
     },
     /// KVM accepted fewer MSRs than given.
     #[error("KVM accepted only {set} of {wanted} boot MSRs on vCPU {index}")]
@@ -120,8 +117,15 @@ pub fn setup_boot_cpu(vcpu: &VcpuFd, boot: &BootEntry) -> Result<(), RegsError> 
     Ok(())
 }
 
-/// FPU, MSRs and LAPIC LINT pins, for every vCPU.
-pub fn setup_common(vcpu: &VcpuFd, index: u32, supported_msrs: &[u32]) -> Result<(), RegsError> {
+/// FPU, MSRs and LAPIC LINT pins, for every vCPU, as the machine's
+/// `cpu_reset` and `irqchip` give them. Every MSR must be one KVM lists in
+/// `supported_msrs`: none is skipped.
+pub fn setup_common(
+    vcpu: &VcpuFd,
+    index: u32,
+    machine: &MachineDescription,
+    supported_msrs: &[u32],
+) -> Result<(), RegsError> {
     let kvm = |what| {
         move |source| RegsError::Kvm {
             what,
@@ -129,31 +133,30 @@ pub fn setup_common(vcpu: &VcpuFd, index: u32, supported_msrs: &[u32]) -> Result
             source,
         }
     };
+    let reset = &machine.cpu_reset;
     let fpu = kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
+        fcw: reset.fpu_control_word,
+        mxcsr: reset.mxcsr,
         ..Default::default()
     };
     vcpu.set_fpu(&fpu).map_err(kvm("set FPU state"))?;
 
-    let wanted = [
-        (MSR_IA32_SYSENTER_CS, 0),
-        (MSR_IA32_SYSENTER_ESP, 0),
-        (MSR_IA32_SYSENTER_EIP, 0),
-        (MSR_STAR, 0),
-        (MSR_CSTAR, 0),
-        (MSR_KERNEL_GS_BASE, 0),
-        (MSR_SYSCALL_MASK, 0),
-        (MSR_LSTAR, 0),
-        (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
-        (MSR_MTRR_DEF_TYPE, MTRR_DEF_TYPE_WB_ENABLED),
-    ];
-    let entries: Vec<kvm_msr_entry> = wanted
+    if let Some(m) = reset
+        .msrs
         .iter()
-        .filter(|(i, _)| supported_msrs.contains(i))
-        .map(|&(index, data)| kvm_msr_entry {
-            index,
-            data,
+        .find(|m| !supported_msrs.contains(&m.index))
+    {
+        return Err(RegsError::UnknownMsr {
+            machine: machine.name.clone(),
+            msr: m.index,
+        });
+    }
+    let entries: Vec<kvm_msr_entry> = reset
+        .msrs
+        .iter()
+        .map(|m| kvm_msr_entry {
+            index: m.index,
+            data: m.value,
             ..Default::default()
         })
         .collect();
@@ -174,8 +177,9 @@ pub fn setup_common(vcpu: &VcpuFd, index: u32, supported_msrs: &[u32]) -> Result
     }
 
     let mut lapic = vcpu.get_lapic().map_err(kvm("read LAPIC"))?;
-    set_lvt_mode(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
-    set_lvt_mode(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
+    for (offset, mode) in APIC_LVT.into_iter().zip(machine.irqchip.lapic_lint) {
+        set_lvt_mode(&mut lapic.regs, offset, mode.delivery_mode());
+    }
     vcpu.set_lapic(&lapic).map_err(kvm("set LAPIC"))?;
     Ok(())
 }
@@ -210,9 +214,14 @@ mod tests {
     #[test]
     fn lvt_mode_bits() {
         let mut regs = [0 as std::os::raw::c_char; 1024];
-        regs[APIC_LVT0 + 2] = 1; // masked bit 16 stays
-        set_lvt_mode(&mut regs, APIC_LVT0, APIC_MODE_EXTINT);
-        assert_eq!(regs[APIC_LVT0 + 1] as u8, 0x07);
-        assert_eq!(regs[APIC_LVT0 + 2], 1);
+        let lvt0 = APIC_LVT[0];
+        regs[lvt0 + 2] = 1; // masked bit 16 stays
+        set_lvt_mode(
+            &mut regs,
+            lvt0,
+            abide_machines::LintMode::ExtInt.delivery_mode(),
+        );
+        assert_eq!(regs[lvt0 + 1] as u8, 0x07);
+        assert_eq!(regs[lvt0 + 2], 1);
     }
 }
