@@ -785,10 +785,14 @@ fn failed_migrations_leave_the_source_running() {
             .collect()
     };
     let (got, want) = (work(&src.text()), work(&want));
-    assert_eq!(got.len(), want.len(), "rounds at the source");
+    let first_diff = got.iter().zip(&want).position(|(a, b)| a != b);
     assert!(
         got == want,
-        "the source's workload differs from the uninterrupted run's"
+        "the source's workload differs from the uninterrupted run's: {} lines vs {}, first difference at {first_diff:?}: {:?} vs {:?}",
+        got.len(),
+        want.len(),
+        first_diff.map(|i| &got[i]),
+        first_diff.map(|i| &want[i]),
     );
 
     // And it still moves.
