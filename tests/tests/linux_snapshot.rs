@@ -14,10 +14,12 @@
 //! the project's machines) inside the nested test host (QEMU TCG with
 //! emulated AMD-V, where KVM is real). See tests/tests/linux_guest.rs.
 
-use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use abide_tests::{abide_bin, guest_file, now, repo_root, run_command, Outcome};
+use abide_tests::session::{
+    assert_no_kernel_trouble, guest, host_field, run_session, section, window, word,
+};
+use abide_tests::{abide_bin, guest_file};
 use serde_json::Value;
 
 /// Seconds between killing the first Abide and starting the restore. The
@@ -178,75 +180,6 @@ cleanup
 exit 0
 "#;
 
-/// The text between `@@@ begin NAME` and `@@@ end NAME rc=`, and the rc.
-fn section<'a>(out: &'a str, name: &str) -> (&'a str, String) {
-    let begin = format!("@@@ begin {name}\n");
-    let end = format!("@@@ end {name} rc=");
-    let from = out
-        .find(&begin)
-        .unwrap_or_else(|| panic!("no section {name} in the session's output\n{out}"))
-        + begin.len();
-    let rest = &out[from..];
-    let to = rest
-        .find(&end)
-        .unwrap_or_else(|| panic!("section {name} has no end\n{out}"));
-    let rc = rest[to + end.len()..].lines().next().unwrap_or("").trim();
-    (&rest[..to], rc.to_string())
-}
-
-/// The value of the session's `host: KEY=value` line.
-fn host_field<'a>(out: &'a str, key: &str) -> &'a str {
-    let prefix = format!("host: {key}=");
-    out.lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .unwrap_or_else(|| panic!("the session did not report {key}\n{out}"))
-}
-
-/// `A..B` from a host window line.
-fn window(out: &str, key: &str) -> (i64, i64) {
-    let w = host_field(out, key);
-    let (a, b) = w
-        .split_once("..")
-        .unwrap_or_else(|| panic!("{key}={w} is not A..B"));
-    (
-        a.parse().expect("window start"),
-        b.parse().expect("window end"),
-    )
-}
-
-/// The rest of the guest's `abide-linux: PREFIX` line (one of them; the
-/// echoed command lines start with the shell prompt, not with this).
-fn guest<'a>(log: &'a str, prefix: &str) -> &'a str {
-    let prefix = format!("abide-linux: {prefix}");
-    log.lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .unwrap_or_else(|| panic!("the guest did not print '{prefix}'\n{log}"))
-}
-
-/// `key=value` from a line of space-separated pairs.
-fn word<'a>(line: &'a str, key: &str) -> &'a str {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-        .unwrap_or_else(|| panic!("no {key}= in '{line}'"))
-}
-
-/// Kernel messages that mean something went wrong in the guest.
-const KERNEL_TROUBLE: &[&str] = &[
-    "WARNING:",
-    "BUG:",
-    "soft lockup",
-    "hard LOCKUP",
-    "rcu: INFO",
-    "detected stall",
-    "self-detected stall",
-    "blocked for more than",
-    "Call Trace",
-    "Oops",
-    "Kernel panic",
-    "clocksource: timekeeping watchdog",
-    "Marking clocksource",
-];
-
 #[test]
 fn linux_guest_survives_snapshot_kill_and_restore() {
     let abide = abide_bin();
@@ -275,27 +208,8 @@ fn linux_guest_survives_snapshot_kill_and_restore() {
         .replace("@GUEST_IP@", "192.168.215.2")
         .replace("@DISK_SLOT@", &DISK_SLOT.to_string())
         .replace("@NIC_SLOT@", &NIC_SLOT.to_string());
-    let start = now();
-    let out: Outcome = run_command(
-        Command::new(repo_root().join("resources/linux/run-direct-or-nested.sh"))
-            .args(["--timeout", &(budget + 40).to_string(), "--", "sh", "-c"])
-            .arg(&script)
-            .current_dir(repo_root()),
-        None,
-        Duration::from_secs(budget + 60),
-    );
-    eprintln!(
-        "{} (session {} s)",
-        out.stderr.lines().next().unwrap_or(""),
-        now() - start
-    );
-    // 125: the nested host itself failed (its reason is on stderr); 1: a
-    // step of the script failed (`host: failed: ...`, logs follow).
-    assert_eq!(out.code, Some(0), "the snapshot session failed\n{out}");
+    let out = run_session(&script, budget, "snapshot");
     let text = out.stdout.as_str();
-    for l in text.lines().filter(|l| l.starts_with("host: ")) {
-        eprintln!("{l}");
-    }
     let (before, rc1) = section(text, "console1");
     let (after, rc2) = section(text, "console2");
     let (stderr2, _) = section(text, "stderr2");
@@ -437,11 +351,8 @@ fn linux_guest_survives_snapshot_kill_and_restore() {
             {
                 eprintln!("console {name}: {l}");
             }
-            assert!(
-                !KERNEL_TROUBLE.iter().any(|w| l.contains(w)),
-                "kernel trouble on the {name} console: {l}\n{log}"
-            );
         }
+        assert_no_kernel_trouble(name, log);
     }
 
     // poweroff -f ends the restored abide with 0.

@@ -7,18 +7,26 @@
 //! -> {"cmd":"snapshot","path":"/var/lib/vm.snap"}
 //! <- {"ok":true,"path":"/var/lib/vm.snap","bytes":1835008,"memory_bytes":1572864,"pause_ms":1.2,"save_ms":40.5}
 //! -> {"cmd":"quit"}
+//! -> {"cmd":"migrate","to":"tcp:10.0.0.2:4444","max_downtime_ms":300,"max_bandwidth":null,"timeout":120}
+//! <- {"ok":true,"state":"migrating"}
+//! <- {"event":"progress","iteration":0,"pages":...}   (one per pre-copy pass)
+//! <- {"event":"result","ok":true,"status":"migrated","downtime_ms":...}
 //! <- {"ok":false,"error":"..."}   on any failure
 //! ```
 //!
 //! A snapshot of a running VM pauses it, writes the file and resumes it; a
 //! paused VM stays paused. Requests are served on the VMM's main thread
-//! between guest events, one at a time.
+//! between guest events, one at a time. A migration runs on its own thread
+//! (`migration::Job`) and writes its progress and result lines to the
+//! connection that asked for it, while other requests are served; `status`
+//! shows its state. After a migration abide exits 0.
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use abide_devices::ExitSignal;
 use serde::Deserialize;
@@ -76,6 +84,37 @@ pub enum Request {
     },
     /// Stop the VM; abide exits with status 0.
     Quit {},
+    /// Wait for an incoming migration on `listen` (`abide receive` only).
+    Receive {
+        /// `tcp:ADDR:PORT` or `unix:PATH`.
+        listen: String,
+    },
+    /// Migrate the VM to another abide (`abide receive`).
+    Migrate {
+        /// `tcp:HOST:PORT` or `unix:PATH`.
+        to: String,
+        /// Downtime limit (default 300).
+        #[serde(default)]
+        max_downtime_ms: Option<u64>,
+        /// Pre-copy bandwidth limit in MiB/s.
+        #[serde(default)]
+        max_bandwidth: Option<u64>,
+        /// Bound on the whole migration in seconds (default 120).
+        #[serde(default)]
+        timeout: Option<u64>,
+    },
+}
+
+/// What a request handler works on.
+pub struct Context<'scope, 'env> {
+    /// The VM.
+    pub vm: &'env Vm,
+    /// Its vCPUs.
+    pub vcpus: &'env Mutex<Vcpus>,
+    /// Its outgoing migration.
+    pub migration: &'env crate::migration::Job,
+    /// Where a migration's thread runs.
+    pub scope: &'scope std::thread::Scope<'scope, 'env>,
 }
 
 struct Client {
@@ -171,7 +210,7 @@ impl ApiServer {
     pub fn serve(
         &mut self,
         exit: &ExitSignal,
-        mut handle: impl FnMut(Request) -> (Value, bool),
+        mut handle: impl FnMut(Request, &UnixStream) -> (Value, bool),
     ) -> bool {
         let mut fds = vec![
             pollfd(exit.eventfd().as_raw_fd()),
@@ -220,7 +259,7 @@ impl ApiServer {
             while let Some(nl) = c.buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = c.buf.drain(..=nl).collect();
                 let (reply, q) = match serde_json::from_slice::<Request>(&line) {
-                    Ok(req) => handle(req),
+                    Ok(req) => handle(req, &c.stream),
                     Err(e) => (
                         json!({"ok": false, "error": format!("bad request: {e}")}),
                         false,
@@ -257,23 +296,32 @@ fn failure(e: &dyn std::error::Error) -> Value {
 
 /// Serves one request against a running VM. Returns the reply and
 /// whether abide should stop.
-pub fn handle(vm: &Vm, vcpus: &mut Vcpus, req: Request) -> (Value, bool) {
+pub fn handle<'scope, 'env>(
+    ctx: &Context<'scope, 'env>,
+    req: Request,
+    client: &UnixStream,
+) -> (Value, bool) {
+    let vm = ctx.vm;
     let state = |v: &Vcpus| if v.is_paused() { "paused" } else { "running" };
+    let busy = || (failure(&crate::migration::MigrationError::Busy), false);
+    let lock = || ctx.vcpus.lock().unwrap_or_else(|e| e.into_inner());
     match req {
         Request::Status {} => (
             json!({
                 "ok": true,
-                "state": state(vcpus),
+                "state": if ctx.migration.is_active() { "migrating" } else { state(&lock()) },
                 "machine": vm.machine.name,
                 "vcpus": vm.cfg.cpus,
                 "memory": vm.cfg.memory,
                 "abide_version": env!("CARGO_PKG_VERSION"),
+                "migration": ctx.migration.status(),
             }),
             false,
         ),
+        _ if ctx.migration.is_active() && !matches!(req, Request::Quit {}) => busy(),
         Request::Pause {} => {
             let t = Instant::now();
-            match vm.pause(vcpus) {
+            match vm.pause(&mut lock()) {
                 Ok(()) => (
                     json!({"ok": true, "state": "paused", "pause_ms": ms(t)}),
                     false,
@@ -281,26 +329,101 @@ pub fn handle(vm: &Vm, vcpus: &mut Vcpus, req: Request) -> (Value, bool) {
                 Err(e) => (failure(&e), false),
             }
         }
-        Request::Resume {} => match vm.resume(vcpus) {
+        Request::Resume {} => match vm.resume(&mut lock()) {
             Ok(()) => (json!({"ok": true, "state": "running"}), false),
             Err(e) => (failure(&e), false),
         },
-        Request::Snapshot { path } => match crate::snapshot::save(vm, vcpus, &path) {
-            Ok(r) => (
-                json!({
-                    "ok": true,
-                    "path": path,
-                    "bytes": r.bytes,
-                    "memory_bytes": r.memory_bytes,
-                    "pause_ms": r.pause_ms,
-                    "save_ms": r.save_ms,
-                    "state": state(vcpus),
-                }),
-                false,
-            ),
-            Err(e) => (failure(&e), false),
+        Request::Snapshot { path } => {
+            let mut v = lock();
+            match crate::snapshot::save(vm, &mut v, &path) {
+                Ok(r) => (
+                    json!({
+                        "ok": true,
+                        "path": path,
+                        "bytes": r.bytes,
+                        "memory_bytes": r.memory_bytes,
+                        "pause_ms": r.pause_ms,
+                        "save_ms": r.save_ms,
+                        "state": state(&v),
+                    }),
+                    false,
+                ),
+                Err(e) => (failure(&e), false),
+            }
+        }
+        Request::Migrate {
+            to,
+            max_downtime_ms,
+            max_bandwidth,
+            timeout,
+        } => match start_migration(ctx, &to, max_downtime_ms, max_bandwidth, timeout, client) {
+            Ok(()) => (json!({"ok": true, "state": "migrating"}), false),
+            Err(e) => (json!({"ok": false, "error": e}), false),
         },
+        Request::Receive { .. } => (
+            json!({"ok": false, "error": "a guest already runs here; receive is for `abide receive`"}),
+            false,
+        ),
         Request::Quit {} => (json!({"ok": true, "state": "stopping"}), true),
+    }
+}
+
+/// Starts a migration on its own thread; its progress and result go to
+/// `client` as JSON lines.
+fn start_migration<'scope, 'env>(
+    ctx: &Context<'scope, 'env>,
+    to: &str,
+    max_downtime_ms: Option<u64>,
+    max_bandwidth: Option<u64>,
+    timeout: Option<u64>,
+    client: &UnixStream,
+) -> Result<(), String> {
+    let to: crate::migration::Endpoint = to.parse()?;
+    let mut opts = crate::migration::SendOptions::new(to);
+    if let Some(d) = max_downtime_ms {
+        opts.max_downtime = Duration::from_millis(d);
+    }
+    opts.max_bandwidth = max_bandwidth.map(|m| m.saturating_mul(1 << 20));
+    if let Some(t) = timeout {
+        opts.timeout = Duration::from_secs(t);
+    }
+    let mut out = client.try_clone().map_err(|e| e.to_string())?;
+    ctx.migration
+        .begin(&opts.to.to_string())
+        .map_err(|e| e.to_string())?;
+    let (vm, vcpus, job) = (ctx.vm, ctx.vcpus, ctx.migration);
+    ctx.scope.spawn(move || {
+        let mut event = |v: Value| write_line(&mut out, &v);
+        if job.run(vm, vcpus, &opts, &mut event) {
+            vm.exit.request(abide_devices::ExitReason::Migrated);
+        }
+    });
+    Ok(())
+}
+
+/// Writes one JSON line to a client whose socket the server toggles
+/// between blocking and non-blocking; gives up after a few seconds (a
+/// client that does not read only loses its own lines).
+fn write_line(out: &mut UnixStream, v: &Value) {
+    let mut line = v.to_string().into_bytes();
+    line.push(b'\n');
+    let mut done = 0;
+    let start = Instant::now();
+    while done < line.len() && start.elapsed() < Duration::from_secs(5) {
+        match out.write(&line[done..]) {
+            Ok(0) => return,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let mut fds = [libc::pollfd {
+                    fd: out.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                }];
+                poll(&mut fds, 100);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
     }
 }
 

@@ -14,6 +14,7 @@ pub mod irq;
 pub mod legacy;
 pub mod manifest;
 pub mod memory;
+pub mod migration;
 pub mod pci;
 pub mod snapshot;
 pub mod vcpu;
@@ -185,6 +186,9 @@ pub enum Error {
     /// The control API.
     #[error(transparent)]
     Api(#[from] api::ApiError),
+    /// Live migration.
+    #[error(transparent)]
+    Migration(#[from] migration::MigrationError),
 }
 
 /// An anonymous, unlinked in-memory file.

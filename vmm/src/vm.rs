@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 
 use abide_devices::{Bus, ExitReason, ExitSignal};
 use abide_firmware::boot::{self, BootSource};
@@ -42,11 +42,19 @@ pub struct Vm {
     pub(crate) legacy: LegacyDevices,
     pub(crate) pci: PciPlatform,
     _resampler: Resampler,
-    exit: ExitSignal,
+    pub(crate) exit: ExitSignal,
     serial_is_console: bool,
     api: Option<crate::api::ApiServer>,
     /// Devices were restored from a snapshot and wait to be resumed.
     pub(crate) restored: bool,
+    /// Second handles on the disk images, to flush them before a
+    /// migration's switch-over.
+    pub(crate) disk_files: Vec<File>,
+    /// The NICs' taps and MACs (for announcements after a migration).
+    net_ports: Vec<crate::virtio::NetPort>,
+    /// Called once the vCPU threads run (a received migration's answer to
+    /// its source).
+    on_start: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 /// How a VM's state is initialized.
@@ -157,6 +165,16 @@ impl Vm {
             });
         }
         let backends = crate::backends::open(&machine, cfg)?;
+        let disk_files = backends
+            .disks
+            .iter()
+            .map(|d| d.file.try_clone())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| Error::OpenFile {
+                what: "disk image",
+                path: std::path::PathBuf::from("(duplicate handle)"),
+                source,
+            })?;
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
         vm.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("set the TSS address"))?;
@@ -203,7 +221,7 @@ impl Vm {
         let max_gsi = kvm.check_extension_int(kvm_ioctls::Cap::IrqRouting).max(0) as u32;
         let router = GsiRouter::new(vm.clone(), max_gsi, &machine.irqchip)?;
         let resampler = Resampler::new().map_err(Error::Resampler)?;
-        crate::virtio::attach_all(
+        let net_ports = crate::virtio::attach_all(
             &crate::virtio::VirtioAttach {
                 machine: &machine,
                 wiring: &crate::virtio::KvmWiring {
@@ -259,7 +277,20 @@ impl Vm {
             serial_is_console: cfg.serial == SerialConfig::Stdio,
             api: None,
             restored: false,
+            disk_files,
+            net_ports,
+            on_start: None,
         })
+    }
+
+    /// Calls `f` once the vCPU threads run.
+    pub fn on_start(&mut self, f: Box<dyn FnOnce() + Send + Sync>) {
+        self.on_start = Some(f);
+    }
+
+    /// Takes the NICs' taps and MACs.
+    pub fn take_net_ports(&mut self) -> Vec<crate::virtio::NetPort> {
+        std::mem::take(&mut self.net_ports)
     }
 
     /// Serves the control API on `server` while the VM runs.
@@ -334,29 +365,49 @@ impl Vm {
             self.restored = false;
         }
         let (tx, rx) = mpsc::channel();
-        let mut vcpus = Vcpus::start(std::mem::take(&mut self.vcpus), self.exit.clone(), tx)
+        let vcpus = Vcpus::start(std::mem::take(&mut self.vcpus), self.exit.clone(), tx)
             .map_err(Error::Thread)?;
+        if let Some(f) = self.on_start.take() {
+            f();
+        }
+        let vcpus = Mutex::new(vcpus);
+        let job = crate::migration::Job::default();
         let mut api = self.api.take();
-        let quit = loop {
-            match &mut api {
-                Some(server) => {
-                    if server.serve(&self.exit, |req| crate::api::handle(&self, &mut vcpus, req)) {
-                        break true;
+        let quit = std::thread::scope(|scope| {
+            let ctx = crate::api::Context {
+                vm: &self,
+                vcpus: &vcpus,
+                migration: &job,
+                scope,
+            };
+            let quit = loop {
+                match &mut api {
+                    Some(server) => {
+                        if server.serve(&self.exit, |req, client| {
+                            crate::api::handle(&ctx, req, client)
+                        }) {
+                            break true;
+                        }
+                    }
+                    None => {
+                        crate::api::wait_readable(&self.exit);
+                        break false;
                     }
                 }
-                None => {
-                    crate::api::wait_readable(&self.exit);
+                if crate::api::exit_pending(&self.exit) {
                     break false;
                 }
-            }
-            if crate::api::exit_pending(&self.exit) {
-                break false;
-            }
-        };
+            };
+            // An unfinished migration gives up (before its commit); the
+            // scope then waits for its thread.
+            job.cancel();
+            quit
+        });
         // A paused VM stays paused: its vCPU threads leave from where they
         // are parked, and parked device handlers go with the VM. Nothing
-        // may run past a snapshot taken before a quit.
-        vcpus.stop();
+        // may run past a snapshot taken before a quit, nor past a
+        // migration.
+        vcpus.into_inner().unwrap_or_else(|e| e.into_inner()).stop();
         if quit {
             return Ok(ExitReason::Poweroff);
         }
