@@ -1,4 +1,5 @@
-//! How a device asks for the VM to end (guest poweroff or reset).
+//! How a device asks for the VM to end (guest poweroff or reset), or the
+//! VMM says the VM left this process (live migration).
 
 use std::sync::{Arc, Mutex};
 
@@ -11,6 +12,9 @@ pub enum ExitReason {
     Poweroff,
     /// Reset through the i8042 or the ACPI reset register.
     Reset,
+    /// Not the guest's doing: the VM moved to another Abide (live
+    /// migration committed and confirmed) and must not run here again.
+    Migrated,
 }
 
 /// A handle devices use to end the VM. The first request wins; the VMM

@@ -18,3 +18,10 @@ pub mod virtio;
 pub use bus::{Bus, BusDevice, BusError};
 pub use exit::{ExitReason, ExitSignal};
 pub use model::ModelError;
+
+/// Guest memory as the devices (and the rest of Abide) see it: the mapped
+/// RAM regions, each with a dirty bitmap that every write made through
+/// vm-memory marks (virtio-blk reads, virtio-net receive, used rings). Live
+/// migration reads these bitmaps to find the pages Abide itself wrote,
+/// which KVM's dirty log never shows. The one place this type is chosen.
+pub type GuestMem = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

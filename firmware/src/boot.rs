@@ -12,7 +12,7 @@ use linux_loader::loader::elf::start_info::{
 };
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{BzImage, KernelLoader, KernelLoaderResult};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::e820;
 
@@ -159,8 +159,8 @@ pub fn detect_format(kernel: &mut File) -> Result<KernelFormat, BootError> {
     Err(BootError::UnknownFormat)
 }
 
-fn write<T: vm_memory::ByteValued>(
-    mem: &GuestMemoryMmap,
+fn write<T: vm_memory::ByteValued, M: GuestMemoryBackend>(
+    mem: &M,
     what: &'static str,
     val: T,
     addr: u64,
@@ -171,8 +171,8 @@ fn write<T: vm_memory::ByteValued>(
 
 /// Loads the kernel, initramfs and command line into `mem` and writes the
 /// boot structures. `ram_bytes` is the guest RAM size (for e820).
-pub fn load(
-    mem: &GuestMemoryMmap,
+pub fn load<M: GuestMemoryBackend>(
+    mem: &M,
     machine: &MachineDescription,
     ram_bytes: u64,
     src: BootSource<'_>,
@@ -303,8 +303,8 @@ pub fn load(
 
 /// Places the initramfs at the highest page-aligned address below `limit`
 /// that stays above `floor`. Returns (address, size).
-fn load_initrd(
-    mem: &GuestMemoryMmap,
+fn load_initrd<M: GuestMemoryBackend>(
+    mem: &M,
     initrd: &mut File,
     floor: u64,
     limit: u64,

@@ -11,8 +11,9 @@ sends them over the Unix socket, and checks each response:
 
 Every request has a deadline: a request that gets no answer is a failure
 (a hang). File paths in generated bodies are moved into a sandbox
-directory, tap names and fds made unusable, and vCPU counts and memory
-kept small, so that the generated VMs stay harmless to the host.
+directory, tap names and fds made unusable, migration addresses kept on
+loopback or in the sandbox, and vCPU counts and memory kept small, so that
+the generated VMs stay harmless to the host.
 
 Prints a JSON report on stdout (per operation: status codes seen,
 failures) and exits 1 if anything failed. Run by tests/tests/api_schemathesis.rs
@@ -72,6 +73,15 @@ class Sandbox:
             return self.path(value)
         if key == "serial" and isinstance(value, str) and value.startswith("file:"):
             return "file:" + self.path(value[5:])
+        if key in ("destination_url", "listen_url") and isinstance(value, str):
+            # Migrations stay on this machine: loopback (port 9, where
+            # nothing listens, as a destination; any free port to listen
+            # on), or a socket in the sandbox.
+            if value.startswith("tcp:"):
+                return "tcp:127.0.0.1:0" if key == "listen_url" else "tcp:127.0.0.1:9"
+            if value.startswith("unix:") and len(value) > 5:
+                return "unix:" + self.path(value[5:])
+            return value
         if key == "tap" and isinstance(value, str) and 0 < len(value) < 16:
             # An existing interface that is no tap: opening it fails.
             return "lo"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build the initramfs of the Abide Linux test guest:
 #   <repo>/.cache/linux/guest/initramfs.cpio.gz
-# Contents: static busybox, /init = resources/linux/guest-init.sh, and the
-# guest virtio modules from fetch-kernels.sh under /lib/modules/abide/.
+# Contents: static busybox, /init = resources/linux/guest-init.sh, the
+# guest virtio modules from fetch-kernels.sh under /lib/modules/abide/, and
+# the benchmark tools blkbench and ticker (resources/bench/*.c).
 # Does nothing when the output is newer than all inputs (hash stamp);
 # --force rebuilds.
 #
@@ -31,7 +32,8 @@ esac
 busybox=$(find_static_busybox) || die "no static busybox found; run resources/scripts/setup.sh (busybox-static)"
 mapfile -t mods < "$guest/modules/load-order"
 blkbench_src="$repo/resources/bench/blkbench.c"
-inputs=("$script_dir/guest-init.sh" "$script_dir/initramfs-lib.sh" "$busybox" "$guest/modules/load-order" "$blkbench_src")
+ticker_src="$repo/resources/bench/ticker.c"
+inputs=("$script_dir/guest-init.sh" "$script_dir/initramfs-lib.sh" "$busybox" "$guest/modules/load-order" "$blkbench_src" "$ticker_src")
 for m in "${mods[@]}"; do inputs+=("$guest/modules/$m"); done
 hash=$(inputs_hash "${inputs[@]}")
 if ((!force)) && [[ -s $out && $(cat "$out.stamp" 2>/dev/null) == "$hash" ]]; then
@@ -46,6 +48,8 @@ mkdir -p "$root/lib/modules/abide"
 cp "$guest/modules/load-order" "${mods[@]/#/$guest/modules/}" "$root/lib/modules/abide/"
 # The storage benchmark tool (resources/bench/blk.sh), static so it needs no libc.
 gcc -O2 -static -o "$root/bin/blkbench" "$blkbench_src" || die "cannot build blkbench (gcc with static glibc)"
+# The migration benchmark's heartbeat and fixed-rate memory dirtier.
+gcc -O2 -static -o "$root/bin/ticker" "$ticker_src" || die "cannot build ticker (gcc with static glibc)"
 initramfs_pack "$root" "$out"
 rm -rf "$root"
 printf '%s\n' "$hash" > "$out.stamp"

@@ -197,6 +197,22 @@ HANDLER
             # Wait for the button; the handler powers off.
             while :; do sleep 3600; done
             ;;
+        ticker)
+            # Migration benchmark (resources/bench/migrate.sh): a console
+            # line every abide.tick_ms (default 10) ms, sleeping in between;
+            # with abide.dirty_mib_s=R and abide.dirty_buf_mib=S it also
+            # dirties R MiB/s of an S MiB buffer (resources/bench/ticker.c).
+            tick=10 rate=0 buf=0
+            # shellcheck disable=SC2013 # the command line is split into words on purpose
+            for arg in $(cat /proc/cmdline); do
+                case $arg in
+                    abide.tick_ms=*) tick=${arg#abide.tick_ms=} ;;
+                    abide.dirty_mib_s=*) rate=${arg#abide.dirty_mib_s=} ;;
+                    abide.dirty_buf_mib=*) buf=${arg#abide.dirty_buf_mib=} ;;
+                esac
+            done
+            if [ "$rate" -gt 0 ]; then ticker "$tick" "$rate" "$buf"; else ticker "$tick"; fi
+            ;;
         shell)
             say "interactive shell; exit it to power off"
             setsid cttyhack sh -l || sh

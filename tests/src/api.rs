@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::abide_bin;
+use crate::{abide_bin, progress_rounds};
 
 /// How long one request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -389,15 +389,6 @@ pub fn workload_vm(dir: &Path, tag: &str, extra: &[&str], cmdline: &str) -> (Abi
     args.extend_from_slice(extra);
     args.extend_from_slice(&["--cmdline", cmdline]);
     (Abide::spawn(dir, tag, &args), log)
-}
-
-/// The round numbers of the test guest's `progress` lines, in order.
-pub fn progress_rounds(text: &str) -> Vec<u64> {
-    text.lines()
-        .filter_map(crate::GuestLine::parse)
-        .filter(|l| l.topic == "progress" && l.fields.contains_key("sum"))
-        .map(|l| l.num("round"))
-        .collect()
 }
 
 /// For a test guest started with `rounds=ROUNDS progress ... power-button`:

@@ -142,6 +142,77 @@ impl GuestLine {
     }
 }
 
+/// Lines of a test guest's serial log that do not depend on time (no
+/// `rtc` or `tick` lines, no `ticks=` fields): two runs of the same
+/// workload, however interrupted, must give the same ones.
+pub fn stable_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| {
+            let Some(g) = GuestLine::parse(l) else {
+                return false;
+            };
+            !matches!(g.topic.as_str(), "rtc" | "tick") && !l.contains("ticks=")
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// The round numbers of the complete `progress round=N sum=...` lines.
+pub fn progress_rounds(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(GuestLine::parse)
+        .filter(|l| l.topic == "progress" && l.fields.contains_key("sum"))
+        .map(|l| l.num("round"))
+        .collect()
+}
+
+/// The block the guest writes in iteration `i` of `blk-loop` (the guest's
+/// xorshift64 pattern).
+pub fn blk_loop_block(i: u64) -> Vec<u8> {
+    let mut x = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(4096);
+    for _ in 0..512 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+/// Checks a `blk-loop=ITERS` run whose serial output (of one or more
+/// processes, joined) is `joined` and whose disk ended up in `image`:
+/// every iteration ran exactly once, in order, and verified; the loop
+/// ended with errors=0; every block holds what the guest wrote last.
+pub fn check_blk_loop(joined: &str, iters: u64, image: &Path) {
+    let mut seen: Vec<u64> = joined
+        .lines()
+        .filter_map(GuestLine::parse)
+        .filter(|l| l.topic == "blk-loop" && l.fields.contains_key("iter"))
+        .map(|l| {
+            assert_eq!(l.get("ok"), "1", "iteration failed: {l:?}");
+            l.num("iter")
+        })
+        .collect();
+    let n = seen.len();
+    seen.dedup();
+    assert_eq!(n, seen.len(), "an iteration ran twice");
+    assert_eq!(seen, (0..iters).collect::<Vec<_>>(), "iterations lost");
+    assert!(
+        joined.contains(&format!("guest: blk-loop done iters={iters} errors=0")),
+        "{joined}"
+    );
+    let image = std::fs::read(image).expect("image");
+    for block in 0..64u64 {
+        let last = (0..iters).rev().find(|i| i % 64 == block).expect("written");
+        let at = (block * 4096) as usize;
+        assert!(
+            image[at..at + 4096] == blk_loop_block(last)[..],
+            "block {block} does not hold iteration {last}'s data"
+        );
+    }
+}
+
 /// Runs `abide` with `args`, feeding `stdin`, killing it after `timeout`.
 pub fn run_abide(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Outcome {
     run_command(Command::new(abide_bin()).args(args), stdin, timeout)
@@ -260,71 +331,6 @@ pub fn guest_file(name: &str) -> PathBuf {
     p
 }
 
-/// Runs a real-Linux session script with `sh -c` through
-/// `resources/linux/run-direct-or-nested.sh` (directly where the CPU has
-/// vmx/svm, else in the nested test host), allowing `budget_s` seconds for
-/// the script itself; prints where it ran and how long it took.
-pub fn linux_session(script: &str, budget_s: u64) -> Outcome {
-    let start = now();
-    let out = run_command(
-        Command::new(repo_root().join("resources/linux/run-direct-or-nested.sh"))
-            .args(["--timeout", &(budget_s + 40).to_string(), "--", "sh", "-c"])
-            .arg(script)
-            .current_dir(repo_root()),
-        None,
-        Duration::from_secs(budget_s + 60),
-    );
-    eprintln!(
-        "{} (session {} s)",
-        out.stderr.lines().next().unwrap_or(""),
-        now() - start
-    );
-    out
-}
-
-/// Output of a real-Linux session script (run by
-/// `resources/linux/run-direct-or-nested.sh`): the text between
-/// `@@@ begin NAME` and `@@@ end NAME rc=`, and the rc.
-pub fn session_section<'a>(out: &'a str, name: &str) -> (&'a str, String) {
-    let begin = format!("@@@ begin {name}\n");
-    let end = format!("@@@ end {name} rc=");
-    let from = out
-        .find(&begin)
-        .unwrap_or_else(|| panic!("no section {name} in the session's output\n{out}"))
-        + begin.len();
-    let rest = &out[from..];
-    let to = rest
-        .find(&end)
-        .unwrap_or_else(|| panic!("section {name} has no end\n{out}"));
-    let rc = rest[to + end.len()..].lines().next().unwrap_or("").trim();
-    (&rest[..to], rc.to_string())
-}
-
-/// The value of a session's `host: KEY=value` line.
-pub fn host_field<'a>(out: &'a str, key: &str) -> &'a str {
-    let prefix = format!("host: {key}=");
-    out.lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .unwrap_or_else(|| panic!("the session did not report {key}\n{out}"))
-}
-
-/// Kernel messages that mean something went wrong in the guest.
-pub const KERNEL_TROUBLE: &[&str] = &[
-    "WARNING:",
-    "BUG:",
-    "soft lockup",
-    "hard LOCKUP",
-    "rcu: INFO",
-    "detected stall",
-    "self-detected stall",
-    "blocked for more than",
-    "Call Trace",
-    "Oops",
-    "Kernel panic",
-    "clocksource: timekeeping watchdog",
-    "Marking clocksource",
-];
-
 /// SHA-256 of `bytes`, lowercase hex (coreutils' `sha256sum`).
 pub fn sha256_bytes(bytes: &[u8]) -> String {
     let out = Command::new("sha256sum")
@@ -361,6 +367,122 @@ fn first_word(out: &[u8]) -> String {
         .next()
         .expect("sha256sum printed a hash")
         .to_string()
+}
+
+/// Reading the output of a Linux guest session script (tests/tests/linux_*.rs):
+/// `host: key=value` lines, `@@@ begin NAME` ... `@@@ end NAME rc=` sections
+/// and the guest's `abide-linux: ` lines.
+pub mod session {
+    use std::process::Command;
+    use std::time::Duration;
+
+    use super::{now, repo_root, run_command, Outcome};
+
+    /// Runs a session script with `sh -c` where Linux guests run (directly
+    /// or in the nested test host), within `budget` seconds plus margins;
+    /// asserts that it succeeded and shows its `host:` lines. 125 means the
+    /// nested host itself failed (its reason is on stderr); 1 a step of the
+    /// script (`host: failed: ...`, logs follow).
+    pub fn run_session(script: &str, budget: u64, what: &str) -> Outcome {
+        let start = now();
+        let out = run_command(
+            Command::new(repo_root().join("resources/linux/run-direct-or-nested.sh"))
+                .args(["--timeout", &(budget + 40).to_string(), "--", "sh", "-c"])
+                .arg(script)
+                .current_dir(repo_root()),
+            None,
+            Duration::from_secs(budget + 60),
+        );
+        eprintln!(
+            "{} (session {} s)",
+            out.stderr.lines().next().unwrap_or(""),
+            now() - start
+        );
+        assert_eq!(out.code, Some(0), "the {what} session failed\n{out}");
+        for l in out.stdout.lines().filter(|l| l.starts_with("host: ")) {
+            eprintln!("{l}");
+        }
+        out
+    }
+
+    /// Asserts that no line of the guest console `log` shows kernel
+    /// trouble ([`KERNEL_TROUBLE`]).
+    pub fn assert_no_kernel_trouble(name: &str, log: &str) {
+        for l in log.lines() {
+            assert!(
+                !KERNEL_TROUBLE.iter().any(|w| l.contains(w)),
+                "kernel trouble on the {name} console: {l}\n{log}"
+            );
+        }
+    }
+    /// The text between `@@@ begin NAME` and `@@@ end NAME rc=`, and the rc.
+    pub fn section<'a>(out: &'a str, name: &str) -> (&'a str, String) {
+        let begin = format!("@@@ begin {name}\n");
+        let end = format!("@@@ end {name} rc=");
+        let from = out
+            .find(&begin)
+            .unwrap_or_else(|| panic!("no section {name} in the session's output\n{out}"))
+            + begin.len();
+        let rest = &out[from..];
+        let to = rest
+            .find(&end)
+            .unwrap_or_else(|| panic!("section {name} has no end\n{out}"));
+        let rc = rest[to + end.len()..].lines().next().unwrap_or("").trim();
+        (&rest[..to], rc.to_string())
+    }
+
+    /// The value of the session's `host: KEY=value` line.
+    pub fn host_field<'a>(out: &'a str, key: &str) -> &'a str {
+        let prefix = format!("host: {key}=");
+        out.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("the session did not report {key}\n{out}"))
+    }
+
+    /// `A..B` from a host window line.
+    pub fn window(out: &str, key: &str) -> (i64, i64) {
+        let w = host_field(out, key);
+        let (a, b) = w
+            .split_once("..")
+            .unwrap_or_else(|| panic!("{key}={w} is not A..B"));
+        (
+            a.parse().expect("window start"),
+            b.parse().expect("window end"),
+        )
+    }
+
+    /// The rest of the guest's `abide-linux: PREFIX` line (one of them; the
+    /// echoed command lines start with the shell prompt, not with this).
+    pub fn guest<'a>(log: &'a str, prefix: &str) -> &'a str {
+        let prefix = format!("abide-linux: {prefix}");
+        log.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("the guest did not print '{prefix}'\n{log}"))
+    }
+
+    /// `key=value` from a line of space-separated pairs.
+    pub fn word<'a>(line: &'a str, key: &str) -> &'a str {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {key}= in '{line}'"))
+    }
+
+    /// Kernel messages that mean something went wrong in the guest.
+    pub const KERNEL_TROUBLE: &[&str] = &[
+        "WARNING:",
+        "BUG:",
+        "soft lockup",
+        "hard LOCKUP",
+        "rcu: INFO",
+        "detected stall",
+        "self-detected stall",
+        "blocked for more than",
+        "Call Trace",
+        "Oops",
+        "Kernel panic",
+        "clocksource: timekeeping watchdog",
+        "Marking clocksource",
+    ];
 }
 
 #[cfg(test)]

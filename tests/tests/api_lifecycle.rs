@@ -11,10 +11,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use abide_tests::api::{
-    get, get_ok, kinds, progress_rounds, put, put_ok, wait_for_text, Abide, Events,
-};
-use abide_tests::{temp_dir, GuestLine};
+use abide_tests::api::{get, get_ok, kinds, put, put_ok, wait_for_text, Abide, Events};
+use abide_tests::{progress_rounds, temp_dir, GuestLine};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(120);
@@ -357,4 +355,115 @@ fn device_errors_from_a_hostile_guest_are_events_and_metrics() {
             > 0,
         "the rng kept working: {metrics}"
     );
+}
+
+/// Live migration through the API alone: a VM created and booted on one
+/// `abide serve` moves to another that waits with `vm.receive-migration`;
+/// both event streams tell the story, and the guest finishes its work at
+/// the destination, every round exactly once.
+#[test]
+fn live_migration_between_two_serves() {
+    let dir = temp_dir("api-migration");
+    let (log_a, log_b) = (dir.join("a.log"), dir.join("b.log"));
+    let mut a = Abide::serve(&dir, "a");
+    let mut b = Abide::serve(&dir, "b");
+    let events_a = Events::open(&a.socket, Some(0));
+    let events_b = Events::open(&b.socket, Some(0));
+    let config = json!({
+        "machine": "pc-1.0",
+        "cpus": 2,
+        "memory": "256M",
+        "serial": format!("file:{}", log_a.display()),
+        "cmdline": format!("quiet rounds={ROUNDS} progress buf-kib=1024 power-button"),
+    });
+    put_ok(&a.socket, "/api/v1/vm.create", Some(&config.to_string()));
+    put_ok(&a.socket, "/api/v1/vm.boot", None);
+    wait_for_text(&log_a, "guest: progress round=20 ", T);
+
+    let listen = format!("unix:{}", dir.join("mig.sock").display());
+    let r = put_ok(
+        &b.socket,
+        "/api/v1/vm.receive-migration",
+        Some(
+            &json!({"listen_url": listen, "serial": format!("file:{}", log_b.display())})
+                .to_string(),
+        ),
+    );
+    assert_eq!(r["state"], "incoming", "{r}");
+    assert_eq!(r["listening"], json!(listen));
+    let waiting = get_ok(&b.socket, "/api/v1/vm.migration");
+    assert!(
+        waiting["incoming"]["phase"]
+            .as_str()
+            .is_some_and(|p| p.contains("waiting")),
+        "{waiting}"
+    );
+    let r = put(&b.socket, "/api/v1/vm.pause", None);
+    assert_eq!(r.status, 409, "{r}");
+    assert!(r.error().contains("no guest runs here yet"), "{r}");
+
+    let r = put_ok(
+        &a.socket,
+        "/api/v1/vm.send-migration",
+        Some(&json!({"destination_url": listen}).to_string()),
+    );
+    assert_eq!(r["state"], "migrating", "{r}");
+    let seen_a = events_a.wait_for("state", Some("shutdown"), T);
+    let seen_b = events_b.wait_for("state", Some("running"), T);
+    let result = seen_a
+        .iter()
+        .find(|e| e["event"] == "migration-result")
+        .unwrap_or_else(|| panic!("no migration-result: {seen_a:?}"));
+    assert_eq!(result["status"], "migrated", "{result}");
+    assert!(result["downtime_ms"].as_f64().is_some(), "{result}");
+    let kinds_a: Vec<String> = kinds(&seen_a)
+        .into_iter()
+        .filter(|k| k != "migration-progress")
+        .collect();
+    assert_eq!(
+        kinds_a,
+        [
+            "state:created",
+            "state:running",
+            "state:migrating",
+            "migration-result",
+            "migrated",
+            "state:shutdown"
+        ],
+        "{seen_a:?}"
+    );
+    assert!(
+        seen_a.iter().any(|e| e["event"] == "migration-progress"),
+        "a pre-copy pass at least: {seen_a:?}"
+    );
+    assert_eq!(
+        kinds(&seen_b),
+        ["state:incoming", "migration-received", "state:running"],
+        "{seen_b:?}"
+    );
+    let info_a = get_ok(&a.socket, "/api/v1/vm.info");
+    assert_eq!(info_a["exit"]["reason"], "migrated", "{info_a}");
+    assert_eq!(info_a["migration"]["state"], "migrated", "{info_a}");
+    let info_b = get_ok(&b.socket, "/api/v1/vm.info");
+    assert_eq!(info_b["machine"], "pc-1.0", "{info_b}");
+    assert_eq!(
+        info_b["config"]["serial"],
+        json!(format!("file:{}", log_b.display()))
+    );
+
+    // The guest finishes at the destination.
+    wait_for_text(&log_b, "guest: power-button waiting", T);
+    put_ok(&b.socket, "/api/v1/vm.power-button", None);
+    events_b.wait_for("state", Some("shutdown"), T);
+    let joined = format!("{}{}", read(&log_a), read(&log_b));
+    assert_eq!(
+        progress_rounds(&joined),
+        (0..ROUNDS).collect::<Vec<_>>(),
+        "{joined}"
+    );
+    for s in [&a, &b] {
+        put_ok(&s.socket, "/api/v1/vmm.shutdown", None);
+    }
+    assert_eq!(a.wait(T), Some(0), "{}", a.output());
+    assert_eq!(b.wait(T), Some(0), "{}", b.output());
 }

@@ -10,9 +10,8 @@
 //! the project's machines) inside the nested test host. See
 //! tests/tests/linux_guest.rs.
 
-use abide_tests::{
-    abide_bin, guest_file, host_field, linux_session, session_section, KERNEL_TROUBLE,
-};
+use abide_tests::session::{assert_no_kernel_trouble, host_field, run_session, section};
+use abide_tests::{abide_bin, guest_file};
 use serde_json::Value;
 
 /// The session, run inside the test host by `sh`; `@NAME@` are replaced.
@@ -74,11 +73,10 @@ fn linux_guest_shuts_down_cleanly_on_the_power_button() {
             &guest_file("initramfs.cpio.gz").display().to_string(),
         )
         .replace("@BUDGET@", &budget.to_string());
-    let out = linux_session(&script, budget);
-    assert_eq!(out.code, Some(0), "the session failed\n{out}");
+    let out = run_session(&script, budget, "power-button");
     let text = out.stdout.as_str();
-    let (console, rc) = session_section(text, "console");
-    let (events, _) = session_section(text, "events");
+    let (console, rc) = section(text, "console");
+    let (events, _) = section(text, "events");
 
     // Linux enabled the fixed power button before the press.
     let press: Value = serde_json::from_str(host_field(text, "press"))
@@ -107,12 +105,7 @@ fn linux_guest_shuts_down_cleanly_on_the_power_button() {
     assert!(pressed < clean);
     assert!(console.contains("reboot: Power down"), "{console}");
     assert_eq!(rc, "0", "abide's exit status for a guest poweroff\n{text}");
-    for l in console.lines() {
-        assert!(
-            !KERNEL_TROUBLE.iter().any(|w| l.contains(w)),
-            "kernel trouble: {l}\n{console}"
-        );
-    }
+    assert_no_kernel_trouble("power-button", console);
     let (pressed_at, exited_at): (i64, i64) = (
         host_field(text, "pressed-at").parse().expect("time"),
         host_field(text, "exited-at").parse().expect("time"),

@@ -9,23 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use abide_tests::{abide_bin, run_abide, sha256_bytes, temp_dir, GuestLine, Outcome};
+use abide_tests::{
+    abide_bin, check_blk_loop, progress_rounds, run_abide, sha256_bytes, stable_lines, temp_dir,
+    Outcome,
+};
 use serde_json::{json, Value};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Lines of a serial log, without the ones that depend on time.
-fn stable_lines(text: &str) -> Vec<String> {
-    text.lines()
-        .filter(|l| {
-            let Some(g) = GuestLine::parse(l) else {
-                return false;
-            };
-            !matches!(g.topic.as_str(), "rtc" | "tick") && !l.contains("ticks=")
-        })
-        .map(str::to_string)
-        .collect()
-}
 
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
@@ -163,13 +153,7 @@ fn checksum_workload_continues_from_the_same_point() {
     );
     let before_text = read(&before);
     // The last line may be cut by the snapshot: only whole lines count.
-    let rounds = |text: &str| -> Vec<u64> {
-        text.lines()
-            .filter_map(GuestLine::parse)
-            .filter(|l| l.topic == "progress" && l.fields.contains_key("sum"))
-            .map(|l| l.num("round"))
-            .collect()
-    };
+    let rounds = progress_rounds;
     let whole = before_text.rsplit_once('\n').map_or("", |(w, _)| w);
     let last_before = *rounds(whole).last().expect("progress before the snapshot");
     assert!(
@@ -235,12 +219,7 @@ fn a_restored_vm_can_be_snapshotted_again() {
         read(&second_log),
         read(&third)
     );
-    let rounds: Vec<u64> = joined
-        .lines()
-        .filter_map(GuestLine::parse)
-        .filter(|l| l.topic == "progress" && l.fields.contains_key("sum"))
-        .map(|l| l.num("round"))
-        .collect();
+    let rounds = progress_rounds(&joined);
     assert_eq!(
         rounds,
         (0..3000).collect::<Vec<_>>(),
@@ -254,20 +233,6 @@ fn a_restored_vm_can_be_snapshotted_again() {
     run.extend_from_slice(&["--serial", &ser, "--cmdline", workload]);
     assert_eq!(run_abide(&run, None, TIMEOUT).code, Some(0));
     assert_eq!(stable_lines(&joined), stable_lines(&read(&reference)));
-}
-
-/// The block the guest writes in iteration `i` of `blk-loop` (the guest's
-/// xorshift64 pattern).
-fn loop_block(i: u64) -> Vec<u8> {
-    let mut x = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(4096);
-    for _ in 0..512 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out
 }
 
 #[test]
@@ -311,38 +276,9 @@ fn virtio_blk_io_continues_across_restore() {
     );
     assert_eq!(out.code, Some(0), "restored guest\n{out}");
     let joined = format!("{}{}", read(&before), read(&after));
-    let done: Vec<GuestLine> = joined
-        .lines()
-        .filter_map(GuestLine::parse)
-        .filter(|l| l.topic == "blk-loop")
-        .collect();
-    let mut seen: Vec<u64> = done
-        .iter()
-        .filter(|l| l.fields.contains_key("iter"))
-        .map(|l| {
-            assert_eq!(l.get("ok"), "1", "iteration failed: {l:?}");
-            l.num("iter")
-        })
-        .collect();
-    let n = seen.len();
-    seen.dedup();
-    assert_eq!(n, seen.len(), "an iteration ran twice");
-    assert_eq!(seen, (0..iters).collect::<Vec<_>>(), "iterations lost");
-    assert!(
-        joined.contains(&format!("guest: blk-loop done iters={iters} errors=0")),
-        "{joined}"
-    );
     // The moved image holds what the guest wrote last in every block; the
     // original stopped changing at the snapshot.
-    let image = std::fs::read(&moved).expect("image");
-    for block in 0..64u64 {
-        let last = (0..iters).rev().find(|i| i % 64 == block).expect("written");
-        let at = (block * 4096) as usize;
-        assert!(
-            image[at..at + 4096] == loop_block(last)[..],
-            "block {block} does not hold iteration {last}'s data"
-        );
-    }
+    check_blk_loop(&joined, iters, &moved);
 }
 
 /// Takes a small snapshot of the test guest, for the refusal tests.

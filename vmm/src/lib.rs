@@ -15,6 +15,7 @@ pub mod irq;
 pub mod legacy;
 pub mod manifest;
 pub mod memory;
+pub mod migration;
 pub mod pci;
 pub mod snapshot;
 pub mod spec;
@@ -190,6 +191,9 @@ pub enum Error {
     /// The VM configuration.
     #[error(transparent)]
     Spec(#[from] spec::SpecError),
+    /// Live migration.
+    #[error(transparent)]
+    Migration(#[from] migration::MigrationError),
 }
 
 /// An anonymous, unlinked in-memory file.

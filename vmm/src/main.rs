@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use abide_vmm::api::client;
 use abide_vmm::config::{parse_serial, VmConfig};
-use abide_vmm::devices_config::{DiskSpec, NetSpec, RngSpec};
+use abide_vmm::devices_config::{DiskSpec, NetBackend, NetSpec, RngSpec};
 use abide_vmm::spec::{Size, VmSpec};
 use abide_vmm::{error_chain, ExitReason, EXIT_ERROR, EXIT_POWEROFF, EXIT_RESET, EXIT_USAGE};
 use clap::{Parser, Subcommand};
@@ -48,6 +48,57 @@ enum Command {
     Restore(RestoreArgs),
     /// Send a request to a running abide's API (see `abide ctl --help`).
     Ctl(CtlArgs),
+    /// Wait for one incoming live migration, then run the guest.
+    Receive(ReceiveArgs),
+    /// Live-migrate the guest of a running abide (started with --api-socket)
+    /// to an `abide receive`.
+    Migrate(MigrateArgs),
+}
+/// Host-side settings that may differ from the saved or migrated guest's.
+#[derive(clap::Args)]
+struct OverrideArgs {
+    /// COM1 output: stdio, null or file:PATH (default: as saved).
+    #[arg(long)]
+    serial: Option<String>,
+    /// Serve the API (docs/api/openapi.yaml) on this Unix socket.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Use another image for the disk at a PCI slot: SLOT=PATH. Repeatable.
+    #[arg(long = "disk-path", value_name = "SLOT=PATH")]
+    disk_paths: Vec<String>,
+    /// Use another tap for the NIC at a PCI slot: SLOT=NAME, or SLOT=fd:N
+    /// for an open tap descriptor handed over by an orchestrator. Repeatable.
+    #[arg(long = "tap", value_name = "SLOT=NAME|SLOT=fd:N")]
+    taps: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct ReceiveArgs {
+    /// Where to wait for the source: tcp:ADDR:PORT or unix:PATH. Without
+    /// it, the API's vm.receive-migration gives the address.
+    #[arg(long)]
+    listen: Option<String>,
+    #[command(flatten)]
+    overrides: OverrideArgs,
+}
+
+#[derive(clap::Args)]
+struct MigrateArgs {
+    /// Control socket of the running abide.
+    #[arg(long)]
+    api_socket: PathBuf,
+    /// The destination: tcp:HOST:PORT or unix:PATH.
+    #[arg(long)]
+    to: String,
+    /// Longest acceptable pause of the guest, in ms.
+    #[arg(long, default_value_t = 300)]
+    max_downtime_ms: u64,
+    /// Bandwidth limit for pre-copy, in MiB/s (default: none).
+    #[arg(long, value_name = "MIB_PER_S")]
+    max_bandwidth: Option<u64>,
+    /// Give up (the guest keeps running here) after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
 }
 
 #[derive(clap::Args)]
@@ -73,18 +124,8 @@ struct SnapshotArgs {
 struct RestoreArgs {
     /// Snapshot file.
     snapshot: PathBuf,
-    /// COM1 output: stdio, null or file:PATH (default: as saved).
-    #[arg(long)]
-    serial: Option<String>,
-    /// Serve the control API on this Unix socket.
-    #[arg(long)]
-    api_socket: Option<PathBuf>,
-    /// Use another image for the disk at a PCI slot: SLOT=PATH. Repeatable.
-    #[arg(long = "disk-path", value_name = "SLOT=PATH")]
-    disk_paths: Vec<String>,
-    /// Use another tap interface for the NIC at a PCI slot: SLOT=NAME. Repeatable.
-    #[arg(long = "tap", value_name = "SLOT=NAME")]
-    taps: Vec<String>,
+    #[command(flatten)]
+    overrides: OverrideArgs,
 }
 
 #[derive(clap::Args)]
@@ -130,25 +171,64 @@ fn slot_pair(flag: &str, s: &str) -> Result<(u8, String), abide_vmm::Error> {
     Ok((slot, value.to_string()))
 }
 
-fn restore(a: RestoreArgs, started: std::time::Instant) -> Result<ExitReason, abide_vmm::Error> {
-    let overrides = abide_vmm::snapshot::Overrides {
+/// Parses the host-side overrides and binds the API socket.
+fn overrides(
+    a: &OverrideArgs,
+) -> Result<
+    (
+        abide_vmm::snapshot::Overrides,
+        Option<abide_vmm::api::Listener>,
+    ),
+    abide_vmm::Error,
+> {
+    let tap = |t: &String| {
+        let (slot, v) = slot_pair("--tap", t)?;
+        let backend = match v.strip_prefix("fd:") {
+            Some(n) => NetBackend::Fd(n.parse().map_err(|_| {
+                abide_vmm::Error::Snapshot(abide_vmm::snapshot::RestoreError::Override(format!(
+                    "invalid --tap '{t}': fd:N needs a descriptor number"
+                )))
+            })?),
+            None => NetBackend::Tap(v),
+        };
+        Ok::<_, abide_vmm::Error>((slot, backend))
+    };
+    let o = abide_vmm::snapshot::Overrides {
         serial: a.serial.as_deref().map(parse_serial).transpose()?,
         disk_paths: a
             .disk_paths
             .iter()
             .map(|d| slot_pair("--disk-path", d).map(|(s, p)| (s, PathBuf::from(p))))
             .collect::<Result<_, _>>()?,
-        taps: a
-            .taps
-            .iter()
-            .map(|t| slot_pair("--tap", t))
-            .collect::<Result<_, _>>()?,
+        taps: a.taps.iter().map(tap).collect::<Result<_, _>>()?,
     };
     let api = a
         .api_socket
         .as_deref()
         .map(abide_vmm::api::Listener::bind)
         .transpose()?;
+    Ok((o, api))
+}
+
+fn receive(a: ReceiveArgs) -> Result<ExitReason, abide_vmm::Error> {
+    use abide_vmm::migration::{Endpoint, MigrationError, ReceiveOptions};
+    let at = a
+        .listen
+        .as_deref()
+        .map(|l| l.parse::<Endpoint>().map_err(MigrationError::Refused))
+        .transpose()?;
+    if at.is_none() && a.overrides.api_socket.is_none() {
+        return Err(MigrationError::Refused(
+            "give --listen tcp:ADDR:PORT|unix:PATH, or --api-socket to be told where by a receive request".into(),
+        )
+        .into());
+    }
+    let (overrides, api) = overrides(&a.overrides)?;
+    abide_vmm::control::receive(at, ReceiveOptions { overrides }, api)
+}
+
+fn restore(a: RestoreArgs, started: std::time::Instant) -> Result<ExitReason, abide_vmm::Error> {
+    let (overrides, api) = overrides(&a.overrides)?;
     let (vm, report) = abide_vmm::snapshot::restore(&a.snapshot, &overrides)?;
     if std::env::var_os("ABIDE_RESTORE_TIMINGS").is_some() {
         // ready_ms: from process start to just before the devices are
@@ -326,6 +406,18 @@ fn main() -> ExitCode {
             .and_then(abide_vmm::control::serve)
             .map(|()| ExitReason::Poweroff),
         Command::Snapshot(a) => snapshot(&a).map(|()| ExitReason::Poweroff),
+        Command::Receive(args) => receive(args),
+        Command::Migrate(a) => abide_vmm::migration::client::migrate(
+            &a.api_socket,
+            &json!({
+                "destination_url": a.to,
+                "max_downtime_ms": a.max_downtime_ms,
+                "max_bandwidth_mib_s": a.max_bandwidth,
+                "timeout_s": a.timeout,
+            }),
+            std::time::Duration::from_secs(a.timeout + 60),
+        )
+        .map(|()| ExitReason::Poweroff),
         Command::Ctl(a) => {
             let (method, path) = ctl_call(&a.request);
             client::call(&a.api_socket, method, path, None)
@@ -360,6 +452,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(ExitReason::Poweroff) => ExitCode::from(EXIT_POWEROFF as u8),
+        Ok(ExitReason::Migrated) => {
+            eprintln!("abide: the guest was migrated to another abide; exiting");
+            ExitCode::from(EXIT_POWEROFF as u8)
+        }
         Ok(ExitReason::Reset) => {
             eprintln!("abide: the guest reset the machine");
             ExitCode::from(EXIT_RESET as u8)

@@ -10,12 +10,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use abide_devices::pci::config::BarKind;
+use abide_devices::GuestMem;
 use abide_devices::{Bus, ExitSignal};
 use abide_machines::{BootLayout, LegacyDevices, MachineDescription, MemoryMap};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use crate::config::{KernelSource, SerialConfig, VmConfig};
 use crate::devices_config::NetBackend;
@@ -276,7 +277,7 @@ impl DetachedPlatform {
         let mmio = Arc::new(Bus::new());
         let exit = ExitSignal::new().map_err(Error::EventFd)?;
         let pci = PciPlatform::new(machine, &pio, &mmio, &exit)?;
-        let scratch = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4096)]).map_err(|e| {
+        let scratch = GuestMem::from_ranges(&[(GuestAddress(0), 4096)]).map_err(|e| {
             Error::Memory(crate::memory::MemoryError::Map {
                 addr: 0,
                 size: 4096,

@@ -6,13 +6,14 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
+use abide_devices::GuestMem;
 use abide_machines::MachineDescription;
-use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap,
-};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
 
 /// Errors setting up guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,15 @@ pub enum MemoryError {
         /// Why.
         reason: String,
     },
+    /// KVM's dirty log could not be read.
+    #[error("cannot read KVM's dirty page log of memory slot {slot}")]
+    DirtyLog {
+        /// Slot number.
+        slot: u32,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     /// KVM refused a memory slot.
     #[error("KVM refused guest memory slot {slot}")]
     Slot {
@@ -51,7 +61,7 @@ pub enum MemoryError {
 #[derive(Debug)]
 pub struct GuestRam {
     /// The mapped memory.
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestMem,
     /// Size in bytes.
     pub size: u64,
     /// The memfd backing all of RAM, ranges laid out back to back.
@@ -95,6 +105,12 @@ fn data_extents(file: &File, start: u64, len: u64) -> Vec<(u64, u64)> {
         pos = hole;
     }
     out
+}
+
+/// The dirty bitmap of a region's whole mapping (vm-memory's
+/// `GuestMemoryRegion::bitmap` gives a slice view without these methods).
+fn own_bitmap(region: &GuestRegionMmap) -> &AtomicBitmap {
+    std::ops::Deref::deref(region).bitmap()
 }
 
 fn memfd(size: u64) -> Result<File, MemoryError> {
@@ -149,7 +165,7 @@ impl GuestRam {
         for r in &regions {
             advise_huge(r);
         }
-        let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map {
+        let mem = GuestMem::from_regions(regions).map_err(|e| MemoryError::Map {
             addr: 0,
             size,
             reason: e.to_string(),
@@ -199,8 +215,78 @@ impl GuestRam {
         out
     }
 
+    /// Makes the 4 KiB page at `gpa` read as zeros by punching it out of
+    /// the memfd: a page that was never written stays unallocated. (For
+    /// fresh RAM only: pages mapped from a snapshot file are not the
+    /// memfd's.)
+    pub fn zero_page(&self, gpa: u64) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let region = self
+            .mem
+            .find_region(GuestAddress(gpa))
+            .filter(|r| gpa + 4096 <= r.start_addr().0 + r.len())
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        let fo = region
+            .file_offset()
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::Unsupported))?;
+        let at = fo.start() + (gpa - region.start_addr().0);
+        // SAFETY: fallocate on a descriptor we own; the range lies within
+        // the memfd (checked above); no memory is passed.
+        let r = unsafe {
+            libc::fallocate(
+                fo.file().as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                at as libc::off_t,
+                4096,
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Registers every region with KVM as a memory slot.
     pub fn register(&self, vm: &VmFd) -> Result<(), MemoryError> {
+        self.set_slots(vm, 0)
+    }
+
+    /// Turns KVM's dirty page logging on or off for every memory slot.
+    /// Turning it on also clears the dirty bitmaps of Abide's own writes,
+    /// so both start from now.
+    pub fn set_dirty_logging(&self, vm: &VmFd, on: bool) -> Result<(), MemoryError> {
+        let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+        self.set_slots(vm, flags)?;
+        if on {
+            for r in self.mem.iter() {
+                own_bitmap(r).reset();
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes (and clears) the pages written since the last call, per RAM
+    /// region in slot order: KVM's dirty log (guest writes) merged with the
+    /// regions' dirty bitmaps (writes Abide's device threads made through
+    /// vm-memory). One bit per 4 KiB page, from the region's start.
+    pub fn take_dirty(&self, vm: &VmFd) -> Result<Vec<Vec<u64>>, MemoryError> {
+        let mut out = Vec::new();
+        for (slot, region) in self.mem.iter().enumerate() {
+            let slot = slot as u32;
+            let mut bits = vm
+                .get_dirty_log(slot, region.len() as usize)
+                .map_err(|source| MemoryError::DirtyLog { slot, source })?;
+            let ours = own_bitmap(region).get_and_reset();
+            bits.resize(bits.len().max(ours.len()), 0);
+            for (b, o) in bits.iter_mut().zip(ours) {
+                *b |= o;
+            }
+            out.push(bits);
+        }
+        Ok(out)
+    }
+
+    fn set_slots(&self, vm: &VmFd, flags: u32) -> Result<(), MemoryError> {
         for (slot, region) in self.mem.iter().enumerate() {
             let slot = slot as u32;
             let host = region
@@ -212,13 +298,14 @@ impl GuestRam {
                 })?;
             let desc = kvm_userspace_memory_region {
                 slot,
-                flags: 0,
+                flags,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host as u64,
             };
             // SAFETY: the region is a live mapping owned by `self.mem`, which
-            // outlives the VM (the VM is dropped before its memory).
+            // outlives the VM (the VM is dropped before its memory); only
+            // the flags change when a slot is registered again.
             unsafe { vm.set_user_memory_region(desc) }
                 .map_err(|source| MemoryError::Slot { slot, source })?;
         }

@@ -13,9 +13,9 @@ use abide_devices::legacy::IrqLine;
 use abide_devices::pci::PciFunction;
 use abide_devices::virtio::pci::{NotifyRegistrar, VirtioPci, VirtioPciParams};
 use abide_devices::virtio::VirtioDevice;
+use abide_devices::GuestMem;
 use abide_machines::{MachineDescription, VirtioModel};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backends::Backends;
@@ -79,8 +79,14 @@ pub enum VirtioSetupError {
     },
 }
 
+/// A NIC's host side: a second handle on its tap and the guest's MAC, for
+/// frames the VMM sends itself (the announcement after a migration).
+pub type NetPort = (Tap, [u8; 6]);
+
 /// Creates every device the user asked for and attaches it at its slot.
-pub fn attach_all(ctx: &VirtioAttach<'_>, b: Backends) -> Result<(), crate::Error> {
+/// Returns the taps of the network cards.
+pub fn attach_all(ctx: &VirtioAttach<'_>, b: Backends) -> Result<Vec<NetPort>, crate::Error> {
+    let mut ports = Vec::new();
     let models = &ctx.machine.virtio;
     for (i, d) in b.disks.into_iter().enumerate() {
         let name = format!("virtio-blk #{i} ({})", d.config.path.display());
@@ -109,6 +115,11 @@ pub fn attach_all(ctx: &VirtioAttach<'_>, b: Backends) -> Result<(), crate::Erro
                 name: name.clone(),
                 source,
             })?;
+            let port = tap.try_clone().map_err(|source| VirtioSetupError::Tap {
+                name: name.clone(),
+                source,
+            })?;
+            ports.push((port, n.mac));
             net_device(ctx, &name, tap, n.mac)?
         } else {
             let detached = Detached::new().map_err(|source| VirtioSetupError::Tap {
@@ -131,7 +142,7 @@ pub fn attach_all(ctx: &VirtioAttach<'_>, b: Backends) -> Result<(), crate::Erro
             None,
         )?;
     }
-    Ok(())
+    Ok(ports)
 }
 
 fn net_device<B: abide_devices::virtio::net::NetBackend>(
@@ -270,7 +281,7 @@ pub struct VirtioAttach<'a> {
     /// Interrupt and notification wiring.
     pub wiring: &'a dyn Wiring,
     /// Guest memory.
-    pub mem: &'a GuestMemoryMmap,
+    pub mem: &'a GuestMem,
     /// Bus 0.
     pub pci: &'a PciPlatform,
 }

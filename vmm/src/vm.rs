@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 
 use abide_devices::{Bus, ExitReason, ExitSignal};
 use abide_firmware::boot::{self, BootSource};
@@ -44,15 +44,24 @@ pub struct Vm {
     pub(crate) legacy: LegacyDevices,
     pub(crate) pci: PciPlatform,
     _resampler: Resampler,
-    exit: ExitSignal,
+    pub(crate) exit: ExitSignal,
     serial_is_console: bool,
     /// Devices were restored from a snapshot and wait to be resumed.
     pub(crate) restored: bool,
+    /// Second handles on the disk images, to flush them before a
+    /// migration's switch-over.
+    pub(crate) disk_files: Vec<File>,
+    /// The NICs' taps and MACs (for announcements after a migration).
+    net_ports: Vec<crate::virtio::NetPort>,
+    /// Called once the vCPU threads run (a received migration's answer to
+    /// its source).
+    on_start: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 /// A VM whose vCPU threads exist: running, or parked by a pause.
 pub(crate) struct Started {
-    pub(crate) vcpus: Vcpus,
+    /// Shared with an outgoing migration's thread.
+    pub(crate) vcpus: Arc<Mutex<Vcpus>>,
     errors: mpsc::Receiver<vcpu::VcpuError>,
     _console: Option<console::Console>,
 }
@@ -165,6 +174,16 @@ impl Vm {
             });
         }
         let backends = crate::backends::open(&machine, cfg)?;
+        let disk_files = backends
+            .disks
+            .iter()
+            .map(|d| d.file.try_clone())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| Error::OpenFile {
+                what: "disk image",
+                path: std::path::PathBuf::from("(duplicate handle)"),
+                source,
+            })?;
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
         vm.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("set the TSS address"))?;
@@ -212,7 +231,7 @@ impl Vm {
         let router = GsiRouter::new(vm.clone(), max_gsi, &machine.irqchip)?;
         let resampler = Resampler::new().map_err(Error::Resampler)?;
         legacy::wire_sci(&vm, &resampler, &machine, &legacy.pm)?;
-        crate::virtio::attach_all(
+        let net_ports = crate::virtio::attach_all(
             &crate::virtio::VirtioAttach {
                 machine: &machine,
                 wiring: &crate::virtio::KvmWiring {
@@ -272,7 +291,20 @@ impl Vm {
             exit,
             serial_is_console: cfg.serial == SerialConfig::Stdio,
             restored: false,
+            disk_files,
+            net_ports,
+            on_start: None,
         })
+    }
+
+    /// Calls `f` once the vCPU threads run.
+    pub fn on_start(&mut self, f: Box<dyn FnOnce() + Send + Sync>) {
+        self.on_start = Some(f);
+    }
+
+    /// Takes the NICs' taps and MACs.
+    pub fn take_net_ports(&mut self) -> Vec<crate::virtio::NetPort> {
+        std::mem::take(&mut self.net_ports)
     }
 
     /// Pauses the vCPUs, then the device workers: afterwards nothing
@@ -355,8 +387,11 @@ impl Vm {
             Vcpus::start(vcpus, self.exit.clone(), tx)
         }
         .map_err(Error::Thread)?;
+        if let Some(f) = self.on_start.take() {
+            f();
+        }
         Ok(Started {
-            vcpus,
+            vcpus: Arc::new(Mutex::new(vcpus)),
             errors: rx,
             _console: console,
         })
@@ -368,7 +403,11 @@ impl Vm {
     /// threads leave from where they are parked, so nothing runs past a
     /// snapshot taken before.
     pub(crate) fn finish(&self, started: Started) -> Result<ExitReason, Error> {
-        started.vcpus.stop();
+        started
+            .vcpus
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stop_all();
         if let Ok(e) = started.errors.try_recv() {
             return Err(Error::Vcpu(e));
         }

@@ -15,8 +15,8 @@ mod worker;
 
 use std::sync::Arc;
 
+use crate::GuestMem;
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use abide_machines::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
@@ -75,7 +75,7 @@ pub struct ActiveQueue {
 /// What a device gets when the driver sets DRIVER_OK.
 pub struct Activation {
     /// Guest memory.
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestMem,
     /// Features both sides agreed on.
     pub features: u64,
     /// The enabled queues.

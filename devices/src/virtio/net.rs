@@ -23,9 +23,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
+use crate::GuestMem;
 use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::DescriptorChain;
-use vm_memory::GuestMemoryMmap;
 
 use super::worker::{
     collect_chain, take_queues, total_len, Handler, SegCursor, Unusable, WorkerQueue, WorkerSlot,
@@ -182,6 +182,14 @@ impl Tap {
     pub unsafe fn from_raw_fd(fd: RawFd) -> io::Result<Self> {
         // SAFETY: the caller hands over ownership of an open descriptor.
         Self::from_fd(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// A second handle on the same tap queue (a duplicated descriptor),
+    /// e.g. for the VMM to send frames of its own on the guest's port.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            file: self.file.try_clone()?,
+        })
     }
 
     /// The interface name.
@@ -442,7 +450,7 @@ enum RxStop {
 
 /// The network device's worker.
 struct NetWorker<B> {
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     rx: WorkerQueue,
     tx: WorkerQueue,
     backend: Arc<B>,
@@ -459,8 +467,8 @@ struct NetWorker<B> {
 /// Copies a received frame into a receive chain; returns the used length
 /// (0 when the chain is malformed or too small: the frame is dropped).
 fn deliver(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMem,
+    chain: DescriptorChain<&GuestMem>,
     frame: &[u8],
     max: usize,
 ) -> Result<u32, Unusable> {
@@ -485,10 +493,10 @@ fn deliver(
 /// Sends the frame of one transmit chain; returns the used length (0).
 /// Frames sent count as bytes taken; dropped ones as errors.
 fn transmit<B: NetBackend>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     backend: &B,
     buf: &mut [u8],
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    chain: DescriptorChain<&GuestMem>,
     max: usize,
     metrics: &super::metrics::DeviceMetrics,
 ) -> Result<u32, Unusable> {
@@ -681,7 +689,7 @@ mod tests {
         tx: Driver<'m>,
     }
 
-    fn rig<'m>(n: &Net<Tap>, mem: &'m GuestMemoryMmap) -> Rig<'m> {
+    fn rig<'m>(n: &Net<Tap>, mem: &'m GuestMem) -> Rig<'m> {
         let rx = Driver::new(mem, RXQ, QSIZE);
         let tx = Driver::new(mem, TXQ, QSIZE);
         let (irq, i) = test_irq();

@@ -8,9 +8,9 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::GuestMem;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::legacy::IrqLine;
@@ -80,7 +80,7 @@ pub struct VirtioPciParams {
     /// INTx line (of `intx_pin`), used while MSI-X is disabled.
     pub intx: Option<IrqLine>,
     /// Guest memory.
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestMem,
     /// Expansion ROM: slot size and image (image no larger than the slot).
     pub rom: Option<(u64, Vec<u8>)>,
     /// ioeventfd registration for notifications (None: notifications go
@@ -150,7 +150,7 @@ pub struct VirtioPci {
     config: PciConfig,
     layout: VirtioPciLayout,
     device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     irq: Arc<Interrupts>,
     queues: Vec<Queue>,
     kicks: Vec<EventFd>,
@@ -1182,7 +1182,7 @@ pub(crate) mod testutil {
 
     /// The transport parameters of the tests: 3 MSI-X vectors delivered by
     /// `msi`, INTA#, [`layout`].
-    pub(crate) fn params(mem: GuestMemoryMmap, msi: Arc<dyn MsiController>) -> VirtioPciParams {
+    pub(crate) fn params(mem: GuestMem, msi: Arc<dyn MsiController>) -> VirtioPciParams {
         VirtioPciParams {
             ids: PciIds {
                 vendor: 0x1af4,
@@ -1206,7 +1206,7 @@ pub(crate) mod testutil {
     /// `device` behind a transport with [`params`].
     pub(crate) fn transport(
         device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         msi: Arc<dyn MsiController>,
     ) -> VirtioPci {
         VirtioPci::new(device, params(mem, msi)).expect("transport")
@@ -1378,7 +1378,7 @@ mod tests {
 
     fn device_with(msi: Arc<dyn MsiController>) -> (VirtioPci, Arc<Counters>) {
         let c = Arc::new(Counters::default());
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mem");
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mem");
         let dev = transport(
             Box::new(Dummy {
                 c: c.clone(),
@@ -1433,7 +1433,7 @@ mod tests {
 
     /// Builds the Dummy behind a transport whose parameters `edit` changed.
     fn built_with(edit: impl FnOnce(&mut VirtioPciParams)) -> Result<VirtioPci, VirtioPciError> {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mem");
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mem");
         let mut p = params(mem, Arc::new(NoMsi));
         edit(&mut p);
         let dummy = Dummy {

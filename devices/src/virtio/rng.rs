@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
+
+use crate::GuestMem;
 
 use super::worker::{collect_chain, take_queues, Handler, Unusable, WorkerQueue, WorkerSlot};
 use super::{
@@ -157,7 +159,7 @@ fn getrandom(buf: &mut [u8]) -> io::Result<()> {
 
 /// The entropy device's worker.
 struct RngWorker {
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     queue: WorkerQueue,
     irq: Arc<dyn VirtioInterrupt>,
     scratch: Vec<u8>,
@@ -165,9 +167,9 @@ struct RngWorker {
 
 /// Fills one chain; returns the bytes written.
 fn fill(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     scratch: &mut [u8],
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    chain: DescriptorChain<&GuestMem>,
     max: usize,
 ) -> Result<u32, Unusable> {
     let segs = collect_chain(chain, max)?;
@@ -231,7 +233,7 @@ mod tests {
     const QBASE: u64 = 0x1000;
     const BUF: u64 = 0x10_0000;
 
-    fn worker(r: &Rng, mem: &GuestMemoryMmap, d: &Driver) -> (RngWorker, Arc<TestInterrupt>) {
+    fn worker(r: &Rng, mem: &GuestMem, d: &Driver) -> (RngWorker, Arc<TestInterrupt>) {
         let (t, irq) = test_irq();
         let w = r
             .worker_for(Activation {
@@ -244,7 +246,7 @@ mod tests {
         (w, t)
     }
 
-    fn nonzero(mem: &GuestMemoryMmap, addr: u64, len: usize) -> bool {
+    fn nonzero(mem: &GuestMem, addr: u64, len: usize) -> bool {
         let mut b = vec![0u8; len];
         mem.read_slice(&mut b, GuestAddress(addr)).expect("read");
         // 64 random bytes all zero: probability 2^-512.

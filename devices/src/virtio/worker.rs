@@ -22,12 +22,11 @@ use event_manager::{
     EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
 };
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap,
-};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateError, ActiveQueue, QueueProgress, VirtioInterrupt};
+use crate::GuestMem;
 
 /// Device work running on a [`Worker`] thread.
 pub(crate) trait Handler: Send + 'static {
@@ -332,14 +331,14 @@ pub(crate) struct Segment {
 
 impl Segment {
     /// Whether the whole segment lies in guest RAM.
-    pub(crate) fn in_memory(&self, mem: &GuestMemoryMmap) -> bool {
+    pub(crate) fn in_memory(&self, mem: &GuestMem) -> bool {
         GuestMemoryBackend::check_range(mem, self.addr, self.len as usize)
     }
 
     /// Whether the device can use the segment in the direction it needs:
     /// device-writable exactly when `device_writes`, not empty, and wholly
     /// in guest RAM.
-    pub(crate) fn usable(&self, mem: &GuestMemoryMmap, device_writes: bool) -> bool {
+    pub(crate) fn usable(&self, mem: &GuestMem, device_writes: bool) -> bool {
         self.writable == device_writes && self.len != 0 && self.in_memory(mem)
     }
 }
@@ -350,7 +349,7 @@ impl Segment {
 /// the table, an unreadable descriptor or a bad indirect table. Buffer
 /// addresses are not checked here.
 pub(crate) fn collect_chain(
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    chain: DescriptorChain<&GuestMem>,
     max: usize,
 ) -> Result<Vec<Segment>, Unusable> {
     let mut segs = Vec::new();
@@ -431,7 +430,7 @@ impl<'a> SegCursor<'a> {
     /// copied (less than `buf.len()` when the segments run out).
     pub(crate) fn write_from(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMem,
         buf: &[u8],
     ) -> Result<usize, GuestMemoryError> {
         let mut done = 0;
@@ -449,7 +448,7 @@ impl<'a> SegCursor<'a> {
     /// copied (less than `buf.len()` when the segments run out).
     pub(crate) fn read_into(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMem,
         buf: &mut [u8],
     ) -> Result<usize, GuestMemoryError> {
         let mut done = 0;
@@ -507,7 +506,7 @@ impl WorkerQueue {
     }
 
     /// Whether the driver has made buffers available that were not taken.
-    pub(crate) fn has_available(&self, mem: &GuestMemoryMmap) -> Result<bool, Unusable> {
+    pub(crate) fn has_available(&self, mem: &GuestMem) -> Result<bool, Unusable> {
         let avail = self
             .queue
             .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
@@ -520,8 +519,8 @@ impl WorkerQueue {
     /// impossible (more entries than the queue holds).
     pub(crate) fn pop<'m>(
         &mut self,
-        mem: &'m GuestMemoryMmap,
-    ) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, Unusable> {
+        mem: &'m GuestMem,
+    ) -> Result<Option<DescriptorChain<&'m GuestMem>>, Unusable> {
         if self.broken {
             return Err(Unusable);
         }
@@ -534,12 +533,7 @@ impl WorkerQueue {
     }
 
     /// Returns chain `head` to the driver with `len` bytes written.
-    pub(crate) fn add_used(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        head: u16,
-        len: u32,
-    ) -> Result<(), Unusable> {
+    pub(crate) fn add_used(&mut self, mem: &GuestMem, head: u16, len: u32) -> Result<(), Unusable> {
         self.queue.add_used(mem, head, len).map_err(|_| Unusable)?;
         self.pending_used = true;
         Ok(())
@@ -555,7 +549,7 @@ impl WorkerQueue {
 
     /// Interrupts the driver if used entries were added (and, with
     /// EVENT_IDX, the driver asked for it).
-    pub(crate) fn notify(&mut self, mem: &GuestMemoryMmap, irq: &dyn VirtioInterrupt) {
+    pub(crate) fn notify(&mut self, mem: &GuestMem, irq: &dyn VirtioInterrupt) {
         if !self.pending_used {
             return;
         }
@@ -567,7 +561,7 @@ impl WorkerQueue {
 
     /// Re-arms driver notifications once the queue looks empty. Returns
     /// whether more chains arrived meanwhile.
-    pub(crate) fn rearm(&mut self, mem: &GuestMemoryMmap) -> Result<bool, Unusable> {
+    pub(crate) fn rearm(&mut self, mem: &GuestMem) -> Result<bool, Unusable> {
         if self.queue.event_idx_enabled() {
             self.queue.enable_notification(mem).map_err(|_| Unusable)
         } else {
@@ -582,12 +576,12 @@ impl WorkerQueue {
     /// particular). Any [`Unusable`] gives up on the queue.
     pub(crate) fn drain<F>(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMem,
         irq: &dyn VirtioInterrupt,
         budget: usize,
         mut handle: F,
     ) where
-        F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> Result<u32, Unusable>,
+        F: FnMut(DescriptorChain<&GuestMem>) -> Result<u32, Unusable>,
     {
         let mut done = 0;
         let (mut completed, mut bytes) = (0u64, 0u64);
@@ -711,11 +705,12 @@ pub(crate) mod testutil {
     use std::sync::atomic::Ordering;
     use std::time::{Duration, Instant};
 
+    use crate::GuestMem;
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueT};
-    use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Address, Bytes, GuestAddress};
     use vmm_sys_util::eventfd::EventFd;
 
     use crate::virtio::ActiveQueue;
@@ -726,8 +721,8 @@ pub(crate) mod testutil {
     /// Guest RAM size for tests.
     pub(crate) const RAM: u64 = 0x40_0000;
 
-    pub(crate) fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).expect("guest memory")
+    pub(crate) fn memory() -> GuestMem {
+        GuestMem::from_ranges(&[(GuestAddress(0), RAM as usize)]).expect("guest memory")
     }
 
     /// A driver's view of one queue at `base`.
@@ -737,15 +732,15 @@ pub(crate) mod testutil {
     /// `size` bytes rather than `2 * size` bytes after the available ring
     /// start, overlapping the end of the available ring.
     pub(crate) struct Driver<'m> {
-        pub mock: MockSplitQueue<'m, GuestMemoryMmap>,
-        pub mem: &'m GuestMemoryMmap,
+        pub mock: MockSplitQueue<'m, GuestMem>,
+        pub mem: &'m GuestMem,
         pub size: u16,
         used_addr: GuestAddress,
         next_desc: u16,
     }
 
     impl<'m> Driver<'m> {
-        pub(crate) fn new(mem: &'m GuestMemoryMmap, base: u64, size: u16) -> Self {
+        pub(crate) fn new(mem: &'m GuestMem, base: u64, size: u16) -> Self {
             let mock = MockSplitQueue::create(mem, GuestAddress(base), size);
             let avail_end = mock.avail_addr().raw_value() + 6 + 2 * u64::from(size);
             let used_addr = GuestAddress((avail_end + 3) & !3);
@@ -897,7 +892,7 @@ mod tests {
 
     /// Takes one queue's chains, counting them.
     struct QueueCounter {
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         queue: WorkerQueue,
         irq: Arc<dyn VirtioInterrupt>,
     }

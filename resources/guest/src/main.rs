@@ -60,8 +60,12 @@ struct Args {
     /// Workload buffer size in bytes (`buf-kib=`).
     buf_len: u64,
     progress: bool,
+    /// Rewrite the whole workload buffer every round (`dirty`).
+    dirty: bool,
     spin: bool,
     power_button: bool,
+    /// Period of the `spin` ticker (`tick-us=`).
+    tick_us: u64,
     quiet: bool,
     fingerprint: bool,
     dev: drivers::DriverArgs,
@@ -93,8 +97,10 @@ fn parse_args(cmdline: &[u8]) -> Args {
         rounds: user::DEFAULT_ROUNDS,
         buf_len: user::BUFFER_SIZE,
         progress: false,
+        dirty: false,
         spin: false,
         power_button: false,
+        tick_us: SPIN_PERIOD_US,
         quiet: false,
         fingerprint: false,
         dev: drivers::DriverArgs {
@@ -153,6 +159,10 @@ fn parse_args(cmdline: &[u8]) -> Args {
                 a.power_button = true;
                 true
             }
+            b"dirty" => {
+                a.dirty = true;
+                true
+            }
             b"pci" => {
                 a.dev.pci = true;
                 true
@@ -185,6 +195,10 @@ fn parse_args(cmdline: &[u8]) -> Args {
                     a.dev.blk = true;
                     a.dev.blk_read = Some(n)
                 })
+                .is_some(),
+            _ if tok.starts_with(b"tick-us=") => parse_dec(&tok[8..])
+                .filter(|n| (1_000..=10_000_000).contains(n))
+                .map(|n| a.tick_us = n)
                 .is_some(),
             _ if tok.starts_with(b"blk-loop=") => parse_dec(&tok[9..])
                 .map(|n| {
@@ -367,7 +381,7 @@ extern "C" fn kmain(start_info: u32) -> ! {
         .or_else(|| user_buffer(bi, args.buf_len).map(|b| (b, args.buf_len)));
     match ubuf {
         Some((buf, _)) => {
-            user::run(args.rounds, buf, args.buf_len, args.progress);
+            user::run(args.rounds, buf, args.buf_len, args.progress, args.dirty);
         }
         None => error("no-user-buffer"),
     }
@@ -412,7 +426,7 @@ extern "C" fn kmain(start_info: u32) -> ! {
     }
 
     if args.spin {
-        user::spin(SPIN_PERIOD_US);
+        user::spin(args.tick_us);
     }
     if args.power_button {
         power::wait_power_button();

@@ -20,6 +20,8 @@ struct UserArgs {
     len: u64,
     /// Print a `progress` line after every round.
     progress: u64,
+    /// Rewrite the whole buffer at the start of every round.
+    dirty: u64,
 }
 
 #[repr(C, align(16))]
@@ -30,17 +32,21 @@ static ARGS: Global<UserArgs> = Global::new(UserArgs {
     buf: 0,
     len: 0,
     progress: 0,
+    dirty: 0,
 });
 
 /// Run the checksum workload in ring 3 over `[buf, buf+len)`; returns the
 /// checksum the workload exited with. With `progress`, a line per round:
 /// `guest: progress round=<r> sum=0x<16 hex>` (the running checksum).
-pub fn run(rounds: u64, buf: u64, len: u64, progress: bool) -> u64 {
+/// With `dirty`, every round first rewrites the whole buffer (the xorshift
+/// stream continues), so the guest dirties `len` bytes per round.
+pub fn run(rounds: u64, buf: u64, len: u64, progress: bool, dirty: bool) -> u64 {
     let a = ARGS.get();
     a.rounds = rounds;
     a.buf = buf;
     a.len = len;
     a.progress = progress as u64;
+    a.dirty = dirty as u64;
     let st = USTACK.get();
     // Entered like a call: rsp % 16 == 8 at the first instruction.
     let top = st.0.as_ptr() as u64 + st.0.len() as u64 - 8;
@@ -165,6 +171,14 @@ extern "C" fn user_main(argp: u64) -> ! {
     // differ, and the round hashes are folded into the checksum.
     let mut sum: u64 = 0;
     for r in 0..a.rounds {
+        if a.dirty != 0 {
+            for i in 0..words {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                unsafe { p.add(i).write(x) };
+            }
+        }
         let mut h = FNV_OFFSET ^ r;
         for i in 0..words {
             h ^= unsafe { p.add(i).read() };

@@ -109,6 +109,91 @@ pub fn call(
     Err(ApiError::Refused(format!("{} ({})", msg, r.status)))
 }
 
+/// A subscription to `GET /api/v1/events` (new events only): one JSON
+/// event per [`EventStream::next_event`].
+#[derive(Debug)]
+pub struct EventStream {
+    reader: std::io::BufReader<UnixStream>,
+    chunked: bool,
+    lines: std::collections::VecDeque<String>,
+}
+
+impl EventStream {
+    /// Subscribes; returns once abide has answered, so every event
+    /// published afterwards arrives. `timeout` bounds each read.
+    pub fn open(socket: &Path, timeout: std::time::Duration) -> Result<Self, ApiError> {
+        use std::io::BufRead;
+        let err = io_err(socket);
+        let mut s = UnixStream::connect(socket).map_err(&err)?;
+        s.set_read_timeout(Some(timeout)).map_err(&err)?;
+        s.write_all(b"GET /api/v1/events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .map_err(&err)?;
+        let mut reader = std::io::BufReader::new(s);
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).map_err(&err)? == 0 {
+                return Err(err(invalid(
+                    "the event stream closed before its headers".into(),
+                )));
+            }
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(ApiError::Refused(format!(
+                "the event stream was refused: {}",
+                head.lines().next().unwrap_or("")
+            )));
+        }
+        let chunked = head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked");
+        Ok(Self {
+            reader,
+            chunked,
+            lines: Default::default(),
+        })
+    }
+
+    /// The next event; None when the stream ended (abide stopped).
+    pub fn next_event(&mut self) -> Result<Option<Value>, ApiError> {
+        use std::io::BufRead;
+        let closed = |e: std::io::Error| ApiError::Refused(format!("the event stream failed: {e}"));
+        while self.lines.is_empty() {
+            let mut data = Vec::new();
+            if self.chunked {
+                let mut size = String::new();
+                if self.reader.read_line(&mut size).map_err(closed)? == 0 {
+                    return Ok(None);
+                }
+                let n = usize::from_str_radix(size.trim(), 16)
+                    .map_err(|_| closed(invalid(format!("bad chunk size {size:?}"))))?;
+                if n == 0 {
+                    return Ok(None);
+                }
+                data.resize(n + 2, 0);
+                self.reader.read_exact(&mut data).map_err(closed)?;
+                data.truncate(n);
+            } else if self.reader.read_until(b'\n', &mut data).map_err(closed)? == 0 {
+                return Ok(None);
+            }
+            self.lines.extend(
+                String::from_utf8_lossy(&data)
+                    .lines()
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_string),
+            );
+        }
+        let line = self.lines.pop_front().unwrap_or_default();
+        serde_json::from_str(&line)
+            .map(Some)
+            .map_err(|e| ApiError::Refused(format!("unreadable event ({e}): {line}")))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

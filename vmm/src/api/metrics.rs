@@ -51,7 +51,7 @@ pub fn json(shared: &Shared) -> Option<Value> {
         "vcpus": vcpus,
         "devices": devices,
         "snapshot": figures,
-        "migration": {"supported": false},
+        "migration": shared.migration_json(),
         "api": shared.api.to_json(),
     }))
 }

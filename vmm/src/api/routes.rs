@@ -88,23 +88,39 @@ pub struct RestoreBody {
     pub resume: bool,
 }
 
-/// The migration endpoints' body (reserved until migration is built).
+/// `vm.send-migration`'s body (as `abide migrate`'s flags).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct MigrationBody {
+pub struct SendMigrationBody {
+    /// The destination: `tcp:HOST:PORT` or `unix:PATH` (an `abide receive`).
+    pub destination_url: String,
+    /// Longest acceptable pause of the guest (default 300 ms).
     #[serde(default)]
-    #[allow(dead_code)]
-    destination_url: Option<String>,
+    pub max_downtime_ms: Option<u64>,
+    /// Pre-copy bandwidth limit in MiB/s (default: none).
     #[serde(default)]
-    #[allow(dead_code)]
-    receiver_url: Option<String>,
+    pub max_bandwidth_mib_s: Option<u64>,
+    /// Bound on the whole migration in seconds (default 120).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
 }
 
-fn migration_body(body: &[u8]) -> Result<(), Reply> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(());
-    }
-    json_body::<MigrationBody>(body, &[]).map(|_| ())
+/// `vm.receive-migration`'s body: where to listen, and host-side overrides
+/// as for a restore.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiveMigrationBody {
+    /// Where to wait for the source: `tcp:ADDR:PORT` or `unix:PATH`.
+    pub listen_url: String,
+    /// COM1 output; default: the source's.
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// Other disk images.
+    #[serde(default)]
+    pub disk_paths: Vec<SlotPath>,
+    /// Other tap interfaces.
+    #[serde(default)]
+    pub taps: Vec<SlotTap>,
 }
 
 /// What a request asks for.
@@ -150,8 +166,12 @@ pub enum Op {
     PowerOff,
     /// Forget a created or shut down VM.
     Delete,
-    /// Migration endpoints (not implemented yet).
-    Migration(&'static str),
+    /// Migrate the VM to another abide.
+    SendMigration(Box<SendMigrationBody>),
+    /// Wait for a VM from another abide.
+    ReceiveMigration(Box<ReceiveMigrationBody>),
+    /// The migration's state and progress.
+    MigrationStatus,
 }
 
 impl Op {
@@ -166,7 +186,7 @@ impl Op {
                 | Op::Info
                 | Op::Manifest
                 | Op::Metrics { .. }
-                | Op::Migration(_)
+                | Op::MigrationStatus
         )
     }
 }
@@ -366,15 +386,11 @@ pub fn route(req: &Request) -> Result<Op, Reply> {
         "vm.power-button" => no_body(body).map(|()| Op::PowerButton)?,
         "vm.power-off" => no_body(body).map(|()| Op::PowerOff)?,
         "vm.delete" => no_body(body).map(|()| Op::Delete)?,
-        "vm.send-migration" => {
-            migration_body(body)?;
-            Op::Migration("vm.send-migration")
-        }
+        "vm.send-migration" => Op::SendMigration(Box::new(json_body(body, &[])?)),
         "vm.receive-migration" => {
-            migration_body(body)?;
-            Op::Migration("vm.receive-migration")
+            Op::ReceiveMigration(Box::new(json_body(body, &["disk_paths", "taps"])?))
         }
-        _ => no_body(body).map(|()| Op::Migration("vm.migration"))?,
+        _ => no_body(body).map(|()| Op::MigrationStatus)?,
     })
 }
 

@@ -630,10 +630,7 @@ impl Server {
                 Some(v) => Reply::ok(&v),
                 None => Reply::wrong_state(shared.state(), "there is no VM to measure"),
             },
-            Op::Migration(name) => Reply::error(
-                501,
-                format!("{name}: live migration is not available in this build of Abide yet"),
-            ),
+            Op::MigrationStatus => Reply::ok(&shared.migration_json()),
             _ => Reply::error(500, "internal error: not a read"),
         }
     }
@@ -719,6 +716,7 @@ fn manifest(shared: &Shared) -> Reply {
 
 /// `GET /api/v1/vm.info`.
 pub fn info(shared: &Shared) -> Value {
+    let migration = shared.migration_json();
     let s = shared.status();
     json!({
         "state": s.state.name(),
@@ -728,6 +726,7 @@ pub fn info(shared: &Shared) -> Value {
         "config": s.spec,
         "uptime_ms": s.uptime_ms(),
         "exit": s.exit,
+        "migration": migration,
     })
 }
 
@@ -743,6 +742,14 @@ impl std::fmt::Debug for Server {
 pub fn require(state: VmState, allowed: &[VmState], what: &str) -> Result<(), Reply> {
     if allowed.contains(&state) {
         return Ok(());
+    }
+    if state == VmState::Incoming {
+        return Err(Reply::wrong_state(
+            state,
+            format!(
+                "cannot {what}: no guest runs here yet, this abide waits for an incoming migration"
+            ),
+        ));
     }
     let names: Vec<&str> = allowed.iter().map(|s| s.name()).collect();
     Err(Reply::wrong_state(

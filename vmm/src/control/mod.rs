@@ -7,17 +7,23 @@
 //! the process's main thread: it waits on the VM's exit event and on
 //! requests from the API thread, and never on a client.
 
+mod migrate;
 mod ops;
 pub mod status;
 
+pub use migrate::receive;
+
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::Instant;
+
+use vmm_sys_util::eventfd::EventFd;
 
 use abide_devices::ExitReason;
 use serde_json::{json, Value};
 
 use crate::api::{Commands, Listener, ServerLimits};
+use crate::migration::incoming::Received;
 use crate::vm::{Started, Vm};
 use crate::Error;
 use status::{Shared, Sources, VmState};
@@ -35,8 +41,17 @@ enum Mode {
 struct Controller {
     mode: Mode,
     shared: Arc<Shared>,
-    vm: Option<Vm>,
+    /// Shared with an outgoing migration's thread while it runs.
+    vm: Option<Arc<Vm>>,
     started: Option<Started>,
+    /// The outgoing migration's thread.
+    migration: Option<std::thread::JoinHandle<()>>,
+    /// An incoming migration's result, once its thread is done.
+    incoming: Option<mpsc::Receiver<Received>>,
+    /// Signalled by the incoming migration's thread.
+    incoming_wake: Arc<EventFd>,
+    /// `abide receive`'s overrides, the defaults of `vm.receive-migration`.
+    receive_defaults: Option<crate::migration::ReceiveOptions>,
     /// How the VM ended (the exit status of `run`).
     outcome: Option<Result<ExitReason, Error>>,
     /// `vmm.shutdown` was requested.
@@ -68,6 +83,10 @@ impl Controller {
             shared: Shared::new().map_err(Error::EventFd)?,
             vm: None,
             started: None,
+            migration: None,
+            incoming: None,
+            incoming_wake: Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?),
+            receive_defaults: None,
             outcome: None,
             quit: false,
         })
@@ -119,7 +138,7 @@ impl Controller {
             s.running_since = None;
             s.ran_for = None;
         }
-        self.vm = Some(vm);
+        self.vm = Some(Arc::new(vm));
         Ok(())
     }
 
@@ -128,6 +147,10 @@ impl Controller {
         let Some(vm) = self.vm.as_mut() else {
             return Ok(());
         };
+        // Nothing else holds a VM that has not started.
+        let vm = Arc::get_mut(vm).ok_or_else(|| {
+            Error::Thread(std::io::Error::other("the VM is in use and cannot start"))
+        })?;
         self.started = Some(vm.start(paused)?);
         self.shared.status().running_since = Some(Instant::now());
         self.shared.set_state(if paused {
@@ -141,6 +164,8 @@ impl Controller {
     /// Stops the VM's vCPUs and records how it ended. `requested`: the
     /// API powered it off (otherwise the guest or a vCPU ended it).
     fn end_vm(&mut self, requested: Option<&str>) {
+        // An outgoing migration gives up first (before its commit).
+        self.join_migration();
         let (Some(vm), Some(started)) = (self.vm.as_ref(), self.started.take()) else {
             return;
         };
@@ -150,6 +175,9 @@ impl Controller {
             (_, Some(by)) => ("power-off", json!({"requested": by})),
             (Ok(ExitReason::Poweroff), None) => ("guest-poweroff", json!({})),
             (Ok(ExitReason::Reset), None) => ("guest-reset", json!({})),
+            (Ok(ExitReason::Migrated), None) => {
+                ("migrated", json!({"to": self.shared.migration.status().to}))
+            }
             (Err(Error::Vcpu(crate::vcpu::VcpuError::Shutdown { index, .. })), None) => {
                 ("guest-triple-fault", json!({"vcpu": index, "error": error}))
             }
@@ -189,11 +217,20 @@ impl Controller {
             if let Some(fd) = exit_fd {
                 fds.push(pollfd(fd));
             }
+            let incoming = self.incoming.is_some();
+            if incoming {
+                fds.push(pollfd(self.incoming_wake.as_raw_fd()));
+            }
             if fds.is_empty() {
                 return;
             }
             poll_readable(&mut fds);
-            if exit_fd.is_some() && fds.last().is_some_and(|f| f.revents != 0) {
+            if incoming && fds.last().is_some_and(|f| f.revents != 0) {
+                let _ = self.incoming_wake.read();
+                self.received();
+            }
+            let exit_at = commands.is_some() as usize;
+            if exit_fd.is_some() && fds[exit_at].revents != 0 {
                 self.end_vm(None);
             }
             if let Some(c) = commands {

@@ -62,6 +62,8 @@ impl Controller {
             Op::PowerButton => self.power_button(state),
             Op::PowerOff => self.power_off(state),
             Op::Delete => self.delete(state),
+            Op::SendMigration(body) => self.send_migration(state, &body),
+            Op::ReceiveMigration(body) => self.receive_migration(state, &body),
             Op::Shutdown => {
                 self.end_vm(Some("vmm.shutdown"));
                 self.quit = true;
@@ -95,13 +97,22 @@ impl Controller {
         info(&self.shared)
     }
 
-    /// The VM and its vCPUs, for requests that need them running or paused.
+    /// The VM and its vCPUs (locked), for requests that need them
+    /// running or paused.
     fn vcpus(
-        &mut self,
+        &self,
         state: VmState,
-    ) -> Result<(&crate::vm::Vm, &mut crate::vm::Started), Reply> {
-        match (self.vm.as_ref(), self.started.as_mut()) {
-            (Some(vm), Some(started)) => Ok((vm, started)),
+    ) -> Result<
+        (
+            &crate::vm::Vm,
+            std::sync::MutexGuard<'_, crate::vcpu::Vcpus>,
+        ),
+        Reply,
+    > {
+        match (self.vm.as_deref(), self.started.as_ref()) {
+            (Some(vm), Some(started)) => {
+                Ok((vm, started.vcpus.lock().unwrap_or_else(|e| e.into_inner())))
+            }
             _ => Err(Reply::wrong_state(state, "no vCPUs run")),
         }
     }
@@ -122,9 +133,9 @@ impl Controller {
 
     fn pause(&mut self, state: VmState) -> Result<Value, Reply> {
         require(state, &[VmState::Running], "pause")?;
-        let (vm, started) = self.vcpus(state)?;
+        let (vm, mut vcpus) = self.vcpus(state)?;
         let t = Instant::now();
-        vm.pause(&mut started.vcpus).map_err(|e| failure(&e))?;
+        vm.pause(&mut vcpus).map_err(|e| failure(&e))?;
         let pause_ms = crate::api::ms(t);
         self.shared.set_state(VmState::Paused);
         Ok(json!({"state": "paused", "pause_ms": pause_ms}))
@@ -132,16 +143,16 @@ impl Controller {
 
     fn resume(&mut self, state: VmState) -> Result<Value, Reply> {
         require(state, &[VmState::Paused], "resume")?;
-        let (vm, started) = self.vcpus(state)?;
-        vm.resume(&mut started.vcpus).map_err(|e| failure(&e))?;
+        let (vm, mut vcpus) = self.vcpus(state)?;
+        vm.resume(&mut vcpus).map_err(|e| failure(&e))?;
         self.shared.set_state(VmState::Running);
         Ok(json!({"state": "running"}))
     }
 
     fn snapshot(&mut self, state: VmState, path: &std::path::Path) -> Result<Value, Reply> {
         require(state, &[VmState::Running, VmState::Paused], "snapshot")?;
-        let (vm, started) = self.vcpus(state)?;
-        match crate::snapshot::save(vm, &mut started.vcpus, path) {
+        let (vm, mut vcpus) = self.vcpus(state)?;
+        match crate::snapshot::save(vm, &mut vcpus, path) {
             Ok(r) => {
                 let report = json!({
                     "path": path,
@@ -178,7 +189,16 @@ impl Controller {
                 .iter()
                 .map(|d| (d.slot, d.path.clone()))
                 .collect(),
-            taps: body.taps.iter().map(|t| (t.slot, t.tap.clone())).collect(),
+            taps: body
+                .taps
+                .iter()
+                .map(|t| {
+                    (
+                        t.slot,
+                        crate::devices_config::NetBackend::Tap(t.tap.clone()),
+                    )
+                })
+                .collect(),
         };
         let refused = |c: &mut Self, e: &Error| {
             c.shared.figures().restore_failures += 1;
@@ -222,7 +242,12 @@ impl Controller {
     fn power_off(&mut self, state: VmState) -> Result<Value, Reply> {
         require(
             state,
-            &[VmState::Created, VmState::Running, VmState::Paused],
+            &[
+                VmState::Created,
+                VmState::Running,
+                VmState::Paused,
+                VmState::Migrating,
+            ],
             "power off",
         )?;
         if self.started.is_some() {

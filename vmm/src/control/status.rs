@@ -30,6 +30,10 @@ pub enum VmState {
     Running,
     /// vCPUs and devices are stopped; the guest does not notice.
     Paused,
+    /// An outgoing live migration runs (the guest runs on meanwhile).
+    Migrating,
+    /// Waiting for an incoming live migration; no guest runs here yet.
+    Incoming,
     /// The guest powered off, reset, crashed, or was powered off.
     Shutdown,
 }
@@ -42,6 +46,8 @@ impl VmState {
             VmState::Created => "created",
             VmState::Running => "running",
             VmState::Paused => "paused",
+            VmState::Migrating => "migrating",
+            VmState::Incoming => "incoming",
             VmState::Shutdown => "shutdown",
         }
     }
@@ -180,6 +186,10 @@ pub struct Shared {
     pub figures: Mutex<Figures>,
     /// API counters.
     pub api: ApiCounters,
+    /// The outgoing migration (at most one at a time).
+    pub migration: crate::migration::Job,
+    /// What an incoming migration is doing (empty: none).
+    pub incoming: Arc<Mutex<String>>,
 }
 
 impl Shared {
@@ -192,6 +202,8 @@ impl Shared {
             wake,
             figures: Mutex::new(Figures::default()),
             api: ApiCounters::default(),
+            migration: crate::migration::Job::default(),
+            incoming: Arc::default(),
         }))
     }
 
@@ -217,6 +229,24 @@ impl Shared {
                 json!({"state": state.name(), "previous": previous.name()}),
             );
         }
+    }
+
+    /// The migration's status for the API: the outgoing one's state
+    /// (`none`, `active`, `migrated`, `failed`, `unconfirmed`), destination,
+    /// last pre-copy pass and error, and what an incoming one is doing.
+    pub fn migration_json(&self) -> Value {
+        let mut v = serde_json::to_value(self.migration.status()).unwrap_or(Value::Null);
+        let phase = self
+            .incoming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        v["incoming"] = if phase.is_empty() {
+            Value::Null
+        } else {
+            json!({ "phase": phase })
+        };
+        v
     }
 
     /// Locks the figures.

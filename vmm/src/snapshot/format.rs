@@ -32,13 +32,16 @@ use sha2::{Digest, Sha256};
 
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"ABIDESNP";
+/// Magic of a live-migration stream, which starts with the same header.
+pub const STREAM_MAGIC: &[u8; 8] = b"ABIDEMIG";
 /// Newest header format this build reads and writes.
 pub const FORMAT: u32 = 1;
 /// Alignment of page payloads in the file.
 pub const PAGE: u64 = 4096;
-const HASH_LEN: usize = 32;
+/// Length of a SHA-256 digest.
+pub const HASH_LEN: usize = 32;
 /// Refuse headers larger than this (a corrupt length must not allocate GiBs).
-const MAX_HEADER: usize = 64 << 20;
+pub const MAX_HEADER: usize = 64 << 20;
 /// Sections read into memory are at most this large; bigger ones (guest
 /// memory) are only ever mapped or streamed.
 const MAX_INLINE: u64 = 256 << 20;
@@ -132,6 +135,73 @@ pub struct Header {
     pub sections: Vec<SectionEntry>,
 }
 
+impl Header {
+    /// A header of this build for `machine`, with its manifest and host
+    /// configuration, and no sections yet.
+    pub fn new(machine: &str, manifest: Value, host: Value) -> Self {
+        Self {
+            format: FORMAT,
+            abide_version: env!("CARGO_PKG_VERSION").to_string(),
+            machine: machine.to_string(),
+            manifest,
+            host,
+            sections: Vec::new(),
+        }
+    }
+
+    /// The header as it starts a file or stream: `magic`, the JSON's
+    /// length (u32 LE), the JSON, and its SHA-256.
+    pub fn encode(&self, magic: &[u8; 8]) -> Result<Vec<u8>, SnapshotError> {
+        let json = serde_json::to_vec(self).map_err(|e| SnapshotError::Header(e.to_string()))?;
+        let mut out = Vec::with_capacity(json.len() + 44);
+        out.extend_from_slice(magic);
+        out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        out.extend_from_slice(&json);
+        out.extend_from_slice(&Sha256::digest(&json));
+        Ok(out)
+    }
+
+    /// Checks a header's JSON against its checksum and format, then parses
+    /// it. The format is checked before the full schema: a newer writer
+    /// may add fields.
+    pub fn decode(json: &[u8], hash: &[u8]) -> Result<Self, SnapshotError> {
+        if Sha256::digest(json).as_slice() != hash {
+            return Err(SnapshotError::HeaderChecksum);
+        }
+        let raw: Value =
+            serde_json::from_slice(json).map_err(|e| SnapshotError::Header(e.to_string()))?;
+        let format = raw["format"].as_u64().unwrap_or(0) as u32;
+        if format > FORMAT {
+            return Err(SnapshotError::NewerFormat {
+                found: format,
+                supported: FORMAT,
+            });
+        }
+        serde_json::from_value(raw).map_err(|e| SnapshotError::Header(e.to_string()))
+    }
+}
+
+/// Whether a reader that knows `known` (section name or prefix ending in
+/// '.', newest version) takes `entry`: `Ok(false)` for an optional section
+/// it does not know (skipped), an error for an unknown mandatory one or a
+/// version newer than it reads.
+pub fn accept_section(entry: &SectionEntry, known: &[(&str, u32)]) -> Result<bool, SnapshotError> {
+    let known_version = known
+        .iter()
+        .find(|(k, _)| *k == entry.name || (k.ends_with('.') && entry.name.starts_with(k)))
+        .map(|(_, v)| *v);
+    match known_version {
+        None if entry.optional => Ok(false),
+        None => Err(SnapshotError::UnknownSection(entry.name.clone())),
+        Some(v) if entry.version > v => Err(SnapshotError::NewerSection {
+            name: entry.name.clone(),
+            found: entry.version,
+            supported: v,
+        }),
+        Some(_) => Ok(true),
+    }
+}
+
 /// A section's contents.
 enum Payload<'a> {
     /// Serialized state.
@@ -181,14 +251,7 @@ impl<'a> Writer<'a> {
     /// A snapshot of `machine` with its manifest and host configuration.
     pub fn new(machine: &str, manifest: Value, host: Value) -> Self {
         Self {
-            header: Header {
-                format: FORMAT,
-                abide_version: env!("CARGO_PKG_VERSION").to_string(),
-                machine: machine.to_string(),
-                manifest,
-                host,
-                sections: Vec::new(),
-            },
+            header: Header::new(machine, manifest, host),
             payloads: Vec::new(),
         }
     }
@@ -216,10 +279,10 @@ impl<'a> Writer<'a> {
         self.push(name, version, false, Payload::Pages(pages));
     }
 
-    /// Lays out the file: fills in section offsets and returns the header
-    /// JSON. Offsets depend on the header's own length, so serialize with
-    /// provisional offsets until the length settles.
-    fn layout(&mut self) -> Result<Vec<u8>, SnapshotError> {
+    /// Lays out the file: fills in section offsets. Offsets depend on the
+    /// header's own length, so serialize with provisional offsets until the
+    /// length settles.
+    fn layout(&mut self) -> Result<(), SnapshotError> {
         let mut header_len = 0usize;
         loop {
             let mut offset = (MAGIC.len() + 4 + header_len + HASH_LEN) as u64;
@@ -233,7 +296,7 @@ impl<'a> Writer<'a> {
             let json = serde_json::to_vec(&self.header)
                 .map_err(|e| SnapshotError::Header(e.to_string()))?;
             if json.len() == header_len {
-                return Ok(json);
+                return Ok(());
             }
             header_len = json.len();
         }
@@ -241,12 +304,11 @@ impl<'a> Writer<'a> {
 
     /// Writes the whole file to `out`.
     pub fn write_into(mut self, out: &mut impl Write) -> Result<u64, SnapshotError> {
-        let json = self.layout()?;
-        out.write_all(MAGIC)?;
-        out.write_all(&(json.len() as u32).to_le_bytes())?;
-        out.write_all(&json)?;
-        out.write_all(&Sha256::digest(&json))?;
-        let mut pos = (MAGIC.len() + 4 + json.len() + HASH_LEN) as u64;
+        self.layout()?;
+        // The laid-out header serializes to the length the offsets assume.
+        let head = self.header.encode(MAGIC)?;
+        out.write_all(&head)?;
+        let mut pos = head.len() as u64;
         let zeros = [0u8; PAGE as usize];
         for (s, p) in self.header.sections.iter().zip(&self.payloads) {
             // Only page payloads are padded, by less than a page.
@@ -386,38 +448,11 @@ impl Snapshot {
         source
             .read_at(json_at + header_len as u64, &mut hash)
             .map_err(|_| SnapshotError::Truncated("header checksum missing".into()))?;
-        if Sha256::digest(&json).as_slice() != hash {
-            return Err(SnapshotError::HeaderChecksum);
-        }
-        // Check the format before the full schema: a newer writer may add fields.
-        let raw: Value =
-            serde_json::from_slice(&json).map_err(|e| SnapshotError::Header(e.to_string()))?;
-        let format = raw["format"].as_u64().unwrap_or(0) as u32;
-        if format > FORMAT {
-            return Err(SnapshotError::NewerFormat {
-                found: format,
-                supported: FORMAT,
-            });
-        }
-        let header: Header =
-            serde_json::from_value(raw).map_err(|e| SnapshotError::Header(e.to_string()))?;
+        let header = Header::decode(&json, &hash)?;
         let mut index = BTreeMap::new();
         for (i, s) in header.sections.iter().enumerate() {
-            let known_version = known
-                .iter()
-                .find(|(k, _)| *k == s.name || (k.ends_with('.') && s.name.starts_with(k)))
-                .map(|(_, v)| *v);
-            match known_version {
-                None if s.optional => continue,
-                None => return Err(SnapshotError::UnknownSection(s.name.clone())),
-                Some(v) if s.version > v => {
-                    return Err(SnapshotError::NewerSection {
-                        name: s.name.clone(),
-                        found: s.version,
-                        supported: v,
-                    })
-                }
-                Some(_) => {}
+            if !accept_section(s, known)? {
+                continue;
             }
             if s.offset.checked_add(s.length).is_none_or(|end| end > total) {
                 return Err(SnapshotError::Truncated(format!(

@@ -15,19 +15,18 @@
 //! touches it.
 
 pub mod format;
+pub mod state;
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Instant;
 
-use abide_devices::persist::Persist;
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::{SerialConfig, VmConfig};
 use crate::devices_config::NetBackend;
 use crate::manifest::{Difference, HostConfig};
-use crate::vcpu::state::{VcpuState, VmState, VCPU_VERSION, VM_VERSION};
+use crate::vcpu::state::{VCPU_VERSION, VM_VERSION};
 use crate::vcpu::Vcpus;
 use crate::vm::{Start, Vm};
 use crate::Error;
@@ -135,7 +134,18 @@ pub enum RestoreError {
     Map(#[source] std::io::Error),
 }
 
-fn format_diff(diffs: &[Difference]) -> String {
+impl state::SectionSource for Snapshot {
+    fn section(&self, name: &str) -> Result<(u32, Vec<u8>), SnapshotError> {
+        Snapshot::section(self, name)
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.sections().map(str::to_string).collect()
+    }
+}
+
+/// The field differences, one per line, indented.
+pub fn format_diff(diffs: &[Difference]) -> String {
     diffs
         .iter()
         .map(|d| format!("  {d}"))
@@ -143,24 +153,16 @@ fn format_diff(diffs: &[Difference]) -> String {
         .join("\n")
 }
 
-/// Host-side settings that may change at restore without the guest noticing.
+/// Host-side settings that may change at restore (or when receiving a
+/// migration) without the guest noticing.
 #[derive(Clone, Debug, Default)]
 pub struct Overrides {
     /// COM1 sink.
     pub serial: Option<SerialConfig>,
     /// New image path for the disk at a PCI slot.
     pub disk_paths: Vec<(u8, PathBuf)>,
-    /// New tap interface for the NIC at a PCI slot.
-    pub taps: Vec<(u8, String)>,
-}
-
-fn json<T: Serialize>(v: &T) -> Vec<u8> {
-    // Plain data structures always serialize.
-    serde_json::to_vec(v).unwrap_or_default()
-}
-
-fn bdf(slot: u8) -> String {
-    format!("pci.00:{slot:02x}.0")
+    /// New tap (by name or as an inherited fd) for the NIC at a PCI slot.
+    pub taps: Vec<(u8, NetBackend)>,
 }
 
 /// Host views of guest RAM regions. Only valid while vCPUs and devices are
@@ -203,45 +205,10 @@ pub fn save(vm: &Vm, vcpus: &mut Vcpus, path: &Path) -> Result<SaveReport, Error
 }
 
 fn write(vm: &Vm, vcpus: &Vcpus, path: &Path) -> Result<(u64, u64), Error> {
-    let desc = crate::manifest(&vm.cfg)?;
-    let host = SavedHost {
-        config: vm.cfg.clone(),
-        host: desc.host,
-    };
-    let manifest = serde_json::to_value(&desc.abi).map_err(Error::Json)?;
-    let host = serde_json::to_value(&host).map_err(Error::Json)?;
+    let (manifest, host) = state::header_parts(vm)?;
     let mut w = Writer::new(&vm.machine.name, manifest, host);
-    let snap_err = |e: crate::vcpu::state::StateError| Error::Snapshot(RestoreError::State(e));
-    w.section(
-        "vm",
-        VM_VERSION,
-        false,
-        json(&VmState::save(&vm.vm).map_err(snap_err)?),
-    );
-    for (i, st) in vcpus.save().map_err(snap_err)?.iter().enumerate() {
-        w.section(&format!("vcpu.{i}"), VCPU_VERSION, false, json(st));
-    }
-    fn legacy<P: Persist>(w: &mut Writer<'_>, dev: &Mutex<P>) {
-        let (v, bytes) = dev.lock().unwrap_or_else(|e| e.into_inner()).save_section();
-        w.section(&format!("device.{}", P::KIND), v, false, bytes);
-    }
-    legacy(&mut w, &vm.legacy.serial);
-    legacy(&mut w, &vm.legacy.i8042);
-    legacy(&mut w, &vm.legacy.rtc);
-    legacy(&mut w, &vm.legacy.pm);
-    {
-        let root = vm.pci.root.lock().unwrap_or_else(|e| e.into_inner());
-        for slot in root.slots() {
-            let Some(f) = root.function(slot) else {
-                continue;
-            };
-            let (v, bytes) = f
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .save_state()
-                .map_err(|e| Error::Snapshot(RestoreError::Device(e)))?;
-            w.section(&bdf(slot), v, false, bytes);
-        }
+    for st in state::collect(vm, vcpus)? {
+        w.section(&st.name, st.version, st.optional, st.bytes);
     }
     let slices = ram_slices(vm);
     let mut map = MemoryMap {
@@ -272,7 +239,8 @@ fn write(vm: &Vm, vcpus: &Vcpus, path: &Path) -> Result<(u64, u64), Error> {
             offset += run_len;
         }
     }
-    w.section("memory.map", MEMORY_VERSION, false, json(&map));
+    let map = serde_json::to_vec(&map).map_err(Error::Json)?;
+    w.section("memory.map", MEMORY_VERSION, false, map);
     w.pages("memory", MEMORY_VERSION, pages);
     let bytes = w.write_to(path).map_err(|source| {
         Error::Snapshot(RestoreError::Write {
@@ -281,63 +249,6 @@ fn write(vm: &Vm, vcpus: &Vcpus, path: &Path) -> Result<(u64, u64), Error> {
         })
     })?;
     Ok((bytes, offset))
-}
-
-fn section<T: serde::de::DeserializeOwned>(
-    snap: &Snapshot,
-    name: &str,
-) -> Result<(u32, T), RestoreError> {
-    let (v, bytes) = snap.section(name)?;
-    let t = serde_json::from_slice(&bytes).map_err(|e| RestoreError::Malformed {
-        name: name.into(),
-        reason: e.to_string(),
-    })?;
-    Ok((v, t))
-}
-
-/// Applies host-side overrides to the saved configuration.
-fn apply(saved: &SavedHost, o: &Overrides) -> Result<VmConfig, RestoreError> {
-    let mut cfg = saved.config.clone();
-    if let Some(s) = &o.serial {
-        cfg.serial = s.clone();
-    }
-    for (slot, path) in &o.disk_paths {
-        let i = saved
-            .host
-            .disks
-            .iter()
-            .position(|d| d.slot == *slot)
-            .filter(|i| *i < cfg.disks.len())
-            .ok_or_else(|| {
-                RestoreError::Override(format!(
-                    "--disk-path {slot}: the snapshot has no disk at PCI slot {slot}"
-                ))
-            })?;
-        cfg.disks[i].path = path.clone();
-    }
-    for (slot, tap) in &o.taps {
-        let i = saved
-            .host
-            .nets
-            .iter()
-            .position(|n| n.slot == *slot)
-            .filter(|i| *i < cfg.nets.len())
-            .ok_or_else(|| {
-                RestoreError::Override(format!(
-                    "--tap {slot}: the snapshot has no network card at PCI slot {slot}"
-                ))
-            })?;
-        cfg.nets[i].backend = NetBackend::Tap(tap.clone());
-    }
-    for (i, n) in cfg.nets.iter().enumerate() {
-        if let NetBackend::Fd(fd) = n.backend {
-            let slot = saved.host.nets.get(i).map(|h| h.slot).unwrap_or(0);
-            return Err(RestoreError::Override(format!(
-                "the network card at PCI slot {slot} used an inherited file descriptor ({fd}) that does not survive a restore; give --tap {slot}=NAME"
-            )));
-        }
-    }
-    Ok(cfg)
 }
 
 /// Compares the saved manifest with the one this build gives `cfg`, in
@@ -377,14 +288,7 @@ pub fn restore(path: &Path, o: &Overrides) -> Result<(Vm, RestoreReport), Error>
     })?;
     report.verify_ms = crate::api::ms(t);
     let t = Instant::now();
-    let saved: SavedHost = serde_json::from_value(snap.header.host.clone()).map_err(|e| {
-        snap_err(RestoreError::File(SnapshotError::Header(format!(
-            "host configuration: {e}"
-        ))))
-    })?;
-    let cfg = apply(&saved, o).map_err(snap_err)?;
-    let here = crate::manifest(&cfg)?;
-    let diffs = check_abi(&snap.header.manifest, &here.abi);
+    let (cfg, diffs) = state::config_for(&snap.header, o)?;
     if !diffs.is_empty() {
         return Err(snap_err(RestoreError::AbiMismatch {
             machine: snap.header.machine.clone(),
@@ -395,76 +299,18 @@ pub fn restore(path: &Path, o: &Overrides) -> Result<(Vm, RestoreReport), Error>
     let t = Instant::now();
     let machine = abide_machines::resolve(&cfg.machine)?;
     let mut vm = Vm::build_with(machine, &cfg, Start::Restore)?;
-    load(&mut vm, &snap).map_err(snap_err)?;
-    vm.restored = true;
+    load_memory(&vm, &snap).map_err(snap_err)?;
+    state::load(&mut vm, &snap, &["memory.map", "memory"]).map_err(snap_err)?;
     report.load_ms = crate::api::ms(t);
     Ok((vm, report))
 }
 
-fn load(vm: &mut Vm, snap: &Snapshot) -> Result<(), RestoreError> {
-    let mut claimed: Vec<String> = Vec::new();
-    // Parse everything before touching KVM or devices.
-    let (_, vm_state): (u32, VmState) = section(snap, "vm")?;
-    vm_state.check()?;
-    claimed.push("vm".into());
-    let mut vcpu_states = Vec::new();
-    for v in &vm.vcpus {
-        let name = format!("vcpu.{}", v.index);
-        let (_, st): (u32, VcpuState) = section(snap, &name)?;
-        st.check()?;
-        vcpu_states.push(st);
-        claimed.push(name);
-    }
-    load_memory(vm, snap)?;
-    claimed.push("memory.map".into());
-    claimed.push("memory".into());
-
-    fn legacy<P: Persist>(
-        snap: &Snapshot,
-        dev: &Mutex<P>,
-        claimed: &mut Vec<String>,
-    ) -> Result<(), RestoreError> {
-        let name = format!("device.{}", P::KIND);
-        let (v, bytes) = snap.section(&name)?;
-        dev.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .restore_section(v, &bytes)?;
-        claimed.push(name);
-        Ok(())
-    }
-    legacy(snap, &vm.legacy.serial, &mut claimed)?;
-    legacy(snap, &vm.legacy.i8042, &mut claimed)?;
-    legacy(snap, &vm.legacy.rtc, &mut claimed)?;
-    legacy(snap, &vm.legacy.pm, &mut claimed)?;
-    {
-        let mut root = vm.pci.root.lock().unwrap_or_else(|e| e.into_inner());
-        for slot in root.slots() {
-            let name = bdf(slot);
-            let (v, bytes) = snap.section(&name)?;
-            if let Some(f) = root.function(slot) {
-                f.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .restore_state(v, &bytes)?;
-            }
-            // Place the BARs where the guest had programmed them.
-            root.refresh(slot);
-            claimed.push(name);
-        }
-    }
-    // Interrupt controllers and clock, then the vCPUs (their LAPICs).
-    vm_state.load(&vm.vm, vm.clock_flags)?;
-    for (v, st) in vm.vcpus.iter().zip(&vcpu_states) {
-        st.load(&v.fd)?;
-        crate::vcpu::tell_guest_it_was_paused(&v.fd);
-    }
-    if let Some(extra) = snap.sections().find(|s| !claimed.iter().any(|c| c == s)) {
-        return Err(RestoreError::Unclaimed(extra.to_string()));
-    }
-    Ok(())
-}
-
 fn load_memory(vm: &Vm, snap: &Snapshot) -> Result<(), RestoreError> {
-    let (_, map): (u32, MemoryMap) = section(snap, "memory.map")?;
+    let (_, bytes) = snap.section("memory.map")?;
+    let map: MemoryMap = serde_json::from_slice(&bytes).map_err(|e| RestoreError::Malformed {
+        name: "memory.map".into(),
+        reason: e.to_string(),
+    })?;
     let bad = |reason: String| RestoreError::Malformed {
         name: "memory.map".into(),
         reason,

@@ -311,14 +311,21 @@ impl Vcpus {
         Ok(())
     }
 
-    /// Saves every vCPU's state (the vCPUs must be paused).
+    /// Saves every vCPU's state (the vCPUs must be paused). The threads
+    /// save in parallel.
     pub fn save(&self) -> Result<Vec<state::VcpuState>, state::StateError> {
-        let mut out = Vec::new();
+        let gone = |i: u32| state::StateError::Malformed(format!("vCPU {i} is gone"));
+        let mut replies = Vec::new();
         for t in &self.threads {
             let (tx, rx) = mpsc::channel();
-            let gone = || state::StateError::Malformed(format!("vCPU {} is gone", t.index));
-            t.commands.send(VcpuCommand::Save(tx)).map_err(|_| gone())?;
-            out.push(rx.recv().map_err(|_| gone())??);
+            t.commands
+                .send(VcpuCommand::Save(tx))
+                .map_err(|_| gone(t.index))?;
+            replies.push((t.index, rx));
+        }
+        let mut out = Vec::new();
+        for (i, rx) in replies {
+            out.push(rx.recv().map_err(|_| gone(i))??);
         }
         Ok(out)
     }
@@ -340,6 +347,12 @@ impl Vcpus {
 
     /// Stops and joins every vCPU thread.
     pub fn stop(mut self) {
+        self.stop_all();
+    }
+
+    /// Stops and joins every vCPU thread, through a shared handle (an
+    /// outgoing migration may hold one); afterwards nothing runs.
+    pub fn stop_all(&mut self) {
         self.ctl.stop.store(true, Ordering::Release);
         for t in std::mem::take(&mut self.threads) {
             let _ = t.commands.send(VcpuCommand::Stop);

@@ -1,0 +1,310 @@
+//! The destination side: check the guest ABI, build the VM, take memory
+//! and state, answer *ready*, wait for *commit*.
+
+use std::time::Instant;
+
+use serde_json::json;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::endpoint::Conn;
+use super::wire::{self, WireError};
+use super::{MigrationError, IO_TIMEOUT};
+use crate::snapshot::format::accept_section;
+use crate::snapshot::state::{self, Sections};
+use crate::snapshot::{Overrides, KNOWN_SECTIONS};
+use crate::vm::{Start, Vm};
+
+/// How to receive.
+#[derive(Clone, Debug, Default)]
+pub struct ReceiveOptions {
+    /// Host-side settings that differ from the source's (as for restore).
+    pub overrides: Overrides,
+}
+
+/// A received guest: built, loaded, committed, not yet running.
+pub struct Incoming {
+    /// The VM, ready to [`Vm::run`].
+    pub vm: Vm,
+    conn: Conn,
+    committed_at: Instant,
+    source_paused_ms: f64,
+    load_ms: f64,
+    /// The source's Abide version.
+    pub source_version: String,
+    /// Bytes received.
+    pub bytes: u64,
+    /// Pages received.
+    pub pages: u64,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("source_version", &self.source_version)
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Incoming {
+    /// Splits off the VM and the answer still owed to the source (sent
+    /// with [`Confirm::send`] once the vCPUs run).
+    pub fn into_parts(self) -> (Vm, Confirm) {
+        let Incoming {
+            vm,
+            conn,
+            committed_at,
+            source_paused_ms,
+            load_ms,
+            ..
+        } = self;
+        (
+            vm,
+            Confirm {
+                conn,
+                committed_at,
+                source_paused_ms,
+                load_ms,
+            },
+        )
+    }
+}
+
+/// The answer the destination still owes the source once the guest runs.
+#[derive(Debug)]
+pub struct Confirm {
+    conn: Conn,
+    committed_at: Instant,
+    source_paused_ms: f64,
+    load_ms: f64,
+}
+
+impl Confirm {
+    /// Tells the source the guest runs here; returns this side's downtime.
+    pub fn send(mut self) -> f64 {
+        let start_ms = crate::api::ms(self.committed_at);
+        let downtime_ms = self.source_paused_ms + start_ms;
+        let answer = json!({
+            "downtime_ms": downtime_ms,
+            "phases": {"load_ms": self.load_ms, "start_ms": start_ms},
+        });
+        if let Err(e) = wire::write_json(&mut self.conn, wire::RESUMED, &answer) {
+            eprintln!("abide: warning: cannot tell the source that the guest runs here: {e}");
+        }
+        self.conn.shutdown();
+        downtime_ms
+    }
+}
+
+fn stream(phase: &'static str) -> impl FnOnce(WireError) -> MigrationError {
+    move |source| MigrationError::Stream {
+        phase,
+        source,
+        peer: None,
+    }
+}
+
+fn unexpected(phase: &'static str, tag: u8) -> MigrationError {
+    MigrationError::Stream {
+        phase,
+        source: wire::unexpected(tag),
+        peer: None,
+    }
+}
+
+/// Tells the source why this side gives up (best effort) and passes the
+/// error on.
+fn tell(conn: &mut Conn, tag: u8, e: MigrationError) -> MigrationError {
+    let text = crate::error_chain(&e);
+    let _ = wire::write_json(conn, tag, &json!({"error": text}));
+    conn.shutdown();
+    e
+}
+
+/// Receives one migration on `conn`. Returns once the source committed:
+/// the guest is then this process's to run. Any failure before that ends
+/// here, with nothing run.
+pub fn receive(
+    mut conn: Conn,
+    o: &ReceiveOptions,
+    status: &mut dyn FnMut(&str),
+) -> Result<Incoming, MigrationError> {
+    let _ = conn.set_timeouts(IO_TIMEOUT);
+    status("checking the guest ABI");
+    let header = match wire::read_header(&mut conn) {
+        Ok(h) => h,
+        Err(e) => {
+            return Err(tell(
+                &mut conn,
+                wire::ERROR,
+                stream("reading the header")(e),
+            ))
+        }
+    };
+    let refuse = |conn: &mut Conn, e: MigrationError| tell(conn, wire::REFUSE, e);
+    let (cfg, diffs) = match state::config_for(&header, &o.overrides) {
+        Ok(r) => r,
+        Err(e) => return Err(refuse(&mut conn, e.into())),
+    };
+    if !diffs.is_empty() {
+        let e = MigrationError::AbiMismatch {
+            machine: header.machine.clone(),
+            diffs,
+        };
+        return Err(refuse(&mut conn, e));
+    }
+    let machine = match abide_machines::resolve(&cfg.machine) {
+        Ok(m) => m,
+        Err(e) => return Err(refuse(&mut conn, crate::Error::from(e).into())),
+    };
+    let mut vm = match Vm::build_with(machine, &cfg, Start::Restore) {
+        Ok(vm) => vm,
+        Err(e) => return Err(refuse(&mut conn, e.into())),
+    };
+    if let Err(e) = wire::write_json(
+        &mut conn,
+        wire::ACCEPT,
+        &json!({"abide_version": env!("CARGO_PKG_VERSION")}),
+    ) {
+        return Err(stream("accepting")(e));
+    }
+    status("receiving memory");
+    let mut buf = Vec::new();
+    let mut sections = Sections::default();
+    let mut bytes = 0u64;
+    let mut pages = 0u64;
+    let mut page_frames = 0u64;
+    loop {
+        let tag = match wire::read_frame(&mut conn, &mut buf) {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(tell(
+                    &mut conn,
+                    wire::ERROR,
+                    stream("receiving memory and state")(e),
+                ))
+            }
+        };
+        bytes += 5 + buf.len() as u64;
+        let step = match tag {
+            wire::PAGES => {
+                page_frames += 1;
+                if page_frames == 2 {
+                    super::fault("kill-during-memory");
+                }
+                store_pages(&vm, &buf).map(|n| pages += n)
+            }
+            wire::PASS => {
+                if let Ok(v) = wire::parse_json::<serde_json::Value>(tag, &buf) {
+                    status(&format!("receiving memory (pass {})", v["iteration"]));
+                }
+                wire::write_json(&mut conn, wire::PASS_STORED, &json!({}))
+                    .map_err(stream("receiving memory"))
+            }
+            wire::SECTION => {
+                super::fault("kill-during-state");
+                status("receiving state");
+                take_section(&mut sections, &buf)
+            }
+            wire::STATE_END => break,
+            wire::ABORT => Err(MigrationError::SourceAborted(wire::error_text(&buf))),
+            t => Err(unexpected("receiving memory and state", t)),
+        };
+        if let Err(e) = step {
+            return Err(tell(&mut conn, wire::ERROR, e));
+        }
+    }
+    status("loading state");
+    let t = Instant::now();
+    if let Err(e) = state::load(&mut vm, &sections, &[]) {
+        return Err(tell(&mut conn, wire::ERROR, e.into()));
+    }
+    let load_ms = crate::api::ms(t);
+    if let Err(e) = wire::write_json(&mut conn, wire::READY, &json!({})) {
+        return Err(stream("answering ready")(e));
+    }
+    status("waiting for commit");
+    const WAIT: &str = "waiting for commit (the guest stays with the source)";
+    let tag = wire::read_frame(&mut conn, &mut buf).map_err(stream(WAIT))?;
+    let committed_at = Instant::now();
+    super::fault("kill-after-commit");
+    match tag {
+        wire::COMMIT => {}
+        wire::ABORT => return Err(MigrationError::SourceAborted(wire::error_text(&buf))),
+        t => return Err(unexpected(WAIT, t)),
+    }
+    let commit: serde_json::Value = wire::parse_json(tag, &buf).map_err(stream(WAIT))?;
+    Ok(Incoming {
+        vm,
+        conn,
+        committed_at,
+        source_paused_ms: commit["paused_ms"].as_f64().unwrap_or(0.0),
+        load_ms,
+        source_version: header.abide_version,
+        bytes,
+        pages,
+    })
+}
+
+/// Writes a verified page frame into guest memory; returns the pages.
+fn store_pages(vm: &Vm, buf: &[u8]) -> Result<u64, MigrationError> {
+    let pages = wire::parse_pages(buf).map_err(stream("receiving memory"))?;
+    let n = pages.len() as u64;
+    for (gpa, data) in pages {
+        let r = match data {
+            Some(d) => vm
+                .ram
+                .mem
+                .write_slice(d, GuestAddress(gpa))
+                .map_err(|e| e.to_string()),
+            None => vm.ram.zero_page(gpa).map_err(|e| e.to_string()),
+        };
+        r.map_err(|e| MigrationError::Stream {
+            phase: "receiving memory",
+            source: WireError::Malformed(format!("page {gpa:#x} is not guest RAM: {e}")),
+            peer: None,
+        })?;
+    }
+    Ok(n)
+}
+
+/// Checks one state section against the versions this build reads.
+fn take_section(sections: &mut Sections, buf: &[u8]) -> Result<(), MigrationError> {
+    let (entry, bytes) = wire::parse_section(buf).map_err(stream("receiving state"))?;
+    let keep = accept_section(&entry, KNOWN_SECTIONS)
+        .map_err(|e| stream("receiving state")(WireError::Format(e)))?;
+    if keep {
+        sections
+            .insert(&entry.name, entry.version, bytes.to_vec())
+            .map_err(|e| stream("receiving state")(WireError::Format(e)))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(name: &str, version: u32, optional: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        wire::write_section(&mut out, name, version, optional, b"{}").expect("write");
+        let mut buf = Vec::new();
+        wire::read_frame(&mut &out[..], &mut buf).expect("frame");
+        buf
+    }
+
+    #[test]
+    fn sections_are_checked_against_this_builds_versions() {
+        let mut s = Sections::default();
+        take_section(&mut s, &frame("vcpu.0", 1, false)).expect("known");
+        let e = take_section(&mut s, &frame("vcpu.1", 99, false)).expect_err("newer");
+        assert!(e.to_string().contains("has version 99"), "{e}");
+        let e = take_section(&mut s, &frame("gizmo", 1, false)).expect_err("unknown");
+        assert!(e.to_string().contains("not known to this Abide"), "{e}");
+        take_section(&mut s, &frame("gizmo.extra", 1, true)).expect("optional skipped");
+        let e = take_section(&mut s, &frame("vcpu.0", 1, false)).expect_err("twice");
+        assert!(e.to_string().contains("appears twice"), "{e}");
+        use crate::snapshot::state::SectionSource;
+        assert_eq!(s.names(), ["vcpu.0"]);
+    }
+}

@@ -1,0 +1,292 @@
+//! The guest state outside memory, as versioned sections: what a snapshot
+//! file and a migration stream both carry, gathered and loaded by one piece
+//! of code.
+//!
+//! [`collect`] reads a paused VM: the in-kernel irqchip/PIT/clock (`vm`),
+//! each vCPU (`vcpu.N`), each legacy device (`device.KIND`) and each PCI
+//! function (`pci.00:SS.0`, with its MSI-X table, virtio transport and
+//! queue positions). [`load`] puts such sections into a VM built with
+//! `Start::Restore` whose memory is already in place: one path for boot and
+//! restore, build first, then load state. [`config_for`] turns a saved
+//! header back into the configuration to build, and compares the guest ABI
+//! this Abide would give it with the saved one.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use abide_devices::persist::Persist;
+
+use super::format::{Header, SnapshotError};
+use super::{Overrides, RestoreError, SavedHost};
+use crate::config::VmConfig;
+use crate::devices_config::NetBackend;
+use crate::manifest::Difference;
+use crate::vcpu::state::{VcpuState, VmState, VCPU_VERSION, VM_VERSION};
+use crate::vcpu::Vcpus;
+use crate::vm::Vm;
+use crate::Error;
+
+/// One section of guest state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateSection {
+    /// Name (`vm`, `vcpu.0`, `device.uart-16550`, `pci.00:01.0`, ...).
+    pub name: String,
+    /// Version of its layout.
+    pub version: u32,
+    /// Whether a reader that does not know it may skip it.
+    pub optional: bool,
+    /// Serialized state.
+    pub bytes: Vec<u8>,
+}
+
+/// Where [`load`] reads sections from: a verified snapshot file or the
+/// sections a migration stream delivered (each already checked against
+/// its checksum and this build's known versions).
+pub trait SectionSource {
+    /// A section's version and payload.
+    fn section(&self, name: &str) -> Result<(u32, Vec<u8>), SnapshotError>;
+    /// The names of every section the reader accepted.
+    fn names(&self) -> Vec<String>;
+}
+
+/// Sections held in memory, by name.
+#[derive(Debug, Default)]
+pub struct Sections(BTreeMap<String, (u32, Vec<u8>)>);
+
+impl Sections {
+    /// Adds a section; a name given twice is an error.
+    pub fn insert(
+        &mut self,
+        name: &str,
+        version: u32,
+        bytes: Vec<u8>,
+    ) -> Result<(), SnapshotError> {
+        if self.0.insert(name.to_string(), (version, bytes)).is_some() {
+            return Err(SnapshotError::Header(format!(
+                "section '{name}' appears twice"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl SectionSource for Sections {
+    fn section(&self, name: &str) -> Result<(u32, Vec<u8>), SnapshotError> {
+        self.0
+            .get(name)
+            .cloned()
+            .ok_or_else(|| SnapshotError::MissingSection(name.to_string()))
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.0.keys().cloned().collect()
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    // Plain data structures always serialize.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// The section name of the PCI function at `slot` of bus 0.
+pub fn bdf(slot: u8) -> String {
+    format!("pci.00:{slot:02x}.0")
+}
+
+/// Reads the state of a paused VM (vCPUs and device workers stopped),
+/// memory excepted.
+pub fn collect(vm: &Vm, vcpus: &Vcpus) -> Result<Vec<StateSection>, Error> {
+    let snap_err = |e: crate::vcpu::state::StateError| Error::Snapshot(RestoreError::State(e));
+    let mut out = Vec::new();
+    let mut push = |name: String, version: u32, bytes: Vec<u8>| {
+        out.push(StateSection {
+            name,
+            version,
+            optional: false,
+            bytes,
+        })
+    };
+    push(
+        "vm".into(),
+        VM_VERSION,
+        json(&VmState::save(&vm.vm).map_err(snap_err)?),
+    );
+    for (i, st) in vcpus.save().map_err(snap_err)?.iter().enumerate() {
+        push(format!("vcpu.{i}"), VCPU_VERSION, json(st));
+    }
+    fn legacy<P: Persist>(dev: &Mutex<P>) -> (String, u32, Vec<u8>) {
+        let (v, bytes) = dev.lock().unwrap_or_else(|e| e.into_inner()).save_section();
+        (format!("device.{}", P::KIND), v, bytes)
+    }
+    for (name, v, bytes) in [
+        legacy(&vm.legacy.serial),
+        legacy(&vm.legacy.i8042),
+        legacy(&vm.legacy.rtc),
+        legacy(&vm.legacy.pm),
+    ] {
+        push(name, v, bytes);
+    }
+    let root = vm.pci.root.lock().unwrap_or_else(|e| e.into_inner());
+    for slot in root.slots() {
+        let Some(f) = root.function(slot) else {
+            continue;
+        };
+        let (v, bytes) = f
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .save_state()
+            .map_err(|e| Error::Snapshot(RestoreError::Device(e)))?;
+        push(bdf(slot), v, bytes);
+    }
+    Ok(out)
+}
+
+fn parse<T: serde::de::DeserializeOwned>(
+    src: &dyn SectionSource,
+    name: &str,
+) -> Result<T, RestoreError> {
+    let (_, bytes) = src.section(name)?;
+    serde_json::from_slice(&bytes).map_err(|e| RestoreError::Malformed {
+        name: name.into(),
+        reason: e.to_string(),
+    })
+}
+
+/// Loads the state sections of `src` into `vm`, built with
+/// `Start::Restore` and with guest memory already in place. Every section
+/// must be claimed, by this VM or by the caller (`claimed`, e.g. the
+/// memory sections of a snapshot file).
+pub fn load(vm: &mut Vm, src: &dyn SectionSource, claimed: &[&str]) -> Result<(), RestoreError> {
+    let mut claimed: Vec<String> = claimed.iter().map(|s| s.to_string()).collect();
+    // Parse everything KVM gets before touching KVM or devices.
+    let vm_state: VmState = parse(src, "vm")?;
+    vm_state.check()?;
+    claimed.push("vm".into());
+    let mut vcpu_states = Vec::new();
+    for v in &vm.vcpus {
+        let name = format!("vcpu.{}", v.index);
+        let st: VcpuState = parse(src, &name)?;
+        st.check()?;
+        vcpu_states.push(st);
+        claimed.push(name);
+    }
+
+    fn legacy<P: Persist>(
+        src: &dyn SectionSource,
+        dev: &Mutex<P>,
+        claimed: &mut Vec<String>,
+    ) -> Result<(), RestoreError> {
+        let name = format!("device.{}", P::KIND);
+        let (v, bytes) = src.section(&name)?;
+        dev.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore_section(v, &bytes)?;
+        claimed.push(name);
+        Ok(())
+    }
+    legacy(src, &vm.legacy.serial, &mut claimed)?;
+    legacy(src, &vm.legacy.i8042, &mut claimed)?;
+    legacy(src, &vm.legacy.rtc, &mut claimed)?;
+    legacy(src, &vm.legacy.pm, &mut claimed)?;
+    {
+        let mut root = vm.pci.root.lock().unwrap_or_else(|e| e.into_inner());
+        for slot in root.slots() {
+            let name = bdf(slot);
+            let (v, bytes) = src.section(&name)?;
+            if let Some(f) = root.function(slot) {
+                f.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .restore_state(v, &bytes)?;
+            }
+            // Place the BARs where the guest had programmed them.
+            root.refresh(slot);
+            claimed.push(name);
+        }
+    }
+    // Interrupt controllers and clock, then the vCPUs (their LAPICs).
+    vm_state.load(&vm.vm, vm.clock_flags)?;
+    for (v, st) in vm.vcpus.iter().zip(&vcpu_states) {
+        st.load(&v.fd)?;
+        crate::vcpu::tell_guest_it_was_paused(&v.fd);
+    }
+    if let Some(extra) = src.names().into_iter().find(|s| !claimed.contains(s)) {
+        return Err(RestoreError::Unclaimed(extra));
+    }
+    vm.restored = true;
+    Ok(())
+}
+
+/// Applies host-side overrides to the saved configuration.
+fn apply(saved: &SavedHost, o: &Overrides) -> Result<VmConfig, RestoreError> {
+    let mut cfg = saved.config.clone();
+    if let Some(s) = &o.serial {
+        cfg.serial = s.clone();
+    }
+    for (slot, path) in &o.disk_paths {
+        let i = saved
+            .host
+            .disks
+            .iter()
+            .position(|d| d.slot == *slot)
+            .filter(|i| *i < cfg.disks.len())
+            .ok_or_else(|| {
+                RestoreError::Override(format!(
+                    "--disk-path {slot}: the saved guest has no disk at PCI slot {slot}"
+                ))
+            })?;
+        cfg.disks[i].path = path.clone();
+    }
+    let mut given = Vec::new();
+    for (slot, backend) in &o.taps {
+        let i = saved
+            .host
+            .nets
+            .iter()
+            .position(|n| n.slot == *slot)
+            .filter(|i| *i < cfg.nets.len())
+            .ok_or_else(|| {
+                RestoreError::Override(format!(
+                    "--tap {slot}: the saved guest has no network card at PCI slot {slot}"
+                ))
+            })?;
+        cfg.nets[i].backend = backend.clone();
+        given.push(i);
+    }
+    for (i, n) in cfg.nets.iter().enumerate() {
+        if let (NetBackend::Fd(fd), false) = (&n.backend, given.contains(&i)) {
+            let slot = saved.host.nets.get(i).map(|h| h.slot).unwrap_or(0);
+            return Err(RestoreError::Override(format!(
+                "the network card at PCI slot {slot} used an inherited file descriptor ({fd}) that does not carry over to another process; give --tap {slot}=NAME or --tap {slot}=fd:N"
+            )));
+        }
+    }
+    Ok(cfg)
+}
+
+/// The configuration to build from a saved header with the host-side
+/// overrides `o`, and how the guest ABI this Abide would give it differs
+/// from the saved manifest (empty: identical). Nothing is built yet.
+pub fn config_for(header: &Header, o: &Overrides) -> Result<(VmConfig, Vec<Difference>), Error> {
+    let saved: SavedHost = serde_json::from_value(header.host.clone()).map_err(|e| {
+        Error::Snapshot(RestoreError::File(SnapshotError::Header(format!(
+            "host configuration: {e}"
+        ))))
+    })?;
+    let cfg = apply(&saved, o).map_err(Error::Snapshot)?;
+    let here = crate::manifest(&cfg)?;
+    let diffs = super::check_abi(&header.manifest, &here.abi);
+    Ok((cfg, diffs))
+}
+
+/// The header fields every stored guest starts with: machine type, full
+/// guest ABI manifest and configuration of `vm`.
+pub fn header_parts(vm: &Vm) -> Result<(serde_json::Value, serde_json::Value), Error> {
+    let desc = crate::manifest(&vm.cfg)?;
+    let host = SavedHost {
+        config: vm.cfg.clone(),
+        host: desc.host,
+    };
+    let manifest = serde_json::to_value(&desc.abi).map_err(Error::Json)?;
+    let host = serde_json::to_value(&host).map_err(Error::Json)?;
+    Ok((manifest, host))
+}
