@@ -15,7 +15,6 @@ use super::{limits, Controller, Mode};
 use crate::api::routes::{ReceiveMigrationBody, Reply, SendMigrationBody};
 use crate::api::server::require;
 use crate::api::Listener;
-use crate::devices_config::NetBackend;
 use crate::migration::{announce, incoming, Endpoint, ReceiveOptions, SendOptions};
 use crate::Error;
 
@@ -124,18 +123,7 @@ impl Controller {
             .parse()
             .map_err(|e: String| Reply::error(400, format!("listen_url: {e}")))?;
         let mut o = self.receive_defaults.clone().unwrap_or_default();
-        if let Some(s) = &body.serial {
-            o.overrides.serial =
-                Some(crate::config::parse_serial(s).map_err(|e| Reply::error(400, e))?);
-        }
-        o.overrides
-            .disk_paths
-            .extend(body.disk_paths.iter().map(|d| (d.slot, d.path.clone())));
-        o.overrides.taps.extend(
-            body.taps
-                .iter()
-                .map(|t| (t.slot, NetBackend::Tap(t.tap.clone()))),
-        );
+        super::ops::apply_overrides(&mut o.overrides, &body.serial, &body.disk_paths, &body.taps)?;
         let listening = self
             .listen(&at, o)
             .map_err(|e| Reply::error(400, crate::error_chain(&e)))?;

@@ -40,6 +40,28 @@ fn status_of(e: &Error) -> u16 {
     }
 }
 
+/// Adds a request's host-side overrides (`vm.restore`,
+/// `vm.receive-migration`) to `o`.
+pub(super) fn apply_overrides(
+    o: &mut Overrides,
+    serial: &Option<String>,
+    disk_paths: &[crate::api::routes::SlotPath],
+    taps: &[crate::api::routes::SlotTap],
+) -> Result<(), Reply> {
+    if let Some(s) = serial {
+        o.serial = Some(crate::config::parse_serial(s).map_err(|e| Reply::error(400, e))?);
+    }
+    o.disk_paths
+        .extend(disk_paths.iter().map(|d| (d.slot, d.path.clone())));
+    o.taps.extend(taps.iter().map(|t| {
+        (
+            t.slot,
+            crate::devices_config::NetBackend::Tap(t.tap.clone()),
+        )
+    }));
+    Ok(())
+}
+
 fn failure(e: &Error) -> Reply {
     Reply::error(status_of(e), crate::error_chain(e))
 }
@@ -177,29 +199,8 @@ impl Controller {
 
     fn restore(&mut self, state: VmState, body: &RestoreBody) -> Result<Value, Reply> {
         require(state, &[VmState::NotCreated], "restore a snapshot")?;
-        let overrides = Overrides {
-            serial: body
-                .serial
-                .as_deref()
-                .map(crate::config::parse_serial)
-                .transpose()
-                .map_err(|e| Reply::error(400, e))?,
-            disk_paths: body
-                .disk_paths
-                .iter()
-                .map(|d| (d.slot, d.path.clone()))
-                .collect(),
-            taps: body
-                .taps
-                .iter()
-                .map(|t| {
-                    (
-                        t.slot,
-                        crate::devices_config::NetBackend::Tap(t.tap.clone()),
-                    )
-                })
-                .collect(),
-        };
+        let mut overrides = Overrides::default();
+        apply_overrides(&mut overrides, &body.serial, &body.disk_paths, &body.taps)?;
         let refused = |c: &mut Self, e: &Error| {
             c.shared.figures().restore_failures += 1;
             failure(e)
