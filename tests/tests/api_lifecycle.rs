@@ -380,6 +380,38 @@ fn live_migration_between_two_serves() {
     put_ok(&a.socket, "/api/v1/vm.boot", None);
     wait_for_text(&log_a, "guest: progress round=20 ", T);
 
+    // A destination that is not there: the attempt fails, the guest runs
+    // on here, and the metrics count the failure.
+    let nobody = format!("unix:{}", dir.join("nobody.sock").display());
+    let r = put_ok(
+        &a.socket,
+        "/api/v1/vm.send-migration",
+        Some(&json!({ "destination_url": nobody }).to_string()),
+    );
+    assert_eq!(r["state"], "migrating", "{r}");
+    let seen = events_a.wait_for("migration-result", None, T);
+    let failed = seen
+        .iter()
+        .find(|e| e["event"] == "migration-result")
+        .expect("result");
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(
+        failed["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{failed}"
+    );
+    let start = std::time::Instant::now();
+    while get_ok(&a.socket, "/api/v1/vm.info")["state"] != "running" {
+        assert!(start.elapsed() < T, "the failed migration never ended");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let m = get_ok(&a.socket, "/api/v1/vm.metrics")["migration"].clone();
+    assert_eq!(
+        (&m["sent"], &m["send_failures"], &m["last_sent"]),
+        (&json!(0), &json!(1), &Value::Null),
+        "{m}"
+    );
+    assert_eq!(m["status"]["state"], "failed", "{m}");
+
     let listen = format!("unix:{}", dir.join("mig.sock").display());
     let r = put_ok(
         &b.socket,
@@ -412,8 +444,9 @@ fn live_migration_between_two_serves() {
     let seen_b = events_b.wait_for("state", Some("running"), T);
     let result = seen_a
         .iter()
-        .find(|e| e["event"] == "migration-result")
-        .unwrap_or_else(|| panic!("no migration-result: {seen_a:?}"));
+        .filter(|e| e["event"] == "migration-result")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no second migration-result: {seen_a:?}"));
     assert_eq!(result["status"], "migrated", "{result}");
     assert!(result["downtime_ms"].as_f64().is_some(), "{result}");
     let kinds_a: Vec<String> = kinds(&seen_a)
@@ -424,6 +457,9 @@ fn live_migration_between_two_serves() {
         kinds_a,
         [
             "state:created",
+            "state:running",
+            "state:migrating",
+            "migration-result",
             "state:running",
             "state:migrating",
             "migration-result",
@@ -451,6 +487,34 @@ fn live_migration_between_two_serves() {
         json!(format!("file:{}", log_b.display()))
     );
 
+    // Migration figures on both sides: the source's report, the
+    // destination's view.
+    let ma = get_ok(&a.socket, "/api/v1/vm.metrics")["migration"].clone();
+    assert_eq!((&ma["sent"], &ma["send_failures"]), (&json!(1), &json!(1)));
+    let sent = &ma["last_sent"];
+    assert!(sent["bytes"].as_u64().is_some_and(|b| b > 0), "{ma}");
+    assert_eq!(sent["bytes"], result["bytes"], "{ma}");
+    assert_eq!(sent["downtime_ms"], result["downtime_ms"], "{ma}");
+    assert_eq!(ma["status"]["state"], "migrated", "{ma}");
+    let prom = get(&a.socket, "/api/v1/vm.metrics?format=prometheus").body;
+    for want in [
+        "abide_migrations_sent_total 1\n",
+        "abide_migration_send_failures_total 1\n",
+        "abide_last_migration_downtime_ms ",
+    ] {
+        assert!(prom.contains(want), "no {want:?} in\n{prom}");
+    }
+    let mb = get_ok(&b.socket, "/api/v1/vm.metrics")["migration"].clone();
+    assert_eq!((&mb["received"], &mb["sent"]), (&json!(1), &json!(0)));
+    let got = &mb["last_received"];
+    assert!(got["bytes"].as_u64().is_some_and(|b| b > 0), "{mb}");
+    assert_eq!(got["source_version"], env!("CARGO_PKG_VERSION"), "{mb}");
+    let received = seen_b
+        .iter()
+        .find(|e| e["event"] == "migration-received")
+        .expect("received event");
+    assert_eq!(got["pages"], received["pages"], "{mb}");
+
     // The guest finishes at the destination.
     wait_for_text(&log_b, "guest: power-button waiting", T);
     put_ok(&b.socket, "/api/v1/vm.power-button", None);
@@ -466,4 +530,95 @@ fn live_migration_between_two_serves() {
     }
     assert_eq!(a.wait(T), Some(0), "{}", a.output());
     assert_eq!(b.wait(T), Some(0), "{}", b.output());
+}
+
+/// How a guest ends is an event, and `vm.info` says it: a guest reset, a
+/// triple fault (with the vCPU), a guest power-off. One `abide serve`
+/// creates and deletes a VM for each. The host capabilities on the API
+/// are those `abide capabilities` prints.
+#[test]
+fn guest_reset_triple_fault_and_poweroff_are_events() {
+    let dir = temp_dir("api-guest-ends");
+    let mut s = Abide::serve(&dir, "serve");
+
+    let caps = get_ok(&s.socket, "/api/v1/vmm.capabilities");
+    let out = abide_tests::run_abide(&["capabilities"], None, T);
+    assert_eq!(out.code, Some(0), "{out}");
+    let printed: Value = serde_json::from_str(&out.stdout).expect("capabilities JSON");
+    assert_eq!(
+        caps, printed,
+        "vmm.capabilities and `abide capabilities` differ"
+    );
+    assert!(
+        caps["guest"]["machine_types"]
+            .as_array()
+            .is_some_and(|m| !m.is_empty()),
+        "{caps}"
+    );
+
+    let events = Events::open(&s.socket, Some(0));
+    for (cmdline, event, want) in [
+        ("exit=reset quiet", "guest-reset", "reset"),
+        ("fault=triple quiet", "guest-triple-fault", "triple"),
+        ("exit=poweroff quiet", "guest-poweroff", "poweroff"),
+    ] {
+        let log = dir.join(format!("{event}.log"));
+        let config = json!({
+            "machine": "pc-1.0",
+            "serial": format!("file:{}", log.display()),
+            "cmdline": cmdline,
+        });
+        let before = events.all().len();
+        put_ok(&s.socket, "/api/v1/vm.create", Some(&config.to_string()));
+        put_ok(&s.socket, "/api/v1/vm.boot", None);
+        let start = std::time::Instant::now();
+        let seen = loop {
+            let all = events.all();
+            if all[before..]
+                .iter()
+                .any(|e| e["event"] == "state" && e["state"] == "shutdown")
+            {
+                break all[before..].to_vec();
+            }
+            assert!(start.elapsed() < T, "{event}: no shutdown; seen {all:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(
+            kinds(&seen),
+            ["state:created", "state:running", event, "state:shutdown"],
+            "{seen:?}"
+        );
+        let info = get_ok(&s.socket, "/api/v1/vm.info");
+        assert_eq!(info["exit"]["reason"], event, "{info}");
+        if event == "guest-triple-fault" {
+            let e = &seen[2];
+            assert_eq!(e["vcpu"], 0, "{e}");
+            assert!(
+                e["error"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("triple fault")),
+                "{e}"
+            );
+        }
+        let line = match want {
+            "triple" => "guest: fault how=triple".to_string(),
+            how => format!("guest: exit how={how}"),
+        };
+        let text = read(&log);
+        assert!(text.contains(&line), "{event}: no {line:?} in\n{text}");
+        assert_eq!(
+            put_ok(&s.socket, "/api/v1/vm.delete", None)["state"],
+            "not-created"
+        );
+        // The next VM's events come after this one's deletion.
+        let start = std::time::Instant::now();
+        while events.all().last().map(|e| kinds(std::slice::from_ref(e)))
+            != Some(vec!["state:not-created".to_string()])
+        {
+            assert!(start.elapsed() < T, "no not-created event");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    put_ok(&s.socket, "/api/v1/vmm.shutdown", None);
+    assert_eq!(s.wait(T), Some(0), "{}", s.output());
 }

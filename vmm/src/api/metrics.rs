@@ -1,7 +1,7 @@
 //! `GET /api/v1/vm.metrics`: the VM's counters as JSON, or as Prometheus
 //! text (`?format=prometheus`). Read from live atomics: vCPU exits by
 //! reason, each virtio function's requests, bytes and errors, snapshot and
-//! restore figures, and the API's own counters.
+//! restore figures, live migration figures, and the API's own counters.
 
 use std::fmt::Write as _;
 
@@ -45,13 +45,15 @@ pub fn json(shared: &Shared) -> Option<Value> {
         })
         .collect();
     let figures = serde_json::to_value(&*shared.figures()).unwrap_or(Value::Null);
+    let mut migration = serde_json::to_value(&*shared.migration_figures()).unwrap_or(Value::Null);
+    migration["status"] = shared.migration_json();
     Some(json!({
         "state": state.name(),
         "uptime_ms": uptime_ms,
         "vcpus": vcpus,
         "devices": devices,
         "snapshot": figures,
-        "migration": shared.migration_json(),
+        "migration": migration,
         "api": shared.api.to_json(),
     }))
 }
@@ -164,6 +166,51 @@ pub fn prometheus(v: &Value) -> String {
             line(&mut out, &name, "", x);
         }
     }
+    let m = &v["migration"];
+    for (field, name, text) in [
+        (
+            "sent",
+            "migrations_sent",
+            "Outgoing live migrations that moved the guest away.",
+        ),
+        (
+            "send_failures",
+            "migration_send_failures",
+            "Outgoing live migrations that failed or were not confirmed.",
+        ),
+        (
+            "received",
+            "migrations_received",
+            "Incoming live migrations whose guest runs here.",
+        ),
+        (
+            "receive_failures",
+            "migration_receive_failures",
+            "Incoming live migrations that failed.",
+        ),
+    ] {
+        let name = format!("abide_{name}_total");
+        help(&mut out, &name, "counter", text);
+        line(&mut out, &name, "", n(&m[field]));
+    }
+    for (field, text) in [
+        (
+            "downtime_ms",
+            "Guest downtime of the last outgoing migration (source's view).",
+        ),
+        ("total_ms", "Duration of the last outgoing migration."),
+        ("bytes", "Bytes the last outgoing migration sent."),
+        (
+            "iterations",
+            "Pre-copy passes of the last outgoing migration.",
+        ),
+    ] {
+        if let Some(x) = m["last_sent"][field].as_f64() {
+            let name = format!("abide_last_migration_{field}");
+            help(&mut out, &name, "gauge", text);
+            line(&mut out, &name, "", x);
+        }
+    }
     let a = &v["api"];
     help(
         &mut out,
@@ -207,6 +254,8 @@ mod tests {
                 "bytes_to_guest": 4096, "bytes_from_guest": 0, "errors": 0, "needs_reset": 1}],
             "snapshot": {"snapshots": 1, "snapshot_failures": 0, "restores": 0,
                 "restore_failures": 0, "last_snapshot": {"bytes": 100, "pause_ms": 1.5, "save_ms": 2.0}},
+            "migration": {"sent": 1, "send_failures": 2, "received": 0, "receive_failures": 0,
+                "last_sent": {"status": "migrated", "downtime_ms": 12.5, "bytes": 4096}},
             "api": {"connections": 2, "refused_connections": 0, "timeouts": 1,
                 "responses_2xx": 5, "responses_4xx": 1, "responses_5xx": 0},
         });
@@ -220,6 +269,11 @@ mod tests {
             "abide_last_snapshot_pause_ms 1.5\n",
             "abide_api_responses_total{class=\"4xx\"} 1\n",
             "abide_api_timeouts_total 1\n",
+            "abide_migrations_sent_total 1\n",
+            "abide_migration_send_failures_total 2\n",
+            "abide_migrations_received_total 0\n",
+            "abide_last_migration_downtime_ms 12.5\n",
+            "abide_last_migration_bytes 4096\n",
             "# TYPE abide_vcpu_exits_total counter\n",
         ] {
             assert!(t.contains(want), "missing {want:?} in\n{t}");

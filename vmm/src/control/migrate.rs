@@ -72,6 +72,9 @@ impl Controller {
                         o.remove("event");
                         o.remove("ok");
                     }
+                    if kind == "migration-result" {
+                        shared.migration_figures().send_done(&v);
+                    }
                     shared.events.publish(kind, v);
                 };
                 if shared.migration.run(&vm, &vcpus, &opts, &mut event) {
@@ -179,15 +182,14 @@ impl Controller {
                     "abide: migration received from Abide {source_version}: {bytes} bytes, {pages} pages; the guest runs here; downtime_ms={downtime_ms}"
                 );
                 if let Some(shared) = weak.upgrade() {
-                    shared.events.publish(
-                        "migration-received",
-                        json!({
-                            "source_version": source_version,
-                            "bytes": bytes,
-                            "pages": pages,
-                            "downtime_ms": downtime_ms,
-                        }),
-                    );
+                    let report = json!({
+                        "source_version": source_version,
+                        "bytes": bytes,
+                        "pages": pages,
+                        "downtime_ms": downtime_ms,
+                    });
+                    shared.migration_figures().receive_done(report.clone());
+                    shared.events.publish("migration-received", report);
                 }
             }));
             self.adopt(vm)?;
@@ -197,6 +199,7 @@ impl Controller {
             let error = crate::error_chain(&e);
             self.vm = None;
             self.started = None;
+            self.shared.migration_figures().receive_failures += 1;
             self.shared.events.publish(
                 "migration-result",
                 json!({"status": "failed", "error": error}),

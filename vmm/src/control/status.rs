@@ -139,6 +139,43 @@ impl Figures {
     }
 }
 
+/// Live migration figures of this process (either direction).
+#[derive(Debug, Default, Serialize)]
+pub struct MigrationFigures {
+    /// Outgoing migrations that moved the guest away.
+    pub sent: u64,
+    /// Outgoing migrations that failed (or whose end is unconfirmed).
+    pub send_failures: u64,
+    /// The last outgoing migration that moved the guest (its report:
+    /// downtime, bytes, passes, phases).
+    pub last_sent: Option<Value>,
+    /// Incoming migrations whose guest runs here.
+    pub received: u64,
+    /// Incoming migrations that failed.
+    pub receive_failures: u64,
+    /// The last incoming migration (source version, bytes, pages, downtime).
+    pub last_received: Option<Value>,
+}
+
+impl MigrationFigures {
+    /// Records an outgoing migration's result (`status` is `migrated`,
+    /// `failed` or `unconfirmed`).
+    pub fn send_done(&mut self, result: &Value) {
+        if result["status"] == "migrated" {
+            self.sent += 1;
+            self.last_sent = Some(result.clone());
+        } else {
+            self.send_failures += 1;
+        }
+    }
+
+    /// Records an incoming migration whose guest runs here.
+    pub fn receive_done(&mut self, report: Value) {
+        self.received += 1;
+        self.last_received = Some(report);
+    }
+}
+
 /// Counters of the API itself.
 #[derive(Debug, Default)]
 pub struct ApiCounters {
@@ -184,6 +221,8 @@ pub struct Shared {
     pub wake: Arc<EventFd>,
     /// Snapshot and restore figures.
     pub figures: Mutex<Figures>,
+    /// Live migration figures.
+    pub migration_figures: Mutex<MigrationFigures>,
     /// API counters.
     pub api: ApiCounters,
     /// The outgoing migration (at most one at a time).
@@ -201,6 +240,7 @@ impl Shared {
             events: EventLog::new(wake.clone()),
             wake,
             figures: Mutex::new(Figures::default()),
+            migration_figures: Mutex::new(MigrationFigures::default()),
             api: ApiCounters::default(),
             migration: crate::migration::Job::default(),
             incoming: Arc::default(),
@@ -252,5 +292,12 @@ impl Shared {
     /// Locks the figures.
     pub fn figures(&self) -> std::sync::MutexGuard<'_, Figures> {
         self.figures.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Locks the migration figures.
+    pub fn migration_figures(&self) -> std::sync::MutexGuard<'_, MigrationFigures> {
+        self.migration_figures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 }
