@@ -4,6 +4,8 @@
 
 pub mod history;
 
+pub mod api;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
