@@ -3,6 +3,7 @@
 //! the release freeze's git history ([`history`]).
 
 pub mod history;
+pub mod releases;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

@@ -81,6 +81,13 @@ pub enum Request {
     Snapshot {
         /// Where to write it.
         path: PathBuf,
+        /// Write only what this Abide release reads, or refuse before
+        /// pausing the guest.
+        #[serde(default)]
+        target_version: Option<String>,
+        /// Leave the guest paused after the save.
+        #[serde(default)]
+        stay_paused: bool,
     },
     /// Stop the VM; abide exits with status 0.
     Quit {},
@@ -333,9 +340,17 @@ pub fn handle<'scope, 'env>(
             Ok(()) => (json!({"ok": true, "state": "running"}), false),
             Err(e) => (failure(&e), false),
         },
-        Request::Snapshot { path } => {
+        Request::Snapshot {
+            path,
+            target_version,
+            stay_paused,
+        } => {
             let mut v = lock();
-            match crate::snapshot::save(vm, &mut v, &path) {
+            let o = crate::snapshot::SaveOptions {
+                target_version,
+                stay_paused,
+            };
+            match crate::snapshot::save(vm, &mut v, &path, &o) {
                 Ok(r) => (
                     json!({
                         "ok": true,
@@ -344,6 +359,7 @@ pub fn handle<'scope, 'env>(
                         "memory_bytes": r.memory_bytes,
                         "pause_ms": r.pause_ms,
                         "save_ms": r.save_ms,
+                        "notes": r.notes,
                         "state": state(&v),
                     }),
                     false,
@@ -473,7 +489,7 @@ mod tests {
     #[test]
     fn requests_parse_strictly() {
         let r: Request = serde_json::from_str(r#"{"cmd":"snapshot","path":"/x"}"#).expect("ok");
-        assert!(matches!(r, Request::Snapshot { path } if path == Path::new("/x")));
+        assert!(matches!(r, Request::Snapshot { path, .. } if path == Path::new("/x")));
         assert!(matches!(
             serde_json::from_str::<Request>(r#"{"cmd":"pause"}"#),
             Ok(Request::Pause {})

@@ -101,6 +101,10 @@ struct SnapshotArgs {
     /// Stop the VM after the snapshot is written (abide exits 0).
     #[arg(long)]
     stop: bool,
+    /// Write only what Abide release X.Y.Z restores, or refuse (before the
+    /// guest is paused) naming the section it cannot read.
+    #[arg(long, value_name = "X.Y.Z")]
+    target_version: Option<String>,
     /// Snapshot file to write.
     output: PathBuf,
 }
@@ -319,17 +323,15 @@ fn main() -> ExitCode {
         )
         .map(|()| ExitReason::Poweroff),
         Command::Snapshot(a) => {
-            let req = serde_json::json!({"cmd": "snapshot", "path": std::path::absolute(&a.output).unwrap_or(a.output.clone())});
-            let pause = || {
-                if a.stop {
-                    // Stay paused after the save: the guest must not run past
-                    // the snapshot before abide quits.
-                    abide_vmm::api::call(&a.api_socket, &serde_json::json!({"cmd": "pause"}))?;
-                }
-                Ok(())
-            };
-            pause()
-                .and_then(|()| abide_vmm::api::call(&a.api_socket, &req))
+            // With --stop the guest stays paused after the save: it must not
+            // run past the snapshot before abide quits.
+            let req = serde_json::json!({
+                "cmd": "snapshot",
+                "path": std::path::absolute(&a.output).unwrap_or(a.output.clone()),
+                "target_version": a.target_version,
+                "stay_paused": a.stop,
+            });
+            abide_vmm::api::call(&a.api_socket, &req)
                 .and_then(|reply| {
                     println!("{reply}");
                     if a.stop {
