@@ -227,7 +227,10 @@ mod tests {
         let err = GadgetV1::default()
             .restore_section(v, &bytes)
             .expect_err("layout 2 is newer");
-        assert!(err.to_string().contains("state version 2 is newer"), "{err}");
+        assert!(
+            err.to_string().contains("state version 2 is newer"),
+            "{err}"
+        );
         // The newer device reads both.
         let mut back = Gadget::default();
         back.restore_section(2, &bytes).expect("layout 2");
@@ -250,7 +253,10 @@ mod tests {
         }
         let n = Bumped.oldest_version();
         assert_eq!(n.version, 3);
-        assert!(n.why.expect("why").contains("bumped writes only its state layout 3"));
+        assert!(n
+            .why
+            .expect("why")
+            .contains("bumped writes only its state layout 3"));
         assert_eq!(Bumped.save_section().0, 3);
     }
 }

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use abide_tests::{
-    abide_bin, check_blk_loop, progress_rounds, run_abide, stable_lines, temp_dir, GuestLine,
-    Outcome,
+    abide_bin, check_blk_loop, progress_rounds, rom_image, run_abide, sha256_bytes, split_snapshot,
+    stable_lines, temp_dir, GuestLine, Outcome, Tap,
 };
 use serde_json::Value;
 
@@ -309,6 +309,75 @@ fn checksum_workload_moves(tag: &str, listen: &str) {
         stable_lines(&want),
         "migrated output must equal the uninterrupted run's"
     );
+}
+
+/// The guest keeps the option ROM it booted with across a migration: the
+/// host's ROM file changes before the migration, the destination serves the
+/// image the source sent (a snapshot taken there carries it).
+#[test]
+fn the_option_rom_travels_with_the_migration() {
+    let dir = temp_dir("mig-rom");
+    let pid = std::process::id() % 10_000;
+    let (t1, t2) = (format!("abms{pid}"), format!("abmd{pid}"));
+    let _t1 = Tap::create(&t1, "the option-ROM migration case");
+    let _t2 = Tap::create(&t2, "the option-ROM migration case");
+    let rom = dir.join("pxe.rom");
+    let booted = rom_image(64 << 10, 0x33);
+    std::fs::write(&rom, &booted).expect("rom");
+    let net = format!("tap={t1},rom={}", rom.display());
+    let mut src = Abide::source(
+        &dir,
+        &[
+            "--memory",
+            "128M",
+            "--net",
+            &net,
+            "--cmdline",
+            "quiet rounds=1 buf-kib=64 spin",
+        ],
+    );
+    src.wait_for("guest: tick n=1");
+    let mut updated = booted.clone();
+    updated[4000] ^= 0xff;
+    std::fs::write(&rom, &updated).expect("rom");
+    let listen = format!("unix:{}", dir.join("mig.sock").display());
+    let tap = format!("1={t2}");
+    let (mut dst, to) = Abide::destination(&dir, "dest", &listen, &["--tap", &tap], &[]);
+    let out = migrate(&src.api, &to, &[]);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "abide migrate\n{out}\n{}",
+        dst.err_text()
+    );
+    assert_eq!(src.wait_exit(), Some(0), "{}", src.err_text());
+    dst.wait_for("guest: tick n=");
+    let snap = dir.join("dest.snap");
+    let out = run_abide(
+        &[
+            "snapshot",
+            "--stop",
+            "--api-socket",
+            dst.api.to_str().expect("utf-8"),
+            snap.to_str().expect("utf-8"),
+        ],
+        None,
+        TIMEOUT,
+    );
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(dst.wait_exit(), Some(0), "{}", dst.err_text());
+    let parts = split_snapshot(&std::fs::read(&snap).expect("read"));
+    let (_, image) = parts.section("rom.").expect("rom section");
+    assert!(
+        image == booted.as_slice(),
+        "the destination serves the source's image"
+    );
+    let manifest = parts.header["manifest"].to_string();
+    assert!(
+        manifest.contains(&sha256_bytes(&booted)),
+        "the manifest describes it"
+    );
+    assert!(!manifest.contains(&sha256_bytes(&updated)));
 }
 
 #[test]

@@ -69,15 +69,20 @@ struct Row {
 /// R's workload fixture for `machine` and the lines the guest must print.
 fn fixture(r: &Release, machine: &str) -> Result<(PathBuf, Vec<String>), String> {
     let dir = repo_root().join("resources/snapshots").join(&r.version);
-    let meta = std::fs::read_to_string(dir.join("fixtures.json"))
-        .map_err(|e| format!("{} has no fixtures.json ({e}); run resources/snapshots/make-fixtures.sh {}", dir.display(), r.version))?;
+    let meta = std::fs::read_to_string(dir.join("fixtures.json")).map_err(|e| {
+        format!(
+            "{} has no fixtures.json ({e}); run resources/snapshots/make-fixtures.sh {}",
+            dir.display(),
+            r.version
+        )
+    })?;
     let meta: Value = serde_json::from_str(&meta).map_err(|e| e.to_string())?;
     let name = format!("{machine}-workload.snap");
     let f = meta["fixtures"]
         .as_array()
         .into_iter()
         .flatten()
-        .find(|f| f["snapshot"] == Value::from(name.as_str()))
+        .find(|f| f["snapshot"] == name.as_str())
         .ok_or_else(|| format!("{}: no fixture {name}", dir.display()))?;
     let expect = f["expect"]
         .as_array()
@@ -160,7 +165,10 @@ fn release_restores(r: &Release, rbin: &Path, m: &Machine, dir: &Path) -> Result
         args.extend_from_slice(extra);
         let out = run_command(Command::new(&head).args(&args).arg(file), None, STEP);
         if out.code != Some(0) {
-            return Err(format!("HEAD snapshot {extra:?} failed:\n{}", out.stderr.trim()));
+            return Err(format!(
+                "HEAD snapshot {extra:?} failed:\n{}",
+                out.stderr.trim()
+            ));
         }
         Ok(())
     };
@@ -179,12 +187,23 @@ fn release_restores(r: &Release, rbin: &Path, m: &Machine, dir: &Path) -> Result
 }
 
 /// `from` migrates the guest mid-workload to `to` (`abide receive`).
-fn migrates(from: &Path, to: &Path, r: &Release, m: &Machine, dir: &Path) -> Result<String, String> {
+fn migrates(
+    from: &Path,
+    to: &Path,
+    r: &Release,
+    m: &Machine,
+    dir: &Path,
+) -> Result<String, String> {
     let (_, expect) = fixture(r, m.name)?;
     let listen = format!("unix:{}", dir.join("mig.sock").display());
     let mut dst = Proc::start(to, dir, "dst", &["receive", "--listen", &listen])?;
     let line = dst.wait_stderr("abide: listening for an incoming migration on ")?;
-    let at = line.rsplit(' ').next().unwrap_or_default().trim().to_string();
+    let at = line
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     let mut src = Proc::start(from, dir, "src", &m.run_args())?;
     src.wait_console(AT)?;
     let out = run_command(
@@ -208,7 +227,10 @@ fn migrates(from: &Path, to: &Path, r: &Release, m: &Machine, dir: &Path) -> Res
         return Err(format!("the source did not exit 0:\n{}", src.err_text()));
     }
     if dst.wait_exit()? != Some(0) {
-        return Err(format!("the destination did not exit 0:\n{}", dst.err_text()));
+        return Err(format!(
+            "the destination did not exit 0:\n{}",
+            dst.err_text()
+        ));
     }
     check_end(&src.text(), &dst.text(), &expect)
 }
@@ -230,9 +252,7 @@ fn result(r: Result<String, String>) -> Outcome {
 }
 
 fn print_table(rows: &[Row]) -> String {
-    let mut t = String::from(
-        "| release | direction | machine | result |\n|---|---|---|---|\n",
-    );
+    let mut t = String::from("| release | direction | machine | result |\n|---|---|---|---|\n");
     for r in rows {
         let (word, detail) = match &r.outcome {
             Outcome::Pass(d) => ("pass", d.clone()),
@@ -264,33 +284,80 @@ fn guests_move_both_ways_between_head_and_every_release() {
                 let _ = std::fs::create_dir_all(&d);
                 d
             };
-            rows.push(row(r, "HEAD restores R's snapshot", m, result(head_restores(r, m, &sub("a")))));
+            rows.push(row(
+                r,
+                "HEAD restores R's snapshot",
+                m,
+                result(head_restores(r, m, &sub("a"))),
+            ));
             let Ok(rbin) = &bin else {
                 let why = bin.clone().err().unwrap_or_default();
-                for d in ["R restores HEAD's snapshot", "HEAD -> R migration", "R -> HEAD migration"] {
-                    rows.push(row(r, d, m, Outcome::Fail(format!("cannot build {}: {why}", r.version))));
+                for d in [
+                    "R restores HEAD's snapshot",
+                    "HEAD -> R migration",
+                    "R -> HEAD migration",
+                ] {
+                    rows.push(row(
+                        r,
+                        d,
+                        m,
+                        Outcome::Fail(format!("cannot build {}: {why}", r.version)),
+                    ));
                 }
                 continue;
             };
-            rows.push(row(r, "R restores HEAD's snapshot", m, result(release_restores(r, rbin, m, &sub("b")))));
+            rows.push(row(
+                r,
+                "R restores HEAD's snapshot",
+                m,
+                result(release_restores(r, rbin, m, &sub("b"))),
+            ));
             if r.migration {
-                rows.push(row(r, "HEAD -> R migration", m, result(migrates(&abide_bin(), rbin, r, m, &sub("c")))));
-                rows.push(row(r, "R -> HEAD migration", m, result(migrates(rbin, &abide_bin(), r, m, &sub("d")))));
+                rows.push(row(
+                    r,
+                    "HEAD -> R migration",
+                    m,
+                    result(migrates(&abide_bin(), rbin, r, m, &sub("c"))),
+                ));
+                rows.push(row(
+                    r,
+                    "R -> HEAD migration",
+                    m,
+                    result(migrates(rbin, &abide_bin(), r, m, &sub("d"))),
+                ));
             } else {
                 for d in ["HEAD -> R migration", "R -> HEAD migration"] {
-                    rows.push(row(r, d, m, Outcome::Impossible(format!("{} has no live migration (it came with 0.3.0)", r.version))));
+                    rows.push(row(
+                        r,
+                        d,
+                        m,
+                        Outcome::Impossible(format!(
+                            "{} has no live migration (it came with 0.3.0)",
+                            r.version
+                        )),
+                    ));
                 }
             }
         }
     }
     let table = print_table(&rows);
-    abide_tests::report(&format!("release matrix (HEAD = {}):\n{table}", env!("CARGO_PKG_VERSION")));
+    abide_tests::report(&format!(
+        "release matrix (HEAD = {}):\n{table}",
+        env!("CARGO_PKG_VERSION")
+    ));
     let failures: Vec<String> = rows
         .iter()
         .filter_map(|r| match &r.outcome {
-            Outcome::Fail(e) => Some(format!("{} / {} / {}: {e}", r.release, r.direction, r.machine)),
+            Outcome::Fail(e) => Some(format!(
+                "{} / {} / {}: {e}",
+                r.release, r.direction, r.machine
+            )),
             _ => None,
         })
         .collect();
-    assert!(failures.is_empty(), "release matrix rows failed:\n{}", failures.join("\n\n"));
+    assert!(
+        failures.is_empty(),
+        "release matrix rows failed:\n{}",
+        failures.join("\n\n")
+    );
 }

@@ -195,24 +195,66 @@ mod tests {
         let big = dir.join("big.rom");
         std::fs::write(&small, vec![0x55; 75_776]).expect("write");
         std::fs::write(&big, vec![0x55; 249_344]).expect("write");
-        let (slot, ok) =
-            load_rom(&m, &m.virtio.net, "virtio-net", "--net #0", &small, None, None).expect("fits");
+        let (slot, ok) = load_rom(
+            &m,
+            &m.virtio.net,
+            "virtio-net",
+            "--net #0",
+            &small,
+            None,
+            None,
+        )
+        .expect("fits");
         assert_eq!((slot, ok.len()), (128 << 10, 75_776));
-        let err = load_rom(&m, &m.virtio.net, "virtio-net", "--net #0", &big, None, None)
-            .expect_err("too large")
-            .to_string();
+        let err = load_rom(
+            &m,
+            &m.virtio.net,
+            "virtio-net",
+            "--net #0",
+            &big,
+            None,
+            None,
+        )
+        .expect_err("too large")
+        .to_string();
         assert!(err.contains("249344 bytes"), "{err}");
         assert!(err.contains("131072-byte ROM slot"), "{err}");
         assert!(err.contains("virtio-net"), "{err}");
         assert!(err.contains("'pc-1.0'"), "{err}");
-        assert!(load_rom(&m, &m.virtio.blk, "virtio-blk", "--disk #0", &small, None, None).is_err());
+        assert!(load_rom(
+            &m,
+            &m.virtio.blk,
+            "virtio-blk",
+            "--disk #0",
+            &small,
+            None,
+            None
+        )
+        .is_err());
         // An explicit romsize= override makes room on pc-1.0.
-        let (slot, _) = load_rom(&m, &m.virtio.net, "virtio-net", "#0", &big, Some(256 << 10), None)
-            .expect("override fits");
+        let (slot, _) = load_rom(
+            &m,
+            &m.virtio.net,
+            "virtio-net",
+            "#0",
+            &big,
+            Some(256 << 10),
+            None,
+        )
+        .expect("override fits");
         assert_eq!(slot, 256 << 10);
         // The same ROM fits pc-2.0's larger slot.
         let m2 = abide_machines::pc_2_0();
-        assert!(load_rom(&m2, &m2.virtio.net, "virtio-net", "--net #0", &big, None, None).is_ok());
+        assert!(load_rom(
+            &m2,
+            &m2.virtio.net,
+            "virtio-net",
+            "--net #0",
+            &big,
+            None,
+            None
+        )
+        .is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -490,7 +490,12 @@ pub struct Difference {
 impl std::fmt::Display for Difference {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "(absent)".to_string());
-        let raw = format!("{}: {} -> {}", self.path, show(&self.left), show(&self.right));
+        let raw = format!(
+            "{}: {} -> {}",
+            self.path,
+            show(&self.left),
+            show(&self.right)
+        );
         match &self.words {
             Some(w) => write!(f, "{w} [{raw}]"),
             None => f.write_str(&raw),
@@ -659,10 +664,15 @@ mod tests {
         let cfg = VmConfig::default();
         let new = manifest("pc-1.0", &cfg);
         let json = serde_json::to_value(&new).expect("json");
-        assert!(json.get("test_added_later").is_none(), "omitted at its default");
+        assert!(
+            json.get("test_added_later").is_none(),
+            "omitted at its default"
+        );
         // An "older" manifest: as a release before the field wrote it.
         let mut old = json.clone();
-        old.as_object_mut().expect("object").remove("test_added_later");
+        old.as_object_mut()
+            .expect("object")
+            .remove("test_added_later");
         assert!(diff_values(&old, &json).is_empty());
         // Spelled out at its default, it still compares equal to absent.
         let mut explicit = json.clone();

@@ -129,6 +129,10 @@ impl Vm {
     ) -> Result<Self, Error> {
         cfg.validate(&machine)?;
         crate::irq::check_irqchip(&machine)?;
+        let types = abide_machines::machine_types();
+        if let Some(w) = crate::capabilities::deprecation_warning(&types, &machine.name) {
+            eprintln!("abide: warning: {w}");
+        }
         let cpu_model = vcpu::cpuid::model_for(&machine, &cfg.cpu)?;
         // Open user files first, so bad paths fail before any KVM work.
         let mut boot_files = None;

@@ -327,7 +327,9 @@ mod tests {
         let here = Reads::this_build();
         for r in RELEASES.iter().filter(|r| r.snapshots) {
             for (name, v) in r.sections {
-                let probe = name.strip_suffix('.').map_or(name.to_string(), |p| format!("{p}.0"));
+                let probe = name
+                    .strip_suffix('.')
+                    .map_or(name.to_string(), |p| format!("{p}.0"));
                 assert!(
                     here.version_of(&probe).is_some_and(|h| h >= *v),
                     "this build must read {name} v{v} (as {} did)",
@@ -357,7 +359,10 @@ mod tests {
         assert!(text.contains("needs version 2: FIFO level saved"), "{text}");
         let unknown = [planned("gizmo", 1, false, None)];
         let e = check(&unknown, &r).expect_err("mandatory unknown section");
-        assert!(e.to_string().contains("does not know section 'gizmo'"), "{e}");
+        assert!(
+            e.to_string().contains("does not know section 'gizmo'"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -378,7 +383,8 @@ mod tests {
         // The capabilities travel as JSON.
         let here = Reads::this_build();
         let accept = serde_json::json!({"abide_version": "x", "reads": here});
-        let back = Reads::of_destination(&serde_json::to_vec(&accept).expect("json")).expect("reads");
+        let back =
+            Reads::of_destination(&serde_json::to_vec(&accept).expect("json")).expect("reads");
         assert_eq!(back, here);
         // 0.3.0's accept has no reads field.
         let old = Reads::of_destination(br#"{"abide_version":"0.3.0"}"#).expect("oldest");
@@ -389,7 +395,12 @@ mod tests {
     fn notes_say_which_section_needs_a_newer_version_and_why() {
         let p = [
             planned("vm", 1, false, None),
-            planned("pci.00:02.0", 2, false, Some("virtio-blk: discard queue in use")),
+            planned(
+                "pci.00:02.0",
+                2,
+                false,
+                Some("virtio-blk: discard queue in use"),
+            ),
         ];
         assert_eq!(
             notes(&p),

@@ -74,7 +74,13 @@ fn bit_change(l: u64, r: u64) -> String {
     parts.join(", ")
 }
 
-fn pci_function(path: &str, a: &Value, b: &Value, l: Option<&Value>, r: Option<&Value>) -> Option<String> {
+fn pci_function(
+    path: &str,
+    a: &Value,
+    b: &Value,
+    l: Option<&Value>,
+    r: Option<&Value>,
+) -> Option<String> {
     let rest = path.strip_prefix("pci.functions[")?;
     let (index, rest) = rest.split_once(']')?;
     let rest = rest.strip_prefix('.').unwrap_or(rest);
@@ -115,13 +121,21 @@ fn pci_function(path: &str, a: &Value, b: &Value, l: Option<&Value>, r: Option<&
             format!("{who} virtio features offered: {}", bit_change(x, y))
         })?,
         "virtio.queue_sizes" => format!("{who} queue sizes"),
-        "virtio.msix_vectors" => {
-            both(num(l), num(r), |x, y| format!("{who} MSI-X vectors: {x} -> {y}"))?
-        }
+        "virtio.msix_vectors" => both(num(l), num(r), |x, y| {
+            format!("{who} MSI-X vectors: {x} -> {y}")
+        })?,
         "rom" => format!(
             "{who} option ROM: {} -> {}",
-            if l.is_some_and(|v| !v.is_null()) { "present" } else { "none" },
-            if r.is_some_and(|v| !v.is_null()) { "present" } else { "none" }
+            if l.is_some_and(|v| !v.is_null()) {
+                "present"
+            } else {
+                "none"
+            },
+            if r.is_some_and(|v| !v.is_null()) {
+                "present"
+            } else {
+                "none"
+            }
         ),
         "rom.slot_size" => both(num(l), num(r), |x, y| {
             format!("{who} option ROM slot: {} -> {}", size(x), size(y))
@@ -160,14 +174,26 @@ fn cpuid(path: &str, a: &Value, l: Option<&Value>, r: Option<&Value>) -> Option<
 
 /// The difference at `path` (values `l` in manifest `a`, `r` in `b`) in
 /// words, when the field is one a person knows by name.
-pub fn explain(path: &str, a: &Value, b: &Value, l: Option<&Value>, r: Option<&Value>) -> Option<String> {
-    let s = |v: Option<&Value>| v.map_or("(absent)".to_string(), |v| v.to_string().trim_matches('"').to_string());
+pub fn explain(
+    path: &str,
+    a: &Value,
+    b: &Value,
+    l: Option<&Value>,
+    r: Option<&Value>,
+) -> Option<String> {
+    let s = |v: Option<&Value>| {
+        v.map_or("(absent)".to_string(), |v| {
+            v.to_string().trim_matches('"').to_string()
+        })
+    };
     let num = |v: Option<&Value>| v.and_then(Value::as_u64);
     match path {
         "machine" => Some(format!("machine type: {} -> {}", s(l), s(r))),
         "vcpus" => Some(format!("vCPU count: {} -> {}", s(l), s(r))),
         "migratable" => Some(format!("migratable: {} -> {}", s(l), s(r))),
-        "memory.bytes" => both(num(l), num(r), |x, y| format!("RAM: {} -> {}", size(x), size(y))),
+        "memory.bytes" => both(num(l), num(r), |x, y| {
+            format!("RAM: {} -> {}", size(x), size(y))
+        }),
         "cpu.model" => Some(format!("CPU model: {} -> {}", s(l), s(r))),
         p if p.starts_with("memory.e820") => Some("e820 memory map handed to the guest".into()),
         p if p.starts_with("memory.map") => Some("machine memory map".into()),
@@ -177,7 +203,10 @@ pub fn explain(path: &str, a: &Value, b: &Value, l: Option<&Value>, r: Option<&V
         p if p.starts_with("acpi[") => {
             let i = p.strip_prefix("acpi[")?.split(']').next()?;
             let t = at(a, &format!("acpi[{i}]")).or_else(|| at(b, &format!("acpi[{i}]")))?;
-            Some(format!("ACPI table {}", t["signature"].as_str().unwrap_or("?")))
+            Some(format!(
+                "ACPI table {}",
+                t["signature"].as_str().unwrap_or("?")
+            ))
         }
         p if p.starts_with("legacy") => Some(format!("legacy devices ({p})")),
         p if p.starts_with("boot") => Some(format!("boot structure placement ({p})")),
@@ -204,7 +233,10 @@ mod tests {
         let (a, b) = (blk(16384), blk(32768));
         let p = "pci.functions[1].virtio.config";
         let w = explain(p, &a, &b, at(&a, p), at(&b, p)).expect("words");
-        assert_eq!(w, "virtio-blk (00:01.0) capacity: 16384 -> 32768 sectors (8 MiB -> 16 MiB)");
+        assert_eq!(
+            w,
+            "virtio-blk (00:01.0) capacity: 16384 -> 32768 sectors (8 MiB -> 16 MiB)"
+        );
     }
 
     #[test]
@@ -229,7 +261,10 @@ mod tests {
             say("cpu.cpuid[0][0].ecx"),
             "CPUID leaf 0x80000001 subleaf 0 ECX on vCPU 0: bits 5 cleared"
         );
-        let (x, y) = (json!({"memory": {"bytes": 134217728u64}}), json!({"memory": {"bytes": 268435456u64}}));
+        let (x, y) = (
+            json!({"memory": {"bytes": 134217728u64}}),
+            json!({"memory": {"bytes": 268435456u64}}),
+        );
         let p = "memory.bytes";
         assert_eq!(
             explain(p, &x, &y, at(&x, p), at(&y, p)).expect("ram"),

@@ -458,8 +458,11 @@ impl Sender<'_> {
         };
         if let Some(reads) = &self.reads {
             // The state may have changed since the check before pre-copy.
-            crate::compat::check(&crate::compat::written(&sections, &state::plan(self.vm)), reads)
-                .map_err(|e| MigrationError::Target(e.to_string()))?;
+            crate::compat::check(
+                &crate::compat::written(&sections, &state::plan(self.vm)),
+                reads,
+            )
+            .map_err(|e| MigrationError::Target(e.to_string()))?;
         }
         self.phase("collect_ms", t);
         const PHASE: &str = "sending the device and vCPU state";

@@ -222,12 +222,7 @@ fn plan(vm: &Vm) -> Vec<crate::compat::Planned> {
 /// if it was running (unless `o.stay_paused`). With a target release, a
 /// guest whose state that release cannot read is refused before it is
 /// paused, naming the section and why.
-pub fn save(
-    vm: &Vm,
-    vcpus: &mut Vcpus,
-    path: &Path,
-    o: &SaveOptions,
-) -> Result<SaveReport, Error> {
+pub fn save(vm: &Vm, vcpus: &mut Vcpus, path: &Path, o: &SaveOptions) -> Result<SaveReport, Error> {
     let target_err = |target: &str, source| {
         Error::Snapshot(RestoreError::Target {
             target: target.to_string(),
@@ -329,7 +324,6 @@ fn write(
     })?;
     Ok((bytes, offset, notes))
 }
-
 
 /// Compares the saved manifest with the one this build gives `cfg`, in
 /// one canonical form (both serialized by this build's manifest schema).

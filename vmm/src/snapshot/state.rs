@@ -146,7 +146,10 @@ pub fn plan(vm: &Vm) -> Vec<Planned> {
         out.push(kvm_section(format!("vcpu.{i}"), VCPU_VERSION));
     }
     fn legacy<P: Persist>(dev: &Mutex<P>) -> Planned {
-        let n = dev.lock().unwrap_or_else(|e| e.into_inner()).oldest_version();
+        let n = dev
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .oldest_version();
         planned(format!("device.{}", P::KIND), n)
     }
     out.push(legacy(&vm.legacy.serial));
@@ -316,7 +319,13 @@ pub fn load(vm: &mut Vm, src: &dyn SectionSource, claimed: &[&str]) -> Result<()
                     reason,
                 })?;
             // Later snapshots and migrations carry this image too.
-            if let Some(n) = vm.cfg.nets.iter_mut().zip(&vm.net_slots).find(|(_, s)| **s == slot) {
+            if let Some(n) = vm
+                .cfg
+                .nets
+                .iter_mut()
+                .zip(&vm.net_slots)
+                .find(|(_, s)| **s == slot)
+            {
                 n.0.rom_image = Some(std::sync::Arc::new(image));
             }
             claimed.push(rom_section(slot));
