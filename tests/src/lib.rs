@@ -548,6 +548,16 @@ impl SnapshotParts {
     }
 }
 
+/// A 64 KiB option ROM written to `DIR/pxe.rom` for a NIC on `tap`:
+/// (the file, its bytes, the `--net` argument).
+pub fn rom_nic(dir: &Path, tap: &str, fill: u8) -> (PathBuf, Vec<u8>, String) {
+    let rom = dir.join("pxe.rom");
+    let image = rom_image(64 << 10, fill);
+    std::fs::write(&rom, &image).expect("write the ROM file");
+    let net = format!("tap={tap},rom={}", rom.display());
+    (rom, image, net)
+}
+
 /// A PCI option ROM image of `len` bytes: the 0x55 0xAA signature, then
 /// `fill`.
 pub fn rom_image(len: usize, fill: u8) -> Vec<u8> {

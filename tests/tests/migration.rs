@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use abide_tests::{
-    abide_bin, check_blk_loop, progress_rounds, rom_image, run_abide, sha256_bytes, split_snapshot,
+    abide_bin, check_blk_loop, progress_rounds, rom_nic, run_abide, sha256_bytes, split_snapshot,
     stable_lines, temp_dir, GuestLine, Outcome, Tap,
 };
 use serde_json::Value;
@@ -321,10 +321,7 @@ fn the_option_rom_travels_with_the_migration() {
     let (t1, t2) = (format!("abms{pid}"), format!("abmd{pid}"));
     let _t1 = Tap::create(&t1, "the option-ROM migration case");
     let _t2 = Tap::create(&t2, "the option-ROM migration case");
-    let rom = dir.join("pxe.rom");
-    let booted = rom_image(64 << 10, 0x33);
-    std::fs::write(&rom, &booted).expect("rom");
-    let net = format!("tap={t1},rom={}", rom.display());
+    let (rom, booted, net) = rom_nic(&dir, &t1, 0x33);
     let mut src = Abide::source(
         &dir,
         &[
@@ -721,6 +718,39 @@ fn failed_migrations_leave_the_source_running() {
         "malformed migration stream",
     );
     g.join().expect("garbage server");
+
+    // A destination that reads an older layout of the device sections
+    // (what it says in its accept): the source refuses before pausing the
+    // guest, naming the section.
+    let l = UnixListener::bind(sock("older.sock")).expect("bind");
+    let o = std::thread::spawn(move || {
+        let Ok((mut s, _)) = l.accept() else {
+            return;
+        };
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).expect("header start");
+        assert_eq!(&head[..8], b"ABIDEMIG");
+        let len = u32::from_le_bytes(head[8..12].try_into().expect("len")) as usize;
+        let mut rest = vec![0u8; len + 32];
+        s.read_exact(&mut rest).expect("header");
+        let reads = serde_json::json!({"abide_version": "0.0.9", "reads": {
+            "abide_version": "0.0.9", "format": 1,
+            "sections": {"vm": 1, "vcpu.": 1, "device.": 0, "pci.": 1, "memory.map": 1, "memory": 1}}});
+        let body = serde_json::to_vec(&reads).expect("json");
+        let mut frame = vec![b'K'];
+        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&body);
+        s.write_all(&frame).expect("accept");
+        let _ = s.read_to_end(&mut Vec::new());
+    });
+    let out = migrate(&src.api, &format!("unix:{}", sock("older.sock")), &[]);
+    check(
+        &mut src,
+        "destination reads older sections",
+        &out,
+        "the destination cannot take this guest: Abide 0.0.9 reads section 'device.",
+    );
+    o.join().expect("older destination");
 
     // Garbage sent to a destination: it refuses and exits.
     let (mut dst, to) = Abide::destination(

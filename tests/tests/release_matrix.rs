@@ -257,7 +257,14 @@ fn print_table(rows: &[Row]) -> String {
         let (word, detail) = match &r.outcome {
             Outcome::Pass(d) => ("pass", d.clone()),
             Outcome::Impossible(d) => ("n/a", d.clone()),
-            Outcome::Fail(d) => ("FAIL", d.lines().next().unwrap_or_default().to_string()),
+            Outcome::Fail(d) => {
+                // One line: the reason usually follows the command's name.
+                let flat: Vec<&str> = d.split_whitespace().collect();
+                let line = flat.join(" ");
+                let short: String = line.chars().take(400).collect();
+                let more = if short.len() < line.len() { "…" } else { "" };
+                ("FAIL", format!("{short}{more}"))
+            }
         };
         t.push_str(&format!(
             "| {} | {} | {} | {word}: {detail} |\n",

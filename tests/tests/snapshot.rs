@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use abide_tests::{
-    abide_bin, check_blk_loop, progress_rounds, rom_image, run_abide, sha256_bytes, stable_lines,
-    temp_dir, Outcome, Tap,
+    abide_bin, check_blk_loop, progress_rounds, rom_image, rom_nic, run_abide, sha256_bytes,
+    stable_lines, temp_dir, Outcome, Tap,
 };
 use abide_tests::{split_snapshot as split, SnapshotParts as Parts};
 use serde_json::{json, Value};
@@ -567,10 +567,7 @@ fn the_option_rom_travels_with_the_snapshot() {
     let dir = temp_dir("snap-rom");
     let tap = format!("abro{}", std::process::id() % 100_000);
     let _tap = Tap::create(&tap, "the option-ROM snapshot case");
-    let rom = dir.join("pxe.rom");
-    let booted = rom_image(64 << 10, 0x11);
-    std::fs::write(&rom, &booted).expect("rom");
-    let net = format!("tap={tap},rom={}", rom.display());
+    let (rom, booted, net) = rom_nic(&dir, &tap, 0x11);
     let mut vm = Running::start(
         &dir,
         &[
@@ -634,6 +631,73 @@ fn the_option_rom_travels_with_the_snapshot() {
     let out = restore(&snap, &[]);
     assert_eq!(out.code, Some(1), "{out}");
     assert!(out.stderr.contains("131072-byte ROM slot"), "{out}");
+}
+
+/// `--target-version`: a release that cannot restore this guest is refused
+/// before the guest is paused (it keeps running, no file is written); one
+/// that can gets a snapshot with every section in the oldest layout.
+#[test]
+fn snapshot_target_versions_are_checked_before_pausing() {
+    let dir = temp_dir("snap-target");
+    let mut vm = Running::start(
+        &dir,
+        &[
+            "--machine",
+            "pc-2.0",
+            "--memory",
+            "128M",
+            "--cmdline",
+            "quiet rounds=1 buf-kib=64 spin",
+        ],
+    );
+    vm.wait_for("guest: tick n=1");
+    let api = vm.api.to_str().expect("utf-8").to_string();
+    let snap = |target: &str, file: &Path| {
+        run_abide(
+            &[
+                "snapshot",
+                "--api-socket",
+                &api,
+                "--target-version",
+                target,
+                file.to_str().expect("utf-8"),
+            ],
+            None,
+            TIMEOUT,
+        )
+    };
+    for (target, needle) in [
+        ("0.1.0", "Abide 0.1.0 does not restore snapshots"),
+        (
+            "9.9.9",
+            "unknown Abide release '9.9.9' (known: 0.1.0, 0.2.0, 0.3.0",
+        ),
+    ] {
+        let file = dir.join(format!("{target}.snap"));
+        let out = snap(target, &file);
+        assert_eq!(out.code, Some(1), "{out}");
+        assert!(out.stderr.contains(needle), "{out}");
+        assert!(!file.exists(), "nothing is written for {target}");
+        let status = run_abide(&["ctl", "--api-socket", &api, "status"], None, TIMEOUT);
+        assert!(
+            status.stdout.contains("\"running\""),
+            "{target}: never paused\n{status}"
+        );
+    }
+    let file = dir.join("0.2.0.snap");
+    let out = snap("0.2.0", &file);
+    assert_eq!(out.code, Some(0), "{out}");
+    let reply: Value = serde_json::from_str(out.stdout.trim()).expect("reply");
+    assert_eq!(
+        reply["notes"],
+        json!([]),
+        "every section in its first layout"
+    );
+    let parts = split(&std::fs::read(&file).expect("read"));
+    for s in parts.header["sections"].as_array().expect("sections") {
+        assert_eq!(s["version"], json!(1), "{s}");
+    }
+    vm.snapshot_and_stop(&dir.join("last.snap"));
 }
 
 #[test]
