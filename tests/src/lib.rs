@@ -217,6 +217,17 @@ pub fn run_abide(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Outc
     run_command(Command::new(abide_bin()).args(args), stdin, timeout)
 }
 
+/// `abide snapshot --stop` of the abide whose control socket is `api`,
+/// to `path`.
+pub fn snapshot_and_stop(api: &Path, path: &Path) -> Outcome {
+    let (api, path) = (api.display().to_string(), path.display().to_string());
+    run_abide(
+        &["snapshot", "--stop", "--api-socket", &api, &path],
+        None,
+        Duration::from_secs(120),
+    )
+}
+
 /// Runs a command with a timeout, capturing output.
 pub fn run_command(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -> Outcome {
     let start = Instant::now();

@@ -350,17 +350,7 @@ fn the_option_rom_travels_with_the_migration() {
     assert_eq!(src.wait_exit(), Some(0), "{}", src.err_text());
     dst.wait_for("guest: tick n=");
     let snap = dir.join("dest.snap");
-    let out = run_abide(
-        &[
-            "snapshot",
-            "--stop",
-            "--api-socket",
-            dst.api.to_str().expect("utf-8"),
-            snap.to_str().expect("utf-8"),
-        ],
-        None,
-        TIMEOUT,
-    );
+    let out = abide_tests::snapshot_and_stop(&dst.api, &snap);
     assert_eq!(out.code, Some(0), "{out}");
     assert_eq!(dst.wait_exit(), Some(0), "{}", dst.err_text());
     let parts = split_snapshot(&std::fs::read(&snap).expect("read"));

@@ -75,17 +75,7 @@ impl Running {
 
     /// Snapshots to `path` and stops this abide; returns the reply.
     fn snapshot_and_stop(mut self, path: &Path) -> Value {
-        let out = run_abide(
-            &[
-                "snapshot",
-                "--stop",
-                "--api-socket",
-                self.api.to_str().expect("utf-8"),
-                path.to_str().expect("utf-8"),
-            ],
-            None,
-            TIMEOUT,
-        );
+        let out = abide_tests::snapshot_and_stop(&self.api, path);
         assert_eq!(out.code, Some(0), "abide snapshot failed\n{out}");
         let reply: Value = serde_json::from_str(out.stdout.trim()).expect("JSON reply");
         let start = Instant::now();
@@ -644,6 +634,8 @@ fn snapshot_target_versions_are_checked_before_pausing() {
         &[
             "--machine",
             "pc-2.0",
+            "--cpu",
+            "abide-v1",
             "--memory",
             "128M",
             "--cmdline",
