@@ -46,7 +46,7 @@ done
 host_mods=(irqbypass kvm ccp kvm-amd virtio_ring virtio virtio_pci_legacy_dev
            virtio_pci_modern_dev virtio_pci netfs fscache 9pnet 9pnet_virtio 9p overlay tun bridge)
 guest_mods=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
-            virtio_blk failover net_failover virtio_net rng-core virtio-rng)
+            virtio_blk failover net_failover virtio_net rng-core virtio-rng button evdev)
 
 outputs_present() {
     [[ -s $cache/stamp && -s $cache/guest/vmlinuz && -s $cache/guest/vmlinux &&

@@ -174,6 +174,29 @@ run_test() {
                 usleep 100000
             done
             ;;
+        power-button)
+            # Soft shutdown (tests/tests/linux_api.rs): the ACPI power
+            # button (button.ko, fixed-feature event) reaches busybox acpid
+            # as KEY_POWER through evdev; acpid runs the handler below,
+            # which shuts down cleanly and powers off.
+            mkdir -p /etc/acpi/PWRF
+            cat > /etc/acpi/PWRF/00000080 <<'HANDLER'
+#!/bin/sh
+echo "abide-linux: power-button pressed; shutting down" > /dev/console
+sync
+umount -a -r 2>/dev/null
+echo "abide-linux: poweroff (clean)" > /dev/console
+poweroff -f
+HANDLER
+            chmod 755 /etc/acpi/PWRF/00000080
+            echo "PWRF PWRF/00000080" > /etc/acpid.conf
+            acpid -c /etc/acpi -a /etc/acpid.conf -l /dev/console
+            buttons=$(cat /sys/class/input/input*/name 2>/dev/null | grep -c 'Power Button')
+            events=$(ls /dev/input/ 2>/dev/null | grep -c '^event')
+            say "power-button-ready buttons=$buttons event_devices=$events acpid=$(pidof acpid)"
+            # Wait for the button; the handler powers off.
+            while :; do sleep 3600; done
+            ;;
         ticker)
             # Migration benchmark (resources/bench/migrate.sh): a console
             # line every abide.tick_ms (default 10) ms, sleeping in between;

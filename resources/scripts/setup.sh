@@ -21,8 +21,10 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 #   python3                            timing helper of resources/bench
 #   time                               /usr/bin/time for ad-hoc RSS checks
 #   e2fsprogs iproute2                 debugfs and ip (tuntap) in the snapshot tests
+#   python3-venv                       the API test tools' venv (below)
+#   curl                               the API's event stream in linux_api.rs (and the README's examples)
 packages=(qemu-system-x86 seabios ipxe-qemu busybox-static cpio lz4 binutils
-          xz-utils zstd python3 time gcc libc6-dev e2fsprogs iproute2)
+          xz-utils zstd python3 python3-venv time gcc libc6-dev e2fsprogs iproute2 curl)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -58,6 +60,24 @@ if command -v rustup >/dev/null 2>&1; then
     fi
 else
     log "warning: rustup not found; cannot add target x86_64-unknown-none"
+fi
+
+# The API test tools from PyPI, pinned, in a venv under .cache (gitignored):
+# openapi-spec-validator checks docs/api/openapi.yaml, schemathesis sends the
+# API generated requests (tests/tests/api_schemathesis.rs), jsonschema (a
+# dependency of both) checks VM configurations (tests/tests/api_config.rs).
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+venv="$repo/.cache/api-venv"
+reqs="$repo/resources/api/requirements.txt"
+api_stamp="$venv/.requirements"
+if [[ -x $venv/bin/python ]] && cmp -s "$reqs" "$api_stamp"; then
+    log "API test tools: present ($(grep -E '^(schemathesis|openapi-spec-validator)==' "$reqs" | tr '\n' ' '))"
+else
+    log "installing the API test tools into $venv (resources/api/requirements.txt, all pinned)"
+    python3 -m venv "$venv" || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$reqs" ||
+        die "pip install -r $reqs failed"
+    cp "$reqs" "$api_stamp"
 fi
 
 log "done"

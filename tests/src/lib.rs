@@ -5,6 +5,8 @@
 pub mod history;
 pub mod releases;
 
+pub mod api;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

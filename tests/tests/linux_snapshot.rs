@@ -230,12 +230,19 @@ fn linux_guest_survives_snapshot_kill_and_restore() {
     // Pause, snapshot, kill.
     let pause: Value =
         serde_json::from_str(host_field(text, "pause-reply")).expect("pause reply is JSON");
-    assert_eq!(pause["ok"], Value::Bool(true), "{pause}");
+    // The REST reply (`abide ctl` prints the error instead of JSON when
+    // the request fails).
     assert_eq!(pause["state"], "paused", "{pause}");
+    assert!(pause["pause_ms"].as_f64().is_some(), "{pause}");
     let reply: Value =
         serde_json::from_str(host_field(text, "snapshot-reply")).expect("snapshot reply is JSON");
     eprintln!("snapshot reply: {reply}");
-    assert_eq!(reply["ok"], Value::Bool(true), "{reply}");
+    assert!(
+        reply["path"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("/vm.snap")),
+        "{reply}"
+    );
     // A paused VM stays paused while it is saved.
     assert_eq!(reply["state"], "paused", "{reply}");
     let bytes = reply["bytes"].as_u64().expect("bytes");

@@ -100,6 +100,68 @@ pub struct RngConfig {
     pub addr: Option<u8>,
 }
 
+/// The option keys of `--disk`, which are the fields of a `disks[]` entry.
+pub const DISK_KEYS: &str = "path, readonly, serial, direct, addr";
+/// The option keys of `--net`, which are the fields of a `nets[]` entry.
+pub const NET_KEYS: &str = "tap, fd, mac, addr, rom, romsize";
+/// The option keys of `--rng`, which are the fields of `rng`.
+pub const RNG_KEYS: &str = "addr";
+
+/// A `--disk` / `disks[]` entry as the user wrote it. The command line's
+/// `key=value` list and the API's JSON object have the same keys and go
+/// through the same [`DiskSpec::resolve`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// Raw image.
+    pub path: PathBuf,
+    /// Refuse guest writes.
+    #[serde(default)]
+    pub readonly: bool,
+    /// GET_ID serial number (at most 20 ASCII characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// Open with O_DIRECT.
+    #[serde(default)]
+    pub direct: bool,
+    /// PCI slot (1-31).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<u32>,
+}
+
+/// A `--net` / `nets[]` entry as the user wrote it (see [`DiskSpec`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetSpec {
+    /// Tap interface name (exactly one of `tap` and `fd`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    /// An open tap file descriptor of the abide process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd: Option<i32>,
+    /// MAC address, six hex bytes separated by colons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// PCI slot (1-31).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<u32>,
+    /// Option ROM image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rom: Option<PathBuf>,
+    /// ROM slot size overriding the machine type's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub romsize: Option<crate::spec::Size>,
+}
+
+/// `--rng` / `rng` as the user wrote it (see [`DiskSpec`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RngSpec {
+    /// PCI slot (1-31).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<u32>,
+}
+
 fn pairs<'a>(
     device: &'static str,
     spec: &'a str,
@@ -136,64 +198,89 @@ fn on_off(device: &'static str, key: &'static str, v: &str) -> Result<bool, Devi
     }
 }
 
-fn slot(device: &'static str, v: &str) -> Result<u8, DeviceConfigError> {
-    let bad = || DeviceConfigError::BadValue {
+fn bad_slot(device: &'static str, v: impl ToString) -> DeviceConfigError {
+    DeviceConfigError::BadValue {
         device,
         key: "addr",
         value: v.to_string(),
         hint: "a slot number 1-31 (decimal or 0x hex)",
-    };
-    let n = match v.strip_prefix("0x") {
-        Some(h) => u8::from_str_radix(h, 16),
-        None => v.parse(),
-    }
-    .map_err(|_| bad())?;
-    if (1..32).contains(&n) {
-        Ok(n)
-    } else {
-        Err(bad())
     }
 }
 
-/// Parses `path=FILE[,readonly=on][,serial=S][,direct=on][,addr=N]`.
-pub fn parse_disk(spec: &str) -> Result<DiskConfig, DeviceConfigError> {
-    const D: &str = "disk";
-    let mut path = None;
-    let mut cfg = DiskConfig {
-        path: PathBuf::new(),
-        readonly: false,
-        serial: None,
-        direct: false,
-        addr: None,
-    };
-    for (k, v) in pairs(D, spec, "path, readonly, serial, direct, addr")? {
-        match k {
-            "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
-            "readonly" => cfg.readonly = on_off(D, "readonly", v)?,
-            "direct" => cfg.direct = on_off(D, "direct", v)?,
-            "serial" if v.len() <= 20 && v.is_ascii() => cfg.serial = Some(v.to_string()),
-            "serial" => {
+/// A command-line slot number, decimal or 0x hex (checked by [`slot`]).
+fn cli_slot(device: &'static str, v: &str) -> Result<u32, DeviceConfigError> {
+    match v.strip_prefix("0x") {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => v.parse(),
+    }
+    .map_err(|_| bad_slot(device, v))
+}
+
+fn slot(device: &'static str, n: Option<u32>) -> Result<Option<u8>, DeviceConfigError> {
+    n.map(|n| {
+        u8::try_from(n)
+            .ok()
+            .filter(|s| (1..32).contains(s))
+            .ok_or_else(|| bad_slot(device, n))
+    })
+    .transpose()
+}
+
+impl DiskSpec {
+    /// Parses `path=FILE[,readonly=on][,serial=S][,direct=on][,addr=N]`.
+    pub fn from_cli(spec: &str) -> Result<Self, DeviceConfigError> {
+        const D: &str = "disk";
+        let mut cfg = Self::default();
+        for (k, v) in pairs(D, spec, DISK_KEYS)? {
+            match k {
+                "path" => cfg.path = PathBuf::from(v),
+                "readonly" => cfg.readonly = on_off(D, "readonly", v)?,
+                "direct" => cfg.direct = on_off(D, "direct", v)?,
+                "serial" => cfg.serial = Some(v.to_string()),
+                _ => cfg.addr = Some(cli_slot(D, v)?),
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Checks the entry and turns it into the VM configuration's disk.
+    pub fn resolve(&self) -> Result<DiskConfig, DeviceConfigError> {
+        const D: &str = "disk";
+        if self.path.as_os_str().is_empty() {
+            return Err(DeviceConfigError::Missing {
+                device: D,
+                key: "path",
+            });
+        }
+        if let Some(s) = &self.serial {
+            if s.len() > 20 || !s.is_ascii() {
                 return Err(DeviceConfigError::BadValue {
                     device: D,
                     key: "serial",
-                    value: v.to_string(),
+                    value: s.clone(),
                     hint: "at most 20 ASCII characters",
-                })
-            }
-            "addr" => cfg.addr = Some(slot(D, v)?),
-            _ => {
-                return Err(DeviceConfigError::Missing {
-                    device: D,
-                    key: "path",
-                })
+                });
             }
         }
+        Ok(DiskConfig {
+            path: self.path.clone(),
+            readonly: self.readonly,
+            serial: self.serial.clone(),
+            direct: self.direct,
+            addr: slot(D, self.addr)?,
+        })
     }
-    cfg.path = path.ok_or(DeviceConfigError::Missing {
-        device: D,
-        key: "path",
-    })?;
-    Ok(cfg)
+
+    /// The entry that resolves to `c`.
+    pub fn from_config(c: &DiskConfig) -> Self {
+        Self {
+            path: c.path.clone(),
+            readonly: c.readonly,
+            serial: c.serial.clone(),
+            direct: c.direct,
+            addr: c.addr.map(u32::from),
+        }
+    }
 }
 
 fn parse_mac(v: &str) -> Option<[u8; 6]> {
@@ -212,94 +299,178 @@ fn parse_mac(v: &str) -> Option<[u8; 6]> {
     (mac[0] & 1 == 0).then_some(mac)
 }
 
-/// Parses `tap=NAME|fd=N[,mac=52:54:..][,addr=N][,rom=PATH][,romsize=SIZE]`.
-pub fn parse_net(spec: &str) -> Result<NetConfig, DeviceConfigError> {
-    const D: &str = "net";
-    let mut backend = None;
-    let mut cfg = NetConfig {
-        backend: NetBackend::Fd(-1),
-        mac: None,
-        addr: None,
-        rom: None,
-        romsize: None,
-        rom_image: None,
-    };
-    for (k, v) in pairs(D, spec, "tap, fd, mac, addr, rom, romsize")? {
-        match k {
-            "tap" if !v.is_empty() && v.len() < 16 => backend = Some(NetBackend::Tap(v.into())),
-            "tap" => {
-                return Err(DeviceConfigError::BadValue {
-                    device: D,
-                    key: "tap",
-                    value: v.into(),
-                    hint: "an interface name of 1 to 15 characters",
-                })
-            }
-            "fd" => {
-                let fd = v.parse::<i32>().ok().filter(|f| *f >= 0).ok_or_else(|| {
-                    DeviceConfigError::BadValue {
+impl NetSpec {
+    /// Parses `tap=NAME|fd=N[,mac=52:54:..][,addr=N][,rom=PATH][,romsize=SIZE]`.
+    pub fn from_cli(spec: &str) -> Result<Self, DeviceConfigError> {
+        const D: &str = "net";
+        let mut cfg = Self::default();
+        for (k, v) in pairs(D, spec, NET_KEYS)? {
+            match k {
+                "tap" => cfg.tap = Some(v.into()),
+                "fd" => {
+                    cfg.fd = Some(v.parse::<i32>().map_err(|_| DeviceConfigError::BadValue {
                         device: D,
                         key: "fd",
                         value: v.into(),
                         hint: "an open file descriptor number",
-                    }
-                })?;
-                backend = Some(NetBackend::Fd(fd));
+                    })?)
+                }
+                "mac" => cfg.mac = Some(v.into()),
+                "addr" => cfg.addr = Some(cli_slot(D, v)?),
+                "rom" => cfg.rom = Some(PathBuf::from(v)),
+                _ => cfg.romsize = Some(crate::spec::Size::Text(v.into())),
             }
-            "mac" => {
-                cfg.mac = Some(parse_mac(v).ok_or_else(|| DeviceConfigError::BadValue {
+        }
+        Ok(cfg)
+    }
+
+    /// Checks the entry and turns it into the VM configuration's card.
+    pub fn resolve(&self) -> Result<NetConfig, DeviceConfigError> {
+        const D: &str = "net";
+        let bad = |key, value: String, hint| DeviceConfigError::BadValue {
+            device: D,
+            key,
+            value,
+            hint,
+        };
+        let backend = match (&self.tap, self.fd) {
+            (Some(t), None) if !t.is_empty() && t.len() < 16 => NetBackend::Tap(t.clone()),
+            (Some(t), None) => {
+                return Err(bad(
+                    "tap",
+                    t.clone(),
+                    "an interface name of 1 to 15 characters",
+                ))
+            }
+            (None, Some(fd)) if fd >= 0 => NetBackend::Fd(fd),
+            (None, Some(fd)) => {
+                return Err(bad("fd", fd.to_string(), "an open file descriptor number"))
+            }
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    "fd",
+                    "(with tap=)".into(),
+                    "give either tap= or fd=, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(DeviceConfigError::Missing {
                     device: D,
-                    key: "mac",
-                    value: v.into(),
-                    hint: "six hex bytes like 52:54:00:12:34:56, not multicast",
-                })?)
-            }
-            "addr" => cfg.addr = Some(slot(D, v)?),
-            "rom" if !v.is_empty() => cfg.rom = Some(PathBuf::from(v)),
-            "romsize" => {
-                let size = crate::config::parse_size(v)
-                    .ok()
-                    .filter(|s| s.is_power_of_two() && (2048..=16 << 20).contains(s))
-                    .ok_or_else(|| DeviceConfigError::BadValue {
-                        device: D,
-                        key: "romsize",
-                        value: v.into(),
-                        hint: "a power of two from 2K to 16M, e.g. 256K",
-                    })?;
-                cfg.romsize = Some(size);
-            }
-            _ => {
-                return Err(DeviceConfigError::BadValue {
-                    device: D,
-                    key: "rom",
-                    value: v.into(),
-                    hint: "a file path",
+                    key: "tap",
                 })
             }
+        };
+        let mac = self
+            .mac
+            .as_deref()
+            .map(|m| {
+                parse_mac(m).ok_or_else(|| {
+                    bad(
+                        "mac",
+                        m.into(),
+                        "six hex bytes like 52:54:00:12:34:56, not multicast",
+                    )
+                })
+            })
+            .transpose()?;
+        let rom = match &self.rom {
+            Some(p) if p.as_os_str().is_empty() => {
+                return Err(bad("rom", String::new(), "a file path"))
+            }
+            r => r.clone(),
+        };
+        let romsize = self
+            .romsize
+            .as_ref()
+            .map(|s| {
+                s.bytes()
+                    .ok()
+                    .filter(|s| s.is_power_of_two() && (2048..=16 << 20).contains(s))
+                    .ok_or_else(|| {
+                        bad(
+                            "romsize",
+                            s.to_string(),
+                            "a power of two from 2K to 16M, e.g. 256K",
+                        )
+                    })
+            })
+            .transpose()?;
+        if romsize.is_some() && rom.is_none() {
+            return Err(DeviceConfigError::Missing {
+                device: D,
+                key: "rom",
+            });
+        }
+        Ok(NetConfig {
+            backend,
+            mac,
+            addr: slot(D, self.addr)?,
+            rom,
+            romsize,
+            rom_image: None,
+        })
+    }
+
+    /// The entry that resolves to `c`.
+    pub fn from_config(c: &NetConfig) -> Self {
+        let (tap, fd) = match &c.backend {
+            NetBackend::Tap(t) => (Some(t.clone()), None),
+            NetBackend::Fd(fd) => (None, Some(*fd)),
+        };
+        Self {
+            tap,
+            fd,
+            mac: c.mac.map(|m| {
+                m.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":")
+            }),
+            addr: c.addr.map(u32::from),
+            rom: c.rom.clone(),
+            romsize: c.romsize.map(crate::spec::Size::from_bytes),
         }
     }
-    cfg.backend = backend.ok_or(DeviceConfigError::Missing {
-        device: D,
-        key: "tap",
-    })?;
-    if cfg.romsize.is_some() && cfg.rom.is_none() {
-        return Err(DeviceConfigError::Missing {
-            device: D,
-            key: "rom",
-        });
-    }
-    Ok(cfg)
 }
 
-/// Parses `[addr=N]` (an empty string means defaults).
-pub fn parse_rng(spec: &str) -> Result<RngConfig, DeviceConfigError> {
-    let mut cfg = RngConfig::default();
-    for (k, v) in pairs("rng", spec, "addr")? {
-        if k == "addr" {
-            cfg.addr = Some(slot("rng", v)?);
+impl RngSpec {
+    /// Parses `[addr=N]` (an empty string means defaults).
+    pub fn from_cli(spec: &str) -> Result<Self, DeviceConfigError> {
+        let mut cfg = Self::default();
+        for (_, v) in pairs("rng", spec, RNG_KEYS)? {
+            cfg.addr = Some(cli_slot("rng", v)?);
+        }
+        Ok(cfg)
+    }
+
+    /// Checks the entry and turns it into the VM configuration's rng.
+    pub fn resolve(&self) -> Result<RngConfig, DeviceConfigError> {
+        Ok(RngConfig {
+            addr: slot("rng", self.addr)?,
+        })
+    }
+
+    /// The entry that resolves to `c`.
+    pub fn from_config(c: &RngConfig) -> Self {
+        Self {
+            addr: c.addr.map(u32::from),
         }
     }
-    Ok(cfg)
+}
+
+/// Parses `--disk`.
+pub fn parse_disk(spec: &str) -> Result<DiskConfig, DeviceConfigError> {
+    DiskSpec::from_cli(spec)?.resolve()
+}
+
+/// Parses `--net`.
+pub fn parse_net(spec: &str) -> Result<NetConfig, DeviceConfigError> {
+    NetSpec::from_cli(spec)?.resolve()
+}
+
+/// Parses `--rng`.
+pub fn parse_rng(spec: &str) -> Result<RngConfig, DeviceConfigError> {
+    RngSpec::from_cli(spec)?.resolve()
 }
 
 /// The slot policy: explicit `addr=` slots first, then every other device
@@ -391,6 +562,60 @@ mod tests {
             parse_net("tap=t,romsize=256K").is_err(),
             "romsize needs rom"
         );
+    }
+
+    #[test]
+    fn command_line_keys_are_the_json_fields() {
+        fn keys<T: serde::Serialize>(v: &T) -> String {
+            let serde_json::Value::Object(m) = serde_json::to_value(v).expect("json") else {
+                panic!("not an object");
+            };
+            let mut k: Vec<String> = m.keys().cloned().collect();
+            k.sort();
+            k.join(", ")
+        }
+        fn sorted(s: &str) -> String {
+            let mut v: Vec<&str> = s.split(", ").collect();
+            v.sort();
+            v.join(", ")
+        }
+        let disk =
+            DiskSpec::from_cli("path=/d,readonly=on,serial=s,direct=on,addr=3").expect("disk");
+        assert_eq!(keys(&disk), sorted(DISK_KEYS));
+        let net = NetSpec {
+            fd: Some(3),
+            ..NetSpec::from_cli("tap=t,mac=52:54:00:00:00:01,addr=4,rom=/r,romsize=256K")
+                .expect("net")
+        };
+        assert_eq!(keys(&net), sorted(NET_KEYS));
+        assert_eq!(
+            keys(&RngSpec::from_cli("addr=5").expect("rng")),
+            sorted(RNG_KEYS)
+        );
+    }
+
+    #[test]
+    fn json_and_command_line_resolve_alike() {
+        let cli =
+            parse_net("tap=tap0,mac=52:54:00:12:34:56,addr=0x3,rom=/r,romsize=256K").expect("cli");
+        let json: NetSpec = serde_json::from_str(
+            r#"{"tap":"tap0","mac":"52:54:00:12:34:56","addr":3,"rom":"/r","romsize":"256K"}"#,
+        )
+        .expect("json");
+        assert_eq!(json.resolve().expect("resolve"), cli);
+        assert_eq!(
+            NetSpec::from_config(&cli).resolve().expect("round trip"),
+            cli
+        );
+        let d = parse_disk("path=/x,serial=abc,addr=7").expect("disk");
+        assert_eq!(DiskSpec::from_config(&d).resolve().expect("round trip"), d);
+        assert!(serde_json::from_str::<DiskSpec>(r#"{"path":"/x","bogus":1}"#).is_err());
+        let bad: DiskSpec = serde_json::from_str(r#"{"path":"/x","addr":0}"#).expect("parses");
+        assert!(
+            bad.resolve().is_err(),
+            "slot 0 is refused as on the command line"
+        );
+        assert!(parse_net("tap=t,fd=3").is_err(), "tap and fd together");
     }
 
     #[test]

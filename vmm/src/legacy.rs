@@ -27,6 +27,9 @@ pub enum LegacyError {
     /// Two devices claim the same ports.
     #[error("cannot place {0} on the port bus")]
     Bus(&'static str, #[source] BusError),
+    /// The SCI's end-of-interrupt eventfd could not be watched.
+    #[error("cannot watch the SCI's end-of-interrupt eventfd")]
+    Resample(#[source] std::io::Error),
     /// A device model refused the machine's defaults.
     #[error("machine type '{machine}' declares what a legacy device cannot implement")]
     Model {
@@ -111,4 +114,34 @@ pub fn attach(
         rtc,
         pm,
     })
+}
+
+/// Connects the ACPI PM block's SCI to the machine's `pm.sci_irq` as the
+/// level-triggered line the MADT declares: a resampling irqfd, raised again
+/// after each EOI while an event is pending.
+pub fn wire_sci(
+    vm: &VmFd,
+    resampler: &crate::intx::Resampler,
+    machine: &MachineDescription,
+    pm: &Arc<Mutex<AcpiPm>>,
+) -> Result<(), LegacyError> {
+    let gsi = machine.legacy.pm.sci_irq;
+    let line = IrqLine::new().map_err(|e| LegacyError::EventFd("SCI", e))?;
+    let resample = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(|e| LegacyError::EventFd("SCI", e))?;
+    vm.register_irqfd_with_resample(line.eventfd(), &resample, gsi)
+        .map_err(|source| LegacyError::Irqfd {
+            device: "SCI",
+            gsi,
+            source,
+        })?;
+    let dev = pm.clone();
+    resampler
+        .add(
+            resample,
+            Box::new(move || dev.lock().unwrap_or_else(|e| e.into_inner()).resample()),
+        )
+        .map_err(LegacyError::Resample)?;
+    pm.lock().unwrap_or_else(|e| e.into_inner()).set_sci(line);
+    Ok(())
 }

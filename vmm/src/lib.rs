@@ -9,6 +9,7 @@ pub mod capabilities;
 pub mod compat;
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod devices_config;
 pub mod intx;
 pub mod irq;
@@ -18,6 +19,7 @@ pub mod memory;
 pub mod migration;
 pub mod pci;
 pub mod snapshot;
+pub mod spec;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
@@ -187,6 +189,9 @@ pub enum Error {
     /// The control API.
     #[error(transparent)]
     Api(#[from] api::ApiError),
+    /// The VM configuration.
+    #[error(transparent)]
+    Spec(#[from] spec::SpecError),
     /// Live migration.
     #[error(transparent)]
     Migration(#[from] migration::MigrationError),
@@ -210,18 +215,15 @@ pub fn run(cfg: &config::VmConfig) -> Result<ExitReason, Error> {
     run_with_api(cfg, None)
 }
 
-/// Like [`run`], serving the control API on `api_socket` if given.
+/// Like [`run`], serving the API on `api_socket` if given.
 pub fn run_with_api(
     cfg: &config::VmConfig,
     api_socket: Option<&std::path::Path>,
 ) -> Result<ExitReason, Error> {
     let machine = abide_machines::resolve(&cfg.machine)?;
-    let api = api_socket.map(api::ApiServer::bind).transpose()?;
-    let mut vm = vm::Vm::build(machine, cfg)?;
-    if let Some(api) = api {
-        vm.set_api(api);
-    }
-    vm.run()
+    let api = api_socket.map(api::Listener::bind).transpose()?;
+    let vm = vm::Vm::build(machine, cfg)?;
+    control::run(vm, api, None)
 }
 
 /// The guest ABI manifest and host-side settings for `cfg`, without

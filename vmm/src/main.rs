@@ -3,10 +3,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use abide_vmm::config::{parse_serial, parse_size, KernelSource, VmConfig};
-use abide_vmm::devices_config::{parse_disk, parse_net, parse_rng, NetBackend};
+use abide_vmm::api::client;
+use abide_vmm::config::{parse_serial, VmConfig};
+use abide_vmm::devices_config::{DiskSpec, NetBackend, NetSpec, RngSpec};
+use abide_vmm::spec::{Size, VmSpec};
 use abide_vmm::{error_chain, ExitReason, EXIT_ERROR, EXIT_POWEROFF, EXIT_RESET, EXIT_USAGE};
 use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +32,12 @@ enum Command {
     /// Print the guest ABI manifest (and host-side settings) that `run` with
     /// the same flags would give the guest, as JSON, without starting it.
     Manifest(RunArgs),
+    /// Print the VM configuration the flags describe, as the JSON that
+    /// `--config` and the API's vm.create take.
+    Config(RunArgs),
+    /// Serve the API with no VM: an orchestrator then creates, restores or
+    /// receives one (docs/api/openapi.yaml).
+    Serve(ServeArgs),
     /// Print what this host offers and what Abide can give a guest (JSON).
     Capabilities,
     /// List the machine types and whether this host can run their default CPU model.
@@ -37,7 +46,7 @@ enum Command {
     Snapshot(SnapshotArgs),
     /// Restore a snapshot in this process and run the guest on.
     Restore(RestoreArgs),
-    /// Send a control request (status, pause, resume, quit) to a running abide.
+    /// Send a request to a running abide's API (see `abide ctl --help`).
     Ctl(CtlArgs),
     /// Wait for one incoming live migration, then run the guest.
     Receive(ReceiveArgs),
@@ -45,14 +54,13 @@ enum Command {
     /// to an `abide receive`.
     Migrate(MigrateArgs),
 }
-
 /// Host-side settings that may differ from the saved or migrated guest's.
 #[derive(clap::Args)]
 struct OverrideArgs {
     /// COM1 output: stdio, null or file:PATH (default: as saved).
     #[arg(long)]
     serial: Option<String>,
-    /// Serve the control API on this Unix socket.
+    /// Serve the API (docs/api/openapi.yaml) on this Unix socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
     /// Use another image for the disk at a PCI slot: SLOT=PATH. Repeatable.
@@ -67,7 +75,7 @@ struct OverrideArgs {
 #[derive(clap::Args)]
 struct ReceiveArgs {
     /// Where to wait for the source: tcp:ADDR:PORT or unix:PATH. Without
-    /// it, a `receive` request on the control socket gives the address.
+    /// it, the API's vm.receive-migration gives the address.
     #[arg(long)]
     listen: Option<String>,
     #[command(flatten)]
@@ -91,6 +99,13 @@ struct MigrateArgs {
     /// Give up (the guest keeps running here) after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Unix socket to serve the API on (created with mode 0600).
+    #[arg(long)]
+    api_socket: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -119,12 +134,28 @@ struct RestoreArgs {
 
 #[derive(clap::Args)]
 struct CtlArgs {
-    /// Control socket of the running abide.
+    /// API socket of the running abide.
     #[arg(long)]
     api_socket: PathBuf,
-    /// status, pause, resume or quit.
-    #[arg(value_parser = ["status", "pause", "resume", "quit"])]
+    /// status (vm.info), pause, resume, power-button (ACPI soft shutdown),
+    /// power-off, metrics, ping, or quit (vmm.shutdown: stop the VM, end
+    /// abide).
+    #[arg(value_parser = ["status", "pause", "resume", "power-button", "power-off", "metrics", "ping", "quit"])]
     request: String,
+}
+
+/// The REST call behind each `abide ctl` request.
+fn ctl_call(request: &str) -> (&'static str, &'static str) {
+    match request {
+        "pause" => ("PUT", "/api/v1/vm.pause"),
+        "resume" => ("PUT", "/api/v1/vm.resume"),
+        "power-button" => ("PUT", "/api/v1/vm.power-button"),
+        "power-off" => ("PUT", "/api/v1/vm.power-off"),
+        "metrics" => ("GET", "/api/v1/vm.metrics"),
+        "ping" => ("GET", "/api/v1/vmm.ping"),
+        "quit" => ("PUT", "/api/v1/vmm.shutdown"),
+        _ => ("GET", "/api/v1/vm.info"),
+    }
 }
 
 fn slot_pair(flag: &str, s: &str) -> Result<(u8, String), abide_vmm::Error> {
@@ -150,7 +181,7 @@ fn overrides(
 ) -> Result<
     (
         abide_vmm::snapshot::Overrides,
-        Option<abide_vmm::api::ApiServer>,
+        Option<abide_vmm::api::Listener>,
     ),
     abide_vmm::Error,
 > {
@@ -178,13 +209,13 @@ fn overrides(
     let api = a
         .api_socket
         .as_deref()
-        .map(abide_vmm::api::ApiServer::bind)
+        .map(abide_vmm::api::Listener::bind)
         .transpose()?;
     Ok((o, api))
 }
 
 fn receive(a: ReceiveArgs) -> Result<ExitReason, abide_vmm::Error> {
-    use abide_vmm::migration::{incoming, Endpoint, MigrationError, ReceiveOptions};
+    use abide_vmm::migration::{Endpoint, MigrationError, ReceiveOptions};
     let at = a
         .listen
         .as_deref()
@@ -197,12 +228,12 @@ fn receive(a: ReceiveArgs) -> Result<ExitReason, abide_vmm::Error> {
         .into());
     }
     let (overrides, api) = overrides(&a.overrides)?;
-    incoming::run(at, ReceiveOptions { overrides }, api)
+    abide_vmm::control::receive(at, ReceiveOptions { overrides }, api)
 }
 
 fn restore(a: RestoreArgs, started: std::time::Instant) -> Result<ExitReason, abide_vmm::Error> {
     let (overrides, api) = overrides(&a.overrides)?;
-    let (mut vm, report) = abide_vmm::snapshot::restore(&a.snapshot, &overrides)?;
+    let (vm, report) = abide_vmm::snapshot::restore(&a.snapshot, &overrides)?;
     if std::env::var_os("ABIDE_RESTORE_TIMINGS").is_some() {
         // ready_ms: from process start to just before the devices are
         // resumed and the vCPU threads spawned (the guest's first
@@ -215,17 +246,29 @@ fn restore(a: RestoreArgs, started: std::time::Instant) -> Result<ExitReason, ab
             abide_vmm::api::ms(started)
         );
     }
-    if let Some(api) = api {
-        vm.set_api(api);
-    }
-    vm.run()
+    let figures = json!({
+        "path": a.snapshot,
+        "verify_ms": report.verify_ms,
+        "abi_ms": report.abi_ms,
+        "load_ms": report.load_ms,
+    });
+    abide_vmm::control::run(vm, api, Some(figures))
 }
 
+/// The VM configuration flags. Each is a field of the JSON configuration
+/// (`abide config` prints it; `--config` and the API's vm.create take it):
+/// flags given on the command line override the file's fields, repeated
+/// `--disk`/`--net` add entries, and what neither gives has the schema's
+/// default.
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Machine type (pc-1.0, pc-2.0; pc is the newest).
-    #[arg(long, default_value = "pc")]
-    machine: String,
+    /// JSON VM configuration file (the schema of `abide config` and of the
+    /// API's vm.create); the other flags override its fields.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Machine type (pc-1.0, pc-2.0; pc is the newest) [default: pc].
+    #[arg(long)]
+    machine: Option<String>,
     /// CPU model (abide-v1, abide-v2, host; default: the machine type's).
     #[arg(long)]
     cpu: Option<String>,
@@ -239,59 +282,98 @@ struct RunArgs {
     /// Kernel command line (default: "console=ttyS0" for --kernel, empty for the embedded guest).
     #[arg(long)]
     cmdline: Option<String>,
-    /// Guest memory, e.g. 512M or 2G (a bare number means MiB).
-    #[arg(long, default_value = "512M")]
-    memory: String,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    cpus: u32,
-    /// COM1 output: stdio, null or file:PATH.
-    #[arg(long, default_value = "stdio")]
-    serial: String,
+    /// Guest memory, e.g. 512M or 2G (a bare number means MiB) [default: 512M].
+    #[arg(long)]
+    memory: Option<String>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// COM1 output: stdio, null or file:PATH [default: stdio].
+    #[arg(long)]
+    serial: Option<String>,
     /// virtio-blk disk: path=FILE[,readonly=on][,serial=ID][,direct=on][,addr=SLOT]. Repeatable.
     #[arg(long = "disk", value_name = "OPTIONS")]
     disks: Vec<String>,
-    /// virtio-net card: tap=NAME|fd=N[,mac=MAC][,addr=SLOT][,rom=PATH]. Repeatable.
+    /// virtio-net card: tap=NAME|fd=N[,mac=MAC][,addr=SLOT][,rom=PATH][,romsize=SIZE]. Repeatable.
     #[arg(long = "net", value_name = "OPTIONS")]
     nets: Vec<String>,
     /// Add a virtio-rng device (optionally addr=SLOT).
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
     rng: Option<String>,
-    /// Serve the control API (pause, resume, snapshot, quit) on this Unix socket.
+    /// Serve the API (docs/api/openapi.yaml) on this Unix socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
 }
 
-fn build_config(a: RunArgs) -> Result<VmConfig, abide_vmm::Error> {
-    let kernel = match a.kernel {
-        Some(p) => KernelSource::Path(p),
-        None => KernelSource::Embedded,
+/// The configuration the flags (and `--config`) describe.
+fn build_spec(a: &RunArgs) -> Result<VmSpec, abide_vmm::Error> {
+    let mut spec = match &a.config {
+        Some(p) => VmSpec::from_file(p)?,
+        None => VmSpec::default(),
     };
-    let cmdline = a.cmdline.unwrap_or_else(|| match kernel {
-        KernelSource::Path(_) => "console=ttyS0".to_string(),
-        KernelSource::Embedded => String::new(),
-    });
-    Ok(VmConfig {
-        machine: a.machine,
-        cpu: a.cpu.unwrap_or_default(),
-        kernel,
-        initrd: a.initrd,
-        cmdline,
-        memory: parse_size(&a.memory)?,
-        cpus: a.cpus,
-        serial: parse_serial(&a.serial)?,
-        disks: a
-            .disks
-            .iter()
-            .map(|d| parse_disk(d))
-            .collect::<Result<_, _>>()?,
-        nets: a
-            .nets
-            .iter()
-            .map(|n| parse_net(n))
-            .collect::<Result<_, _>>()?,
-        rng: a.rng.as_deref().map(parse_rng).transpose()?,
-    })
+    if let Some(m) = &a.machine {
+        spec.machine = m.clone();
+    }
+    if let Some(c) = &a.cpu {
+        spec.cpu = Some(c.clone());
+    }
+    if let Some(k) = &a.kernel {
+        spec.kernel = Some(k.clone());
+    }
+    if let Some(i) = &a.initrd {
+        spec.initrd = Some(i.clone());
+    }
+    if let Some(c) = &a.cmdline {
+        spec.cmdline = Some(c.clone());
+    }
+    if let Some(m) = &a.memory {
+        spec.memory = Size::Text(m.clone());
+    }
+    if let Some(n) = a.cpus {
+        spec.cpus = n;
+    }
+    if let Some(s) = &a.serial {
+        spec.serial = s.clone();
+    }
+    for d in &a.disks {
+        spec.disks.push(DiskSpec::from_cli(d)?);
+    }
+    for n in &a.nets {
+        spec.nets.push(NetSpec::from_cli(n)?);
+    }
+    if let Some(r) = &a.rng {
+        spec.rng = Some(RngSpec::from_cli(r)?);
+    }
+    Ok(spec)
+}
+
+fn build_config(a: &RunArgs) -> Result<VmConfig, abide_vmm::Error> {
+    Ok(build_spec(a)?.resolve()?)
+}
+
+/// `abide snapshot`: pause (with --stop), save, and quit (with --stop),
+/// through the API.
+fn snapshot(a: &SnapshotArgs) -> Result<(), abide_vmm::Error> {
+    let sock = &a.api_socket;
+    let path = std::path::absolute(&a.output).unwrap_or(a.output.clone());
+    // With --stop the guest stays paused after the save (it must not run
+    // past the snapshot before abide quits); a target release that cannot
+    // read it is refused before the guest is paused at all.
+    let reply = client::call(
+        sock,
+        "PUT",
+        "/api/v1/vm.snapshot",
+        Some(&json!({
+            "path": path,
+            "target_version": a.target_version,
+            "stay_paused": a.stop,
+        })),
+    )?;
+    println!("{reply}");
+    if a.stop {
+        client::call(sock, "PUT", "/api/v1/vmm.shutdown", None)?;
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -304,53 +386,45 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run(mut args) => {
-            let api_socket = args.api_socket.take();
-            build_config(args).and_then(|cfg| abide_vmm::run_with_api(&cfg, api_socket.as_deref()))
-        }
+        Command::Run(args) => build_config(&args)
+            .and_then(|cfg| abide_vmm::run_with_api(&cfg, args.api_socket.as_deref())),
         Command::Restore(args) => restore(args, started),
+        Command::Config(args) => build_config(&args).and_then(|cfg| {
+            serde_json::to_string_pretty(&VmSpec::from_config(&cfg))
+                .map(|json| println!("{json}"))
+                .map(|()| ExitReason::Poweroff)
+                .map_err(abide_vmm::Error::Json)
+        }),
+        Command::Serve(args) => abide_vmm::api::Listener::bind(&args.api_socket)
+            .map_err(abide_vmm::Error::Api)
+            .and_then(abide_vmm::control::serve)
+            .map(|()| ExitReason::Poweroff),
+        Command::Snapshot(a) => snapshot(&a).map(|()| ExitReason::Poweroff),
         Command::Receive(args) => receive(args),
         Command::Migrate(a) => abide_vmm::migration::client::migrate(
             &a.api_socket,
-            &serde_json::json!({
-                "cmd": "migrate",
-                "to": a.to,
+            &json!({
+                "destination_url": a.to,
                 "max_downtime_ms": a.max_downtime_ms,
-                "max_bandwidth": a.max_bandwidth,
-                "timeout": a.timeout,
+                "max_bandwidth_mib_s": a.max_bandwidth,
+                "timeout_s": a.timeout,
             }),
             std::time::Duration::from_secs(a.timeout + 60),
         )
         .map(|()| ExitReason::Poweroff),
-        Command::Snapshot(a) => {
-            // With --stop the guest stays paused after the save: it must not
-            // run past the snapshot before abide quits.
-            let req = serde_json::json!({
-                "cmd": "snapshot",
-                "path": std::path::absolute(&a.output).unwrap_or(a.output.clone()),
-                "target_version": a.target_version,
-                "stay_paused": a.stop,
-            });
-            abide_vmm::api::call(&a.api_socket, &req)
-                .and_then(|reply| {
-                    println!("{reply}");
-                    if a.stop {
-                        abide_vmm::api::call(&a.api_socket, &serde_json::json!({"cmd": "quit"}))?;
-                    }
-                    Ok(())
-                })
-                .map(|()| ExitReason::Poweroff)
-                .map_err(abide_vmm::Error::Api)
-        }
         Command::Ctl(a) => {
-            abide_vmm::api::call(&a.api_socket, &serde_json::json!({"cmd": a.request}))
+            let (method, path) = ctl_call(&a.request);
+            client::call(&a.api_socket, method, path, None)
                 .map(|reply| {
-                    println!("{reply}");
+                    match reply {
+                        Value::String(text) => print!("{text}"),
+                        v => println!("{v}"),
+                    }
                     ExitReason::Poweroff
                 })
                 .map_err(abide_vmm::Error::Api)
         }
-        Command::Manifest(args) => build_config(args)
+        Command::Manifest(args) => build_config(&args)
             .and_then(|cfg| abide_vmm::manifest(&cfg))
             .and_then(|d| {
                 serde_json::to_string_pretty(&d)

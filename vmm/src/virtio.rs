@@ -157,11 +157,19 @@ fn net_device<B: abide_devices::virtio::net::NetBackend>(
     Ok(Box::new(dev))
 }
 
-/// Takes ownership of a tap fd an orchestrator passed in.
+/// Takes ownership of a tap fd an orchestrator passed in. A descriptor that
+/// is not an open tap is refused and left alone (it may be one of abide's
+/// own: closing it would break the VMM).
 fn open_tap_fd(fd: i32) -> std::io::Result<Tap> {
     // SAFETY: F_GETFD only queries the descriptor table.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
         return Err(std::io::Error::last_os_error());
+    }
+    if !abide_devices::virtio::net::is_tap(fd) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("file descriptor {fd} is not a tap device"),
+        ));
     }
     // SAFETY: the fd is open (checked above) and the user handed it to
     // abide for this device; nothing else in abide owns it.

@@ -39,12 +39,13 @@ pub struct Vm {
     // Kept alive for as long as KVM maps it.
     pub(crate) ram: GuestRam,
     pub(crate) vcpus: Vec<Vcpu>,
+    /// Exits of each vCPU by reason (shared with its thread).
+    pub(crate) exit_counters: Vec<Arc<vcpu::exits::ExitCounters>>,
     pub(crate) legacy: LegacyDevices,
     pub(crate) pci: PciPlatform,
     _resampler: Resampler,
     pub(crate) exit: ExitSignal,
     serial_is_console: bool,
-    api: Option<crate::api::ApiServer>,
     /// Devices were restored from a snapshot and wait to be resumed.
     pub(crate) restored: bool,
     /// Second handles on the disk images, to flush them before a
@@ -57,6 +58,14 @@ pub struct Vm {
     /// Called once the vCPU threads run (a received migration's answer to
     /// its source).
     on_start: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+/// A VM whose vCPU threads exist: running, or parked by a pause.
+pub(crate) struct Started {
+    /// Shared with an outgoing migration's thread.
+    pub(crate) vcpus: Arc<Mutex<Vcpus>>,
+    errors: mpsc::Receiver<vcpu::VcpuError>,
+    _console: Option<console::Console>,
 }
 
 /// How a VM's state is initialized.
@@ -234,6 +243,7 @@ impl Vm {
         let max_gsi = kvm.check_extension_int(kvm_ioctls::Cap::IrqRouting).max(0) as u32;
         let router = GsiRouter::new(vm.clone(), max_gsi, &machine.irqchip)?;
         let resampler = Resampler::new().map_err(Error::Resampler)?;
+        legacy::wire_sci(&vm, &resampler, &machine, &legacy.pm)?;
         let net_ports = crate::virtio::attach_all(
             &crate::virtio::VirtioAttach {
                 machine: &machine,
@@ -255,6 +265,7 @@ impl Vm {
         let msrs = Arc::new(msr_list.as_slice().to_vec());
         let clock_flags = kvm.check_extension_int(kvm_ioctls::Cap::AdjustClock).max(0) as u32;
         let mut vcpus = Vec::new();
+        let mut exit_counters = Vec::new();
         for index in 0..cfg.cpus {
             let fd = vm
                 .create_vcpu(u64::from(index))
@@ -267,12 +278,15 @@ impl Vm {
                     regs::setup_boot_cpu(&fd, entry)?;
                 }
             }
+            let exits = Arc::new(vcpu::exits::ExitCounters::default());
+            exit_counters.push(exits.clone());
             vcpus.push(Vcpu {
                 index,
                 fd,
                 pio: pio.clone(),
                 mmio: mmio.clone(),
                 msrs: msrs.clone(),
+                exits,
             });
         }
         Ok(Self {
@@ -283,12 +297,12 @@ impl Vm {
             clock_flags,
             ram,
             vcpus,
+            exit_counters,
             legacy,
             pci,
             _resampler: resampler,
             exit,
             serial_is_console: cfg.serial == SerialConfig::Stdio,
-            api: None,
             restored: false,
             disk_files,
             net_ports,
@@ -305,11 +319,6 @@ impl Vm {
     /// Takes the NICs' taps and MACs.
     pub fn take_net_ports(&mut self) -> Vec<crate::virtio::NetPort> {
         std::mem::take(&mut self.net_ports)
-    }
-
-    /// Serves the control API on `server` while the VM runs.
-    pub fn set_api(&mut self, server: crate::api::ApiServer) {
-        self.api = Some(server);
     }
 
     /// Pauses the vCPUs, then the device workers: afterwards nothing
@@ -364,71 +373,63 @@ impl Vm {
         &self.vm
     }
 
-    /// Runs the guest until it powers off, resets, or a vCPU fails,
-    /// serving the control API meanwhile.
-    pub fn run(mut self) -> Result<ExitReason, Error> {
-        let _console = if self.serial_is_console {
-            Some(console::attach_stdin(self.legacy.serial.clone()))
-        } else {
-            None
-        };
-        if self.restored {
+    /// The event that fires when the VM ends (guest poweroff or reset, or
+    /// a vCPU failure).
+    pub fn exit_event(&self) -> &ExitSignal {
+        &self.exit
+    }
+
+    /// Starts the vCPU threads. `paused`: they park before running the
+    /// guest and a restored VM's devices stay paused, until
+    /// [`Vm::resume`]; otherwise the guest runs (a restored VM's devices
+    /// are resumed first).
+    pub(crate) fn start(&mut self, paused: bool) -> Result<Started, Error> {
+        let console = self
+            .serial_is_console
+            .then(|| console::attach_stdin(self.legacy.serial.clone()));
+        if self.restored && !paused {
             // Interrupt controllers and vCPUs hold their saved state now:
             // devices may raise interrupts again.
             self.resume_devices()?;
             self.restored = false;
         }
         let (tx, rx) = mpsc::channel();
-        let vcpus = Vcpus::start(std::mem::take(&mut self.vcpus), self.exit.clone(), tx)
-            .map_err(Error::Thread)?;
+        let vcpus = std::mem::take(&mut self.vcpus);
+        let vcpus = if paused {
+            Vcpus::start_paused(vcpus, self.exit.clone(), tx)
+        } else {
+            Vcpus::start(vcpus, self.exit.clone(), tx)
+        }
+        .map_err(Error::Thread)?;
         if let Some(f) = self.on_start.take() {
             f();
         }
-        let vcpus = Mutex::new(vcpus);
-        let job = crate::migration::Job::default();
-        let mut api = self.api.take();
-        let quit = std::thread::scope(|scope| {
-            let ctx = crate::api::Context {
-                vm: &self,
-                vcpus: &vcpus,
-                migration: &job,
-                scope,
-            };
-            let quit = loop {
-                match &mut api {
-                    Some(server) => {
-                        if server.serve(&self.exit, |req, client| {
-                            crate::api::handle(&ctx, req, client)
-                        }) {
-                            break true;
-                        }
-                    }
-                    None => {
-                        crate::api::wait_readable(&self.exit);
-                        break false;
-                    }
-                }
-                if crate::api::exit_pending(&self.exit) {
-                    break false;
-                }
-            };
-            // An unfinished migration gives up (before its commit); the
-            // scope then waits for its thread.
-            job.cancel();
-            quit
-        });
-        // A paused VM stays paused: its vCPU threads leave from where they
-        // are parked, and parked device handlers go with the VM. Nothing
-        // may run past a snapshot taken before a quit, nor past a
-        // migration.
-        vcpus.into_inner().unwrap_or_else(|e| e.into_inner()).stop();
-        if quit {
-            return Ok(ExitReason::Poweroff);
-        }
-        if let Ok(e) = rx.try_recv() {
+        Ok(Started {
+            vcpus: Arc::new(Mutex::new(vcpus)),
+            errors: rx,
+            _console: console,
+        })
+    }
+
+    /// Stops the vCPU threads and says how the VM ended: a vCPU's error,
+    /// or the reason a device or vCPU gave (poweroff when none did, as
+    /// when the VM is stopped from outside). A paused VM stays paused: its
+    /// threads leave from where they are parked, so nothing runs past a
+    /// snapshot taken before.
+    pub(crate) fn finish(&self, started: Started) -> Result<ExitReason, Error> {
+        started
+            .vcpus
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stop_all();
+        if let Ok(e) = started.errors.try_recv() {
             return Err(Error::Vcpu(e));
         }
-        // Either a device or a vCPU system event set the reason before waking us.
         Ok(self.exit.reason().unwrap_or(ExitReason::Poweroff))
+    }
+
+    /// Runs the guest until it powers off, resets, or a vCPU fails.
+    pub fn run(self) -> Result<ExitReason, Error> {
+        crate::control::run(self, None, None)
     }
 }

@@ -1,5 +1,10 @@
 //! The ACPI PM1a event/control block with the PM timer, and the ACPI reset
 //! register. Writing SLP_EN with the S5 sleep type powers the VM off.
+//!
+//! The fixed-feature power button: [`AcpiPm::press_power_button`] sets
+//! PWRBTN_STS; while PWRBTN_STS and PWRBTN_EN are both set, the SCI is
+//! asserted (a level-triggered line: the VMM re-raises it after each EOI
+//! with [`AcpiPm::resample`] until the guest clears the status bit).
 
 use std::time::Instant;
 
@@ -7,12 +12,15 @@ use abide_machines::{PmBlock, ResetRegister};
 
 use crate::bus::BusDevice;
 use crate::exit::{ExitReason, ExitSignal};
+use crate::legacy::IrqLine;
 
 const PM_TIMER_HZ: u128 = 3_579_545;
 const SCI_EN: u16 = 1 << 0;
 const SLP_EN: u16 = 1 << 13;
 const SLP_TYP_SHIFT: u16 = 10;
 const SLP_TYP_MASK: u16 = 0x7;
+/// PWRBTN_STS in PM1_STS and PWRBTN_EN in PM1_EN.
+const PWRBTN: u16 = 1 << 8;
 
 /// The PM1a block laid out as the machine description says.
 #[derive(Debug)]
@@ -23,6 +31,7 @@ pub struct AcpiPm {
     control: u16,
     start: Instant,
     exit: ExitSignal,
+    sci: Option<IrqLine>,
 }
 
 impl AcpiPm {
@@ -36,6 +45,39 @@ impl AcpiPm {
             control: SCI_EN,
             start: Instant::now(),
             exit,
+            sci: None,
+        }
+    }
+
+    /// Connects the SCI (the machine's `pm.sci_irq`), a line the VMM keeps
+    /// asserted until the guest's EOI.
+    pub fn set_sci(&mut self, line: IrqLine) {
+        self.sci = Some(line);
+        self.update_sci();
+    }
+
+    /// Presses the power button: sets PWRBTN_STS, and raises the SCI if
+    /// the guest enabled the button (an ACPI OS then shuts down cleanly).
+    pub fn press_power_button(&mut self) {
+        self.status |= PWRBTN;
+        self.update_sci();
+    }
+
+    /// Whether an enabled event is pending (the SCI should be asserted).
+    pub fn sci_pending(&self) -> bool {
+        self.status & self.enable & PWRBTN != 0
+    }
+
+    /// Called after the guest's EOI of the SCI: raises it again while an
+    /// event is still pending.
+    pub fn resample(&self) {
+        self.update_sci();
+    }
+
+    fn update_sci(&self) {
+        if let (true, Some(line)) = (self.sci_pending(), &self.sci) {
+            // A full eventfd counter still asserts the line.
+            let _ = line.trigger();
         }
     }
 
@@ -83,7 +125,11 @@ impl BusDevice for AcpiPm {
         match offset {
             // PM1_STS bits are write-one-to-clear.
             0 => self.status &= !v,
-            2 => self.enable = v,
+            // Enabling a latched event raises the SCI.
+            2 => {
+                self.enable = v;
+                self.update_sci();
+            }
             o if o == cnt => {
                 self.control = (v & !SLP_EN) | SCI_EN;
                 let slp_typ = (v >> SLP_TYP_SHIFT) & SLP_TYP_MASK;
@@ -234,6 +280,33 @@ mod tests {
         b.restore(1, saved).expect("restore");
         let t = b.save().timer_ticks;
         assert!((5..5 + PM_TIMER_HZ as u64).contains(&t), "{t}");
+    }
+
+    #[test]
+    fn power_button_raises_the_sci_until_cleared() {
+        let (mut pm, exit) = pm();
+        let line = IrqLine::new().expect("eventfd");
+        let seen = line.try_clone().expect("clone");
+        let fired = || seen.eventfd().read().unwrap_or(0);
+        pm.set_sci(line);
+        // Latched while the guest has not enabled the button: no SCI yet.
+        pm.press_power_button();
+        assert_eq!(fired(), 0);
+        let mut b = [0u8; 2];
+        pm.read(0, &mut b);
+        assert_eq!(u16::from_le_bytes(b) & PWRBTN, PWRBTN, "PWRBTN_STS");
+        pm.write(2, &PWRBTN.to_le_bytes());
+        assert_eq!(fired(), 1, "enabling a latched event raises the SCI");
+        assert!(pm.sci_pending());
+        pm.resample();
+        assert_eq!(fired(), 1, "still pending after EOI: raised again");
+        pm.write(0, &PWRBTN.to_le_bytes());
+        assert!(!pm.sci_pending(), "write-one-to-clear");
+        pm.resample();
+        assert_eq!(fired(), 0);
+        pm.press_power_button();
+        assert_eq!(fired(), 1, "enabled: raised at once");
+        assert_eq!(exit.reason(), None, "the button alone powers nothing off");
     }
 
     #[test]

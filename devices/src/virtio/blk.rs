@@ -267,6 +267,7 @@ impl Block {
                 disk: self.disk.clone(),
                 mem: a.mem,
                 bounce: self.disk.direct.then(Bounce::new),
+                metrics: a.interrupt.metrics(),
             },
             queues,
             irq: a.interrupt,
@@ -414,6 +415,7 @@ struct BlockIo {
     disk: Arc<Disk>,
     mem: GuestMem,
     bounce: Option<Bounce>,
+    metrics: Arc<super::metrics::DeviceMetrics>,
 }
 
 impl BlockIo {
@@ -426,7 +428,10 @@ impl BlockIo {
         }
         let (code, written) = match self.execute(rest) {
             Ok(n) => (VIRTIO_BLK_S_OK, n),
-            Err(code) => (code, 0),
+            Err(code) => {
+                self.metrics.error();
+                (code, 0)
+            }
         };
         self.mem
             .write_obj(code, status.addr)
@@ -477,6 +482,7 @@ impl BlockIo {
                     Ok(written)
                 } else {
                     self.write(data, offset).map_err(|_| IOERR)?;
+                    self.metrics.took(total);
                     Ok(0)
                 }
             }

@@ -7,6 +7,7 @@
 //! device work.
 
 pub mod blk;
+pub mod metrics;
 pub mod net;
 pub mod pci;
 pub mod rng;
@@ -54,6 +55,10 @@ pub trait VirtioInterrupt: Send + Sync {
     fn signal_config_change(&self);
     /// The device cannot go on: set DEVICE_NEEDS_RESET and tell the driver.
     fn set_needs_reset(&self);
+    /// The device's counters. The default is a fresh set nobody reads.
+    fn metrics(&self) -> Arc<metrics::DeviceMetrics> {
+        Arc::new(metrics::DeviceMetrics::default())
+    }
 }
 
 /// A queue handed to a device at activation.

@@ -231,6 +231,15 @@ impl Tap {
     }
 }
 
+/// Whether `fd` (owned elsewhere, left open) is a tun/tap descriptor.
+pub fn is_tap(fd: RawFd) -> bool {
+    let mut req = IfReq::new();
+    // SAFETY: TUNGETIFF fills a `struct ifreq`; `req` is one and outlives
+    // the call. On a descriptor that is not a tun/tap it fails (ENOTTY,
+    // EBADFD or EINVAL) without side effects.
+    unsafe { libc::ioctl(fd, TUNGETIFF as _, &mut req) == 0 }
+}
+
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     // SAFETY: F_GETFL on a descriptor we own; no pointers.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
@@ -379,6 +388,7 @@ impl<B: NetBackend> Net<B> {
             rx,
             tx,
             backend: self.backend.clone(),
+            metrics: a.interrupt.metrics(),
             irq: a.interrupt,
             rx_frame: vec![0u8; MAX_FRAME_LEN],
             rx_pending: None,
@@ -445,6 +455,7 @@ struct NetWorker<B> {
     tx: WorkerQueue,
     backend: Arc<B>,
     irq: Arc<dyn VirtioInterrupt>,
+    metrics: Arc<super::metrics::DeviceMetrics>,
     rx_frame: Vec<u8>,
     /// Length of a frame in `rx_frame` still waiting for a buffer.
     rx_pending: Option<usize>,
@@ -480,29 +491,31 @@ fn deliver(
 }
 
 /// Sends the frame of one transmit chain; returns the used length (0).
+/// Frames sent count as bytes taken; dropped ones as errors.
 fn transmit<B: NetBackend>(
     mem: &GuestMem,
     backend: &B,
     buf: &mut [u8],
     chain: DescriptorChain<&GuestMem>,
     max: usize,
+    metrics: &super::metrics::DeviceMetrics,
 ) -> Result<u32, Unusable> {
     let segs = collect_chain(chain, max)?;
-    if segs.iter().any(|s| !s.usable(mem, false)) {
-        return Ok(0);
-    }
     let total = total_len(&segs);
-    if total <= NET_HDR_LEN as u64 || total > MAX_BUFFER_LEN as u64 {
+    if segs.iter().any(|s| !s.usable(mem, false))
+        || total <= NET_HDR_LEN as u64
+        || total > MAX_BUFFER_LEN as u64
+    {
+        metrics.error();
         return Ok(0);
     }
     let n = total as usize - NET_HDR_LEN;
     let mut c = SegCursor::new(&segs);
     c.skip(NET_HDR_LEN);
-    if let Ok(got) = c.read_into(mem, &mut buf[..n]) {
-        if got == n {
-            // A frame the host refuses is dropped, as on a wire.
-            let _ = backend.send(&buf[..n]);
-        }
+    // A frame the host refuses is dropped, as on a wire.
+    match c.read_into(mem, &mut buf[..n]) {
+        Ok(got) if got == n && backend.send(&buf[..n]).is_ok() => metrics.took(n as u64),
+        _ => metrics.error(),
     }
     Ok(0)
 }
@@ -512,8 +525,9 @@ impl<B: NetBackend> NetWorker<B> {
     fn process_tx(&mut self) {
         let max = self.tx.max_chain();
         let (mem, backend, buf) = (&self.mem, self.backend.as_ref(), &mut self.tx_frame);
+        let metrics = &self.metrics;
         self.tx.drain(mem, self.irq.as_ref(), BUDGET, |chain| {
-            transmit(mem, backend, buf, chain, max)
+            transmit(mem, backend, buf, chain, max, metrics)
         });
     }
 
@@ -565,10 +579,17 @@ impl<B: NetBackend> NetWorker<B> {
             };
             let head = chain.head_index();
             let used = deliver(&self.mem, chain, &self.rx_frame[..len], max)
-                .and_then(|n| self.rx.add_used(&self.mem, head, n));
-            if used.is_err() {
-                self.rx.fail(self.irq.as_ref());
-                return RxStop::Dead;
+                .and_then(|n| self.rx.add_used(&self.mem, head, n).map(|()| n));
+            match used {
+                Ok(0) => {
+                    self.metrics.completed(1, 0);
+                    self.metrics.error();
+                }
+                Ok(n) => self.metrics.completed(1, u64::from(n)),
+                Err(Unusable) => {
+                    self.rx.fail(self.irq.as_ref());
+                    return RxStop::Dead;
+                }
             }
             self.rx_pending = None;
         }
@@ -1088,6 +1109,13 @@ mod tests {
         n.reset();
         assert!(n.worker.is_empty());
         assert!(n.pause().is_empty(), "reset dropped everything");
+    }
+
+    #[test]
+    fn only_taps_are_taps() {
+        let (a, _b) = UnixDatagram::pair().expect("pair");
+        assert!(!is_tap(a.as_raw_fd()));
+        assert!(!is_tap(-1));
     }
 
     #[test]

@@ -96,6 +96,7 @@ struct Interrupts {
     isr: AtomicU8,
     status: AtomicU8,
     intx: std::sync::OnceLock<IrqLine>,
+    metrics: Arc<super::metrics::DeviceMetrics>,
 }
 
 impl Interrupts {
@@ -135,7 +136,12 @@ impl VirtioInterrupt for Interrupts {
     fn set_needs_reset(&self) {
         self.status
             .fetch_or(status::DEVICE_NEEDS_RESET, Ordering::AcqRel);
+        self.metrics.needs_reset();
         self.signal_config_change();
+    }
+
+    fn metrics(&self) -> Arc<super::metrics::DeviceMetrics> {
+        self.metrics.clone()
     }
 }
 
@@ -337,6 +343,7 @@ impl VirtioPci {
             isr: AtomicU8::new(0),
             status: AtomicU8::new(0),
             intx: p.intx.map(std::sync::OnceLock::from).unwrap_or_default(),
+            metrics: Arc::default(),
         });
         Ok(Self {
             config,
@@ -522,6 +529,11 @@ impl VirtioPci {
             .collect()
     }
 
+    /// The device's counters (requests, bytes, errors, DEVICE_NEEDS_RESET).
+    pub fn metrics(&self) -> Arc<super::metrics::DeviceMetrics> {
+        self.irq.metrics.clone()
+    }
+
     /// Pauses an active device between two requests (the VMM does this
     /// with the vCPUs stopped, before saving) and keeps each queue's
     /// progress for [`Persist::save`]. Nothing happens to an inactive or
@@ -550,6 +562,7 @@ impl VirtioPci {
             self.irq
                 .status
                 .fetch_or(status::DEVICE_NEEDS_RESET, Ordering::AcqRel);
+            self.irq.metrics.needs_reset();
         }
     }
 

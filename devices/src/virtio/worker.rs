@@ -584,6 +584,7 @@ impl WorkerQueue {
         F: FnMut(DescriptorChain<&GuestMem>) -> Result<u32, Unusable>,
     {
         let mut done = 0;
+        let (mut completed, mut bytes) = (0u64, 0u64);
         let result = loop {
             if self.broken {
                 break Ok(());
@@ -603,10 +604,17 @@ impl WorkerQueue {
             };
             done += 1;
             let head = chain.head_index();
-            if let Err(e) = handle(chain).and_then(|len| self.add_used(mem, head, len)) {
-                break Err(e);
+            match handle(chain).and_then(|len| self.add_used(mem, head, len).map(|()| len)) {
+                Ok(len) => {
+                    completed += 1;
+                    bytes += u64::from(len);
+                }
+                Err(e) => break Err(e),
             }
         };
+        if completed > 0 {
+            irq.metrics().completed(completed, bytes);
+        }
         self.notify(mem, irq);
         if result.is_err() {
             self.fail(irq);
@@ -640,6 +648,7 @@ pub(crate) fn take_queues(
 pub(crate) struct TestInterrupt {
     pub used: std::sync::Mutex<Vec<u16>>,
     pub needs_reset: std::sync::atomic::AtomicBool,
+    pub metrics: std::sync::Arc<super::metrics::DeviceMetrics>,
 }
 
 #[cfg(test)]
@@ -669,6 +678,11 @@ impl VirtioInterrupt for TestInterrupt {
     fn set_needs_reset(&self) {
         self.needs_reset
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.metrics.needs_reset();
+    }
+
+    fn metrics(&self) -> std::sync::Arc<super::metrics::DeviceMetrics> {
+        self.metrics.clone()
     }
 }
 

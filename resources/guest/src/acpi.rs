@@ -23,6 +23,8 @@ pub struct Acpi {
     pub tables: u32,
     pub bad: u32,
     pub pm1a_cnt: u16,
+    /// PM1a event block (PM1_STS, then PM1_EN), 0 if none.
+    pub pm1a_evt: u16,
     pub pm_tmr: u16,
     pub reset: Option<(Gas, u8)>,
     /// HW-reduced SLEEP_CONTROL_REG (I/O port), 0 if none.
@@ -51,6 +53,7 @@ impl Acpi {
             tables: 0,
             bad: 0,
             pm1a_cnt: 0,
+            pm1a_evt: 0,
             pm_tmr: 0,
             reset: None,
             sleep_ctl: 0,
@@ -262,6 +265,10 @@ fn fadt(t: u64, len: u64, quiet: bool, st: &mut Acpi) {
     st.pm1a_cnt = io_port(phys_u32(t + 64) as u64);
     if st.pm1a_cnt == 0 && len >= 184 && phys_u8(t + 172) == 1 {
         st.pm1a_cnt = io_port(phys_u64(t + 176));
+    }
+    st.pm1a_evt = io_port(phys_u32(t + 56) as u64);
+    if st.pm1a_evt == 0 && len >= 160 && phys_u8(t + 148) == 1 {
+        st.pm1a_evt = io_port(phys_u64(t + 152));
     }
     st.pm_tmr = io_port(phys_u32(t + 76) as u64);
     if st.pm_tmr == 0 && len >= 220 && phys_u8(t + 208) == 1 {

@@ -63,6 +63,7 @@ struct Args {
     /// Rewrite the whole workload buffer every round (`dirty`).
     dirty: bool,
     spin: bool,
+    power_button: bool,
     /// Period of the `spin` ticker (`tick-us=`).
     tick_us: u64,
     quiet: bool,
@@ -98,6 +99,7 @@ fn parse_args(cmdline: &[u8]) -> Args {
         progress: false,
         dirty: false,
         spin: false,
+        power_button: false,
         tick_us: SPIN_PERIOD_US,
         quiet: false,
         fingerprint: false,
@@ -151,6 +153,10 @@ fn parse_args(cmdline: &[u8]) -> Args {
             }
             b"spin" => {
                 a.spin = true;
+                true
+            }
+            b"power-button" => {
+                a.power_button = true;
                 true
             }
             b"dirty" => {
@@ -421,6 +427,9 @@ extern "C" fn kmain(start_info: u32) -> ! {
 
     if args.spin {
         user::spin(args.tick_us);
+    }
+    if args.power_button {
+        power::wait_power_button();
     }
 
     line("done");

@@ -1,14 +1,14 @@
-//! `abide migrate`: asks a running abide to migrate its guest, shows a
-//! line per pre-copy pass on stderr and prints the result as one JSON
-//! object on stdout.
+//! `abide migrate`: asks a running abide to migrate its guest through the
+//! API (`PUT /api/v1/vm.send-migration`), follows it on the event stream,
+//! shows a line per pre-copy pass on stderr and prints the result as one
+//! JSON object on stdout.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::api::client::{call, EventStream};
 use crate::api::ApiError;
 use crate::Error;
 
@@ -26,41 +26,26 @@ pub fn progress_line(v: &Value) -> String {
     )
 }
 
-/// Sends the `migrate` request to the abide at `socket` and follows it to
-/// its result. Succeeds only when the guest moved.
+/// Starts the migration `request` describes on the abide at `socket` and
+/// follows it to its result. Succeeds only when the guest moved.
 pub fn migrate(socket: &Path, request: &Value, timeout: Duration) -> Result<(), Error> {
-    let err = |source| {
-        Error::Api(ApiError::Connect {
-            path: socket.to_path_buf(),
-            source,
-        })
-    };
-    let mut s = UnixStream::connect(socket).map_err(err)?;
-    s.set_read_timeout(Some(timeout)).map_err(err)?;
-    let mut line = request.to_string().into_bytes();
-    line.push(b'\n');
-    s.write_all(&line).map_err(err)?;
-    let mut lines = BufReader::new(s).lines();
+    // Subscribe first: no event of this migration can be missed.
+    let mut events = EventStream::open(socket, timeout)?;
+    call(socket, "PUT", "/api/v1/vm.send-migration", Some(request))?;
     loop {
-        let l = match lines.next() {
-            Some(Ok(l)) => l,
-            Some(Err(e)) => return Err(err(e)),
-            None => return Err(Error::Api(ApiError::Refused(
-                "the abide being migrated closed the connection before the result (did it crash?)"
+        let Some(mut v) = events.next_event()? else {
+            return Err(Error::Api(ApiError::Refused(
+                "the abide being migrated closed the event stream before the result (did it crash?)"
                     .into(),
-            ))),
-        };
-        let Ok(mut v) = serde_json::from_str::<Value>(&l) else {
-            return Err(Error::Api(ApiError::Refused(format!(
-                "unreadable reply: {l}"
-            ))));
+            )));
         };
         match v["event"].as_str() {
-            Some("progress") => eprintln!("{}", progress_line(&v)),
-            Some("result") => {
+            Some("migration-progress") => eprintln!("{}", progress_line(&v)),
+            Some("migration-result") => {
                 if let Some(o) = v.as_object_mut() {
-                    o.remove("event");
-                    o.remove("ok");
+                    for k in ["event", "seq", "time_ms"] {
+                        o.remove(k);
+                    }
                 }
                 println!("{v}");
                 return match v["status"].as_str() {
@@ -70,11 +55,6 @@ pub fn migrate(socket: &Path, request: &Value, timeout: Duration) -> Result<(), 
                         error: v["error"].as_str().unwrap_or("unknown error").to_string(),
                     })),
                 };
-            }
-            _ if v["ok"] == Value::Bool(false) => {
-                return Err(Error::Api(ApiError::Refused(
-                    v["error"].as_str().unwrap_or("unknown error").to_string(),
-                )))
             }
             _ => {}
         }

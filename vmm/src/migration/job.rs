@@ -1,7 +1,7 @@
 //! An outgoing migration as the control API sees it: at most one at a
 //! time, running on its own thread while the API keeps serving, with its
-//! state and last progress for status queries. Any API (the newline-JSON
-//! socket today) only starts it and reads it.
+//! state and last progress for status queries. The REST API
+//! (`vm.send-migration`, `vm.migration`) only starts it and reads it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;

@@ -1,6 +1,7 @@
 //! vCPUs: one thread each, running KVM_RUN and dispatching exits to the buses.
 
 pub mod cpuid;
+pub mod exits;
 pub mod regs;
 pub mod state;
 
@@ -126,6 +127,8 @@ pub struct Vcpu {
     pub mmio: Arc<Bus>,
     /// MSRs saved in snapshots (KVM's index list).
     pub msrs: Arc<Vec<u32>>,
+    /// Exits by reason (read by the metrics endpoint).
+    pub exits: Arc<exits::ExitCounters>,
 }
 
 /// What a paused vCPU thread can be asked to do.
@@ -206,13 +209,48 @@ impl Vcpus {
         exit: ExitSignal,
         errors: mpsc::Sender<VcpuError>,
     ) -> std::io::Result<Self> {
-        let (paused, acks) = mpsc::channel();
+        Self::spawn_all(vcpus, exit, errors, false)
+    }
+
+    /// Like [`Vcpus::start`], but every thread parks before its first
+    /// KVM_RUN: the guest does not run until [`Vcpus::resume`].
+    pub fn start_paused(
+        vcpus: Vec<Vcpu>,
+        exit: ExitSignal,
+        errors: mpsc::Sender<VcpuError>,
+    ) -> std::io::Result<Self> {
+        let mut me = Self::spawn_all(vcpus, exit, errors, true)?;
+        let mut waiting: Vec<u32> = me.threads.iter().map(|t| t.index).collect();
+        let start = Instant::now();
+        while !waiting.is_empty() {
+            if let Ok(i) = me.acks.recv_timeout(Duration::from_millis(10)) {
+                waiting.retain(|w| *w != i);
+            } else if start.elapsed() > PAUSE_TIMEOUT
+                || me.threads.iter().any(|t| t.handle.is_finished())
+            {
+                me.stop();
+                return Err(std::io::Error::other(
+                    "a vCPU thread did not reach its pause",
+                ));
+            }
+        }
+        me.paused = true;
+        Ok(me)
+    }
+
+    fn spawn_all(
+        vcpus: Vec<Vcpu>,
+        exit: ExitSignal,
+        errors: mpsc::Sender<VcpuError>,
+        paused: bool,
+    ) -> std::io::Result<Self> {
+        let (acked, acks) = mpsc::channel();
         let ctl = RunControl {
             stop: Arc::new(AtomicBool::new(false)),
-            pause: Arc::new(AtomicBool::new(false)),
+            pause: Arc::new(AtomicBool::new(paused)),
             exit,
             errors,
-            paused,
+            paused: acked,
         };
         let mut me = Self {
             ctl,
@@ -309,6 +347,12 @@ impl Vcpus {
 
     /// Stops and joins every vCPU thread.
     pub fn stop(mut self) {
+        self.stop_all();
+    }
+
+    /// Stops and joins every vCPU thread, through a shared handle (an
+    /// outgoing migration may hold one); afterwards nothing runs.
+    pub fn stop_all(&mut self) {
         self.ctl.stop.store(true, Ordering::Release);
         for t in std::mem::take(&mut self.threads) {
             let _ = t.commands.send(VcpuCommand::Stop);
@@ -386,6 +430,11 @@ impl Vcpu {
                         tell_guest_it_was_paused(&self.fd);
                         return true;
                     }
+                    // A new pause began before this thread left the last
+                    // one (a resume and a pause in quick succession): it is
+                    // still parked, so it acknowledges the new pause, which
+                    // would otherwise wait for it in vain.
+                    let _ = ctl.paused.send(self.index);
                 }
                 Ok(VcpuCommand::Stop) | Err(_) => return false,
             }
@@ -413,6 +462,7 @@ impl Vcpu {
                 }
                 Err(source) => return Err(VcpuError::Run { index, source }),
             };
+            self.exits.count(&exit);
             match exit {
                 VcpuExit::IoIn(port, data) => {
                     self.pio.read(u64::from(port), data);
