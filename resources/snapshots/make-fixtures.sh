@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes the cross-version snapshot fixtures of an Abide release:
-# builds the release's own commit (not today's code) in a temporary git
-# worktree, runs the embedded test guest mid-workload, snapshots it with
+# builds the release's own commit (not today's code) in a git worktree
+# (resources/releases/build-release.sh, cached by commit), runs the embedded test guest mid-workload, snapshots it with
 # that build, and writes resources/snapshots/<version>/ with fixtures.json
 # describing how to restore each fixture and what the guest must print
 # afterwards. tests/tests/snapshot_fixtures.rs restores every fixture of
@@ -9,7 +9,8 @@
 #
 # Usage: resources/snapshots/make-fixtures.sh VERSION [REV]
 #   VERSION  release version, e.g. 0.2.0 (its Cargo.toml must say so)
-#   REV      commit to build (default: tag vVERSION)
+#   REV      commit to build (default: tag vVERSION; tags do not reach other
+#            clones, so give the commit resources/releases.json records)
 set -euo pipefail
 
 version=${1:?usage: make-fixtures.sh VERSION [REV]}
@@ -17,17 +18,16 @@ rev=${2:-v$version}
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 commit=$(git -C "$repo" rev-parse --verify "$rev^{commit}")
 work=$(mktemp -d)
-trap 'git -C "$repo" worktree remove --force "$work/src" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+trap 'rm -rf "$work"' EXIT
 
-git -C "$repo" worktree add --detach "$work/src" "$commit" >/dev/null
-built_version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$work/src/Cargo.toml" | head -n1)
+built_version=$(git -C "$repo" show "$commit:Cargo.toml" | sed -n 's/^version = "\(.*\)"/\1/p' | head -n1)
 if [[ $built_version != "$version" ]]; then
     echo "make-fixtures: $rev is version $built_version, not $version" >&2
     exit 1
 fi
-echo "make-fixtures: building $rev ($commit) in $work/src" >&2
-(cd "$work/src" && cargo build --release --bin abide >&2)
-abide=$work/src/target/release/abide
+# The release's own abide, built from its commit in a git worktree and
+# cached by commit under target/releases/ (shared with the release matrix).
+abide=$("$repo/resources/releases/build-release.sh" "$commit")
 [[ $("$abide" --version) == "abide $version" ]] || { echo "make-fixtures: built $("$abide" --version)" >&2; exit 1; }
 
 # ABIDE_FIXTURE_OUT: write elsewhere (trying the script on an unreleased commit).

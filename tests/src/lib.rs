@@ -3,6 +3,7 @@
 //! the release freeze's git history ([`history`]).
 
 pub mod history;
+pub mod releases;
 
 pub mod api;
 
@@ -216,6 +217,17 @@ pub fn check_blk_loop(joined: &str, iters: u64, image: &Path) {
 /// Runs `abide` with `args`, feeding `stdin`, killing it after `timeout`.
 pub fn run_abide(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Outcome {
     run_command(Command::new(abide_bin()).args(args), stdin, timeout)
+}
+
+/// `abide snapshot --stop` of the abide whose control socket is `api`,
+/// to `path`.
+pub fn snapshot_and_stop(api: &Path, path: &Path) -> Outcome {
+    let (api, path) = (api.display().to_string(), path.display().to_string());
+    run_abide(
+        &["snapshot", "--stop", "--api-socket", &api, &path],
+        None,
+        Duration::from_secs(120),
+    )
 }
 
 /// Runs a command with a timeout, capturing output.
@@ -497,4 +509,90 @@ mod tests {
         assert_eq!(l.num("apic_id"), 2);
         assert!(GuestLine::parse("Linux version 6.1").is_none());
     }
+}
+
+/// A tap device made for one test and removed when dropped.
+pub struct Tap(pub String);
+
+impl Tap {
+    /// Creates tap `name` (needs root and /dev/net/tun); panics saying
+    /// which test case cannot run otherwise.
+    pub fn create(name: &str, case: &str) -> Self {
+        let ok = Command::new("ip")
+            .args(["tuntap", "add", "dev", name, "mode", "tap"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(
+            ok,
+            "cannot create tap device {name} (needs root and /dev/net/tun): {case} cannot run here"
+        );
+        Self(name.to_string())
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["tuntap", "del", "dev", &self.0, "mode", "tap"])
+            .status();
+    }
+}
+
+/// The header of a snapshot file (not checked) and its section payloads,
+/// for tests that look inside or edit snapshots.
+#[derive(Clone, Debug)]
+pub struct SnapshotParts {
+    /// The header JSON.
+    pub header: serde_json::Value,
+    /// Each section's payload, in section table order.
+    pub payloads: Vec<Vec<u8>>,
+}
+
+impl SnapshotParts {
+    /// The payload of the first section whose name starts with `prefix`,
+    /// with its table entry.
+    pub fn section(&self, prefix: &str) -> Option<(&serde_json::Value, &[u8])> {
+        let sections = self.header["sections"].as_array()?;
+        let i = sections
+            .iter()
+            .position(|s| s["name"].as_str().is_some_and(|n| n.starts_with(prefix)))?;
+        Some((&sections[i], &self.payloads[i]))
+    }
+}
+
+/// A 64 KiB option ROM written to `DIR/pxe.rom` for a NIC on `tap`:
+/// (the file, its bytes, the `--net` argument).
+pub fn rom_nic(dir: &Path, tap: &str, fill: u8) -> (PathBuf, Vec<u8>, String) {
+    let rom = dir.join("pxe.rom");
+    let image = rom_image(64 << 10, fill);
+    std::fs::write(&rom, &image).expect("write the ROM file");
+    let net = format!("tap={tap},rom={}", rom.display());
+    (rom, image, net)
+}
+
+/// A PCI option ROM image of `len` bytes: the 0x55 0xAA signature, then
+/// `fill`.
+pub fn rom_image(len: usize, fill: u8) -> Vec<u8> {
+    let mut image = vec![fill; len];
+    image[0] = 0x55;
+    image[1] = 0xaa;
+    image
+}
+
+/// Splits a snapshot file into its header and section payloads.
+pub fn split_snapshot(bytes: &[u8]) -> SnapshotParts {
+    let len = u32::from_le_bytes(bytes[8..12].try_into().expect("len")) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[12..12 + len]).expect("header");
+    let payloads = header["sections"]
+        .as_array()
+        .expect("sections")
+        .iter()
+        .map(|s| {
+            let o = s["offset"].as_u64().expect("offset") as usize;
+            let l = s["length"].as_u64().expect("length") as usize;
+            bytes[o..o + l].to_vec()
+        })
+        .collect();
+    SnapshotParts { header, payloads }
 }

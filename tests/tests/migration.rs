@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use abide_tests::{
-    abide_bin, check_blk_loop, progress_rounds, run_abide, stable_lines, temp_dir, GuestLine,
-    Outcome,
+    abide_bin, check_blk_loop, progress_rounds, rom_nic, run_abide, sha256_bytes, split_snapshot,
+    stable_lines, temp_dir, GuestLine, Outcome, Tap,
 };
 use serde_json::Value;
 
@@ -312,6 +312,62 @@ fn checksum_workload_moves(tag: &str, listen: &str) {
         stable_lines(&want),
         "migrated output must equal the uninterrupted run's"
     );
+}
+
+/// The guest keeps the option ROM it booted with across a migration: the
+/// host's ROM file changes before the migration, the destination serves the
+/// image the source sent (a snapshot taken there carries it).
+#[test]
+fn the_option_rom_travels_with_the_migration() {
+    let dir = temp_dir("mig-rom");
+    let pid = std::process::id() % 10_000;
+    let (t1, t2) = (format!("abms{pid}"), format!("abmd{pid}"));
+    let _t1 = Tap::create(&t1, "the option-ROM migration case");
+    let _t2 = Tap::create(&t2, "the option-ROM migration case");
+    let (rom, booted, net) = rom_nic(&dir, &t1, 0x33);
+    let mut src = Abide::source(
+        &dir,
+        &[
+            "--memory",
+            "128M",
+            "--net",
+            &net,
+            "--cmdline",
+            "quiet rounds=1 buf-kib=64 spin",
+        ],
+    );
+    src.wait_for("guest: tick n=1");
+    let mut updated = booted.clone();
+    updated[4000] ^= 0xff;
+    std::fs::write(&rom, &updated).expect("rom");
+    let listen = format!("unix:{}", dir.join("mig.sock").display());
+    let tap = format!("1={t2}");
+    let (mut dst, to) = Abide::destination(&dir, "dest", &listen, &["--tap", &tap], &[]);
+    let out = migrate(&src.api, &to, &[]);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "abide migrate\n{out}\n{}",
+        dst.err_text()
+    );
+    assert_eq!(src.wait_exit(), Some(0), "{}", src.err_text());
+    dst.wait_for("guest: tick n=");
+    let snap = dir.join("dest.snap");
+    let out = abide_tests::snapshot_and_stop(&dst.api, &snap);
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(dst.wait_exit(), Some(0), "{}", dst.err_text());
+    let parts = split_snapshot(&std::fs::read(&snap).expect("read"));
+    let (_, image) = parts.section("rom.").expect("rom section");
+    assert!(
+        image == booted.as_slice(),
+        "the destination serves the source's image"
+    );
+    let manifest = parts.header["manifest"].to_string();
+    assert!(
+        manifest.contains(&sha256_bytes(&booted)),
+        "the manifest describes it"
+    );
+    assert!(!manifest.contains(&sha256_bytes(&updated)));
 }
 
 #[test]
@@ -655,6 +711,39 @@ fn failed_migrations_leave_the_source_running() {
         "malformed migration stream",
     );
     g.join().expect("garbage server");
+
+    // A destination that reads an older layout of the device sections
+    // (what it says in its accept): the source refuses before pausing the
+    // guest, naming the section.
+    let l = UnixListener::bind(sock("older.sock")).expect("bind");
+    let o = std::thread::spawn(move || {
+        let Ok((mut s, _)) = l.accept() else {
+            return;
+        };
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).expect("header start");
+        assert_eq!(&head[..8], b"ABIDEMIG");
+        let len = u32::from_le_bytes(head[8..12].try_into().expect("len")) as usize;
+        let mut rest = vec![0u8; len + 32];
+        s.read_exact(&mut rest).expect("header");
+        let reads = serde_json::json!({"abide_version": "0.0.9", "reads": {
+            "abide_version": "0.0.9", "format": 1,
+            "sections": {"vm": 1, "vcpu.": 1, "device.": 0, "pci.": 1, "memory.map": 1, "memory": 1}}});
+        let body = serde_json::to_vec(&reads).expect("json");
+        let mut frame = vec![b'K'];
+        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&body);
+        s.write_all(&frame).expect("accept");
+        let _ = s.read_to_end(&mut Vec::new());
+    });
+    let out = migrate(&src.api, &format!("unix:{}", sock("older.sock")), &[]);
+    check(
+        &mut src,
+        "destination reads older sections",
+        &out,
+        "the destination cannot take this guest: Abide 0.0.9 reads section 'device.",
+    );
+    o.join().expect("older destination");
 
     // Garbage sent to a destination: it refuses and exits.
     let (mut dst, to) = Abide::destination(

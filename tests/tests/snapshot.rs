@@ -10,9 +10,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use abide_tests::{
-    abide_bin, check_blk_loop, progress_rounds, run_abide, sha256_bytes, stable_lines, temp_dir,
-    Outcome,
+    abide_bin, check_blk_loop, progress_rounds, rom_image, rom_nic, run_abide, sha256_bytes,
+    stable_lines, temp_dir, Outcome, Tap,
 };
+use abide_tests::{split_snapshot as split, SnapshotParts as Parts};
 use serde_json::{json, Value};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -74,17 +75,7 @@ impl Running {
 
     /// Snapshots to `path` and stops this abide; returns the reply.
     fn snapshot_and_stop(mut self, path: &Path) -> Value {
-        let out = run_abide(
-            &[
-                "snapshot",
-                "--stop",
-                "--api-socket",
-                self.api.to_str().expect("utf-8"),
-                path.to_str().expect("utf-8"),
-            ],
-            None,
-            TIMEOUT,
-        );
+        let out = abide_tests::snapshot_and_stop(&self.api, path);
         assert_eq!(out.code, Some(0), "abide snapshot failed\n{out}");
         let reply: Value = serde_json::from_str(out.stdout.trim()).expect("JSON reply");
         let start = Instant::now();
@@ -293,28 +284,6 @@ fn small_snapshot(dir: &Path, extra: &[&str]) -> PathBuf {
     snap
 }
 
-/// The header of a snapshot file and its section payloads.
-struct Parts {
-    header: Value,
-    payloads: Vec<Vec<u8>>,
-}
-
-fn split(bytes: &[u8]) -> Parts {
-    let len = u32::from_le_bytes(bytes[8..12].try_into().expect("len")) as usize;
-    let header: Value = serde_json::from_slice(&bytes[12..12 + len]).expect("header");
-    let payloads = header["sections"]
-        .as_array()
-        .expect("sections")
-        .iter()
-        .map(|s| {
-            let o = s["offset"].as_u64().expect("offset") as usize;
-            let l = s["length"].as_u64().expect("length") as usize;
-            bytes[o..o + l].to_vec()
-        })
-        .collect();
-    Parts { header, payloads }
-}
-
 /// Lays a (possibly edited) snapshot out again, with valid checksums, the
 /// way a writer would have: what another Abide version could produce.
 fn join(mut p: Parts) -> Vec<u8> {
@@ -493,29 +462,9 @@ fn edit_manifest(good: &[u8], f: impl FnOnce(&mut Value)) -> Vec<u8> {
 fn snapshots_whose_guest_abi_differs_are_refused() {
     let dir = temp_dir("snap-abi");
     let tap = format!("abst{}", std::process::id() % 100_000);
-    let have_tap = Command::new("ip")
-        .args(["tuntap", "add", "dev", &tap, "mode", "tap"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        have_tap,
-        "cannot create tap device {tap} (needs root and /dev/net/tun): the ROM-slot refusal case cannot run here"
-    );
-    struct DelTap(String);
-    impl Drop for DelTap {
-        fn drop(&mut self) {
-            let _ = Command::new("ip")
-                .args(["tuntap", "del", "dev", &self.0, "mode", "tap"])
-                .status();
-        }
-    }
-    let _tap = DelTap(tap.clone());
+    let _tap = Tap::create(&tap, "the ROM-slot refusal case");
     let rom = dir.join("pxe.rom");
-    let mut image = vec![0u8; 64 << 10];
-    image[0] = 0x55;
-    image[1] = 0xaa;
-    std::fs::write(&rom, &image).expect("rom");
+    std::fs::write(&rom, rom_image(64 << 10, 0)).expect("rom");
     let disk = dir.join("disk.img");
     std::fs::File::create(&disk)
         .and_then(|f| f.set_len(1 << 20))
@@ -597,6 +546,150 @@ fn snapshots_whose_guest_abi_differs_are_refused() {
     // The same snapshot restores with a host-side change that the guest
     // cannot see (another tap is not needed; the serial sink moves).
     restore_ticks_then_quit(&snap, &dir, "ok");
+}
+
+/// The guest keeps the option ROM it booted with: the host file changes
+/// (one byte, as a distribution's iPXE update would) between save and
+/// restore, and the restored guest is served the saved image, which a
+/// later snapshot carries again. The host file only has to fit the slot.
+#[test]
+fn the_option_rom_travels_with_the_snapshot() {
+    let dir = temp_dir("snap-rom");
+    let tap = format!("abro{}", std::process::id() % 100_000);
+    let _tap = Tap::create(&tap, "the option-ROM snapshot case");
+    let (rom, booted, net) = rom_nic(&dir, &tap, 0x11);
+    let mut vm = Running::start(
+        &dir,
+        &[
+            "--machine",
+            "pc-1.0",
+            "--memory",
+            "128M",
+            "--net",
+            &net,
+            "--cmdline",
+            "quiet rounds=1 buf-kib=64 spin",
+        ],
+    );
+    vm.wait_for("guest: tick n=1");
+    let snap = dir.join("rom.snap");
+    vm.snapshot_and_stop(&snap);
+    let parts = split(&std::fs::read(&snap).expect("read"));
+    let rom_section = |p: &Parts| -> (String, Vec<u8>) {
+        let (entry, bytes) = p.section("rom.").expect("a rom.* section");
+        assert_eq!(entry["optional"], json!(true), "older readers skip it");
+        (
+            entry["name"].as_str().expect("name").to_string(),
+            bytes.to_vec(),
+        )
+    };
+    let (name, saved) = rom_section(&parts);
+    assert_eq!(
+        saved, booted,
+        "the snapshot carries the image the guest booted with"
+    );
+
+    // The host's ROM file changes by one byte.
+    let mut updated = booted.clone();
+    updated[100] ^= 0xff;
+    std::fs::write(&rom, &updated).expect("rom");
+    let mut restored = Running::launch(&dir, "after", &["restore", snap.to_str().expect("utf-8")]);
+    restored.wait_for("guest: tick n=3");
+    let again = dir.join("again.snap");
+    restored.snapshot_and_stop(&again);
+    let parts = split(&std::fs::read(&again).expect("read"));
+    let (name2, image) = rom_section(&parts);
+    assert_eq!(name2, name);
+    assert_eq!(
+        image, booted,
+        "the restored guest still has its own image, not the host file's"
+    );
+    let sha = parts.header["manifest"]["pci"]["functions"]
+        .as_array()
+        .expect("functions")
+        .iter()
+        .find_map(|f| f["rom"]["image_sha256"].as_str().map(str::to_string))
+        .expect("rom in the manifest");
+    assert_eq!(
+        sha,
+        sha256_bytes(&booted),
+        "the manifest describes the image the guest has"
+    );
+
+    // A host file larger than the slot is refused, naming the slot.
+    std::fs::write(&rom, rom_image(256 << 10, 0x22)).expect("rom");
+    let out = restore(&snap, &[]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("131072-byte ROM slot"), "{out}");
+}
+
+/// `--target-version`: a release that cannot restore this guest is refused
+/// before the guest is paused (it keeps running, no file is written); one
+/// that can gets a snapshot with every section in the oldest layout.
+#[test]
+fn snapshot_target_versions_are_checked_before_pausing() {
+    let dir = temp_dir("snap-target");
+    let mut vm = Running::start(
+        &dir,
+        &[
+            "--machine",
+            "pc-2.0",
+            "--cpu",
+            "abide-v1",
+            "--memory",
+            "128M",
+            "--cmdline",
+            "quiet rounds=1 buf-kib=64 spin",
+        ],
+    );
+    vm.wait_for("guest: tick n=1");
+    let api = vm.api.to_str().expect("utf-8").to_string();
+    let snap = |target: &str, file: &Path| {
+        run_abide(
+            &[
+                "snapshot",
+                "--api-socket",
+                &api,
+                "--target-version",
+                target,
+                file.to_str().expect("utf-8"),
+            ],
+            None,
+            TIMEOUT,
+        )
+    };
+    for (target, needle) in [
+        ("0.1.0", "Abide 0.1.0 does not restore snapshots"),
+        (
+            "9.9.9",
+            "unknown Abide release '9.9.9' (known: 0.1.0, 0.2.0, 0.3.0",
+        ),
+    ] {
+        let file = dir.join(format!("{target}.snap"));
+        let out = snap(target, &file);
+        assert_eq!(out.code, Some(1), "{out}");
+        assert!(out.stderr.contains(needle), "{out}");
+        assert!(!file.exists(), "nothing is written for {target}");
+        let status = run_abide(&["ctl", "--api-socket", &api, "status"], None, TIMEOUT);
+        assert!(
+            status.stdout.contains("\"running\""),
+            "{target}: never paused\n{status}"
+        );
+    }
+    let file = dir.join("0.2.0.snap");
+    let out = snap("0.2.0", &file);
+    assert_eq!(out.code, Some(0), "{out}");
+    let reply: Value = serde_json::from_str(out.stdout.trim()).expect("reply");
+    assert_eq!(
+        reply["notes"],
+        json!([]),
+        "every section in its first layout"
+    );
+    let parts = split(&std::fs::read(&file).expect("read"));
+    for s in parts.header["sections"].as_array().expect("sections") {
+        assert_eq!(s["version"], json!(1), "{s}");
+    }
+    vm.snapshot_and_stop(&dir.join("last.snap"));
 }
 
 #[test]

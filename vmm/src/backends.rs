@@ -48,7 +48,9 @@ pub struct Backends {
 }
 
 /// Reads `path` as an option ROM for `model`, refusing one larger than the
-/// slot: the machine's, or `romsize` when given. Returns (slot size, image).
+/// slot: the machine's, or `romsize` when given. Returns (slot size, image):
+/// `saved` when given (the image the guest already has, which must fit the
+/// slot too; the file then only has to fit), else the file's bytes.
 pub fn load_rom(
     machine: &MachineDescription,
     model: &VirtioModel,
@@ -56,6 +58,7 @@ pub fn load_rom(
     device: &str,
     path: &std::path::Path,
     romsize: Option<u64>,
+    saved: Option<&[u8]>,
 ) -> Result<(u64, Vec<u8>), Error> {
     let Some(slot) = romsize.or(model.rom_slot) else {
         return Err(Error::NoRomSlot {
@@ -79,7 +82,18 @@ pub fn load_rom(
             machine: machine.name.clone(),
         });
     }
-    Ok((slot, image))
+    match saved {
+        Some(saved) if saved.len() as u64 > slot => Err(Error::RomTooLarge {
+            device: device.to_string(),
+            model: model_name,
+            path: std::path::PathBuf::from("(the saved image)"),
+            rom: saved.len() as u64,
+            slot,
+            machine: machine.name.clone(),
+        }),
+        Some(saved) => Ok((slot, saved.to_vec())),
+        None => Ok((slot, image)),
+    }
 }
 
 /// Why backends are opened.
@@ -146,6 +160,7 @@ pub fn open_for(
                 &label,
                 p,
                 n.romsize,
+                n.rom_image.as_deref().map(Vec::as_slice),
             )?),
             None => None,
         };
@@ -180,24 +195,66 @@ mod tests {
         let big = dir.join("big.rom");
         std::fs::write(&small, vec![0x55; 75_776]).expect("write");
         std::fs::write(&big, vec![0x55; 249_344]).expect("write");
-        let (slot, ok) =
-            load_rom(&m, &m.virtio.net, "virtio-net", "--net #0", &small, None).expect("fits");
+        let (slot, ok) = load_rom(
+            &m,
+            &m.virtio.net,
+            "virtio-net",
+            "--net #0",
+            &small,
+            None,
+            None,
+        )
+        .expect("fits");
         assert_eq!((slot, ok.len()), (128 << 10, 75_776));
-        let err = load_rom(&m, &m.virtio.net, "virtio-net", "--net #0", &big, None)
-            .expect_err("too large")
-            .to_string();
+        let err = load_rom(
+            &m,
+            &m.virtio.net,
+            "virtio-net",
+            "--net #0",
+            &big,
+            None,
+            None,
+        )
+        .expect_err("too large")
+        .to_string();
         assert!(err.contains("249344 bytes"), "{err}");
         assert!(err.contains("131072-byte ROM slot"), "{err}");
         assert!(err.contains("virtio-net"), "{err}");
         assert!(err.contains("'pc-1.0'"), "{err}");
-        assert!(load_rom(&m, &m.virtio.blk, "virtio-blk", "--disk #0", &small, None).is_err());
+        assert!(load_rom(
+            &m,
+            &m.virtio.blk,
+            "virtio-blk",
+            "--disk #0",
+            &small,
+            None,
+            None
+        )
+        .is_err());
         // An explicit romsize= override makes room on pc-1.0.
-        let (slot, _) = load_rom(&m, &m.virtio.net, "virtio-net", "#0", &big, Some(256 << 10))
-            .expect("override fits");
+        let (slot, _) = load_rom(
+            &m,
+            &m.virtio.net,
+            "virtio-net",
+            "#0",
+            &big,
+            Some(256 << 10),
+            None,
+        )
+        .expect("override fits");
         assert_eq!(slot, 256 << 10);
         // The same ROM fits pc-2.0's larger slot.
         let m2 = abide_machines::pc_2_0();
-        assert!(load_rom(&m2, &m2.virtio.net, "virtio-net", "--net #0", &big, None).is_ok());
+        assert!(load_rom(
+            &m2,
+            &m2.virtio.net,
+            "virtio-net",
+            "--net #0",
+            &big,
+            None,
+            None
+        )
+        .is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -246,6 +246,24 @@ fn machines() -> Vec<(abide_machines::MachineTypeInfo, MachineDescription)> {
         .collect()
 }
 
+/// The warning `abide run` (and restore, receive) prints for a deprecated
+/// machine type `name` among `types`; `None` for a supported one. The
+/// support policy is in the README ("Compatibility and support policy").
+pub fn deprecation_warning(
+    types: &[abide_machines::MachineTypeInfo],
+    name: &str,
+) -> Option<String> {
+    let t = types.iter().find(|t| t.name == name && t.deprecated)?;
+    let newest = types
+        .iter()
+        .find(|t| t.default)
+        .map_or("pc", |t| t.name.as_str());
+    Some(format!(
+        "machine type '{}' is deprecated: it stays supported (run, restore, migrate, both directions) for at least two more releases and then may be removed; move guests to '{newest}' at their next cold boot (README, \"Compatibility and support policy\")",
+        t.name
+    ))
+}
+
 /// The `abide capabilities` report.
 pub fn report(host: &HostKvm) -> Value {
     let cpu_models: Vec<Value> = abide_machines::cpu_models()
@@ -388,6 +406,21 @@ mod tests {
         };
         let r = report(&host);
         let types = r["guest"]["machine_types"].as_array().expect("array");
+        // Nothing is deprecated yet; a deprecated type would be said so.
+        let list = abide_machines::machine_types();
+        assert!(list
+            .iter()
+            .all(|t| deprecation_warning(&list, &t.name).is_none()));
+        let mut old = list.clone();
+        let last = old.len() - 1;
+        old[last].deprecated = true;
+        let name = old[last].name.clone();
+        let w = deprecation_warning(&old, &name).expect("warning");
+        assert!(
+            w.contains(&format!("machine type '{name}' is deprecated")),
+            "{w}"
+        );
+        assert!(w.contains("at least two more releases"), "{w}");
         assert_eq!(types.len(), abide_machines::machine_types().len());
         assert_eq!(types[0]["default"], json!(true));
         let models = r["guest"]["cpu_models"].as_array().expect("array");

@@ -85,6 +85,12 @@ pub struct NetConfig {
     pub rom: Option<PathBuf>,
     /// ROM slot size overriding the machine type's (recorded in the manifest).
     pub romsize: Option<u64>,
+    /// The ROM image the guest has: once a VM is built, the bytes it
+    /// booted with; after a restore or migration, the saved image. Served
+    /// instead of the file at `rom`, which then only has to fit the slot.
+    /// Never serialized: snapshots carry the image in a `rom.*` section.
+    #[serde(skip)]
+    pub rom_image: Option<std::sync::Arc<Vec<u8>>>,
 }
 
 /// A virtio-rng device.
@@ -401,6 +407,7 @@ impl NetSpec {
             addr: slot(D, self.addr)?,
             rom,
             romsize,
+            rom_image: None,
         })
     }
 

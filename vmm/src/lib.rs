@@ -6,6 +6,7 @@
 pub mod api;
 pub mod backends;
 pub mod capabilities;
+pub mod compat;
 pub mod config;
 pub mod console;
 pub mod control;

@@ -116,6 +116,10 @@ struct SnapshotArgs {
     /// Stop the VM after the snapshot is written (abide exits 0).
     #[arg(long)]
     stop: bool,
+    /// Write only what Abide release X.Y.Z restores, or refuse (before the
+    /// guest is paused) naming the section it cannot read.
+    #[arg(long, value_name = "X.Y.Z")]
+    target_version: Option<String>,
     /// Snapshot file to write.
     output: PathBuf,
 }
@@ -351,35 +355,25 @@ fn build_config(a: &RunArgs) -> Result<VmConfig, abide_vmm::Error> {
 /// through the API.
 fn snapshot(a: &SnapshotArgs) -> Result<(), abide_vmm::Error> {
     let sock = &a.api_socket;
-    if a.stop {
-        // Stay paused after the save: the guest must not run past the
-        // snapshot before abide quits. An already paused VM is fine.
-        let r = client::request(sock, "PUT", "/api/v1/vm.pause", None)?;
-        if r.status != 200 && r.body["state"] != json!("paused") {
-            return Err(refused(&r.body, r.status));
-        }
-    }
     let path = std::path::absolute(&a.output).unwrap_or(a.output.clone());
+    // With --stop the guest stays paused after the save (it must not run
+    // past the snapshot before abide quits); a target release that cannot
+    // read it is refused before the guest is paused at all.
     let reply = client::call(
         sock,
         "PUT",
         "/api/v1/vm.snapshot",
-        Some(&json!({ "path": path })),
+        Some(&json!({
+            "path": path,
+            "target_version": a.target_version,
+            "stay_paused": a.stop,
+        })),
     )?;
     println!("{reply}");
     if a.stop {
         client::call(sock, "PUT", "/api/v1/vmm.shutdown", None)?;
     }
     Ok(())
-}
-
-fn refused(body: &Value, status: u16) -> abide_vmm::Error {
-    let msg = body["error"]
-        .as_str()
-        .map_or_else(|| body.to_string(), str::to_string);
-    abide_vmm::Error::Api(abide_vmm::api::ApiError::Refused(format!(
-        "{msg} ({status})"
-    )))
 }
 
 fn main() -> ExitCode {

@@ -180,6 +180,17 @@ pub struct Manifest {
     pub pci: PciAbi,
     /// ACPI tables.
     pub acpi: Vec<AcpiTableAbi>,
+    /// A field "added after a release", in the test build only: it proves
+    /// the schema evolution rule (`crate::compat::schema`): omitted at its
+    /// default, and absent compares as the default.
+    #[cfg(test)]
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub test_added_later: u32,
+}
+
+#[cfg(test)]
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 /// Host-side settings: they can change without the guest noticing.
@@ -417,6 +428,8 @@ pub fn describe(
                 functions,
             },
             acpi,
+            #[cfg(test)]
+            test_added_later: 0,
         },
         host,
     })
@@ -469,18 +482,24 @@ pub struct Difference {
     pub left: Option<String>,
     /// Value on the right.
     pub right: Option<String>,
+    /// What changes for the guest, in words, when the field is one a
+    /// person knows by name (`crate::compat::words`).
+    pub words: Option<String>,
 }
 
 impl std::fmt::Display for Difference {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "(absent)".to_string());
-        write!(
-            f,
+        let raw = format!(
             "{}: {} -> {}",
             self.path,
             show(&self.left),
             show(&self.right)
-        )
+        );
+        match &self.words {
+            Some(w) => write!(f, "{w} [{raw}]"),
+            None => f.write_str(&raw),
+        }
     }
 }
 
@@ -493,7 +512,22 @@ fn show(v: &Value) -> String {
     }
 }
 
-fn walk(path: &str, a: &Value, b: &Value, out: &mut Vec<Difference>) {
+/// The two whole manifests a walk compares (for the words of a difference).
+struct Roots<'a> {
+    a: &'a Value,
+    b: &'a Value,
+}
+
+fn difference(roots: &Roots<'_>, path: String, l: Option<&Value>, r: Option<&Value>) -> Difference {
+    Difference {
+        words: crate::compat::words::explain(&path, roots.a, roots.b, l, r),
+        left: l.map(show),
+        right: r.map(show),
+        path,
+    }
+}
+
+fn walk(roots: &Roots<'_>, path: &str, a: &Value, b: &Value, out: &mut Vec<Difference>) {
     match (a, b) {
         (Value::Object(x), Value::Object(y)) => {
             let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
@@ -506,12 +540,8 @@ fn walk(path: &str, a: &Value, b: &Value, out: &mut Vec<Difference>) {
                     format!("{path}.{k}")
                 };
                 match (x.get(k), y.get(k)) {
-                    (Some(l), Some(r)) => walk(&p, l, r, out),
-                    (l, r) => out.push(Difference {
-                        path: p,
-                        left: l.map(show),
-                        right: r.map(show),
-                    }),
+                    (Some(l), Some(r)) => walk(roots, &p, l, r, out),
+                    (l, r) => out.push(difference(roots, p, l, r)),
                 }
             }
         }
@@ -519,20 +549,12 @@ fn walk(path: &str, a: &Value, b: &Value, out: &mut Vec<Difference>) {
             for i in 0..x.len().max(y.len()) {
                 let p = format!("{path}[{i}]");
                 match (x.get(i), y.get(i)) {
-                    (Some(l), Some(r)) => walk(&p, l, r, out),
-                    (l, r) => out.push(Difference {
-                        path: p,
-                        left: l.map(show),
-                        right: r.map(show),
-                    }),
+                    (Some(l), Some(r)) => walk(roots, &p, l, r, out),
+                    (l, r) => out.push(difference(roots, p, l, r)),
                 }
             }
         }
-        _ if a != b => out.push(Difference {
-            path: path.to_string(),
-            left: Some(show(a)),
-            right: Some(show(b)),
-        }),
+        _ if a != b => out.push(difference(roots, path.to_string(), Some(a), Some(b))),
         _ => {}
     }
 }
@@ -544,15 +566,21 @@ pub fn diff(a: &Manifest, b: &Manifest) -> Vec<Difference> {
             path: String::new(),
             left: Some("(unserializable)".into()),
             right: Some("(unserializable)".into()),
+            words: None,
         }];
     };
     diff_values(&x, &y)
 }
 
-/// Every field that differs between two manifests in JSON form.
+/// Every field that differs between two manifests in JSON form. Fields
+/// added after a release compare equal when one side lacks them and the
+/// other holds their default (`crate::compat::schema`).
 pub fn diff_values(a: &Value, b: &Value) -> Vec<Difference> {
+    let (mut a, mut b) = (a.clone(), b.clone());
+    crate::compat::schema::normalize(&mut a);
+    crate::compat::schema::normalize(&mut b);
     let mut out = Vec::new();
-    walk("", a, b, &mut out);
+    walk(&Roots { a: &a, b: &b }, "", &a, &b, &mut out);
     out
 }
 
@@ -603,8 +631,11 @@ mod tests {
         // pc-2.0 has a default rng: one more PCI function.
         assert!(paths.contains(&"pci.functions[1]"), "{paths:?}");
         let text: Vec<String> = d.iter().map(ToString::to_string).collect();
+        // In words, with the raw field kept.
         assert!(
-            text.contains(&"machine: \"pc-1.0\" -> \"pc-2.0\"".to_string()),
+            text.contains(
+                &"machine type: pc-1.0 -> pc-2.0 [machine: \"pc-1.0\" -> \"pc-2.0\"]".to_string()
+            ),
             "{text:?}"
         );
     }
@@ -622,6 +653,44 @@ mod tests {
         let db = describe(&m, &b, cpu(), true).expect("b");
         assert!(diff(&da.abi, &db.abi).is_empty());
         assert_ne!(da.host, db.host);
+    }
+
+    /// The schema evolution rule, with a field the test build adds: at its
+    /// default it is left out (an older reader sees the manifest it knows),
+    /// an older manifest without it compares equal, and a guest that uses
+    /// it differs from an older one in a way the diff names.
+    #[test]
+    fn a_field_added_later_is_omitted_at_its_default_and_absent_means_default() {
+        let cfg = VmConfig::default();
+        let new = manifest("pc-1.0", &cfg);
+        let json = serde_json::to_value(&new).expect("json");
+        assert!(
+            json.get("test_added_later").is_none(),
+            "omitted at its default"
+        );
+        // An "older" manifest: as a release before the field wrote it.
+        let mut old = json.clone();
+        old.as_object_mut()
+            .expect("object")
+            .remove("test_added_later");
+        assert!(diff_values(&old, &json).is_empty());
+        // Spelled out at its default, it still compares equal to absent.
+        let mut explicit = json.clone();
+        explicit["test_added_later"] = serde_json::json!(0);
+        assert!(diff_values(&old, &explicit).is_empty());
+        assert!(diff_values(&explicit, &old).is_empty());
+        // An older manifest parses into this build's schema as the default.
+        let parsed: Manifest = serde_json::from_value(old.clone()).expect("parses");
+        assert_eq!(parsed.test_added_later, 0);
+        assert_eq!(parsed, new);
+        // A guest that uses the field differs, both ways.
+        let mut used = new.clone();
+        used.test_added_later = 7;
+        let used = serde_json::to_value(&used).expect("json");
+        let d = diff_values(&old, &used);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].to_string(), "test_added_later: (absent) -> 7");
+        assert_eq!(diff_values(&used, &old).len(), 1);
     }
 
     #[test]

@@ -53,6 +53,8 @@ pub struct Vm {
     pub(crate) disk_files: Vec<File>,
     /// The NICs' taps and MACs (for announcements after a migration).
     net_ports: Vec<crate::virtio::NetPort>,
+    /// PCI slot of each network card, in `cfg.nets` order.
+    pub(crate) net_slots: Vec<u8>,
     /// Called once the vCPU threads run (a received migration's answer to
     /// its source).
     on_start: Option<Box<dyn FnOnce() + Send + Sync>>,
@@ -136,6 +138,10 @@ impl Vm {
     ) -> Result<Self, Error> {
         cfg.validate(&machine)?;
         crate::irq::check_irqchip(&machine)?;
+        let types = abide_machines::machine_types();
+        if let Some(w) = crate::capabilities::deprecation_warning(&types, &machine.name) {
+            eprintln!("abide: warning: {w}");
+        }
         let cpu_model = vcpu::cpuid::model_for(&machine, &cfg.cpu)?;
         // Open user files first, so bad paths fail before any KVM work.
         let mut boot_files = None;
@@ -174,6 +180,13 @@ impl Vm {
             });
         }
         let backends = crate::backends::open(&machine, cfg)?;
+        // The ROM images the guest gets stay with it (snapshots and
+        // migrations carry them) whatever happens to the host files.
+        let net_slots: Vec<u8> = backends.nets.iter().map(|n| n.slot).collect();
+        let mut kept = cfg.clone();
+        for (n, open) in kept.nets.iter_mut().zip(&backends.nets) {
+            n.rom_image = open.rom.as_ref().map(|(_, image)| Arc::new(image.clone()));
+        }
         let disk_files = backends
             .disks
             .iter()
@@ -278,7 +291,7 @@ impl Vm {
         }
         Ok(Self {
             machine,
-            cfg: cfg.clone(),
+            cfg: kept,
             cpu,
             vm,
             clock_flags,
@@ -293,6 +306,7 @@ impl Vm {
             restored: false,
             disk_files,
             net_ports,
+            net_slots,
             on_start: None,
         })
     }

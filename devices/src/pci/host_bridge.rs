@@ -33,6 +33,9 @@ impl PciFunction for HostBridge {
     fn save_state(&self) -> Result<(u32, Vec<u8>), PersistError> {
         Ok(self.save_section())
     }
+    fn state_version(&self) -> crate::persist::Needed {
+        self.oldest_version()
+    }
     fn restore_state(&mut self, version: u32, bytes: &[u8]) -> Result<(), PersistError> {
         self.restore_section(version, bytes)
     }

@@ -26,6 +26,13 @@ pub trait PciFunction: Send {
     fn rom(&self) -> Option<&[u8]> {
         None
     }
+    /// Replaces the option ROM image with `image` (a restored or migrated
+    /// guest's own), which must fit the function's ROM slot. Refused by a
+    /// function without a ROM slot (the default).
+    fn set_rom(&mut self, image: Vec<u8>) -> Result<(), String> {
+        let _ = image;
+        Err("this PCI function has no ROM slot".into())
+    }
     /// Called after the guest wrote `len` bytes at config `offset`, so the
     /// function can react (e.g. MSI-X enable and mask).
     fn config_written(&mut self, _offset: usize, _len: usize) {}
@@ -37,6 +44,12 @@ pub trait PciFunction: Send {
     /// state says so with an error (the default): nothing is skipped.
     fn save_state(&self) -> Result<(u32, Vec<u8>), crate::persist::PersistError> {
         Err(unsupported())
+    }
+    /// The state layout [`PciFunction::save_state`] would write now, and
+    /// why when newer than the first ([`crate::persist::Persist::oldest_version`]).
+    /// Callable while the guest runs.
+    fn state_version(&self) -> crate::persist::Needed {
+        crate::persist::Needed::first()
     }
     /// Applies state written by [`PciFunction::save_state`] to a freshly
     /// built function of the same model. Afterwards the caller places the

@@ -1118,6 +1118,21 @@ impl PciFunction for VirtioPci {
         self.rom.as_deref()
     }
 
+    fn set_rom(&mut self, image: Vec<u8>) -> Result<(), String> {
+        let slot = self.config.rom_size();
+        if slot == 0 {
+            return Err("this function has no ROM slot".into());
+        }
+        if image.len() as u64 > slot {
+            return Err(format!(
+                "the ROM image is {} bytes but the slot is {slot} bytes",
+                image.len()
+            ));
+        }
+        self.rom = Some(image);
+        Ok(())
+    }
+
     /// [`Persist::save_section`], refused while the device runs (it must
     /// be paused first, see [`VirtioPci::pause`]).
     fn save_state(&self) -> Result<(u32, Vec<u8>), PersistError> {
@@ -1130,6 +1145,9 @@ impl PciFunction for VirtioPci {
         Ok(self.save_section())
     }
 
+    fn state_version(&self) -> crate::persist::Needed {
+        self.oldest_version()
+    }
     /// [`Persist::restore_section`].
     fn restore_state(&mut self, version: u32, bytes: &[u8]) -> Result<(), PersistError> {
         self.restore_section(version, bytes)

@@ -45,6 +45,13 @@ pub struct SnapshotBody {
     /// File to write (relative paths are relative to abide's working
     /// directory).
     pub path: PathBuf,
+    /// Write only what this Abide release reads, or refuse before pausing
+    /// the guest, naming the section it cannot read.
+    #[serde(default)]
+    pub target_version: Option<String>,
+    /// Leave the guest paused after the save (`abide snapshot --stop`).
+    #[serde(default)]
+    pub stay_paused: bool,
 }
 
 /// A disk image replacing the saved one at a PCI slot.
@@ -441,7 +448,11 @@ mod tests {
         );
         assert_eq!(
             route(&req("PUT", "/api/v1/vm.snapshot", r#"{"path":"/x"}"#)),
-            Ok(Op::Snapshot(SnapshotBody { path: "/x".into() }))
+            Ok(Op::Snapshot(SnapshotBody {
+                path: "/x".into(),
+                target_version: None,
+                stay_paused: false
+            }))
         );
         let Ok(Op::Create(spec)) = route(&req("PUT", "/api/v1/vm.create", r#"{"cpus":2}"#)) else {
             panic!("create");

@@ -36,6 +36,8 @@ fn status_of(e: &Error) -> u16 {
             | RestoreError::Unclaimed(_)
             | RestoreError::Malformed { .. },
         ) => 400,
+        // The target release cannot read this guest (nothing was paused).
+        Error::Snapshot(RestoreError::Target { .. }) => 409,
         _ => 500,
     }
 }
@@ -79,7 +81,7 @@ impl Controller {
             Op::Boot => self.boot(state),
             Op::Pause => self.pause(state),
             Op::Resume => self.resume(state),
-            Op::Snapshot(body) => self.snapshot(state, &body.path),
+            Op::Snapshot(body) => self.snapshot(state, &body),
             Op::Restore(body) => self.restore(state, &body),
             Op::PowerButton => self.power_button(state),
             Op::PowerOff => self.power_off(state),
@@ -171,17 +173,30 @@ impl Controller {
         Ok(json!({"state": "running"}))
     }
 
-    fn snapshot(&mut self, state: VmState, path: &std::path::Path) -> Result<Value, Reply> {
+    fn snapshot(
+        &mut self,
+        state: VmState,
+        body: &crate::api::routes::SnapshotBody,
+    ) -> Result<Value, Reply> {
         require(state, &[VmState::Running, VmState::Paused], "snapshot")?;
+        let path = &body.path;
+        let o = crate::snapshot::SaveOptions {
+            target_version: body.target_version.clone(),
+            stay_paused: body.stay_paused,
+        };
         let (vm, mut vcpus) = self.vcpus(state)?;
-        match crate::snapshot::save(vm, &mut vcpus, path) {
+        match crate::snapshot::save(vm, &mut vcpus, path, &o) {
             Ok(r) => {
+                if o.stay_paused {
+                    self.shared.set_state(VmState::Paused);
+                }
                 let report = json!({
                     "path": path,
                     "bytes": r.bytes,
                     "memory_bytes": r.memory_bytes,
                     "pause_ms": r.pause_ms,
                     "save_ms": r.save_ms,
+                    "notes": r.notes,
                 });
                 self.shared.figures().snapshot_done(report.clone());
                 Ok(self.announce("snapshot-done", report))

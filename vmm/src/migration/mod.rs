@@ -81,6 +81,9 @@ pub enum MigrationError {
     /// The destination refused the guest.
     #[error("the destination refused the migration: {0}")]
     Refused(String),
+    /// The destination cannot read what this guest's state needs.
+    #[error("the destination cannot take this guest: {0}")]
+    Target(String),
     /// The destination failed after accepting.
     #[error("the destination failed: {0}")]
     Destination(String),

@@ -142,8 +142,16 @@ pub fn receive(
         }
     };
     let refuse = |conn: &mut Conn, e: MigrationError| tell(conn, wire::REFUSE, e);
-    let (cfg, diffs) = match state::config_for(&header, &o.overrides) {
-        Ok(r) => r,
+    // The source sends its option ROM images after this header: their
+    // fields are compared once the images are in (`state::check_roms`).
+    let (cfg, diffs) = match state::config_for(&header, &o.overrides, &Default::default()) {
+        Ok((cfg, diffs)) => (
+            cfg,
+            diffs
+                .into_iter()
+                .filter(|d| !state::is_rom_image_field(d))
+                .collect::<Vec<_>>(),
+        ),
         Err(e) => return Err(refuse(&mut conn, e.into())),
     };
     if !diffs.is_empty() {
@@ -164,7 +172,10 @@ pub fn receive(
     if let Err(e) = wire::write_json(
         &mut conn,
         wire::ACCEPT,
-        &json!({"abide_version": env!("CARGO_PKG_VERSION")}),
+        &json!({
+            "abide_version": env!("CARGO_PKG_VERSION"),
+            "reads": crate::compat::Reads::this_build(),
+        }),
     ) {
         return Err(stream("accepting")(e));
     }
@@ -216,7 +227,9 @@ pub fn receive(
     }
     status("loading state");
     let t = Instant::now();
-    if let Err(e) = state::load(&mut vm, &sections, &[]) {
+    let loaded = state::load(&mut vm, &sections, &[])
+        .and_then(|()| state::check_roms(&vm, &header.manifest));
+    if let Err(e) = loaded {
         return Err(tell(&mut conn, wire::ERROR, e.into()));
     }
     let load_ms = crate::api::ms(t);

@@ -157,6 +157,8 @@ struct Sender<'a> {
     dirty_rate: f64,
     dirty_bytes: u64,
     passes: u32,
+    /// What the destination reads (from its handshake answer).
+    reads: Option<crate::compat::Reads>,
 }
 
 /// Turns a stream error into the migration error for `phase`, adding what
@@ -327,7 +329,7 @@ impl Sender<'_> {
         let tag = wire::read_frame(&mut self.conn, &mut buf)
             .map_err(|e| stream(&mut self.conn, "waiting for the destination to accept", e))?;
         match tag {
-            wire::ACCEPT => Ok(()),
+            wire::ACCEPT => self.fit_destination(&buf),
             wire::REFUSE => Err(MigrationError::Refused(wire::error_text(&buf))),
             wire::ERROR => Err(MigrationError::Destination(wire::error_text(&buf))),
             t => Err(MigrationError::Stream {
@@ -336,6 +338,27 @@ impl Sender<'_> {
                 peer: None,
             }),
         }
+    }
+
+    /// Checks, before the guest is paused, that the destination reads every
+    /// section this guest's state needs (what its *accept* says it reads;
+    /// a destination that predates that field reads what the oldest
+    /// release with live migration reads), then sends the option ROM
+    /// images (optional sections, skipped by destinations that do not know
+    /// them) so the destination serves the guest's own images.
+    fn fit_destination(&mut self, accept: &[u8]) -> Result<(), MigrationError> {
+        let reads = crate::compat::Reads::of_destination(accept)
+            .map_err(|e| MigrationError::Target(e.to_string()))?;
+        crate::compat::check(&state::plan(self.vm), &reads)
+            .map_err(|e| MigrationError::Target(e.to_string()))?;
+        const PHASE: &str = "sending the option ROM images";
+        for s in state::images(self.vm) {
+            wire::write_section(&mut self.conn, &s.name, s.version, s.optional, &s.bytes)
+                .map_err(|e| stream(&mut self.conn, PHASE, e))?;
+            self.bytes += s.bytes.len() as u64;
+        }
+        self.reads = Some(reads);
+        Ok(())
     }
 
     /// Pre-copy passes; returns the pages still dirty when they converged.
@@ -433,6 +456,14 @@ impl Sender<'_> {
             let v = vcpus.lock().unwrap_or_else(|e| e.into_inner());
             state::collect(self.vm, &v)?
         };
+        if let Some(reads) = &self.reads {
+            // The state may have changed since the check before pre-copy.
+            crate::compat::check(
+                &crate::compat::written(&sections, &state::plan(self.vm)),
+                reads,
+            )
+            .map_err(|e| MigrationError::Target(e.to_string()))?;
+        }
         self.phase("collect_ms", t);
         const PHASE: &str = "sending the device and vCPU state";
         for s in &sections {
@@ -506,6 +537,7 @@ pub fn send(
         dirty_rate: 0.0,
         dirty_bytes: 0,
         passes: 0,
+        reads: None,
     };
     let was_paused = vcpus.lock().unwrap_or_else(|e| e.into_inner()).is_paused();
     let abort = |s: &mut Sender<'_>, e: MigrationError| {
@@ -514,8 +546,7 @@ pub fn send(
         SendError::Failed(e)
     };
     if let Err(e) = s.handshake() {
-        s.conn.shutdown();
-        return Err(SendError::Failed(e));
+        return Err(abort(&mut s, e));
     }
     if let Err(e) = vm.ram.set_dirty_logging(&vm.vm, true) {
         return Err(abort(&mut s, MigrationError::Memory(e.to_string())));

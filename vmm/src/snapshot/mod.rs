@@ -44,6 +44,7 @@ pub const KNOWN_SECTIONS: &[(&str, u32)] = &[
     ("pci.", 1),
     ("memory.map", MEMORY_VERSION),
     ("memory", MEMORY_VERSION),
+    (state::ROM_PREFIX, state::ROM_VERSION),
 ];
 
 /// The configuration part of the header.
@@ -65,7 +66,7 @@ pub struct MemoryMap {
 }
 
 /// What a save did.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct SaveReport {
     /// File size.
     pub bytes: u64,
@@ -75,6 +76,8 @@ pub struct SaveReport {
     pub pause_ms: f64,
     /// Time to gather state and write the file.
     pub save_ms: f64,
+    /// Sections written in a version newer than 1, and why.
+    pub notes: Vec<String>,
 }
 
 /// Errors specific to snapshots.
@@ -132,6 +135,15 @@ pub enum RestoreError {
     /// Mapping memory.
     #[error("cannot map guest memory from the snapshot")]
     Map(#[source] std::io::Error),
+    /// The target release cannot read what this guest's state needs.
+    #[error("cannot write a snapshot that Abide {target} restores: {source}")]
+    Target {
+        /// Target release.
+        target: String,
+        /// Which section, and why.
+        #[source]
+        source: crate::compat::CompatError,
+    },
 }
 
 impl state::SectionSource for Snapshot {
@@ -182,32 +194,94 @@ fn ram_slices(vm: &Vm) -> Vec<(u64, &[u8])> {
         .collect()
 }
 
+/// How to save.
+#[derive(Clone, Debug, Default)]
+pub struct SaveOptions {
+    /// Write only what this release reads (`--target-version`), or refuse
+    /// before pausing the guest.
+    pub target_version: Option<String>,
+    /// Leave the guest paused after the save (`abide snapshot --stop`).
+    pub stay_paused: bool,
+}
+
+/// The sections a snapshot of `vm` would hold, with their versions.
+fn plan(vm: &Vm) -> Vec<crate::compat::Planned> {
+    let mut p = state::plan(vm);
+    for name in ["memory.map", "memory"] {
+        p.push(crate::compat::Planned {
+            name: name.into(),
+            version: MEMORY_VERSION,
+            optional: false,
+            why: None,
+        });
+    }
+    p
+}
+
 /// Pauses `vm` (if it runs), writes a snapshot to `path`, and resumes it
-/// if it was running.
-pub fn save(vm: &Vm, vcpus: &mut Vcpus, path: &Path) -> Result<SaveReport, Error> {
+/// if it was running (unless `o.stay_paused`). With a target release, a
+/// guest whose state that release cannot read is refused before it is
+/// paused, naming the section and why.
+pub fn save(vm: &Vm, vcpus: &mut Vcpus, path: &Path, o: &SaveOptions) -> Result<SaveReport, Error> {
+    let target_err = |target: &str, source| {
+        Error::Snapshot(RestoreError::Target {
+            target: target.to_string(),
+            source,
+        })
+    };
+    let target = match &o.target_version {
+        Some(t) => {
+            let reads = crate::compat::Reads::snapshot_target(t).map_err(|e| target_err(t, e))?;
+            crate::compat::check(&plan(vm), &reads).map_err(|e| target_err(t, e))?;
+            Some(reads)
+        }
+        None => None,
+    };
     let was_paused = vcpus.is_paused();
     let t = Instant::now();
     vm.pause(vcpus)?;
     let pause_ms = crate::api::ms(t);
     let t = Instant::now();
-    let result = write(vm, vcpus, path);
+    let result = write(vm, vcpus, path, target.as_ref());
     let save_ms = crate::api::ms(t);
-    if !was_paused {
+    if !was_paused && !o.stay_paused {
         vm.resume(vcpus)?;
     }
-    let (bytes, memory_bytes) = result?;
+    let (bytes, memory_bytes, notes) = result?;
     Ok(SaveReport {
         bytes,
         memory_bytes,
         pause_ms,
         save_ms,
+        notes,
     })
 }
 
-fn write(vm: &Vm, vcpus: &Vcpus, path: &Path) -> Result<(u64, u64), Error> {
+fn write(
+    vm: &Vm,
+    vcpus: &Vcpus,
+    path: &Path,
+    target: Option<&crate::compat::Reads>,
+) -> Result<(u64, u64, Vec<String>), Error> {
     let (manifest, host) = state::header_parts(vm)?;
     let mut w = Writer::new(&vm.machine.name, manifest, host);
-    for st in state::collect(vm, vcpus)? {
+    let mut sections = state::collect(vm, vcpus)?;
+    sections.extend(state::images(vm));
+    // What was gathered, as written (the state may have changed since the
+    // check before the pause).
+    let planned = plan(vm);
+    let mut written = crate::compat::written(&sections, &planned);
+    written.extend(planned.into_iter().filter(|p| p.name.starts_with("memory")));
+    if let Some(reads) = target {
+        crate::compat::check(&written, reads).map_err(|source| {
+            Error::Snapshot(RestoreError::Target {
+                target: reads.abide_version.clone(),
+                source,
+            })
+        })?;
+    }
+    let notes = crate::compat::notes(&written);
+    for st in sections {
         w.section(&st.name, st.version, st.optional, st.bytes);
     }
     let slices = ram_slices(vm);
@@ -248,7 +322,7 @@ fn write(vm: &Vm, vcpus: &Vcpus, path: &Path) -> Result<(u64, u64), Error> {
             source,
         })
     })?;
-    Ok((bytes, offset))
+    Ok((bytes, offset, notes))
 }
 
 /// Compares the saved manifest with the one this build gives `cfg`, in
@@ -260,6 +334,7 @@ pub fn check_abi(saved: &serde_json::Value, here: &crate::manifest::Manifest) ->
             path: String::new(),
             left: None,
             right: Some(format!("(unserializable: {e})")),
+            words: None,
         }],
     }
 }
@@ -288,7 +363,8 @@ pub fn restore(path: &Path, o: &Overrides) -> Result<(Vm, RestoreReport), Error>
     })?;
     report.verify_ms = crate::api::ms(t);
     let t = Instant::now();
-    let (cfg, diffs) = state::config_for(&snap.header, o)?;
+    let roms = state::saved_roms(&snap).map_err(snap_err)?;
+    let (cfg, diffs) = state::config_for(&snap.header, o, &roms)?;
     if !diffs.is_empty() {
         return Err(snap_err(RestoreError::AbiMismatch {
             machine: snap.header.machine.clone(),

@@ -10,14 +10,24 @@
 //! restore, build first, then load state. [`config_for`] turns a saved
 //! header back into the configuration to build, and compares the guest ABI
 //! this Abide would give it with the saved one.
+//!
+//! Each section is written in the oldest version that holds its state;
+//! [`plan`] says, while the guest still runs, which versions that will be
+//! and why any is newer than 1, so that a target release that cannot read
+//! them is refused before the guest is paused (`crate::compat`).
+//!
+//! Option ROM images travel with the guest in optional `rom.00:SS.0`
+//! sections ([`images`]): older readers skip them, this one serves the
+//! saved image instead of the host file's ([`saved_roms`], [`load`]).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use abide_devices::persist::Persist;
+use abide_devices::persist::{Needed, Persist};
 
 use super::format::{Header, SnapshotError};
 use super::{Overrides, RestoreError, SavedHost};
+use crate::compat::Planned;
 use crate::config::VmConfig;
 use crate::devices_config::NetBackend;
 use crate::manifest::Difference;
@@ -91,6 +101,112 @@ fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
 /// The section name of the PCI function at `slot` of bus 0.
 pub fn bdf(slot: u8) -> String {
     format!("pci.00:{slot:02x}.0")
+}
+
+/// Prefix of the optional sections that carry option ROM images.
+pub const ROM_PREFIX: &str = "rom.";
+/// Version of the `rom.*` sections (raw image bytes).
+pub const ROM_VERSION: u32 = 1;
+
+/// The section name of the ROM image of the PCI function at `slot`.
+pub fn rom_section(slot: u8) -> String {
+    format!("{ROM_PREFIX}00:{slot:02x}.0")
+}
+
+/// The PCI slot a `rom.00:SS.0` section belongs to.
+pub fn rom_slot(name: &str) -> Option<u8> {
+    let rest = name.strip_prefix(ROM_PREFIX)?.strip_prefix("00:")?;
+    let slot = rest.strip_suffix(".0")?;
+    u8::from_str_radix(slot, 16).ok().filter(|s| *s < 32)
+}
+
+fn kvm_section(name: String, version: u32) -> Planned {
+    Planned {
+        name,
+        version,
+        optional: false,
+        why: (version > 1).then(|| "the KVM state layout of this build".to_string()),
+    }
+}
+
+fn planned(name: String, n: Needed) -> Planned {
+    Planned {
+        name,
+        version: n.version,
+        optional: false,
+        why: n.why,
+    }
+}
+
+/// The state sections [`collect`] and [`images`] would write now, with
+/// their versions, read while the guest runs (nothing is paused).
+pub fn plan(vm: &Vm) -> Vec<Planned> {
+    let mut out = vec![kvm_section("vm".into(), VM_VERSION)];
+    for i in 0..vm.cfg.cpus {
+        out.push(kvm_section(format!("vcpu.{i}"), VCPU_VERSION));
+    }
+    fn legacy<P: Persist>(dev: &Mutex<P>) -> Planned {
+        let n = dev
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .oldest_version();
+        planned(format!("device.{}", P::KIND), n)
+    }
+    out.push(legacy(&vm.legacy.serial));
+    out.push(legacy(&vm.legacy.i8042));
+    out.push(legacy(&vm.legacy.rtc));
+    out.push(legacy(&vm.legacy.pm));
+    let root = vm.pci.root.lock().unwrap_or_else(|e| e.into_inner());
+    for slot in root.slots() {
+        let Some(f) = root.function(slot) else {
+            continue;
+        };
+        let f = f.lock().unwrap_or_else(|e| e.into_inner());
+        out.push(planned(bdf(slot), f.state_version()));
+        if f.rom().is_some() {
+            out.push(Planned {
+                name: rom_section(slot),
+                version: ROM_VERSION,
+                optional: true,
+                why: Some("the option ROM image the guest booted with".into()),
+            });
+        }
+    }
+    out
+}
+
+/// The option ROM images of `vm`'s PCI functions, as optional sections.
+pub fn images(vm: &Vm) -> Vec<StateSection> {
+    let root = vm.pci.root.lock().unwrap_or_else(|e| e.into_inner());
+    root.slots()
+        .into_iter()
+        .filter_map(|slot| {
+            let f = root.function(slot)?;
+            let f = f.lock().unwrap_or_else(|e| e.into_inner());
+            Some(StateSection {
+                name: rom_section(slot),
+                version: ROM_VERSION,
+                optional: true,
+                bytes: f.rom()?.to_vec(),
+            })
+        })
+        .collect()
+}
+
+/// The saved ROM images in `src`, by PCI slot.
+pub fn saved_roms(src: &dyn SectionSource) -> Result<BTreeMap<u8, Vec<u8>>, RestoreError> {
+    let mut out = BTreeMap::new();
+    for name in src.names() {
+        if !name.starts_with(ROM_PREFIX) {
+            continue;
+        }
+        let slot = rom_slot(&name).ok_or_else(|| RestoreError::Malformed {
+            name: name.clone(),
+            reason: "not a ROM section of a function on bus 0".into(),
+        })?;
+        out.insert(slot, src.section(&name)?.1);
+    }
+    Ok(out)
 }
 
 /// Reads the state of a paused VM (vCPUs and device workers stopped),
@@ -188,8 +304,32 @@ pub fn load(vm: &mut Vm, src: &dyn SectionSource, claimed: &[&str]) -> Result<()
     legacy(src, &vm.legacy.i8042, &mut claimed)?;
     legacy(src, &vm.legacy.rtc, &mut claimed)?;
     legacy(src, &vm.legacy.pm, &mut claimed)?;
+    let roms = saved_roms(src)?;
     {
         let mut root = vm.pci.root.lock().unwrap_or_else(|e| e.into_inner());
+        for (slot, image) in roms {
+            let f = root
+                .function(slot)
+                .ok_or_else(|| RestoreError::Unclaimed(rom_section(slot)))?;
+            f.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_rom(image.clone())
+                .map_err(|reason| RestoreError::Malformed {
+                    name: rom_section(slot),
+                    reason,
+                })?;
+            // Later snapshots and migrations carry this image too.
+            if let Some(n) = vm
+                .cfg
+                .nets
+                .iter_mut()
+                .zip(&vm.net_slots)
+                .find(|(_, s)| **s == slot)
+            {
+                n.0.rom_image = Some(std::sync::Arc::new(image));
+            }
+            claimed.push(rom_section(slot));
+        }
         for slot in root.slots() {
             let name = bdf(slot);
             let (v, bytes) = src.section(&name)?;
@@ -216,9 +356,28 @@ pub fn load(vm: &mut Vm, src: &dyn SectionSource, claimed: &[&str]) -> Result<()
     Ok(())
 }
 
-/// Applies host-side overrides to the saved configuration.
-fn apply(saved: &SavedHost, o: &Overrides) -> Result<VmConfig, RestoreError> {
+/// Applies host-side overrides and the saved ROM images to the saved
+/// configuration.
+fn apply(
+    saved: &SavedHost,
+    o: &Overrides,
+    roms: &BTreeMap<u8, Vec<u8>>,
+) -> Result<VmConfig, RestoreError> {
     let mut cfg = saved.config.clone();
+    for (slot, image) in roms {
+        let n = saved
+            .host
+            .nets
+            .iter()
+            .position(|n| n.slot == *slot)
+            .and_then(|i| cfg.nets.get_mut(i))
+            .filter(|n| n.rom.is_some())
+            .ok_or_else(|| RestoreError::Malformed {
+                name: rom_section(*slot),
+                reason: format!("the saved guest has no option ROM at PCI slot {slot}"),
+            })?;
+        n.rom_image = Some(std::sync::Arc::new(image.clone()));
+    }
     if let Some(s) = &o.serial {
         cfg.serial = s.clone();
     }
@@ -264,18 +423,67 @@ fn apply(saved: &SavedHost, o: &Overrides) -> Result<VmConfig, RestoreError> {
 }
 
 /// The configuration to build from a saved header with the host-side
-/// overrides `o`, and how the guest ABI this Abide would give it differs
-/// from the saved manifest (empty: identical). Nothing is built yet.
-pub fn config_for(header: &Header, o: &Overrides) -> Result<(VmConfig, Vec<Difference>), Error> {
+/// overrides `o` and the saved ROM images `roms` (by PCI slot), and how the
+/// guest ABI this Abide would give it differs from the saved manifest
+/// (empty: identical). Nothing is built yet.
+pub fn config_for(
+    header: &Header,
+    o: &Overrides,
+    roms: &BTreeMap<u8, Vec<u8>>,
+) -> Result<(VmConfig, Vec<Difference>), Error> {
     let saved: SavedHost = serde_json::from_value(header.host.clone()).map_err(|e| {
         Error::Snapshot(RestoreError::File(SnapshotError::Header(format!(
             "host configuration: {e}"
         ))))
     })?;
-    let cfg = apply(&saved, o).map_err(Error::Snapshot)?;
+    let cfg = apply(&saved, o, roms).map_err(Error::Snapshot)?;
     let here = crate::manifest(&cfg)?;
     let diffs = super::check_abi(&header.manifest, &here.abi);
     Ok((cfg, diffs))
+}
+
+/// The option ROM image differences in `diffs` (`pci.functions[N].rom.
+/// image_*`): a migration source sends its images after the header, so
+/// the destination checks them once they arrived ([`check_roms`]).
+pub fn is_rom_image_field(d: &Difference) -> bool {
+    d.path.starts_with("pci.functions[")
+        && (d.path.ends_with("].rom.image_sha256") || d.path.ends_with("].rom.image_size"))
+}
+
+/// Compares the ROM image each PCI function of `vm` serves with the saved
+/// manifest's: the image a migrated guest had must be the one it gets.
+pub fn check_roms(vm: &Vm, saved_manifest: &serde_json::Value) -> Result<(), RestoreError> {
+    let root = vm.pci.root.lock().unwrap_or_else(|e| e.into_inner());
+    let functions = saved_manifest["pci"]["functions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for slot in root.slots() {
+        let Some(f) = root.function(slot) else {
+            continue;
+        };
+        let here = f
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .rom()
+            .map(crate::manifest::sha256_hex);
+        let bdf = format!("00:{slot:02x}.0");
+        let saved = functions
+            .iter()
+            .find(|f| f["bdf"] == serde_json::json!(bdf))
+            .and_then(|f| f["rom"]["image_sha256"].as_str().map(str::to_string));
+        if here != saved {
+            return Err(RestoreError::Malformed {
+                name: rom_section(slot),
+                reason: format!(
+                    "the option ROM of {bdf} differs from the one the guest had (SHA-256 {} -> {}); the source did not send its image and this host's file is another",
+                    saved.as_deref().unwrap_or("(none)"),
+                    here.as_deref().unwrap_or("(none)")
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The header fields every stored guest starts with: machine type, full
