@@ -32,6 +32,18 @@ git -C "$repo" worktree remove --force "$src" >/dev/null 2>&1 || rm -rf "$src"
 git -C "$repo" worktree prune
 git -C "$repo" worktree add --detach "$src" "$commit" >/dev/null
 trap 'git -C "$repo" worktree remove --force "$src" >/dev/null 2>&1 || true' EXIT
+# The first release build starts from this tree's own compiled dependencies:
+# releases pin mostly the same crate versions, and cargo reuses an artifact
+# only when its fingerprint (version, features, profile, rustc) matches, so
+# the copy saves rebuilding them (about 12 min per release on 2 cores) and
+# cannot change what gets built.
+if [[ ! -d $cache/build/release && -d $repo/target/release/deps ]]; then
+    mkdir -p "$cache/build/release"
+    for d in deps build .fingerprint; do
+        [[ -d $repo/target/release/$d ]] && cp -a "$repo/target/release/$d" "$cache/build/release/"
+    done
+    echo "build-release: seeded $cache/build with this tree's compiled dependencies" >&2
+fi
 echo "build-release: building abide at $commit (release profile, cached in $cache/$commit)" >&2
 (cd "$src" && CARGO_TARGET_DIR=$cache/build nice cargo build --release --bin abide >&2)
 cp "$cache/build/release/abide" "$out.partial"
