@@ -397,33 +397,14 @@ pub mod session {
     /// script (`host: failed: ...`, logs follow).
     pub fn run_session(script: &str, budget: u64, what: &str) -> Outcome {
         let start = now();
-        let attempt = || {
-            run_command(
-                Command::new(repo_root().join("resources/linux/run-direct-or-nested.sh"))
-                    .args(["--timeout", &(budget + 40).to_string(), "--", "sh", "-c"])
-                    .arg(script)
-                    .current_dir(repo_root()),
-                None,
-                Duration::from_secs(budget + 60),
-            )
-        };
-        let mut out = attempt();
-        // The nested test host (QEMU TCG) itself sometimes powers off
-        // before it ran the command (seen on 3 December 2026 on an idle
-        // host: "stopped (qemu exit status 0) without reporting the command
-        // exit status", with no output of the session). Then the session is
-        // run once more, loudly; any other failure counts at once.
-        if out.code == Some(125)
-            && out
-                .stderr
-                .contains("without reporting the command exit status")
-        {
-            eprintln!(
-                "RETRYING the {what} session ONCE: the nested test host stopped without reporting the command exit status\n{}",
-                out.stderr
-            );
-            out = attempt();
-        }
+        let out = run_command(
+            Command::new(repo_root().join("resources/linux/run-direct-or-nested.sh"))
+                .args(["--timeout", &(budget + 40).to_string(), "--", "sh", "-c"])
+                .arg(script)
+                .current_dir(repo_root()),
+            None,
+            Duration::from_secs(budget + 60),
+        );
         eprintln!(
             "{} (session {} s)",
             out.stderr.lines().next().unwrap_or(""),
