@@ -78,6 +78,8 @@ qpid=''
 cleanup() {
     [[ -n $qpid ]] && kill "$qpid" 2>/dev/null
     [[ -f $console_log ]] && cp "$console_log" "$last_log" 2>/dev/null
+    [[ -f $tmpdir/kernel.log ]] && cp "$tmpdir/kernel.log" "$cache/last-kernel.log" 2>/dev/null
+    [[ -f $tmpdir/qemu-debug.log ]] && cp "$tmpdir/qemu-debug.log" "$cache/last-qemu-debug.log" 2>/dev/null
     rm -rf "$cmdfile" "$tmpdir"
 }
 trap cleanup EXIT
@@ -103,15 +105,21 @@ chmod 644 "$cmdfile"
 token=$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
 begin="ABIDE-NESTED-BEGIN-$token"
 endm="ABIDE-NESTED-EXIT-$token="
-if [[ $debug == 1 ]]; then klog="loglevel=7"; else klog="quiet loglevel=0"; fi
-append="console=ttyS0 $klog panic=-1 ${ABIDE_NESTED_CMDLINE:-} abide.cmd=$cmdfile abide.token=$token abide.9pcache=$p9cache abide.root=${ABIDE_NESTED_ROOT:-overlay}"
+# The command's console is the first serial port (ttyS0, our stdio). The
+# kernel's own log goes to the second (ttyS1), a file, at warning level and
+# above, so that a nested host that panics or oopses leaves its reason
+# behind without mixing it into the command's output. ABIDE_NESTED_DEBUG=1
+# puts the whole kernel log on ttyS0 instead, for a person to watch.
+if [[ $debug == 1 ]]; then klog="console=ttyS0 loglevel=7"; else klog="console=ttyS1 loglevel=5"; fi
+append="$klog panic=-1 ${ABIDE_NESTED_CMDLINE:-} abide.cmd=$cmdfile abide.token=$token abide.9pcache=$p9cache abide.root=${ABIDE_NESTED_ROOT:-overlay}"
 # EPYC with SVM and nested paging; the '-' features are ones TCG cannot
 # emulate (QEMU would drop them anyway, with a warning per feature and vCPU).
 cpu=EPYC,+svm,+npt,-rdseed,-sha-ni,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-nrip-save,-xsavec
 # shellcheck disable=SC2054 # the commas are part of QEMU options
 qemu=(qemu-system-x86_64 -accel tcg,thread=multi -cpu "$cpu" -smp "$smp" -m "$mem"
       -M pc -kernel "$kernel" -initrd "$initrd" -append "$append"
-      -nographic -no-reboot -nodefaults -serial stdio
+      -nographic -no-reboot -nodefaults -serial stdio -serial "file:$tmpdir/kernel.log"
+      -d cpu_reset,guest_errors -D "$tmpdir/qemu-debug.log"
       -device virtio-9p-pci,fsdev=h,mount_tag=host
       -fsdev local,id=h,path=/,security_model=none,readonly=on,multidevs=remap)
 console_log="$tmpdir/console.log"
@@ -177,6 +185,20 @@ if [[ -s $qemu_err ]]; then
     sed 's/^/  /' "$qemu_err" >&2
 fi
 echo "abide-nested: nested host console (before the command): $last_log" >&2
-echo "abide-nested: (ABIDE_NESTED_DEBUG=1 shows the nested host's kernel log)" >&2
 tail -n 20 "$console_log" | sed 's/^/  /' >&2
+# Why it stopped: the kernel's warnings, oopses and panic (ttyS1), and QEMU's
+# record of CPU resets (a triple fault of the nested host resets its CPU,
+# and -no-reboot then ends QEMU with status 0).
+if [[ -s $tmpdir/kernel.log ]]; then
+    echo "abide-nested: nested host kernel log (warnings and worse; $cache/last-kernel.log):" >&2
+    tr -d '\r' < "$tmpdir/kernel.log" | tail -n 60 | sed 's/^/  /' >&2
+else
+    echo "abide-nested: the nested host kernel logged no warning, oops or panic" >&2
+fi
+if grep -q 'Triple fault' "$tmpdir/qemu-debug.log" 2>/dev/null; then
+    echo "abide-nested: QEMU logged a triple fault of the nested host (CPU state: $cache/last-qemu-debug.log):" >&2
+    grep -B2 -A30 'Triple fault' "$tmpdir/qemu-debug.log" | tail -n 40 | sed 's/^/  /' >&2
+else
+    echo "abide-nested: QEMU logged no triple fault of the nested host" >&2
+fi
 exit 125
