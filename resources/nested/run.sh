@@ -195,10 +195,21 @@ if [[ -s $tmpdir/kernel.log ]]; then
 else
     echo "abide-nested: the nested host kernel logged no warning, oops or panic" >&2
 fi
+crash=''
 if grep -q 'Triple fault' "$tmpdir/qemu-debug.log" 2>/dev/null; then
     echo "abide-nested: QEMU logged a triple fault of the nested host (CPU state: $cache/last-qemu-debug.log):" >&2
     grep -B2 -A30 'Triple fault' "$tmpdir/qemu-debug.log" | tail -n 40 | sed 's/^/  /' >&2
+    crash='a triple fault'
 else
     echo "abide-nested: QEMU logged no triple fault of the nested host" >&2
+fi
+if grep -q 'Kernel panic' "$tmpdir/kernel.log" 2>/dev/null; then
+    crash=${crash:+$crash and }'a kernel panic'
+fi
+# The one line callers may act on (the Linux tests run a session once more
+# when the test equipment itself crashed; never on a timeout or a failure
+# of the command).
+if [[ -n $crash && $qrc != 124 && $qrc != 137 ]]; then
+    echo "abide-nested: TEST HOST CRASHED: $crash of the nested host itself, not a failure reported by the command" >&2
 fi
 exit 125

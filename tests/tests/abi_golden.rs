@@ -23,11 +23,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use abide_tests::{abide_bin, repo_root, run_command, sha256_file, temp_dir};
+use abide_tests::session::run_where_linux_runs;
+use abide_tests::{abide_bin, repo_root, sha256_file, temp_dir};
 use serde_json::Value;
 
 /// Every machine type in the registry, oldest first.
@@ -186,13 +186,7 @@ fn observed() -> &'static BTreeMap<String, Observed> {
                  --cmdline 'fingerprint quiet' </dev/null; echo '@@@ end fingerprint {m}'\n"
             ));
         }
-        let out = run_command(
-            Command::new(repo_root().join("resources/linux/run-direct-or-nested.sh"))
-                .args(["--timeout", "600", "--", "sh", "-c", &script])
-                .current_dir(repo_root()),
-            None,
-            Duration::from_secs(660),
-        );
+        let out = run_where_linux_runs(&["sh", "-c", &script], 600, "reference");
         assert_eq!(out.code, Some(0), "reference session failed\n{out}");
         let place = if out.stderr.contains("running directly") {
             "direct"

@@ -6,11 +6,10 @@
 //! QEMU TCG with emulated AMD-V, where KVM is real. One nested-host boot runs
 //! every scenario, to pay its start-up once.
 
-use std::process::Command;
 use std::sync::OnceLock;
-use std::time::Duration;
 
-use abide_tests::{abide_bin, guest_file, now, repo_root, run_command, Outcome};
+use abide_tests::session::run_where_linux_runs;
+use abide_tests::{abide_bin, guest_file, now, Outcome};
 
 /// One `abide run` inside the shared session, delimited in the output.
 struct Scenario {
@@ -115,13 +114,7 @@ fn run_session() -> (Outcome, i64, i64) {
         &initrd.display().to_string(),
     ));
     let start = now();
-    let out = run_command(
-        Command::new(repo_root().join("resources/linux/run-direct-or-nested.sh"))
-            .args(["--timeout", "600", "--", "sh", "-c", &script])
-            .current_dir(repo_root()),
-        None,
-        Duration::from_secs(660),
-    );
+    let out = run_where_linux_runs(&["sh", "-c", &script], 600, "linux_guest");
     (out, start, now())
 }
 
