@@ -139,6 +139,26 @@ impl Abide {
         }
     }
 
+    /// Waits until a whole console line (its newline written) starts
+    /// with `prefix`: the guest writes a line byte by byte, so text that
+    /// merely contains the prefix may end in the middle of it.
+    fn wait_for_line(&mut self, prefix: &str) {
+        self.wait_for(prefix);
+        let start = Instant::now();
+        while !self
+            .text()
+            .split_inclusive('\n')
+            .any(|l| l.starts_with(prefix) && l.ends_with('\n'))
+        {
+            assert!(
+                start.elapsed() < TIMEOUT,
+                "no whole line '{prefix}...'\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits for a stderr line starting with `prefix`; returns it.
     fn wait_stderr(&mut self, prefix: &str) -> String {
         let start = Instant::now();
@@ -888,7 +908,7 @@ fn failed_migrations_leave_the_source_running() {
     assert_eq!(src.ctl("resume")["state"], "running");
 
     // The workload ends with the uninterrupted run's rounds and checksum.
-    src.wait_for("guest: user cpl=3");
+    src.wait_for_line("guest: user cpl=3");
     let work = |t: &str| -> Vec<String> {
         stable_lines(t)
             .into_iter()

@@ -55,9 +55,6 @@ pub struct Vm {
     net_ports: Vec<crate::virtio::NetPort>,
     /// PCI slot of each network card, in `cfg.nets` order.
     pub(crate) net_slots: Vec<u8>,
-    /// Called once the vCPU threads run (a received migration's answer to
-    /// its source).
-    on_start: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 /// A VM whose vCPU threads exist: running, or parked by a pause.
@@ -307,13 +304,7 @@ impl Vm {
             disk_files,
             net_ports,
             net_slots,
-            on_start: None,
         })
-    }
-
-    /// Calls `f` once the vCPU threads run.
-    pub fn on_start(&mut self, f: Box<dyn FnOnce() + Send + Sync>) {
-        self.on_start = Some(f);
     }
 
     /// Takes the NICs' taps and MACs.
@@ -401,9 +392,6 @@ impl Vm {
             Vcpus::start(vcpus, self.exit.clone(), tx)
         }
         .map_err(Error::Thread)?;
-        if let Some(f) = self.on_start.take() {
-            f();
-        }
         Ok(Started {
             vcpus: Arc::new(Mutex::new(vcpus)),
             errors: rx,

@@ -4,7 +4,7 @@
 //! guest becomes this process's VM (`abide receive`, or `abide serve`
 //! after `vm.receive-migration`).
 
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use abide_devices::ExitReason;
@@ -169,31 +169,32 @@ impl Controller {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
-        let started = result.map_err(Error::from).and_then(|incoming| {
-            let source_version = incoming.source_version.clone();
-            let (bytes, pages) = (incoming.bytes, incoming.pages);
-            let (mut vm, confirm) = incoming.into_parts();
+        let started = result.map_err(Error::from).map(|incoming| {
+            let crate::migration::Incoming {
+                mut vm,
+                started,
+                downtime_ms,
+                source_version,
+                bytes,
+                pages,
+            } = incoming;
+            // The guest already runs (the receiving thread let it go at
+            // *commit*); this thread takes it over.
             let ports = vm.take_net_ports();
-            let weak = Arc::downgrade(&self.shared);
-            vm.on_start(Box::new(move || {
-                let downtime_ms = confirm.send();
-                announce::start(ports);
-                eprintln!(
-                    "abide: migration received from Abide {source_version}: {bytes} bytes, {pages} pages; the guest runs here; downtime_ms={downtime_ms}"
-                );
-                if let Some(shared) = weak.upgrade() {
-                    let report = json!({
-                        "source_version": source_version,
-                        "bytes": bytes,
-                        "pages": pages,
-                        "downtime_ms": downtime_ms,
-                    });
-                    shared.migration_figures().receive_done(report.clone());
-                    shared.events.publish("migration-received", report);
-                }
-            }));
-            self.adopt(vm)?;
-            self.start(false)
+            announce::start(ports);
+            eprintln!(
+                "abide: migration received from Abide {source_version}: {bytes} bytes, {pages} pages; the guest runs here; downtime_ms={downtime_ms}"
+            );
+            self.adopt(vm);
+            let report = json!({
+                "source_version": source_version,
+                "bytes": bytes,
+                "pages": pages,
+                "downtime_ms": downtime_ms,
+            });
+            self.shared.migration_figures().receive_done(report.clone());
+            self.shared.events.publish("migration-received", report);
+            self.adopt_started(started, VmState::Running);
         });
         if let Err(e) = started {
             let error = crate::error_chain(&e);

@@ -94,7 +94,7 @@ impl Controller {
 
     /// Takes `vm` as this process's VM: publishes its configuration,
     /// manifest and counters, and reports device errors as events.
-    fn adopt(&mut self, vm: Vm) -> Result<(), Error> {
+    fn adopt(&mut self, vm: Vm) {
         let mut sources = Sources {
             vcpus: vm.exit_counters.clone(),
             devices: Vec::new(),
@@ -139,7 +139,6 @@ impl Controller {
             s.ran_for = None;
         }
         self.vm = Some(Arc::new(vm));
-        Ok(())
     }
 
     /// Starts the adopted VM's vCPUs (parked if `paused`).
@@ -151,14 +150,24 @@ impl Controller {
         let vm = Arc::get_mut(vm).ok_or_else(|| {
             Error::Thread(std::io::Error::other("the VM is in use and cannot start"))
         })?;
-        self.started = Some(vm.start(paused)?);
-        self.shared.status().running_since = Some(Instant::now());
-        self.shared.set_state(if paused {
-            VmState::Paused
-        } else {
-            VmState::Running
-        });
+        let started = vm.start(paused)?;
+        self.adopt_started(
+            started,
+            if paused {
+                VmState::Paused
+            } else {
+                VmState::Running
+            },
+        );
         Ok(())
+    }
+
+    /// Takes the adopted VM's vCPU threads, started elsewhere (by an
+    /// incoming migration) or by [`Controller::start`].
+    fn adopt_started(&mut self, started: Started, state: VmState) {
+        self.started = Some(started);
+        self.shared.status().running_since = Some(Instant::now());
+        self.shared.set_state(state);
     }
 
     /// Stops the VM's vCPUs and records how it ended. `requested`: the
@@ -260,7 +269,7 @@ pub fn run(vm: Vm, api: Option<Listener>, restored: Option<Value>) -> Result<Exi
     if let Some(r) = restored {
         c.shared.figures().restore_done(r);
     }
-    c.adopt(vm)?;
+    c.adopt(vm);
     let server = api
         .map(|l| l.serve(c.shared.clone(), limits()))
         .transpose()?;

@@ -114,7 +114,7 @@ impl Controller {
             .map_err(|e| Reply::error(400, crate::error_chain(&e)))?;
         let machine = abide_machines::resolve(&cfg.machine).map_err(|e| failure(&e.into()))?;
         let vm = crate::vm::Vm::build(machine, &cfg).map_err(|e| failure(&e))?;
-        self.adopt(vm).map_err(|e| failure(&e))?;
+        self.adopt(vm);
         self.shared.set_state(VmState::Created);
         Ok(self.info_value())
     }
@@ -232,7 +232,8 @@ impl Controller {
             "abi_ms": report.abi_ms,
             "load_ms": report.load_ms,
         });
-        if let Err(e) = self.adopt(vm).and_then(|()| self.start(!body.resume)) {
+        self.adopt(vm);
+        if let Err(e) = self.start(!body.resume) {
             self.vm = None;
             self.started = None;
             return Err(refused(self, &e));

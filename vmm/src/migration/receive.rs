@@ -12,7 +12,7 @@ use super::{MigrationError, IO_TIMEOUT};
 use crate::snapshot::format::accept_section;
 use crate::snapshot::state::{self, Sections};
 use crate::snapshot::{Overrides, KNOWN_SECTIONS};
-use crate::vm::{Start, Vm};
+use crate::vm::{Start, Started, Vm};
 
 /// How to receive.
 #[derive(Clone, Debug, Default)]
@@ -21,14 +21,17 @@ pub struct ReceiveOptions {
     pub overrides: Overrides,
 }
 
-/// A received guest: built, loaded, committed, not yet running.
+/// A received guest: built, loaded, committed, and running here (its
+/// vCPU threads started parked before *ready* and were let go at
+/// *commit*); the source has been told.
 pub struct Incoming {
-    /// The VM, ready to [`Vm::run`].
+    /// The VM.
     pub vm: Vm,
-    conn: Conn,
-    committed_at: Instant,
-    source_paused_ms: f64,
-    load_ms: f64,
+    /// Its vCPU threads.
+    pub(crate) started: Started,
+    /// The guest's downtime as this side saw it (the source's pause up
+    /// to *commit*, then up to the guest running here).
+    pub downtime_ms: f64,
     /// The source's Abide version.
     pub source_version: String,
     /// Bytes received.
@@ -43,56 +46,6 @@ impl std::fmt::Debug for Incoming {
             .field("source_version", &self.source_version)
             .field("bytes", &self.bytes)
             .finish_non_exhaustive()
-    }
-}
-
-impl Incoming {
-    /// Splits off the VM and the answer still owed to the source (sent
-    /// with [`Confirm::send`] once the vCPUs run).
-    pub fn into_parts(self) -> (Vm, Confirm) {
-        let Incoming {
-            vm,
-            conn,
-            committed_at,
-            source_paused_ms,
-            load_ms,
-            ..
-        } = self;
-        (
-            vm,
-            Confirm {
-                conn,
-                committed_at,
-                source_paused_ms,
-                load_ms,
-            },
-        )
-    }
-}
-
-/// The answer the destination still owes the source once the guest runs.
-#[derive(Debug)]
-pub struct Confirm {
-    conn: Conn,
-    committed_at: Instant,
-    source_paused_ms: f64,
-    load_ms: f64,
-}
-
-impl Confirm {
-    /// Tells the source the guest runs here; returns this side's downtime.
-    pub fn send(mut self) -> f64 {
-        let start_ms = crate::api::ms(self.committed_at);
-        let downtime_ms = self.source_paused_ms + start_ms;
-        let answer = json!({
-            "downtime_ms": downtime_ms,
-            "phases": {"load_ms": self.load_ms, "start_ms": start_ms},
-        });
-        if let Err(e) = wire::write_json(&mut self.conn, wire::RESUMED, &answer) {
-            eprintln!("abide: warning: cannot tell the source that the guest runs here: {e}");
-        }
-        self.conn.shutdown();
-        downtime_ms
     }
 }
 
@@ -169,8 +122,70 @@ pub fn receive(
         Ok(vm) => vm,
         Err(e) => return Err(refuse(&mut conn, e.into())),
     };
+    let mut report = take(&mut conn, &mut vm, &header, status)?;
+    // The vCPU threads start now, parked, with their state loaded: after
+    // *commit* the guest only has to be let go.
+    let t = Instant::now();
+    let started = match vm.start(true) {
+        Ok(s) => s,
+        Err(e) => return Err(tell(&mut conn, wire::ERROR, e.into())),
+    };
+    let threads_ms = crate::api::ms(t);
+    let (committed_at, paused_ms) = match await_commit(&mut conn, status) {
+        Ok(c) => c,
+        Err(e) => {
+            // Nothing ran: the threads leave from where they are parked.
+            let _ = vm.finish(started);
+            return Err(e);
+        }
+    };
+    // Committed: the guest is this side's to run.
+    let resumed = {
+        let mut v = started.vcpus.lock().unwrap_or_else(|e| e.into_inner());
+        vm.resume(&mut v)
+    };
+    if let Err(e) = resumed {
+        // The source stays paused (it learns why): the operator decides.
+        let e = tell(&mut conn, wire::ERROR, e.into());
+        let _ = vm.finish(started);
+        return Err(e);
+    }
+    let start_ms = crate::api::ms(committed_at);
+    let downtime_ms = paused_ms + start_ms;
+    report.phases["threads_ms"] = json!(threads_ms);
+    report.phases["start_ms"] = json!(start_ms);
+    let answer = json!({"downtime_ms": downtime_ms, "phases": report.phases});
+    if let Err(e) = wire::write_json(&mut conn, wire::RESUMED, &answer) {
+        eprintln!("abide: warning: cannot tell the source that the guest runs here: {e}");
+    }
+    conn.shutdown();
+    Ok(Incoming {
+        vm,
+        started,
+        downtime_ms,
+        source_version: header.abide_version,
+        bytes: report.bytes,
+        pages: report.pages,
+    })
+}
+
+/// What [`take`] received.
+struct Taken {
+    bytes: u64,
+    pages: u64,
+    phases: serde_json::Value,
+}
+
+/// From *accept* to the state loaded into `vm`: memory, then every state
+/// section.
+fn take(
+    conn: &mut Conn,
+    vm: &mut Vm,
+    header: &crate::snapshot::format::Header,
+    status: &mut dyn FnMut(&str),
+) -> Result<Taken, MigrationError> {
     if let Err(e) = wire::write_json(
-        &mut conn,
+        conn,
         wire::ACCEPT,
         &json!({
             "abide_version": env!("CARGO_PKG_VERSION"),
@@ -186,11 +201,11 @@ pub fn receive(
     let mut pages = 0u64;
     let mut page_frames = 0u64;
     loop {
-        let tag = match wire::read_frame(&mut conn, &mut buf) {
+        let tag = match wire::read_frame(conn, &mut buf) {
             Ok(t) => t,
             Err(e) => {
                 return Err(tell(
-                    &mut conn,
+                    conn,
                     wire::ERROR,
                     stream("receiving memory and state")(e),
                 ))
@@ -203,13 +218,13 @@ pub fn receive(
                 if page_frames == 2 {
                     super::fault("kill-during-memory");
                 }
-                store_pages(&vm, &buf).map(|n| pages += n)
+                store_pages(vm, &buf).map(|n| pages += n)
             }
             wire::PASS => {
                 if let Ok(v) = wire::parse_json::<serde_json::Value>(tag, &buf) {
                     status(&format!("receiving memory (pass {})", v["iteration"]));
                 }
-                wire::write_json(&mut conn, wire::PASS_STORED, &json!({}))
+                wire::write_json(conn, wire::PASS_STORED, &json!({}))
                     .map_err(stream("receiving memory"))
             }
             wire::SECTION => {
@@ -222,23 +237,36 @@ pub fn receive(
             t => Err(unexpected("receiving memory and state", t)),
         };
         if let Err(e) = step {
-            return Err(tell(&mut conn, wire::ERROR, e));
+            return Err(tell(conn, wire::ERROR, e));
         }
     }
     status("loading state");
     let t = Instant::now();
-    let loaded = state::load(&mut vm, &sections, &[])
-        .and_then(|()| state::check_roms(&vm, &header.manifest));
+    let mut load_times = state::LoadTimes::default();
+    let loaded = state::load_timed(vm, &sections, &[], &mut load_times)
+        .and_then(|()| state::check_roms(vm, &header.manifest));
     if let Err(e) = loaded {
-        return Err(tell(&mut conn, wire::ERROR, e.into()));
+        return Err(tell(conn, wire::ERROR, e.into()));
     }
     let load_ms = crate::api::ms(t);
-    if let Err(e) = wire::write_json(&mut conn, wire::READY, &json!({})) {
-        return Err(stream("answering ready")(e));
-    }
+    Ok(Taken {
+        bytes,
+        pages,
+        phases: json!({"load_ms": load_ms, "load": load_times}),
+    })
+}
+
+/// Answers *ready* and waits for *commit*. Returns when it came, with the
+/// source's pause so far (ms).
+fn await_commit(
+    conn: &mut Conn,
+    status: &mut dyn FnMut(&str),
+) -> Result<(Instant, f64), MigrationError> {
+    let mut buf = Vec::new();
+    wire::write_json(conn, wire::READY, &json!({})).map_err(stream("answering ready"))?;
     status("waiting for commit");
     const WAIT: &str = "waiting for commit (the guest stays with the source)";
-    let tag = wire::read_frame(&mut conn, &mut buf).map_err(stream(WAIT))?;
+    let tag = wire::read_frame(conn, &mut buf).map_err(stream(WAIT))?;
     let committed_at = Instant::now();
     super::fault("kill-after-commit");
     match tag {
@@ -247,16 +275,7 @@ pub fn receive(
         t => return Err(unexpected(WAIT, t)),
     }
     let commit: serde_json::Value = wire::parse_json(tag, &buf).map_err(stream(WAIT))?;
-    Ok(Incoming {
-        vm,
-        conn,
-        committed_at,
-        source_paused_ms: commit["paused_ms"].as_f64().unwrap_or(0.0),
-        load_ms,
-        source_version: header.abide_version,
-        bytes,
-        pages,
-    })
+    Ok((committed_at, commit["paused_ms"].as_f64().unwrap_or(0.0)))
 }
 
 /// Writes a verified page frame into guest memory; returns the pages.

@@ -273,6 +273,37 @@ fn parse<T: serde::de::DeserializeOwned>(
 /// must be claimed, by this VM or by the caller (`claimed`, e.g. the
 /// memory sections of a snapshot file).
 pub fn load(vm: &mut Vm, src: &dyn SectionSource, claimed: &[&str]) -> Result<(), RestoreError> {
+    load_timed(vm, src, claimed, &mut LoadTimes::default())
+}
+
+/// How long each part of [`load`] took, in milliseconds (a migration's
+/// destination reports them: they are part of the guest's downtime).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct LoadTimes {
+    /// Parsing and checking the VM and vCPU sections.
+    pub parse_ms: f64,
+    /// The legacy devices and the option ROM images.
+    pub legacy_ms: f64,
+    /// The PCI functions (virtio devices, MSI-X routes) and their BARs.
+    pub pci_ms: f64,
+    /// The interrupt controllers and the clock.
+    pub irqchip_ms: f64,
+    /// The vCPUs.
+    pub vcpus_ms: f64,
+}
+
+/// [`load`], timing its parts into `times`.
+pub fn load_timed(
+    vm: &mut Vm,
+    src: &dyn SectionSource,
+    claimed: &[&str],
+    times: &mut LoadTimes,
+) -> Result<(), RestoreError> {
+    let mut t = std::time::Instant::now();
+    let mut lap = |slot: &mut f64| {
+        *slot = crate::api::ms(t);
+        t = std::time::Instant::now();
+    };
     let mut claimed: Vec<String> = claimed.iter().map(|s| s.to_string()).collect();
     // Parse everything KVM gets before touching KVM or devices.
     let vm_state: VmState = parse(src, "vm")?;
@@ -286,6 +317,7 @@ pub fn load(vm: &mut Vm, src: &dyn SectionSource, claimed: &[&str]) -> Result<()
         vcpu_states.push(st);
         claimed.push(name);
     }
+    lap(&mut times.parse_ms);
 
     fn legacy<P: Persist>(
         src: &dyn SectionSource,
@@ -330,6 +362,7 @@ pub fn load(vm: &mut Vm, src: &dyn SectionSource, claimed: &[&str]) -> Result<()
             }
             claimed.push(rom_section(slot));
         }
+        lap(&mut times.legacy_ms);
         for slot in root.slots() {
             let name = bdf(slot);
             let (v, bytes) = src.section(&name)?;
@@ -343,12 +376,15 @@ pub fn load(vm: &mut Vm, src: &dyn SectionSource, claimed: &[&str]) -> Result<()
             claimed.push(name);
         }
     }
+    lap(&mut times.pci_ms);
     // Interrupt controllers and clock, then the vCPUs (their LAPICs).
     vm_state.load(&vm.vm, vm.clock_flags)?;
+    lap(&mut times.irqchip_ms);
     for (v, st) in vm.vcpus.iter().zip(&vcpu_states) {
         st.load(&v.fd)?;
         crate::vcpu::tell_guest_it_was_paused(&v.fd);
     }
+    lap(&mut times.vcpus_ms);
     if let Some(extra) = src.names().into_iter().find(|s| !claimed.contains(s)) {
         return Err(RestoreError::Unclaimed(extra));
     }
