@@ -2,5 +2,6 @@
 //! machine description into bytes the guest reads.
 
 pub mod acpi;
+pub mod bios;
 pub mod boot;
 pub mod e820;

@@ -58,6 +58,9 @@ pub struct Vm {
     /// Called once the vCPU threads run (a received migration's answer to
     /// its source).
     on_start: Option<Box<dyn FnOnce() + Send + Sync>>,
+    /// The firmware image's read-only mapping (`--firmware`), kept alive
+    /// for as long as KVM maps it.
+    _firmware: Option<crate::firmware::FirmwareRegion>,
 }
 
 /// A VM whose vCPU threads exist: running, or parked by a pause.
@@ -145,7 +148,16 @@ impl Vm {
         let cpu_model = vcpu::cpuid::model_for(&machine, &cfg.cpu)?;
         // Open user files first, so bad paths fail before any KVM work.
         let mut boot_files = None;
-        if start == Start::Boot {
+        // Firmware boot: the image (saved bytes first) and, at boot, what
+        // fw_cfg tells it; a kernel is then loaded by the firmware.
+        let firmware = match &cfg.firmware {
+            Some(f) => Some((
+                crate::firmware::image(&machine, f)?,
+                crate::firmware::contents(&machine, cfg, start == Start::Boot)?,
+            )),
+            None => None,
+        };
+        if start == Start::Boot && firmware.is_none() {
             let mut kernel = open_kernel(cfg)?;
             let initrd = match &cfg.initrd {
                 Some(p) => Some(File::open(p).map_err(|source| Error::OpenFile {
@@ -184,6 +196,9 @@ impl Vm {
         // migrations carry them) whatever happens to the host files.
         let net_slots: Vec<u8> = backends.nets.iter().map(|n| n.slot).collect();
         let mut kept = cfg.clone();
+        if let (Some(f), Some((image, _))) = (kept.firmware.as_mut(), &firmware) {
+            f.bytes = Some(image.clone());
+        }
         for (n, open) in kept.nets.iter_mut().zip(&backends.nets) {
             n.rom_image = open.rom.as_ref().map(|(_, image)| Arc::new(image.clone()));
         }
@@ -210,6 +225,16 @@ impl Vm {
 
         let ram = GuestRam::new(&machine, cfg.memory)?;
         ram.register(&vm)?;
+        let firmware_region = match &firmware {
+            Some((image, _)) => Some(crate::firmware::map(
+                &vm,
+                &ram.mem,
+                &machine,
+                image,
+                start == Start::Boot,
+            )?),
+            None => None,
+        };
 
         let mut entry = None;
         if let Some((mut kernel, mut initrd)) = boot_files {
@@ -239,6 +264,9 @@ impl Vm {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
         let legacy = legacy::attach(&vm, &pio, &machine, serial_out, &exit)?;
+        if let (Some(f), Some((_, contents))) = (&cfg.firmware, firmware) {
+            crate::firmware::attach(&pio, &machine, f, contents, &ram.mem)?;
+        }
         let pci = PciPlatform::new(&machine, &pio, &mmio, &exit)?;
         let max_gsi = kvm.check_extension_int(kvm_ioctls::Cap::IrqRouting).max(0) as u32;
         let router = GsiRouter::new(vm.clone(), max_gsi, &machine.irqchip)?;
@@ -277,6 +305,12 @@ impl Vm {
                 if index == 0 {
                     regs::setup_boot_cpu(&fd, entry)?;
                 }
+            } else if start == Start::Boot {
+                // Firmware boot: every vCPU keeps KVM's reset state (the
+                // BSP at the reset vector, the APs waiting for INIT/SIPI
+                // in the in-kernel LAPIC), with the machine's FPU, MSR and
+                // LINT wiring.
+                regs::setup_common(&fd, index, &machine, msr_list.as_slice())?;
             }
             let exits = Arc::new(vcpu::exits::ExitCounters::default());
             exit_counters.push(exits.clone());
@@ -308,6 +342,7 @@ impl Vm {
             net_ports,
             net_slots,
             on_start: None,
+            _firmware: firmware_region,
         })
     }
 
