@@ -112,11 +112,26 @@ pub fn image(
 ) -> Result<Arc<Vec<u8>>, FirmwareBootError> {
     let bytes = match &f.bytes {
         Some(b) => b.clone(),
-        None => Arc::new(read_file(
-            "firmware image",
-            &f.image,
-            machine.firmware.slot_size,
-        )?),
+        None => {
+            // A file larger than the slot is refused by its size, unread.
+            if let Ok(m) = std::fs::metadata(&f.image) {
+                let slot = machine.firmware.slot_size;
+                if m.is_file() && m.len() > slot {
+                    return Err(FirmwareError::TooLarge {
+                        path: f.image.display().to_string(),
+                        size: m.len(),
+                        slot,
+                        machine: machine.name.clone(),
+                    }
+                    .into());
+                }
+            }
+            Arc::new(read_file(
+                "firmware image",
+                &f.image,
+                machine.firmware.slot_size,
+            )?)
+        }
     };
     bios::check_image(machine, &f.image.display().to_string(), &bytes)?;
     Ok(bytes)
