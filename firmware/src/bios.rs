@@ -80,7 +80,7 @@ pub enum FirmwareError {
     #[error("firmware image {0} is empty")]
     Empty(String),
     /// Smaller than the shadow copy, or not a multiple of 64 KiB.
-    #[error("firmware image {path} is {size} bytes: a PC firmware image is a multiple of 64 KiB and at least {min} bytes (SeaBIOS's bios.bin is 131072)")]
+    #[error("firmware image {path} is {size} bytes: a PC firmware image is a multiple of {min} bytes (SeaBIOS's bios.bin is 131072)")]
     BadSize {
         /// The file.
         path: String,
@@ -89,6 +89,9 @@ pub enum FirmwareError {
         /// The smallest accepted.
         min: u64,
     },
+    /// The ACPI tables cannot be built.
+    #[error("cannot build the ACPI tables for the firmware: {0}")]
+    Acpi(String),
     /// `--kernel` with `--firmware` needs a bzImage.
     #[error("with --firmware, --kernel must be a Linux bzImage (boot protocol 2.02 or later, loaded high): {0}")]
     NotBzImage(String),
@@ -121,11 +124,11 @@ pub fn check_image(
             machine: machine.name.clone(),
         });
     }
-    if size < f.low_alias_size || size % (64 * 1024) != 0 {
+    if !size.is_multiple_of(64 * 1024) {
         return Err(FirmwareError::BadSize {
             path: path.into(),
             size,
-            min: f.low_alias_size,
+            min: 64 * 1024,
         });
     }
     Ok(())
@@ -198,6 +201,16 @@ pub fn fw_cfg(
     ));
     c.files
         .push(("etc/e820".into(), e820_file(machine, inputs.ram_bytes)));
+    // Abide's own ACPI tables, placed by the firmware (`acpi_loader`).
+    let tables =
+        crate::acpi::build(machine, inputs.cpus).map_err(|e| FirmwareError::Acpi(e.to_string()))?;
+    let acpi = crate::acpi_loader::build(&tables, machine.acpi.table_align);
+    c.files
+        .push((crate::acpi_loader::RSDP_FILE.into(), acpi.rsdp));
+    c.files
+        .push((crate::acpi_loader::TABLES_FILE.into(), acpi.tables));
+    c.files
+        .push((crate::acpi_loader::LOADER_FILE.into(), acpi.loader));
     if f.sercon_port != 0 {
         c.files.push((
             "etc/sercon-port".into(),
@@ -329,7 +342,8 @@ mod tests {
             Err(FirmwareError::BadSize { .. })
         ));
         assert_eq!(m.firmware.image_addr(128 * KIB), 0xfffe_0000);
-        assert_eq!(m.firmware.low_alias_addr(), 0xe_0000);
+        assert_eq!(m.firmware.low_alias_addr(128 * KIB), 0xe_0000);
+        assert_eq!(m.firmware.low_alias_addr(256 * KIB), 0xc_0000);
     }
 
     fn bzimage() -> Vec<u8> {
@@ -375,9 +389,17 @@ mod tests {
         let names: Vec<&str> = c.files.iter().map(|f| f.0.as_str()).collect();
         assert_eq!(
             names,
-            ["etc/e820", "etc/sercon-port", LINUXBOOT_FILE, "bootorder"]
+            [
+                "etc/e820",
+                "etc/acpi/rsdp",
+                "etc/acpi/tables",
+                "etc/table-loader",
+                "etc/sercon-port",
+                LINUXBOOT_FILE,
+                "bootorder"
+            ]
         );
-        let bootorder = &c.files[3].1;
+        let bootorder = &c.files[6].1;
         assert_eq!(bootorder, b"/rom@genroms/linuxboot_dma.bin\0");
         // e820: 20 bytes an entry, the first is low RAM.
         let e820 = &c.files[0].1;

@@ -40,10 +40,13 @@ pub struct FirmwareLayout {
     pub slot_size: u64,
     /// End (exclusive) of the slot: 4 GiB, where the reset vector is.
     pub slot_end: u64,
-    /// How many bytes of the image's end are also at the top of the first
-    /// MiB (`0x10_0000 - low_alias_size`), as writable RAM: a PC's shadow
-    /// copy, which SeaBIOS needs when no i440FX or Q35 host bridge unlocks
-    /// shadowing.
+    /// At most how many bytes of the image's end are also at the top of
+    /// the first MiB, as writable RAM: a PC's shadow copy, which SeaBIOS
+    /// needs when no i440FX or Q35 host bridge unlocks shadowing. A PC
+    /// aliases the last 128 KiB at 0xE0000; SeaBIOS's 256 KiB build also
+    /// links code below 0xE0000 and copies it down from the high mapping
+    /// only when it can unlock PAM shadowing, so the whole image of up to
+    /// 256 KiB is copied (from 0xC0000 for a 256 KiB image).
     pub low_alias_size: u64,
     /// fw_cfg.
     pub fw_cfg: FwCfgPorts,
@@ -66,7 +69,7 @@ pub fn pc_1_0_firmware() -> FirmwareLayout {
     FirmwareLayout {
         slot_size: 256 * KIB,
         slot_end: 4 * GIB,
-        low_alias_size: 128 * KIB,
+        low_alias_size: 256 * KIB,
         fw_cfg: FwCfgPorts {
             selector: 0x510,
             dma: 0x514,
@@ -88,8 +91,13 @@ impl FirmwareLayout {
         self.slot_end - len
     }
 
-    /// Guest address of the low (shadow) copy.
-    pub fn low_alias_addr(&self) -> u64 {
-        0x10_0000 - self.low_alias_size
+    /// Size of the low (shadow) copy of an image of `len` bytes.
+    pub fn low_alias_len(&self, len: u64) -> u64 {
+        len.min(self.low_alias_size)
+    }
+
+    /// Guest address of the low (shadow) copy of an image of `len` bytes.
+    pub fn low_alias_addr(&self, len: u64) -> u64 {
+        0x10_0000 - self.low_alias_len(len)
     }
 }

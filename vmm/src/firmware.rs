@@ -244,11 +244,22 @@ pub fn map(
     // the guest range is inside the 32-bit hole, apart from RAM.
     unsafe { vm.set_user_memory_region(slot) }.map_err(FirmwareBootError::Slot)?;
     if shadow {
-        let alias = &image[len - f.low_alias_size as usize..];
-        mem.write_slice(alias, GuestAddress(f.low_alias_addr()))
+        let alias = &image[len - f.low_alias_len(len as u64) as usize..];
+        mem.write_slice(alias, GuestAddress(f.low_alias_addr(len as u64)))
             .map_err(FirmwareBootError::Shadow)?;
     }
     Ok(region)
+}
+
+/// Removes the image's memory slot from the guest (before mapping
+/// another image).
+pub fn unmap(vm: &VmFd) -> Result<(), FirmwareBootError> {
+    let slot = kvm_userspace_memory_region {
+        slot: FIRMWARE_MEM_SLOT,
+        ..Default::default()
+    };
+    // SAFETY: a zero-sized region deletes the slot; no memory is mapped.
+    unsafe { vm.set_user_memory_region(slot) }.map_err(FirmwareBootError::Slot)
 }
 
 /// Puts fw_cfg (with `contents`, DMA into `mem`) and the debug port on

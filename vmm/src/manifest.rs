@@ -433,8 +433,8 @@ pub fn describe(
                 address: l.image_addr(image.len() as u64),
                 image_size: image.len() as u64,
                 image_sha256: sha256_hex(&image),
-                shadow_address: l.low_alias_addr(),
-                shadow_size: l.low_alias_size,
+                shadow_address: l.low_alias_addr(image.len() as u64),
+                shadow_size: l.low_alias_len(image.len() as u64),
                 fw_cfg: l.fw_cfg,
                 debug_port: l.debug_port,
             })

@@ -346,6 +346,28 @@ impl Vm {
         })
     }
 
+    /// Serves `image` as the firmware image from now on (a restored or
+    /// migrated guest keeps the image it booted with). The guest's shadow
+    /// copy is in its RAM, restored with it.
+    pub(crate) fn set_firmware_image(&mut self, image: Vec<u8>) -> Result<(), String> {
+        let Some(f) = self.cfg.firmware.as_mut() else {
+            return Err("the guest was not booted through firmware".into());
+        };
+        if f.bytes.as_deref() == Some(&image) {
+            return Ok(());
+        }
+        abide_firmware::bios::check_image(&self.machine, "(saved firmware image)", &image)
+            .map_err(|e| e.to_string())?;
+        crate::firmware::unmap(&self.vm).map_err(|e| e.to_string())?;
+        self._firmware = None;
+        self._firmware = Some(
+            crate::firmware::map(&self.vm, &self.ram.mem, &self.machine, &image, false)
+                .map_err(|e| e.to_string())?,
+        );
+        f.bytes = Some(Arc::new(image));
+        Ok(())
+    }
+
     /// Calls `f` once the vCPU threads run.
     pub fn on_start(&mut self, f: Box<dyn FnOnce() + Send + Sync>) {
         self.on_start = Some(f);
