@@ -99,7 +99,7 @@ pub use platform::{
     MsrValue, RtcDefaults,
 };
 pub use types::{
-    machine_types, newest, pc_2_0, resolve, types_alias, MachineTypeInfo, UnknownMachine,
+    machine_types, newest, pc_2_0, pc_3_0, resolve, types_alias, MachineTypeInfo, UnknownMachine,
 };
 pub use virtio::{
     virtio_feature_name, virtio_feature_names, BlkConfig, NetConfig, VirtioBarLayout, VirtioCap,

@@ -1,6 +1,7 @@
 //! Firmware boot (`--firmware`) with real firmware: Debian's SeaBIOS runs
 //! iPXE option ROMs from the ROM BAR, and loads the Debian cloud kernel
-//! through fw_cfg and `linuxboot_dma.bin` to userspace with 2 vCPUs.
+//! through fw_cfg and `linuxboot_dma.bin` to userspace with 2 vCPUs, with
+//! Abide's ACPI tables (etc/table-loader), and powers off through them.
 //!
 //! Firmware is real-mode code. On this project's PVM `/dev/kvm`, SeaBIOS
 //! does run (real mode included) and even starts iPXE, but iPXE later dies
@@ -68,7 +69,7 @@ run_case pxe 120 'Open Source Network Boot Firmware' --machine pc-1.0 \
 run_case efi 120 'Open Source Network Boot Firmware' --machine pc \
     --firmware '@BIOS_256K@' --net "tap=$TAP,rom=@EFI_ROM@"
 WAIT_EXIT=yes
-run_case kernel 300 'abide-linux: poweroff' --machine pc-1.0 --cpus 2 --memory 512M \
+run_case kernel 300 'abide-linux: poweroff' --machine pc --cpus 2 --memory 512M \
     --firmware '@BIOS@' --kernel "$KERNEL" --initrd "$INITRD" \
     --cmdline 'console=ttyS0 abide.test=basic'
 ip link del "$TAP" 2>/dev/null
@@ -150,6 +151,16 @@ fn firmware_runs_option_roms_and_boots_a_kernel() {
     // the guest powered off through them (ACPI S5): abide exited with 0.
     assert!(serial.contains("ACPI: RSDP"), "{serial}");
     assert!(serial.contains("ACPI: MCFG"), "{serial}");
+    // On the newest machine type the firmware's BARs are inside the
+    // _CRS window: Linux keeps them (on pc-1.0/pc-2.0 it moves them).
+    assert!(
+        !serial.contains("no compatible bridge window"),
+        "Linux moved a BAR the firmware placed\n{serial}"
+    );
+    assert!(
+        serial.contains("root bus resource [mem 0xf0000000-0xfebfffff window]"),
+        "{serial}"
+    );
     assert!(
         out.lines()
             .any(|l| l.starts_with("host: kernel found=yes exited=yes rc=0 ")),

@@ -266,7 +266,7 @@ struct RunArgs {
     /// API's vm.create); the other flags override its fields.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Machine type (pc-1.0, pc-2.0; pc is the newest) [default: pc].
+    /// Machine type (pc-1.0, pc-2.0, pc-3.0; pc is the newest) [default: pc].
     #[arg(long)]
     machine: Option<String>,
     /// CPU model (abide-v1, abide-v2, host; default: the machine type's).

@@ -108,7 +108,7 @@ fn default_serial() -> String {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmSpec {
-    /// Machine type (`pc-1.0`, `pc-2.0`; `pc` is the newest).
+    /// Machine type (`pc-1.0`, `pc-2.0`, `pc-3.0`; `pc` is the newest).
     #[serde(default = "default_machine")]
     pub machine: String,
     /// CPU model; absent means the machine type's.
