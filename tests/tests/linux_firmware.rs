@@ -10,9 +10,14 @@
 //! the other Linux tests run: directly where the CPU has vmx/svm, otherwise
 //! in the nested test host (QEMU TCG with emulated AMD-V).
 //!
-//! Needs the `seabios`, `ipxe-qemu` and `qemu-system-data` packages
-//! (installed by resources/scripts/setup.sh); a missing file fails the
-//! test, saying which.
+//! A disk image built by the test (FAT with SYSLINUX, the kernel and the
+//! initramfs) boots through SeaBIOS's virtio-blk driver to userspace and
+//! powers off.
+//!
+//! Needs the `seabios`, `ipxe-qemu`, `qemu-system-data`, `syslinux`,
+//! `mtools` and `dosfstools` packages (installed by
+//! resources/scripts/setup.sh); a missing file fails the test, saying
+//! which.
 
 use std::path::Path;
 
@@ -72,6 +77,16 @@ WAIT_EXIT=yes
 run_case kernel 300 'abide-linux: poweroff' --machine pc --cpus 2 --memory 512M \
     --firmware '@BIOS@' --kernel "$KERNEL" --initrd "$INITRD" \
     --cmdline 'console=ttyS0 abide.test=basic'
+# Disk boot: a FAT file system on the whole disk with SYSLINUX (Debian's
+# syslinux, mtools and dosfstools), the kernel, the initramfs and a
+# syslinux.cfg; SeaBIOS boots it through its virtio-blk driver.
+D=$T/disk.img
+truncate -s 64M "$D" && mkfs.vfat -F 32 -n ABIDEBOOT "$D" >/dev/null && syslinux --install "$D" &&
+printf 'DEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n  KERNEL vmlinuz\n  INITRD initrd.img\n  APPEND console=ttyS0 abide.test=basic\n' > "$T/syslinux.cfg" &&
+mcopy -i "$D" "$T/syslinux.cfg" ::syslinux.cfg && mcopy -i "$D" "$KERNEL" ::vmlinuz &&
+mcopy -i "$D" "$INITRD" ::initrd.img || host "failed: building the boot disk"
+run_case disk 300 'abide-linux: poweroff' --machine pc --cpus 2 --memory 512M \
+    --firmware '@BIOS@' --disk "path=$D,readonly=on"
 ip link del "$TAP" 2>/dev/null
 rm -rf "$T"
 "#;
@@ -98,6 +113,9 @@ fn session() -> String {
         .replace("@PXE_ROM@", &need(PXE_ROM))
         .replace("@EFI_ROM@", &need(EFI_ROM));
     need(LINUXBOOT);
+    for tool in ["/usr/bin/syslinux", "/usr/bin/mcopy", "/usr/sbin/mkfs.vfat"] {
+        need(tool);
+    }
     run_session(&script, 600, "firmware").stdout
 }
 
@@ -165,5 +183,18 @@ fn firmware_runs_option_roms_and_boots_a_kernel() {
         out.lines()
             .any(|l| l.starts_with("host: kernel found=yes exited=yes rc=0 ")),
         "the firmware-booted kernel did not power off cleanly\n{out}"
+    );
+
+    // From disk: SeaBIOS's virtio-blk driver, SYSLINUX, the kernel.
+    let (fw, _) = section(&out, "disk.fw");
+    let (serial, _) = section(&out, "disk.serial");
+    assert!(fw.contains("found virtio-blk at 00:01.0"), "{fw}");
+    assert!(serial.contains("Booting from Hard Disk"), "{serial}");
+    assert!(serial.contains("SYSLINUX"), "{serial}");
+    assert!(serial.contains("abide-linux: nproc=2"), "{serial}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("host: disk found=yes exited=yes rc=0 ")),
+        "the disk-booted kernel did not power off cleanly\n{out}"
     );
 }
