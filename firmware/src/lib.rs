@@ -2,5 +2,7 @@
 //! machine description into bytes the guest reads.
 
 pub mod acpi;
+pub mod acpi_loader;
+pub mod bios;
 pub mod boot;
 pub mod e820;

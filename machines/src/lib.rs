@@ -80,6 +80,7 @@ use serde::{Deserialize, Serialize};
 
 mod acpi;
 mod cpu;
+mod firmware;
 mod platform;
 mod types;
 mod virtio;
@@ -92,12 +93,13 @@ pub use cpu::{
     CacheKind, CpuFeature, CpuModel, FeatureReg, FeatureSet, UnknownCpuModel, UnknownFeature,
     VendorPolicy, HOST_MODEL, KNOWN_FEATURES, VMM_PROVIDED_FEATURES,
 };
+pub use firmware::{FirmwareLayout, FwCfgPorts, LinuxbootLayout};
 pub use platform::{
     BarPlacement, CpuReset, I8042Defaults, InterruptControllers, LegacyDefaults, LintMode,
     MsrValue, RtcDefaults,
 };
 pub use types::{
-    machine_types, newest, pc_2_0, resolve, types_alias, MachineTypeInfo, UnknownMachine,
+    machine_types, newest, pc_2_0, pc_3_0, resolve, types_alias, MachineTypeInfo, UnknownMachine,
 };
 pub use virtio::{
     virtio_feature_name, virtio_feature_names, BlkConfig, NetConfig, VirtioBarLayout, VirtioCap,
@@ -352,6 +354,10 @@ pub struct MachineDescription {
     pub bar_placement: BarPlacement,
     /// ACPI table choices.
     pub acpi: AcpiChoices,
+    /// Firmware boot (`--firmware`): the image's slot and the devices only
+    /// a firmware-booted guest has. Nothing here is visible to a guest
+    /// booted directly, so adding it changed no released manifest.
+    pub firmware: FirmwareLayout,
 }
 
 /// The first released machine type. Frozen: never change a value here.
@@ -542,6 +548,7 @@ pub fn pc_1_0() -> MachineDescription {
         },
         bar_placement: BarPlacement::SlotOrder,
         acpi: acpi::pc_1_0_choices(),
+        firmware: firmware::pc_1_0_firmware(),
     }
 }
 

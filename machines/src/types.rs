@@ -27,6 +27,25 @@ pub fn pc_2_0() -> MachineDescription {
     m
 }
 
+/// pc-3.0: pc-2.0 with its 32-bit PCI window where a firmware places BARs.
+///
+/// SeaBIOS (`--firmware`) assigns every BAR itself. On a host bridge that
+/// is neither an i440FX nor a Q35 it uses [end of low RAM, 0xFEC0_0000)
+/// and allocates from the top down, so BARs land just below the IOAPIC.
+/// pc-2.0's window (0xC000_0000, 512 MiB) and its ACPI `_CRS` do not hold
+/// them, and Linux then moves every BAR ("no compatible bridge window").
+/// pc-3.0's window is the top of SeaBIOS's: 0xF000_0000..0xFEC0_0000
+/// (236 MiB), above the ECAM window and below the IOAPIC, LAPIC and the
+/// firmware slot, so the window Abide places BARs in for direct boot, the
+/// `_CRS` and the firmware's choice agree. Not yet released.
+pub fn pc_3_0() -> MachineDescription {
+    let mut m = pc_2_0();
+    m.name = "pc-3.0".to_string();
+    m.pci.mmio32_base = 0xf000_0000;
+    m.pci.mmio32_size = 0x0ec0_0000;
+    m
+}
+
 struct Entry {
     name: &'static str,
     build: fn() -> MachineDescription,
@@ -43,6 +62,11 @@ const TYPES: &[Entry] = &[
     Entry {
         name: "pc-2.0",
         build: pc_2_0,
+        deprecated: false,
+    },
+    Entry {
+        name: "pc-3.0",
+        build: pc_3_0,
         deprecated: false,
     },
 ];
@@ -126,12 +150,15 @@ mod tests {
     #[test]
     fn alias_resolves_to_newest() {
         let m = resolve("pc").expect("pc");
-        assert_eq!(m.name, "pc-2.0");
+        assert_eq!(m.name, "pc-3.0");
         assert_eq!(resolve("pc-1.0").expect("1.0").name, "pc-1.0");
         let err = resolve("pc-9.9").expect_err("unknown");
-        assert!(err.to_string().contains("pc-1.0, pc-2.0, pc"), "{err}");
+        assert!(
+            err.to_string().contains("pc-1.0, pc-2.0, pc-3.0, pc"),
+            "{err}"
+        );
         let list = machine_types();
-        assert_eq!(list[0].name, "pc-2.0");
+        assert_eq!(list[0].name, "pc-3.0");
         assert!(list[0].default);
         assert_eq!(list[0].aliases, ["pc"]);
         assert!(!list[1].default);
@@ -155,5 +182,18 @@ mod tests {
         assert_eq!(a.memory, b.memory);
         assert_eq!(a.pci, b.pci);
         assert_eq!(a.legacy, b.legacy);
+    }
+
+    #[test]
+    fn pc_3_0_differs_from_pc_2_0_only_in_the_32_bit_window() {
+        let (a, mut b) = (pc_2_0(), pc_3_0());
+        let p = &b.pci;
+        // Inside the 32-bit hole, above ECAM, ending at the IOAPIC.
+        assert!(p.mmio32_base >= p.ecam_base + p.ecam_size);
+        assert_eq!(p.mmio32_base + p.mmio32_size, b.memory.ioapic_addr);
+        b.name = a.name.clone();
+        b.pci.mmio32_base = a.pci.mmio32_base;
+        b.pci.mmio32_size = a.pci.mmio32_size;
+        assert_eq!(a, b);
     }
 }

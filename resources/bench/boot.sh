@@ -6,6 +6,8 @@
 # Configurations (each RUNS times, default 5, round-robin after one warm-up):
 #   abide-bzImage     $ABIDE_BIN run --kernel vmlinuz ... (Linux boot protocol)
 #   abide-pvh         $ABIDE_BIN run --kernel vmlinux ... (PVH entry)
+#   abide-firmware    $ABIDE_BIN run --firmware bios-256k.bin --kernel vmlinuz ...
+#                     (SeaBIOS + linuxboot_dma.bin, as QEMU -M pc boots)
 #   qemu-pc-bzImage   qemu -M pc (SeaBIOS) -kernel vmlinuz
 #   qemu-microvm-pvh  qemu -M microvm -kernel vmlinux (PVH)
 # Runs directly when this machine has vmx/svm, otherwise everything happens
@@ -83,6 +85,17 @@ for kind in bzImage pvh; do
         skips+=(--skip "$name=abide binary missing ($abide_bin)")
     fi
 done
+# Through firmware: the SeaBIOS image QEMU -M pc loads by default
+# (bios-256k.bin), the kernel through fw_cfg and linuxboot_dma.bin.
+if selected abide-firmware; then
+    if [[ -x $abide_bin ]]; then
+        args+=(:: abide-firmware "$abide_bin" run --firmware /usr/share/seabios/bios-256k.bin
+               --kernel "$vmlinuz" --initrd "$initrd"
+               --cmdline "$cmdline" --memory "${mem}M" --cpus "$cpus" --serial stdio)
+    else
+        skips+=(--skip "abide-firmware=abide binary missing ($abide_bin)")
+    fi
+fi
 if selected qemu-pc-bzImage; then
     args+=(:: qemu-pc-bzImage qemu-system-x86_64 -enable-kvm -M pc -cpu host -m "$mem" -smp "$cpus"
            -kernel "$vmlinuz" -initrd "$initrd" -append "$cmdline"

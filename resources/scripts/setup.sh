@@ -23,8 +23,12 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 #   e2fsprogs iproute2                 debugfs and ip (tuntap) in the snapshot tests
 #   python3-venv                       the API test tools' venv (below)
 #   curl                               the API's event stream in linux_api.rs (and the README's examples)
+#   qemu-system-data                   linuxboot_dma.bin for --firmware with --kernel (linux_firmware.rs)
+#   syslinux syslinux-common mtools dosfstools
+#                                      the boot disk linux_firmware.rs builds (FAT + SYSLINUX, no mount)
 packages=(qemu-system-x86 seabios ipxe-qemu busybox-static cpio lz4 binutils
-          xz-utils zstd python3 python3-venv time gcc libc6-dev e2fsprogs iproute2 curl)
+          xz-utils zstd python3 python3-venv time gcc libc6-dev e2fsprogs iproute2 curl
+          qemu-system-data syslinux syslinux-common mtools dosfstools)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -23,7 +23,7 @@ struct Scenario {
 }
 
 const SCENARIOS: &[Scenario] = &[
-    // The default machine type (pc-2.0) and its CPU model, abide-v2.
+    // The default machine type (pc-3.0) and its CPU model, abide-v2.
     Scenario {
         name: "bzimage",
         kernel: "vmlinuz",

@@ -26,6 +26,22 @@ pub enum SerialConfig {
     Null,
 }
 
+/// Booting through a firmware image (`--firmware`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FirmwareConfig {
+    /// The image file.
+    pub image: PathBuf,
+    /// Where the debug port's output is appended (`--firmware-log`).
+    pub log: Option<PathBuf>,
+    /// The image the guest has: once a VM is built, the bytes it booted
+    /// with; after a restore or migration, the saved image. Served instead
+    /// of the file at `image`, which then only has to fit the slot. Never
+    /// serialized: snapshots carry it in the `rom.firmware` section, as
+    /// option ROMs travel in `rom.*` sections.
+    #[serde(skip)]
+    pub bytes: Option<std::sync::Arc<Vec<u8>>>,
+}
+
 /// Errors in the VM configuration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -75,6 +91,9 @@ pub enum ConfigError {
         /// Machine name.
         machine: String,
     },
+    /// `--firmware-log` needs `--firmware`.
+    #[error("--firmware-log needs --firmware (it receives the firmware's debug port output)")]
+    FirmwareLogWithoutFirmware,
     /// Bad --serial value.
     #[error("invalid --serial '{0}': use stdio, null or file:PATH")]
     BadSerial(String),
@@ -93,6 +112,9 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
     pub cmdline: String,
+    /// Boot through a firmware image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<FirmwareConfig>,
     /// Guest RAM in bytes.
     pub memory: u64,
     /// vCPU count.
@@ -115,6 +137,7 @@ impl Default for VmConfig {
             kernel: KernelSource::Embedded,
             initrd: None,
             cmdline: String::new(),
+            firmware: None,
             memory: 512 * MIB,
             cpus: 1,
             serial: SerialConfig::Stdio,

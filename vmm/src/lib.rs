@@ -11,6 +11,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod devices_config;
+pub mod firmware;
 pub mod intx;
 pub mod irq;
 pub mod legacy;
@@ -88,6 +89,9 @@ pub enum Error {
     /// ACPI tables.
     #[error(transparent)]
     Acpi(#[from] abide_firmware::acpi::AcpiError),
+    /// Firmware boot.
+    #[error(transparent)]
+    Firmware(#[from] firmware::FirmwareBootError),
     /// Kernel loading.
     #[error(transparent)]
     Boot(#[from] abide_firmware::boot::BootError),

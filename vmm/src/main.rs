@@ -266,7 +266,7 @@ struct RunArgs {
     /// API's vm.create); the other flags override its fields.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Machine type (pc-1.0, pc-2.0; pc is the newest) [default: pc].
+    /// Machine type (pc-1.0, pc-2.0, pc-3.0; pc is the newest) [default: pc].
     #[arg(long)]
     machine: Option<String>,
     /// CPU model (abide-v1, abide-v2, host; default: the machine type's).
@@ -282,6 +282,13 @@ struct RunArgs {
     /// Kernel command line (default: "console=ttyS0" for --kernel, empty for the embedded guest).
     #[arg(long)]
     cmdline: Option<String>,
+    /// Boot through this firmware image (SeaBIOS's bios.bin or
+    /// bios-256k.bin); with --kernel, the firmware loads the kernel.
+    #[arg(long)]
+    firmware: Option<PathBuf>,
+    /// Append the firmware's debug port (0x402) output to this file.
+    #[arg(long)]
+    firmware_log: Option<PathBuf>,
     /// Guest memory, e.g. 512M or 2G (a bare number means MiB) [default: 512M].
     #[arg(long)]
     memory: Option<String>,
@@ -325,6 +332,12 @@ fn build_spec(a: &RunArgs) -> Result<VmSpec, abide_vmm::Error> {
     }
     if let Some(c) = &a.cmdline {
         spec.cmdline = Some(c.clone());
+    }
+    if let Some(f) = &a.firmware {
+        spec.firmware = Some(f.clone());
+    }
+    if let Some(f) = &a.firmware_log {
+        spec.firmware_log = Some(f.clone());
     }
     if let Some(m) = &a.memory {
         spec.memory = Size::Text(m.clone());

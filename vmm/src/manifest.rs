@@ -157,6 +157,27 @@ pub struct AcpiTableAbi {
     pub sha256: String,
 }
 
+/// The firmware a `--firmware` guest boots (absent for direct boot).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirmwareAbi {
+    /// The machine type's firmware slot.
+    pub slot_size: u64,
+    /// Where the image is mapped (read-only, ending at 4 GiB).
+    pub address: u64,
+    /// Size of the image.
+    pub image_size: u64,
+    /// SHA-256 of the image the guest runs (after a restore, the saved one).
+    pub image_sha256: String,
+    /// The writable shadow copy of the image's end below 1 MiB: start.
+    pub shadow_address: u64,
+    /// Its size.
+    pub shadow_size: u64,
+    /// The fw_cfg interface and the debug port.
+    pub fw_cfg: abide_machines::FwCfgPorts,
+    /// The debug console port.
+    pub debug_port: u16,
+}
+
 /// Everything a guest can observe.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -180,6 +201,9 @@ pub struct Manifest {
     pub pci: PciAbi,
     /// ACPI tables.
     pub acpi: Vec<AcpiTableAbi>,
+    /// Firmware boot (added after 0.3.0; absent means direct boot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<FirmwareAbi>,
     /// A field "added after a release", in the test build only: it proves
     /// the schema evolution rule (`crate::compat::schema`): omitted at its
     /// default, and absent compares as the default.
@@ -400,6 +424,23 @@ pub fn describe(
             sha256: sha256_hex(blob),
         })
         .collect();
+    let firmware = match &cfg.firmware {
+        Some(f) => {
+            let image = crate::firmware::image(machine, f)?;
+            let l = &machine.firmware;
+            Some(FirmwareAbi {
+                slot_size: l.slot_size,
+                address: l.image_addr(image.len() as u64),
+                image_size: image.len() as u64,
+                image_sha256: sha256_hex(&image),
+                shadow_address: l.low_alias_addr(image.len() as u64),
+                shadow_size: l.low_alias_len(image.len() as u64),
+                fw_cfg: l.fw_cfg,
+                debug_port: l.debug_port,
+            })
+        }
+        None => None,
+    };
     let e820 = abide_firmware::e820::build(machine, cfg.memory)
         .iter()
         .map(|e| E820Abi {
@@ -428,6 +469,7 @@ pub fn describe(
                 functions,
             },
             acpi,
+            firmware,
             #[cfg(test)]
             test_added_later: 0,
         },

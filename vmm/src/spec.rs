@@ -108,7 +108,7 @@ fn default_serial() -> String {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmSpec {
-    /// Machine type (`pc-1.0`, `pc-2.0`; `pc` is the newest).
+    /// Machine type (`pc-1.0`, `pc-2.0`, `pc-3.0`; `pc` is the newest).
     #[serde(default = "default_machine")]
     pub machine: String,
     /// CPU model; absent means the machine type's.
@@ -124,6 +124,12 @@ pub struct VmSpec {
     /// empty for the embedded guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
+    /// Firmware image to boot through (`--firmware`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<PathBuf>,
+    /// Where the firmware's debug port output goes (`--firmware-log`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware_log: Option<PathBuf>,
     /// Guest RAM.
     #[serde(default = "default_memory")]
     pub memory: Size,
@@ -152,6 +158,8 @@ impl Default for VmSpec {
             kernel: None,
             initrd: None,
             cmdline: None,
+            firmware: None,
+            firmware_log: None,
             memory: default_memory(),
             cpus: default_cpus(),
             serial: default_serial(),
@@ -261,6 +269,15 @@ impl VmSpec {
             kernel,
             initrd: self.initrd.clone(),
             cmdline,
+            firmware: match (&self.firmware, &self.firmware_log) {
+                (None, Some(_)) => return Err(ConfigError::FirmwareLogWithoutFirmware.into()),
+                (None, None) => None,
+                (Some(image), log) => Some(crate::config::FirmwareConfig {
+                    image: image.clone(),
+                    log: log.clone(),
+                    bytes: None,
+                }),
+            },
             memory: self.memory.bytes()?,
             cpus: self.cpus,
             serial: parse_serial(&self.serial)?,
@@ -289,6 +306,8 @@ impl VmSpec {
             },
             initrd: c.initrd.clone(),
             cmdline: Some(c.cmdline.clone()),
+            firmware: c.firmware.as_ref().map(|f| f.image.clone()),
+            firmware_log: c.firmware.as_ref().and_then(|f| f.log.clone()),
             memory: Size::from_bytes(c.memory),
             cpus: c.cpus,
             serial: match &c.serial {

@@ -55,6 +55,9 @@ pub struct Vm {
     net_ports: Vec<crate::virtio::NetPort>,
     /// PCI slot of each network card, in `cfg.nets` order.
     pub(crate) net_slots: Vec<u8>,
+    /// The firmware image's read-only mapping (`--firmware`), kept alive
+    /// for as long as KVM maps it.
+    _firmware: Option<crate::firmware::FirmwareRegion>,
 }
 
 /// A VM whose vCPU threads exist: running, or parked by a pause.
@@ -142,7 +145,16 @@ impl Vm {
         let cpu_model = vcpu::cpuid::model_for(&machine, &cfg.cpu)?;
         // Open user files first, so bad paths fail before any KVM work.
         let mut boot_files = None;
-        if start == Start::Boot {
+        // Firmware boot: the image (saved bytes first) and, at boot, what
+        // fw_cfg tells it; a kernel is then loaded by the firmware.
+        let firmware = match &cfg.firmware {
+            Some(f) => Some((
+                crate::firmware::image(&machine, f)?,
+                crate::firmware::contents(&machine, cfg, start == Start::Boot)?,
+            )),
+            None => None,
+        };
+        if start == Start::Boot && firmware.is_none() {
             let mut kernel = open_kernel(cfg)?;
             let initrd = match &cfg.initrd {
                 Some(p) => Some(File::open(p).map_err(|source| Error::OpenFile {
@@ -181,6 +193,9 @@ impl Vm {
         // migrations carry them) whatever happens to the host files.
         let net_slots: Vec<u8> = backends.nets.iter().map(|n| n.slot).collect();
         let mut kept = cfg.clone();
+        if let (Some(f), Some((image, _))) = (kept.firmware.as_mut(), &firmware) {
+            f.bytes = Some(image.clone());
+        }
         for (n, open) in kept.nets.iter_mut().zip(&backends.nets) {
             n.rom_image = open.rom.as_ref().map(|(_, image)| Arc::new(image.clone()));
         }
@@ -207,6 +222,16 @@ impl Vm {
 
         let ram = GuestRam::new(&machine, cfg.memory)?;
         ram.register(&vm)?;
+        let firmware_region = match &firmware {
+            Some((image, _)) => Some(crate::firmware::map(
+                &vm,
+                &ram.mem,
+                &machine,
+                image,
+                start == Start::Boot,
+            )?),
+            None => None,
+        };
 
         let mut entry = None;
         if let Some((mut kernel, mut initrd)) = boot_files {
@@ -236,6 +261,9 @@ impl Vm {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
         let legacy = legacy::attach(&vm, &pio, &machine, serial_out, &exit)?;
+        if let (Some(f), Some((_, contents))) = (&cfg.firmware, firmware) {
+            crate::firmware::attach(&pio, &machine, f, contents, &ram.mem)?;
+        }
         let pci = PciPlatform::new(&machine, &pio, &mmio, &exit)?;
         let max_gsi = kvm.check_extension_int(kvm_ioctls::Cap::IrqRouting).max(0) as u32;
         let router = GsiRouter::new(vm.clone(), max_gsi, &machine.irqchip)?;
@@ -274,6 +302,12 @@ impl Vm {
                 if index == 0 {
                     regs::setup_boot_cpu(&fd, entry)?;
                 }
+            } else if start == Start::Boot {
+                // Firmware boot: every vCPU keeps KVM's reset state (the
+                // BSP at the reset vector, the APs waiting for INIT/SIPI
+                // in the in-kernel LAPIC), with the machine's FPU, MSR and
+                // LINT wiring.
+                regs::setup_common(&fd, index, &machine, msr_list.as_slice())?;
             }
             let exits = Arc::new(vcpu::exits::ExitCounters::default());
             exit_counters.push(exits.clone());
@@ -304,7 +338,30 @@ impl Vm {
             disk_files,
             net_ports,
             net_slots,
+            _firmware: firmware_region,
         })
+    }
+
+    /// Serves `image` as the firmware image from now on (a restored or
+    /// migrated guest keeps the image it booted with). The guest's shadow
+    /// copy is in its RAM, restored with it.
+    pub(crate) fn set_firmware_image(&mut self, image: Vec<u8>) -> Result<(), String> {
+        let Some(f) = self.cfg.firmware.as_mut() else {
+            return Err("the guest was not booted through firmware".into());
+        };
+        if f.bytes.as_deref() == Some(&image) {
+            return Ok(());
+        }
+        abide_firmware::bios::check_image(&self.machine, "(saved firmware image)", &image)
+            .map_err(|e| e.to_string())?;
+        crate::firmware::unmap(&self.vm).map_err(|e| e.to_string())?;
+        self._firmware = None;
+        self._firmware = Some(
+            crate::firmware::map(&self.vm, &self.ram.mem, &self.machine, &image, false)
+                .map_err(|e| e.to_string())?,
+        );
+        f.bytes = Some(Arc::new(image));
+        Ok(())
     }
 
     /// Takes the NICs' taps and MACs.

@@ -1,5 +1,7 @@
-//! Legacy PC platform devices: UART, i8042, CMOS RTC, ACPI PM block.
+//! Legacy PC platform devices: UART, i8042, CMOS RTC, ACPI PM block, and
+//! for firmware boot fw_cfg and the debug console port.
 
+pub mod fw_cfg;
 pub mod i8042;
 pub mod irq;
 pub mod pm;

@@ -25,9 +25,16 @@ pub struct AddedField {
     pub since: &'static str,
 }
 
-/// Fields added to the manifest since format 1 (0.1.0). None yet in
-/// released builds; the test build adds one to prove the rule.
+/// Fields added to the manifest since format 1 (0.1.0); the test build
+/// adds one more to prove the rule.
 pub const ADDED_FIELDS: &[AddedField] = &[
+    // `--firmware`: absent for a directly booted guest, which is every
+    // guest an older release can run.
+    AddedField {
+        path: "firmware",
+        default: || Value::Null,
+        since: "0.4.0",
+    },
     #[cfg(test)]
     AddedField {
         path: "test_added_later",

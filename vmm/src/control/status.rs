@@ -80,7 +80,7 @@ pub struct Status {
     pub state: VmState,
     /// Configuration (the `vm.create` schema).
     pub spec: Option<VmSpec>,
-    /// Machine type, resolved (`pc` becomes `pc-2.0`).
+    /// Machine type, resolved (`pc` becomes `pc-3.0`).
     pub machine: Option<String>,
     /// CPU model the vCPUs run.
     pub cpu_model: Option<String>,

@@ -18,7 +18,9 @@
 //!
 //! Option ROM images travel with the guest in optional `rom.00:SS.0`
 //! sections ([`images`]): older readers skip them, this one serves the
-//! saved image instead of the host file's ([`saved_roms`], [`load`]).
+//! saved image instead of the host file's ([`saved_roms`], [`load`]). The
+//! firmware image of a `--firmware` guest is one more such image, in
+//! `rom.firmware` ([`RomKey::Firmware`]).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -113,11 +115,41 @@ pub fn rom_section(slot: u8) -> String {
     format!("{ROM_PREFIX}00:{slot:02x}.0")
 }
 
+/// Name of the section holding a `--firmware` guest's firmware image.
+pub const FIRMWARE_SECTION: &str = "rom.firmware";
+
+/// Whose image a `rom.*` section holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RomKey {
+    /// The option ROM of the PCI function at this slot of bus 0.
+    Pci(u8),
+    /// The firmware image (`--firmware`).
+    Firmware,
+}
+
+impl RomKey {
+    /// The section name.
+    pub fn section(self) -> String {
+        match self {
+            RomKey::Pci(slot) => rom_section(slot),
+            RomKey::Firmware => FIRMWARE_SECTION.to_string(),
+        }
+    }
+}
+
 /// The PCI slot a `rom.00:SS.0` section belongs to.
 pub fn rom_slot(name: &str) -> Option<u8> {
     let rest = name.strip_prefix(ROM_PREFIX)?.strip_prefix("00:")?;
     let slot = rest.strip_suffix(".0")?;
     u8::from_str_radix(slot, 16).ok().filter(|s| *s < 32)
+}
+
+/// Whose image the `rom.*` section `name` holds.
+pub fn rom_key(name: &str) -> Option<RomKey> {
+    if name == FIRMWARE_SECTION {
+        return Some(RomKey::Firmware);
+    }
+    rom_slot(name).map(RomKey::Pci)
 }
 
 fn kvm_section(name: String, version: u32) -> Planned {
@@ -172,13 +204,23 @@ pub fn plan(vm: &Vm) -> Vec<Planned> {
             });
         }
     }
+    if vm.cfg.firmware.as_ref().is_some_and(|f| f.bytes.is_some()) {
+        out.push(Planned {
+            name: FIRMWARE_SECTION.into(),
+            version: ROM_VERSION,
+            optional: true,
+            why: Some("the firmware image the guest booted with".into()),
+        });
+    }
     out
 }
 
-/// The option ROM images of `vm`'s PCI functions, as optional sections.
+/// The option ROM images of `vm`'s PCI functions and its firmware image,
+/// as optional sections.
 pub fn images(vm: &Vm) -> Vec<StateSection> {
     let root = vm.pci.root.lock().unwrap_or_else(|e| e.into_inner());
-    root.slots()
+    let mut out: Vec<StateSection> = root
+        .slots()
         .into_iter()
         .filter_map(|slot| {
             let f = root.function(slot)?;
@@ -190,21 +232,30 @@ pub fn images(vm: &Vm) -> Vec<StateSection> {
                 bytes: f.rom()?.to_vec(),
             })
         })
-        .collect()
+        .collect();
+    if let Some(bytes) = vm.cfg.firmware.as_ref().and_then(|f| f.bytes.as_ref()) {
+        out.push(StateSection {
+            name: FIRMWARE_SECTION.into(),
+            version: ROM_VERSION,
+            optional: true,
+            bytes: bytes.to_vec(),
+        });
+    }
+    out
 }
 
-/// The saved ROM images in `src`, by PCI slot.
-pub fn saved_roms(src: &dyn SectionSource) -> Result<BTreeMap<u8, Vec<u8>>, RestoreError> {
+/// The saved ROM and firmware images in `src`, by whose they are.
+pub fn saved_roms(src: &dyn SectionSource) -> Result<BTreeMap<RomKey, Vec<u8>>, RestoreError> {
     let mut out = BTreeMap::new();
     for name in src.names() {
         if !name.starts_with(ROM_PREFIX) {
             continue;
         }
-        let slot = rom_slot(&name).ok_or_else(|| RestoreError::Malformed {
+        let key = rom_key(&name).ok_or_else(|| RestoreError::Malformed {
             name: name.clone(),
-            reason: "not a ROM section of a function on bus 0".into(),
+            reason: "not a ROM section of a function on bus 0 nor the firmware image".into(),
         })?;
-        out.insert(slot, src.section(&name)?.1);
+        out.insert(key, src.section(&name)?.1);
     }
     Ok(out)
 }
@@ -336,10 +387,23 @@ pub fn load_timed(
     legacy(src, &vm.legacy.i8042, &mut claimed)?;
     legacy(src, &vm.legacy.rtc, &mut claimed)?;
     legacy(src, &vm.legacy.pm, &mut claimed)?;
-    let roms = saved_roms(src)?;
+    let mut roms = saved_roms(src)?;
+    if let Some(image) = roms.remove(&RomKey::Firmware) {
+        // Serve the saved image (a migration built the VM before the
+        // images arrived); later snapshots and migrations carry it too.
+        vm.set_firmware_image(image)
+            .map_err(|reason| RestoreError::Malformed {
+                name: FIRMWARE_SECTION.into(),
+                reason,
+            })?;
+        claimed.push(FIRMWARE_SECTION.into());
+    }
     {
         let mut root = vm.pci.root.lock().unwrap_or_else(|e| e.into_inner());
-        for (slot, image) in roms {
+        for (key, image) in roms {
+            let RomKey::Pci(slot) = key else {
+                continue;
+            };
             let f = root
                 .function(slot)
                 .ok_or_else(|| RestoreError::Unclaimed(rom_section(slot)))?;
@@ -397,10 +461,24 @@ pub fn load_timed(
 fn apply(
     saved: &SavedHost,
     o: &Overrides,
-    roms: &BTreeMap<u8, Vec<u8>>,
+    roms: &BTreeMap<RomKey, Vec<u8>>,
 ) -> Result<VmConfig, RestoreError> {
     let mut cfg = saved.config.clone();
-    for (slot, image) in roms {
+    for (key, image) in roms {
+        let slot = match key {
+            RomKey::Pci(slot) => slot,
+            RomKey::Firmware => {
+                let f = cfg
+                    .firmware
+                    .as_mut()
+                    .ok_or_else(|| RestoreError::Malformed {
+                        name: FIRMWARE_SECTION.into(),
+                        reason: "the saved guest was not booted through firmware".into(),
+                    })?;
+                f.bytes = Some(std::sync::Arc::new(image.clone()));
+                continue;
+            }
+        };
         let n = saved
             .host
             .nets
@@ -465,7 +543,7 @@ fn apply(
 pub fn config_for(
     header: &Header,
     o: &Overrides,
-    roms: &BTreeMap<u8, Vec<u8>>,
+    roms: &BTreeMap<RomKey, Vec<u8>>,
 ) -> Result<(VmConfig, Vec<Difference>), Error> {
     let saved: SavedHost = serde_json::from_value(header.host.clone()).map_err(|e| {
         Error::Snapshot(RestoreError::File(SnapshotError::Header(format!(
@@ -482,13 +560,33 @@ pub fn config_for(
 /// image_*`): a migration source sends its images after the header, so
 /// the destination checks them once they arrived ([`check_roms`]).
 pub fn is_rom_image_field(d: &Difference) -> bool {
-    d.path.starts_with("pci.functions[")
-        && (d.path.ends_with("].rom.image_sha256") || d.path.ends_with("].rom.image_size"))
+    (d.path.starts_with("pci.functions[")
+        && (d.path.ends_with("].rom.image_sha256") || d.path.ends_with("].rom.image_size")))
+        || d.path == "firmware.image_sha256"
 }
 
 /// Compares the ROM image each PCI function of `vm` serves with the saved
 /// manifest's: the image a migrated guest had must be the one it gets.
 pub fn check_roms(vm: &Vm, saved_manifest: &serde_json::Value) -> Result<(), RestoreError> {
+    let here = vm
+        .cfg
+        .firmware
+        .as_ref()
+        .and_then(|f| f.bytes.as_deref())
+        .map(|b| crate::manifest::sha256_hex(b));
+    let saved = saved_manifest["firmware"]["image_sha256"]
+        .as_str()
+        .map(str::to_string);
+    if here != saved {
+        return Err(RestoreError::Malformed {
+            name: FIRMWARE_SECTION.into(),
+            reason: format!(
+                "the firmware image differs from the one the guest had (SHA-256 {} -> {}); the source did not send its image and this host's file is another",
+                saved.as_deref().unwrap_or("(none)"),
+                here.as_deref().unwrap_or("(none)")
+            ),
+        });
+    }
     let root = vm.pci.root.lock().unwrap_or_else(|e| e.into_inner());
     let functions = saved_manifest["pci"]["functions"]
         .as_array()

@@ -1,0 +1,200 @@
+//! Firmware boot (`--firmware`) with real firmware: Debian's SeaBIOS runs
+//! iPXE option ROMs from the ROM BAR, and loads the Debian cloud kernel
+//! through fw_cfg and `linuxboot_dma.bin` to userspace with 2 vCPUs, with
+//! Abide's ACPI tables (etc/table-loader), and powers off through them.
+//!
+//! Firmware is real-mode code. On this project's PVM `/dev/kvm`, SeaBIOS
+//! does run (real mode included) and even starts iPXE, but iPXE later dies
+//! in protected mode with an emulation failure, and a stock Linux kernel
+//! cannot run there at all (docs: ENVIRONMENT.md). So these tests run where
+//! the other Linux tests run: directly where the CPU has vmx/svm, otherwise
+//! in the nested test host (QEMU TCG with emulated AMD-V).
+//!
+//! A disk image built by the test (FAT with SYSLINUX, the kernel and the
+//! initramfs) boots through SeaBIOS's virtio-blk driver to userspace and
+//! powers off.
+//!
+//! Needs the `seabios`, `ipxe-qemu`, `qemu-system-data`, `syslinux`,
+//! `mtools` and `dosfstools` packages (installed by
+//! resources/scripts/setup.sh); a missing file fails the test, saying
+//! which.
+
+use std::path::Path;
+
+use abide_tests::session::{run_session, section};
+use abide_tests::{abide_bin, guest_file};
+
+const BIOS: &str = "/usr/share/seabios/bios.bin";
+const BIOS_256K: &str = "/usr/share/seabios/bios-256k.bin";
+const PXE_ROM: &str = "/usr/lib/ipxe/qemu/pxe-virtio.rom";
+const EFI_ROM: &str = "/usr/lib/ipxe/qemu/efi-virtio.rom";
+const LINUXBOOT: &str = "/usr/share/qemu/linuxboot_dma.bin";
+
+/// `@NAME@` are replaced before it runs. Each case runs one Abide in the
+/// background and stops it once what it waits for is on the serial
+/// console (iPXE waits for DHCP forever; without ACPI tables from the
+/// firmware a kernel cannot power the machine off).
+const SCRIPT: &str = r#"
+A='@ABIDE@'; KERNEL='@KERNEL@'; INITRD='@INITRD@'
+TAP=abtapF
+T=$(mktemp -d)
+host() { echo "host: $*"; }
+ip link del "$TAP" 2>/dev/null
+ip tuntap add dev "$TAP" mode tap && ip link set "$TAP" up || { host "failed: tap"; exit 1; }
+# run_case NAME SECS NEEDLE ARGS...: run abide until NEEDLE is on its
+# serial console or SECS pass, then stop it; print both logs.
+run_case() {
+    name=$1; secs=$2; needle=$3; shift 3
+    start=$(date +%s)
+    "$A" run --serial "file:$T/$name.serial" --firmware-log "$T/$name.fw" "$@" \
+        > "$T/$name.out" 2>&1 &
+    p=$!
+    found=no
+    end=$(($(date +%s) + secs))
+    while [ "$(date +%s)" -lt "$end" ]; do
+        if tr -d '\r' < "$T/$name.serial" 2>/dev/null | grep -q "$needle"; then found=yes; break; fi
+        kill -0 "$p" 2>/dev/null || break
+        sleep 0.2
+    done
+    # A case that ends by itself (the kernel powers off) gets 30 s more.
+    if [ "$found" = yes ] && [ "$WAIT_EXIT" = yes ]; then
+        end=$(($(date +%s) + 30))
+        while kill -0 "$p" 2>/dev/null && [ "$(date +%s)" -lt "$end" ]; do sleep 0.2; done
+    fi
+    if kill -0 "$p" 2>/dev/null; then exited=no; kill -9 "$p"; else exited=yes; fi
+    wait "$p"; rc=$?
+    host "$name found=$found exited=$exited rc=$rc seconds=$(($(date +%s) - start))"
+    echo "@@@ begin $name.serial"; tr -d '\r' < "$T/$name.serial"; echo; echo "@@@ end $name.serial rc=$rc"
+    echo "@@@ begin $name.fw"; cat "$T/$name.fw"; echo "@@@ end $name.fw rc=$rc"
+    echo "@@@ begin $name.out"; cat "$T/$name.out"; echo "@@@ end $name.out rc=$rc"
+}
+WAIT_EXIT=no
+run_case pxe 120 'Open Source Network Boot Firmware' --machine pc-1.0 \
+    --firmware '@BIOS@' --net "tap=$TAP,rom=@PXE_ROM@"
+run_case efi 120 'Open Source Network Boot Firmware' --machine pc \
+    --firmware '@BIOS_256K@' --net "tap=$TAP,rom=@EFI_ROM@"
+WAIT_EXIT=yes
+run_case kernel 300 'abide-linux: poweroff' --machine pc --cpus 2 --memory 512M \
+    --firmware '@BIOS@' --kernel "$KERNEL" --initrd "$INITRD" \
+    --cmdline 'console=ttyS0 abide.test=basic'
+# Disk boot: a FAT file system on the whole disk with SYSLINUX (Debian's
+# syslinux, mtools and dosfstools), the kernel, the initramfs and a
+# syslinux.cfg; SeaBIOS boots it through its virtio-blk driver.
+D=$T/disk.img
+truncate -s 64M "$D" && mkfs.vfat -F 32 -n ABIDEBOOT "$D" >/dev/null && syslinux --install "$D" &&
+printf 'DEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n  KERNEL vmlinuz\n  INITRD initrd.img\n  APPEND console=ttyS0 abide.test=basic\n' > "$T/syslinux.cfg" &&
+mcopy -i "$D" "$T/syslinux.cfg" ::syslinux.cfg && mcopy -i "$D" "$KERNEL" ::vmlinuz &&
+mcopy -i "$D" "$INITRD" ::initrd.img || host "failed: building the boot disk"
+run_case disk 300 'abide-linux: poweroff' --machine pc --cpus 2 --memory 512M \
+    --firmware '@BIOS@' --disk "path=$D,readonly=on"
+ip link del "$TAP" 2>/dev/null
+rm -rf "$T"
+"#;
+
+fn need(path: &str) -> String {
+    assert!(
+        Path::new(path).is_file(),
+        "{path} is missing: install seabios, ipxe-qemu and qemu-system-data \
+         (resources/scripts/setup.sh does)"
+    );
+    path.to_string()
+}
+
+fn session() -> String {
+    let script = SCRIPT
+        .replace("@ABIDE@", &abide_bin().display().to_string())
+        .replace("@KERNEL@", &guest_file("vmlinuz").display().to_string())
+        .replace(
+            "@INITRD@",
+            &guest_file("initramfs.cpio.gz").display().to_string(),
+        )
+        .replace("@BIOS@", &need(BIOS))
+        .replace("@BIOS_256K@", &need(BIOS_256K))
+        .replace("@PXE_ROM@", &need(PXE_ROM))
+        .replace("@EFI_ROM@", &need(EFI_ROM));
+    need(LINUXBOOT);
+    for tool in ["/usr/bin/syslinux", "/usr/bin/mcopy", "/usr/sbin/mkfs.vfat"] {
+        need(tool);
+    }
+    run_session(&script, 600, "firmware").stdout
+}
+
+fn found(out: &str, case: &str) -> bool {
+    out.lines()
+        .any(|l| l.starts_with(&format!("host: {case} found=yes")))
+}
+
+/// The ROM BAR of the NIC (00:01.0) mapped by SeaBIOS, and the ROM run.
+fn assert_rom_ran(out: &str, case: &str) {
+    let (fw, _) = section(out, &format!("{case}.fw"));
+    let (serial, _) = section(out, &format!("{case}.serial"));
+    assert!(
+        found(out, case),
+        "no iPXE banner on the {case} console\n{out}"
+    );
+    assert!(
+        fw.contains("PCI: map device bdf=00:01.0  bar 6"),
+        "SeaBIOS did not map the NIC's ROM BAR\n{fw}"
+    );
+    assert!(fw.contains("Running option rom at"), "{fw}");
+    assert!(
+        serial.contains("iPXE (PCI 00:01.0) starting execution"),
+        "{serial}"
+    );
+}
+
+#[test]
+fn firmware_runs_option_roms_and_boots_a_kernel() {
+    let out = session();
+    // pc-1.0 with the PXE ROM (128 KiB slot), the newest type with the
+    // combined EFI+PXE ROM (256 KiB slot) and the 256 KiB BIOS.
+    assert_rom_ran(&out, "pxe");
+    assert_rom_ran(&out, "efi");
+    let (fw, _) = section(&out, "efi.fw");
+    assert!(
+        fw.contains("bar 6, addr") && fw.contains("size 00040000"),
+        "{fw}"
+    );
+
+    // The kernel through fw_cfg: SeaBIOS woke both vCPUs, ran
+    // linuxboot_dma.bin, and Linux reached userspace seeing 2 CPUs.
+    let (fw, _) = section(&out, "kernel.fw");
+    let (serial, _) = section(&out, "kernel.serial");
+    assert!(fw.contains("Found 2 cpu(s)"), "{fw}");
+    assert!(fw.contains("Booting from ROM"), "{fw}");
+    assert!(found(&out, "kernel"), "{out}");
+    assert!(serial.contains("abide-linux: userspace"), "{serial}");
+    assert!(serial.contains("abide-linux: nproc=2"), "{serial}");
+    // Abide's own ACPI tables reached Linux through etc/table-loader, and
+    // the guest powered off through them (ACPI S5): abide exited with 0.
+    assert!(serial.contains("ACPI: RSDP"), "{serial}");
+    assert!(serial.contains("ACPI: MCFG"), "{serial}");
+    // On the newest machine type the firmware's BARs are inside the
+    // _CRS window: Linux keeps them (on pc-1.0/pc-2.0 it moves them).
+    assert!(
+        !serial.contains("no compatible bridge window"),
+        "Linux moved a BAR the firmware placed\n{serial}"
+    );
+    assert!(
+        serial.contains("root bus resource [mem 0xf0000000-0xfebfffff window]"),
+        "{serial}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("host: kernel found=yes exited=yes rc=0 ")),
+        "the firmware-booted kernel did not power off cleanly\n{out}"
+    );
+
+    // From disk: SeaBIOS's virtio-blk driver, SYSLINUX, the kernel.
+    let (fw, _) = section(&out, "disk.fw");
+    let (serial, _) = section(&out, "disk.serial");
+    assert!(fw.contains("found virtio-blk at 00:01.0"), "{fw}");
+    assert!(serial.contains("Booting from Hard Disk"), "{serial}");
+    assert!(serial.contains("SYSLINUX"), "{serial}");
+    assert!(serial.contains("abide-linux: nproc=2"), "{serial}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("host: disk found=yes exited=yes rc=0 ")),
+        "the disk-booted kernel did not power off cleanly\n{out}"
+    );
+}
