@@ -690,6 +690,51 @@ fn snapshot_target_versions_are_checked_before_pausing() {
         assert_eq!(s["version"], json!(1), "{s}");
     }
     vm.snapshot_and_stop(&dir.join("last.snap"));
+
+    // A machine type newer than the target release: refused, nothing
+    // written, the guest never paused.
+    let dir = temp_dir("snap-target-3");
+    let mut vm3 = Running::start(
+        &dir,
+        &[
+            "--machine",
+            "pc-3.0",
+            "--cpu",
+            "abide-v1",
+            "--memory",
+            "128M",
+            "--cmdline",
+            "quiet rounds=1 buf-kib=64 spin",
+        ],
+    );
+    vm3.wait_for("guest: tick n=1");
+    let api3 = vm3.api.to_str().expect("utf-8").to_string();
+    let file = dir.join("pc-3.0-for-0.3.0.snap");
+    let out = run_abide(
+        &[
+            "snapshot",
+            "--api-socket",
+            &api3,
+            "--target-version",
+            "0.3.0",
+            file.to_str().expect("utf-8"),
+        ],
+        None,
+        TIMEOUT,
+    );
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.stderr
+            .contains("Abide 0.3.0 does not know machine type 'pc-3.0'"),
+        "{out}"
+    );
+    assert!(!file.exists(), "nothing is written");
+    let status = run_abide(&["ctl", "--api-socket", &api3, "status"], None, TIMEOUT);
+    assert!(
+        status.stdout.contains("\"running\""),
+        "never paused\n{status}"
+    );
+    vm3.snapshot_and_stop(&dir.join("last.snap"));
 }
 
 #[test]

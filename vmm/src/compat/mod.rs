@@ -46,7 +46,14 @@ pub struct Release {
     pub format: u32,
     /// Newest version of each section it reads.
     pub sections: &'static [(&'static str, u32)],
+    /// The machine types it builds.
+    pub machine_types: &'static [&'static str],
+    /// Whether it boots guests through firmware (`--firmware`).
+    pub firmware: bool,
 }
+
+/// The machine types of 0.1.0 to 0.3.0.
+const MACHINES_0_1: &[&str] = &["pc-1.0", "pc-2.0"];
 
 /// Every release, oldest first. A new release appends its entry (with the
 /// `KNOWN_SECTIONS` of its commit); entries never change afterwards.
@@ -57,6 +64,8 @@ pub const RELEASES: &[Release] = &[
         migration: false,
         format: 0,
         sections: &[],
+        machine_types: MACHINES_0_1,
+        firmware: false,
     },
     Release {
         version: "0.2.0",
@@ -64,6 +73,8 @@ pub const RELEASES: &[Release] = &[
         migration: false,
         format: 1,
         sections: SECTIONS_0_2,
+        machine_types: MACHINES_0_1,
+        firmware: false,
     },
     Release {
         version: "0.3.0",
@@ -71,6 +82,8 @@ pub const RELEASES: &[Release] = &[
         migration: true,
         format: 1,
         sections: SECTIONS_0_2,
+        machine_types: MACHINES_0_1,
+        firmware: false,
     },
 ];
 
@@ -84,16 +97,30 @@ pub struct Reads {
     pub format: u32,
     /// Newest version of each section (name, or prefix ending in '.').
     pub sections: BTreeMap<String, u32>,
+    /// The machine types it builds (absent from what readers before 0.4
+    /// sent, which are taken from [`RELEASES`] instead).
+    #[serde(default)]
+    pub machine_types: Vec<String>,
+    /// Whether it boots guests through firmware.
+    #[serde(default)]
+    pub firmware: bool,
 }
 
 impl Reads {
     /// What this build reads.
     pub fn this_build() -> Self {
-        Self::from_table(
+        let machines: Vec<String> = abide_machines::machine_types()
+            .into_iter()
+            .map(|m| m.name.to_string())
+            .collect();
+        let mut me = Self::from_table(
             env!("CARGO_PKG_VERSION"),
             FORMAT,
             crate::snapshot::KNOWN_SECTIONS,
-        )
+        );
+        me.machine_types = machines;
+        me.firmware = true;
+        me
     }
 
     fn from_table(version: &str, format: u32, sections: &[(&str, u32)]) -> Self {
@@ -101,7 +128,16 @@ impl Reads {
             abide_version: version.to_string(),
             format,
             sections: sections.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
+            machine_types: Vec::new(),
+            firmware: false,
         }
+    }
+
+    fn of_release(r: &Release) -> Self {
+        let mut me = Self::from_table(r.version, r.format, r.sections);
+        me.machine_types = r.machine_types.iter().map(|m| m.to_string()).collect();
+        me.firmware = r.firmware;
+        me
     }
 
     /// What release `version` reads from a snapshot (`this_build` for this
@@ -114,7 +150,7 @@ impl Reads {
         if !r.snapshots {
             return Err(CompatError::NoSnapshots(version.to_string()));
         }
-        Ok(Self::from_table(r.version, r.format, r.sections))
+        Ok(Self::of_release(r))
     }
 
     /// What a migration destination that sent no capabilities reads: the
@@ -123,7 +159,7 @@ impl Reads {
         RELEASES
             .iter()
             .find(|r| r.migration && r.format == format)
-            .map(|r| Self::from_table(r.version, r.format, r.sections))
+            .map(Self::of_release)
             .ok_or(CompatError::NoMigrationReader(format))
     }
 
@@ -133,6 +169,14 @@ impl Reads {
     pub fn of_destination(accept: &[u8]) -> Result<Self, CompatError> {
         let v: serde_json::Value = serde_json::from_slice(accept).unwrap_or_default();
         match serde_json::from_value::<Self>(v["reads"].clone()) {
+            // A release's own word on its machine types where it sent none.
+            Ok(mut r) if r.machine_types.is_empty() => {
+                if let Ok(known) = release(&r.abide_version) {
+                    r.machine_types = known.machine_types.iter().map(|m| m.to_string()).collect();
+                    r.firmware = known.firmware;
+                }
+                Ok(r)
+            }
             Ok(r) => Ok(r),
             Err(_) => Self::oldest_migration_reader(FORMAT),
         }
@@ -217,6 +261,19 @@ pub enum CompatError {
         /// Why it is needed.
         why: String,
     },
+    /// A machine type the reader does not build.
+    #[error("Abide {reader} does not know machine type '{machine}' (it builds {known})")]
+    MachineType {
+        /// Reader.
+        reader: String,
+        /// The guest's machine type.
+        machine: String,
+        /// What it builds.
+        known: String,
+    },
+    /// A firmware-booted guest for a reader without firmware boot.
+    #[error("Abide {0} does not boot guests through firmware, and this guest was booted with --firmware")]
+    Firmware(String),
     /// A mandatory section the reader does not know.
     #[error("Abide {reader} does not know section '{section}', which this guest needs{}", why.as_ref().map(|w| format!(": {w}")).unwrap_or_default())]
     Unknown {
@@ -227,6 +284,25 @@ pub enum CompatError {
         /// Why it is there.
         why: Option<String>,
     },
+}
+
+/// Checks that `reads` builds the guest's machine type (`machine`,
+/// resolved) and, for a guest booted through firmware (`firmware`), boots
+/// through firmware. A reader that did not say which machine types it
+/// builds is not checked here (it refuses an unknown one itself, before
+/// anything is sent).
+pub fn check_guest(machine: &str, firmware: bool, reads: &Reads) -> Result<(), CompatError> {
+    if !reads.machine_types.is_empty() && !reads.machine_types.iter().any(|m| m == machine) {
+        return Err(CompatError::MachineType {
+            reader: reads.abide_version.clone(),
+            machine: machine.to_string(),
+            known: reads.machine_types.join(", "),
+        });
+    }
+    if firmware && !reads.firmware {
+        return Err(CompatError::Firmware(reads.abide_version.clone()));
+    }
+    Ok(())
 }
 
 /// Checks that `reads` takes every section of `planned` (skipping unknown
@@ -373,6 +449,30 @@ mod tests {
         assert!(e.to_string().contains("known: 0.1.0, 0.2.0, 0.3.0"), "{e}");
         let same = Reads::snapshot_target(env!("CARGO_PKG_VERSION")).expect("self");
         assert_eq!(same, Reads::this_build());
+    }
+
+    #[test]
+    fn machine_types_and_firmware_are_checked_against_the_reader() {
+        let old = Reads::snapshot_target("0.3.0").expect("0.3.0");
+        check_guest("pc-2.0", false, &old).expect("0.3.0 builds pc-2.0");
+        let e = check_guest("pc-3.0", false, &old).expect_err("pc-3.0 came later");
+        assert_eq!(
+            e.to_string(),
+            "Abide 0.3.0 does not know machine type 'pc-3.0' (it builds pc-1.0, pc-2.0)"
+        );
+        let e = check_guest("pc-2.0", true, &old).expect_err("no firmware boot");
+        assert!(e.to_string().contains("through firmware"), "{e}");
+        let me = Reads::this_build();
+        for m in abide_machines::machine_types() {
+            check_guest(&m.name, true, &me).expect("this build reads its own guests");
+        }
+        // A destination of 0.3.0 sent no reads: the table speaks for it.
+        let r = Reads::of_destination(br#"{"abide_version":"0.3.0"}"#).expect("0.3.0");
+        assert!(check_guest("pc-3.0", false, &r).is_err());
+        // One that sent reads without machine types: its release's.
+        let sent = serde_json::json!({"reads": {"abide_version": "0.3.0", "format": 1, "sections": {"vm": 1}}});
+        let r = Reads::of_destination(sent.to_string().as_bytes()).expect("reads");
+        assert_eq!(r.machine_types, ["pc-1.0", "pc-2.0"]);
     }
 
     #[test]

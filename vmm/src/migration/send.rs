@@ -349,6 +349,12 @@ impl Sender<'_> {
     fn fit_destination(&mut self, accept: &[u8]) -> Result<(), MigrationError> {
         let reads = crate::compat::Reads::of_destination(accept)
             .map_err(|e| MigrationError::Target(e.to_string()))?;
+        crate::compat::check_guest(
+            &self.vm.machine.name,
+            self.vm.cfg.firmware.is_some(),
+            &reads,
+        )
+        .map_err(|e| MigrationError::Target(e.to_string()))?;
         crate::compat::check(&state::plan(self.vm), &reads)
             .map_err(|e| MigrationError::Target(e.to_string()))?;
         const PHASE: &str = "sending the option ROM images";

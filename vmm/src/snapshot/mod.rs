@@ -232,6 +232,8 @@ pub fn save(vm: &Vm, vcpus: &mut Vcpus, path: &Path, o: &SaveOptions) -> Result<
     let target = match &o.target_version {
         Some(t) => {
             let reads = crate::compat::Reads::snapshot_target(t).map_err(|e| target_err(t, e))?;
+            crate::compat::check_guest(&vm.machine.name, vm.cfg.firmware.is_some(), &reads)
+                .map_err(|e| target_err(t, e))?;
             crate::compat::check(&plan(vm), &reads).map_err(|e| target_err(t, e))?;
             Some(reads)
         }
