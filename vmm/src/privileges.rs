@@ -138,9 +138,11 @@ pub fn drop_now() -> Result<(), PrivilegeError> {
     // SAFETY: plain integer arguments.
     let r = unsafe { libc::setresuid(t.uid, t.uid, t.uid) };
     check(r, format!("change to user {}", t.uid))?;
-    // Make sure it cannot be undone.
+    // Make sure it cannot be undone. The raw call tries on this thread
+    // only (glibc's setuid would make every thread try, and the other
+    // threads' filters do not allow setuid).
     // SAFETY: plain integer arguments.
-    if t.uid != 0 && unsafe { libc::setuid(0) } == 0 {
+    if t.uid != 0 && unsafe { libc::syscall(libc::SYS_setuid, 0) } == 0 {
         return Err(PrivilegeError::Call {
             what: "drop root for good: setuid(0) still succeeds".into(),
             source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
