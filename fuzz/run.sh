@@ -18,7 +18,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 secs="${1:-60}"
 shift || true
-all=(snapshot_reader migration_stream api_request vm_config pci_config_msix persist_decoders)
+all=(snapshot_reader migration_stream api_request vm_config pci_config_msix persist_decoders
+     virtqueue_chains)
 targets=("${@:-${all[@]}}")
 [ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")
 

@@ -83,5 +83,28 @@ for i, c in enumerate(configs):
 
 put("pci_config_msix", "reads", bytes([8, 0]) + b"".join(bytes([0, o, 0, 2, 0, 0, 0, 0]) for o in range(0, 256, 4)))
 put("pci_config_msix", "table", bytes([8, 0]) + b"".join(bytes([3, o, 0, 2, 0xff, 0, 0xe0, 0xfe]) for o in range(0, 128, 4)) + bytes([5, 0, 0, 2, 0, 0xc0, 0, 0, 6, 0, 0, 0, 1, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0]))
+
+# Virtqueue images: descriptor table at 0, available ring at 0x1000 (one
+# chain, head 0), used ring at 0x2000, buffers from 0x3000.
+def desc(addr, length, flags, nxt):
+    return struct.pack("<QIHH", addr, length, flags, nxt)
+def image(descs, extra=()):
+    ram = bytearray(0x5100)
+    for i, d in enumerate(descs):
+        ram[16 * i:16 * i + 16] = d
+    ram[0x1000:0x1006] = struct.pack("<HHH", 0, 1, 0)
+    for at, data in extra:
+        ram[at:at + len(data)] = data
+    return bytes(ram)
+NEXT, WRITE = 1, 2
+blk = image([desc(0x3000, 16, NEXT, 1), desc(0x4000, 512, WRITE | NEXT, 2), desc(0x5000, 1, WRITE, 0)],
+            [(0x3000, struct.pack("<IIQ", 0, 0, 0))])
+put("virtqueue_chains", "blk-read", bytes([0, 4]) + blk)
+blk_w = image([desc(0x3000, 16, NEXT, 1), desc(0x4000, 512, NEXT, 2), desc(0x5000, 1, WRITE, 0)],
+              [(0x3000, struct.pack("<IIQ", 1, 0, 3))])
+put("virtqueue_chains", "blk-write", bytes([0, 4]) + blk_w)
+put("virtqueue_chains", "net-rx", bytes([1, 4]) + image([desc(0x3000, 2000, WRITE, 0)]))
+put("virtqueue_chains", "net-tx", bytes([2, 4]) + image([desc(0x3000, 12, NEXT, 1), desc(0x4000, 100, 0, 0)]))
+put("virtqueue_chains", "rng", bytes([3, 4]) + image([desc(0x4000, 64, WRITE, 0)]))
 PY
 for d in target/seeds/*; do echo "seeds: $(basename "$d"): $(ls "$d" | wc -l) files" >&2; done

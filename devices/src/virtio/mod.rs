@@ -12,6 +12,9 @@ pub mod net;
 pub mod pci;
 pub mod rng;
 mod worker;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 
 use std::sync::Arc;
 
