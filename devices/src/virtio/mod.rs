@@ -7,14 +7,14 @@
 //! device work.
 
 pub mod blk;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod net;
 pub mod pci;
 pub mod rng;
 mod worker;
-#[cfg(feature = "fuzzing")]
-#[doc(hidden)]
-pub mod fuzzing;
 
 use std::sync::Arc;
 
