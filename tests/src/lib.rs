@@ -10,7 +10,7 @@ pub mod api;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -386,6 +386,36 @@ fn first_word(out: &[u8]) -> String {
         .next()
         .expect("sha256sum printed a hash")
         .to_string()
+}
+
+/// The text of a guest's serial log file so far (empty if none yet).
+pub fn read_serial(p: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned()
+}
+
+/// Waits until the serial log `serial` of the abide process `child`
+/// contains `needle`. Panics, showing the log (and abide's stderr when it
+/// exited), if abide exits first or `timeout` passes.
+pub fn wait_for_serial(child: &mut Child, serial: &Path, needle: &str, timeout: Duration) {
+    let start = Instant::now();
+    while !read_serial(serial).contains(needle) {
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!(
+                "abide exited ({status}) before the guest printed '{needle}'\n{}\n{err}",
+                read_serial(serial)
+            );
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "no '{needle}' within {timeout:?}\n{}",
+            read_serial(serial)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Reading the output of a Linux guest session script (tests/tests/linux_*.rs):

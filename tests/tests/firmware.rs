@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use abide_tests::{abide_bin, run_abide, sha256_bytes, split_snapshot, temp_dir};
 use serde_json::json;
@@ -59,25 +59,7 @@ impl Running {
     }
 
     fn wait_for(&mut self, needle: &str) {
-        let start = Instant::now();
-        while !read(&self.serial).contains(needle) {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
-                }
-                panic!(
-                    "abide exited ({status}) before '{needle}'\n{}\n{err}",
-                    read(&self.serial)
-                );
-            }
-            assert!(
-                start.elapsed() < TIMEOUT,
-                "no '{needle}' within {TIMEOUT:?}\n{}",
-                read(&self.serial)
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        abide_tests::wait_for_serial(&mut self.child, &self.serial, needle, TIMEOUT);
     }
 
     fn snapshot_and_stop(mut self, path: &Path) {

@@ -56,21 +56,7 @@ impl Running {
 
     /// Waits until the serial log has a line containing `needle`.
     fn wait_for(&mut self, needle: &str) {
-        let start = Instant::now();
-        while !read(&self.serial).contains(needle) {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "abide exited ({status}) before the guest printed '{needle}'\n{}",
-                    read(&self.serial)
-                );
-            }
-            assert!(
-                start.elapsed() < TIMEOUT,
-                "no '{needle}' after {TIMEOUT:?}\n{}",
-                read(&self.serial)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        abide_tests::wait_for_serial(&mut self.child, &self.serial, needle, TIMEOUT);
     }
 
     /// Snapshots to `path` and stops this abide; returns the reply.
@@ -626,6 +612,22 @@ fn the_option_rom_travels_with_the_snapshot() {
 /// `--target-version`: a release that cannot restore this guest is refused
 /// before the guest is paused (it keeps running, no file is written); one
 /// that can gets a snapshot with every section in the oldest layout.
+/// `abide snapshot --target-version TARGET FILE` through `api`.
+fn snapshot_for(api: &str, target: &str, file: &Path) -> abide_tests::Outcome {
+    run_abide(
+        &[
+            "snapshot",
+            "--api-socket",
+            api,
+            "--target-version",
+            target,
+            file.to_str().expect("utf-8"),
+        ],
+        None,
+        TIMEOUT,
+    )
+}
+
 #[test]
 fn snapshot_target_versions_are_checked_before_pausing() {
     let dir = temp_dir("snap-target");
@@ -644,20 +646,7 @@ fn snapshot_target_versions_are_checked_before_pausing() {
     );
     vm.wait_for("guest: tick n=1");
     let api = vm.api.to_str().expect("utf-8").to_string();
-    let snap = |target: &str, file: &Path| {
-        run_abide(
-            &[
-                "snapshot",
-                "--api-socket",
-                &api,
-                "--target-version",
-                target,
-                file.to_str().expect("utf-8"),
-            ],
-            None,
-            TIMEOUT,
-        )
-    };
+    let snap = |target: &str, file: &Path| snapshot_for(&api, target, file);
     for (target, needle) in [
         ("0.1.0", "Abide 0.1.0 does not restore snapshots"),
         (
@@ -710,18 +699,7 @@ fn snapshot_target_versions_are_checked_before_pausing() {
     vm3.wait_for("guest: tick n=1");
     let api3 = vm3.api.to_str().expect("utf-8").to_string();
     let file = dir.join("pc-3.0-for-0.3.0.snap");
-    let out = run_abide(
-        &[
-            "snapshot",
-            "--api-socket",
-            &api3,
-            "--target-version",
-            "0.3.0",
-            file.to_str().expect("utf-8"),
-        ],
-        None,
-        TIMEOUT,
-    );
+    let out = snapshot_for(&api3, "0.3.0", &file);
     assert_eq!(out.code, Some(1), "{out}");
     assert!(
         out.stderr
