@@ -51,7 +51,6 @@ impl Resampler {
         let thread = std::thread::Builder::new()
             .name("intx-resample".into())
             .spawn(move || {
-                crate::seccomp::enter(crate::seccomp::ThreadKind::Intx);
                 let mut events = vec![EpollEvent::default(); 16];
                 loop {
                     let n = match ep.wait(-1, &mut events) {

@@ -151,10 +151,7 @@ impl Listener {
         );
         let thread = std::thread::Builder::new()
             .name("abide-api".into())
-            .spawn(move || {
-                crate::seccomp::enter(crate::seccomp::ThreadKind::Api);
-                server.run()
-            })
+            .spawn(move || server.run())
             .map_err(ApiError::Thread)?;
         Ok((
             ApiServer {
