@@ -58,8 +58,6 @@ const HDR_CMD_LINE_PTR: usize = 0x228;
 const HDR_INITRD_ADDR_MAX: usize = 0x22c;
 const LOADED_HIGH: u8 = 0x01;
 const CAN_USE_HEAP: u8 = 0x80;
-/// "Undefined" boot loader: the same value direct boot writes.
-const LOADER_UNDEFINED: u8 = 0xff;
 
 /// What is wrong with a firmware image or a kernel for firmware boot.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -271,7 +269,8 @@ fn linux_items(
     let l = &machine.firmware.linuxboot;
     let mut setup = k[..setup_size].to_vec();
     let payload = &k[setup_size..];
-    setup[HDR_TYPE_OF_LOADER] = LOADER_UNDEFINED;
+    // "Undefined" boot loader: the same value direct boot writes.
+    setup[HDR_TYPE_OF_LOADER] = crate::boot::LOADER_TYPE_UNDEFINED;
     setup[HDR_LOADFLAGS] |= CAN_USE_HEAP;
     // The heap ends where the command line starts (relative to the setup
     // segment, as the protocol counts it).

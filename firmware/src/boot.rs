@@ -20,7 +20,7 @@ const PAGE: u64 = 4096;
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 const BZIMAGE_MAGIC: u32 = 0x5372_6448; // "HdrS"
 const BZIMAGE_MAGIC_OFFSET: u64 = 0x202;
-const LOADER_TYPE_UNDEFINED: u8 = 0xff;
+pub(crate) const LOADER_TYPE_UNDEFINED: u8 = 0xff;
 const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 
 /// Flat 32-bit boot GDT: null, unused, code (selector 0x10), data (0x18).
