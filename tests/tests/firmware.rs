@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use abide_tests::{abide_bin, run_abide, sha256_bytes, split_snapshot, temp_dir};
+use abide_tests::{abide_bin, read_serial, run_abide, sha256_bytes, split_snapshot, temp_dir};
 use serde_json::json;
 
 const BIOS: &str = "/usr/share/seabios/bios.bin";
@@ -28,10 +28,6 @@ fn bios() -> Vec<u8> {
     std::fs::read(BIOS).unwrap_or_else(|e| {
         panic!("{BIOS} is missing ({e}): install seabios (resources/scripts/setup.sh does)")
     })
-}
-
-fn read(p: &Path) -> String {
-    String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned()
 }
 
 struct Running {
@@ -106,7 +102,7 @@ fn seabios_boots_and_gets_what_fw_cfg_serves() {
         ],
     );
     vm.wait_for(NO_BOOT);
-    let fw = read(&log);
+    let fw = read_serial(&log);
     for needle in [
         "Found QEMU fw_cfg",
         "QEMU fw_cfg DMA interface supported",
@@ -121,7 +117,7 @@ fn seabios_boots_and_gets_what_fw_cfg_serves() {
             "no '{needle}' in the firmware log\n{fw}"
         );
     }
-    assert!(read(&vm.serial).contains("SeaBIOS (version"));
+    assert!(read_serial(&vm.serial).contains("SeaBIOS (version"));
 }
 
 /// The firmware image travels with the snapshot (`rom.firmware`, optional
