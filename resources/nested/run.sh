@@ -24,6 +24,7 @@
 # Environment:
 #   ABIDE_NESTED_MEM    memory of the nested host in MiB (default 6144)
 #   ABIDE_NESTED_SMP    its vCPUs (default 2)
+#   ABIDE_NESTED_TCG_THREAD  QEMU's TCG threading: multi (default) or single
 #   ABIDE_NESTED_9P_CACHE  9p cache mode for the shared root (default loose)
 #   ABIDE_NESTED_ROOT=ro   no overlay: read-only root with fresh tmpfs on
 #                          /tmp, /var/tmp and /run (outside /tmp hidden)
@@ -57,10 +58,13 @@ kernel="${ABIDE_NESTED_KERNEL:-$repo/.cache/linux/host/vmlinux}"
 initrd="$cache/initramfs.cpio.gz"
 mem=${ABIDE_NESTED_MEM:-6144}
 smp=${ABIDE_NESTED_SMP:-2}
+tcg_thread=${ABIDE_NESTED_TCG_THREAD:-multi}
 p9cache=${ABIDE_NESTED_9P_CACHE:-loose}
 debug=${ABIDE_NESTED_DEBUG:-0}
 [[ $mem =~ ^[0-9]+$ ]] || die "ABIDE_NESTED_MEM must be MiB as a number, not '$mem'"
 [[ $smp =~ ^[0-9]+$ ]] || die "ABIDE_NESTED_SMP must be a number, not '$smp'"
+[[ $tcg_thread == single || $tcg_thread == multi ]] ||
+    die "ABIDE_NESTED_TCG_THREAD must be single or multi, not '$tcg_thread'"
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not found; run resources/scripts/setup.sh"
 
 # Build (or confirm up to date) the kernel and initramfs; quiet unless it fails.
@@ -119,8 +123,11 @@ append="$klog panic=-1 ${ABIDE_NESTED_CMDLINE:-} abide.cmd=$cmdfile abide.token=
 # EPYC with SVM and nested paging; the '-' features are ones TCG cannot
 # emulate (QEMU would drop them anyway, with a warning per feature and vCPU).
 cpu=EPYC,+svm,+npt,-rdseed,-sha-ni,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-nrip-save,-xsavec
+# One TCG thread per vCPU. Guests with several vCPUs inside the nested host
+# sometimes triple-fault or hang with it (QEMU 7.2), and more often with one
+# thread: see resources/linux/README.md, "The nested test host".
 # shellcheck disable=SC2054 # the commas are part of QEMU options
-qemu=(qemu-system-x86_64 -accel tcg,thread=multi -cpu "$cpu" -smp "$smp" -m "$mem"
+qemu=(qemu-system-x86_64 -accel "tcg,thread=$tcg_thread" -cpu "$cpu" -smp "$smp" -m "$mem"
       -M pc -kernel "$kernel" -initrd "$initrd" -append "$append"
       -nographic -no-reboot -nodefaults -serial stdio -serial "file:$tmpdir/kernel.log"
       -d cpu_reset,guest_errors -D "$tmpdir/qemu-debug.log"

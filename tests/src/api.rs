@@ -110,10 +110,10 @@ pub fn raw(socket: &Path, request: &[u8]) -> Reply {
     let mut s = connect(socket);
     // The server may answer and close before all of a refused request is
     // sent (a body over the limit): a write error is fine then.
-    let _ = s.write_all(request);
-    read_reply(&mut s).unwrap_or_else(|| {
+    let written = s.write_all(request);
+    read_reply_or_why(&mut s).unwrap_or_else(|why| {
         panic!(
-            "no complete response to {:?}",
+            "no complete response to {:?} (writing it: {written:?}): {why}",
             String::from_utf8_lossy(&request[..request.len().min(200)])
         )
     })
@@ -121,16 +121,33 @@ pub fn raw(socket: &Path, request: &[u8]) -> Reply {
 
 /// Reads one response from `s`.
 pub fn read_reply(s: &mut UnixStream) -> Option<Reply> {
+    read_reply_or_why(s).ok()
+}
+
+/// Reads one response from `s`; without one, says what ended the reading
+/// and what had arrived.
+fn read_reply_or_why(s: &mut UnixStream) -> Result<Reply, String> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 65536];
     loop {
         if let Some((r, _)) = parse_reply(&buf) {
-            return Some(r);
+            return Ok(r);
         }
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => return parse_reply(&buf).map(|(r, _)| r),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
+        let end = match s.read(&mut chunk) {
+            Ok(0) => "the server closed the connection".to_string(),
+            Err(e) => format!("reading failed: {e}"),
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                continue;
+            }
+        };
+        return parse_reply(&buf).map(|(r, _)| r).ok_or_else(|| {
+            format!(
+                "{end} after {} bytes: {:?}",
+                buf.len(),
+                String::from_utf8_lossy(&buf[..buf.len().min(300)])
+            )
+        });
     }
 }
 
