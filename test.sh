@@ -27,3 +27,5 @@ step "build"
 cargo build --release --workspace
 step "tests"
 cargo test --release --workspace
+step "fuzz smoke: every fuzz target for 3 s (docs/fuzzing.md)"
+fuzz/run.sh 3

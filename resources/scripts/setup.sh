@@ -26,8 +26,9 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 #   qemu-system-data                   linuxboot_dma.bin for --firmware with --kernel (linux_firmware.rs)
 #   syslinux syslinux-common mtools dosfstools
 #                                      the boot disk linux_firmware.rs builds (FAT + SYSLINUX, no mount)
+#   g++                                libFuzzer, built by libfuzzer-sys for the fuzz smoke run (fuzz/)
 packages=(qemu-system-x86 seabios ipxe-qemu busybox-static cpio lz4 binutils
-          xz-utils zstd python3 python3-venv time gcc libc6-dev e2fsprogs iproute2 curl
+          xz-utils zstd python3 python3-venv time gcc g++ libc6-dev e2fsprogs iproute2 curl
           qemu-system-data syslinux syslinux-common mtools dosfstools)
 
 missing=()
@@ -61,6 +62,13 @@ if command -v rustup >/dev/null 2>&1; then
     else
         log "adding rust target x86_64-unknown-none"
         rustup target add x86_64-unknown-none || die "rustup target add x86_64-unknown-none failed"
+    fi
+    # The fuzz targets (fuzz/run.sh) need a nightly toolchain (SanitizerCoverage flags).
+    if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+        log "rust nightly toolchain: present"
+    else
+        log "installing the rust nightly toolchain (minimal profile) for fuzz/"
+        rustup toolchain install nightly --profile minimal || die "rustup toolchain install nightly failed"
     fi
 else
     log "warning: rustup not found; cannot add target x86_64-unknown-none"

@@ -69,6 +69,8 @@ pub struct Outcome {
     pub elapsed: Duration,
     /// Whether the timeout killed it.
     pub timed_out: bool,
+    /// The signal that ended it (None if it exited, or the timeout killed it).
+    pub signal: Option<i32>,
 }
 
 impl Outcome {
@@ -97,8 +99,8 @@ impl std::fmt::Display for Outcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "exit={:?} timed_out={} elapsed={:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.code, self.timed_out, self.elapsed, self.stdout, self.stderr
+            "exit={:?} signal={:?} timed_out={} elapsed={:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code, self.signal, self.timed_out, self.elapsed, self.stdout, self.stderr
         )
     }
 }
@@ -285,6 +287,11 @@ pub fn run_command(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -
         stderr,
         elapsed: start.elapsed(),
         timed_out,
+        signal: if timed_out {
+            None
+        } else {
+            status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s))
+        },
     }
 }
 

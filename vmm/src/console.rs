@@ -54,6 +54,7 @@ pub fn attach_stdin(serial: Arc<Mutex<Serial>>) -> Console {
     let spawned = std::thread::Builder::new()
         .name("stdin".into())
         .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadKind::Console);
             let mut stdin = std::io::stdin().lock();
             let mut buf = [0u8; 64];
             loop {

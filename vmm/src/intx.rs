@@ -51,6 +51,7 @@ impl Resampler {
         let thread = std::thread::Builder::new()
             .name("intx-resample".into())
             .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Intx);
                 let mut events = vec![EpollEvent::default(); 16];
                 loop {
                     let n = match ep.wait(-1, &mut events) {

@@ -19,6 +19,8 @@ pub mod manifest;
 pub mod memory;
 pub mod migration;
 pub mod pci;
+pub mod privileges;
+pub mod seccomp;
 pub mod snapshot;
 pub mod spec;
 pub mod vcpu;
@@ -199,6 +201,12 @@ pub enum Error {
     /// Live migration.
     #[error(transparent)]
     Migration(#[from] migration::MigrationError),
+    /// The seccomp filters.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
+    /// Dropping privileges.
+    #[error(transparent)]
+    Privileges(#[from] privileges::PrivilegeError),
 }
 
 /// An anonymous, unlinked in-memory file.

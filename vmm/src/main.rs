@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a guest and run it until it powers off or resets.
-    Run(RunArgs),
+    Run(RunCmd),
     /// Print the guest ABI manifest (and host-side settings) that `run` with
     /// the same flags would give the guest, as JSON, without starting it.
     Manifest(RunArgs),
@@ -54,6 +54,41 @@ enum Command {
     /// to an `abide receive`.
     Migrate(MigrateArgs),
 }
+/// How the process is confined once the VM is set up (host-side only: not
+/// part of the VM configuration or the guest ABI).
+#[derive(clap::Args)]
+struct SandboxArgs {
+    /// What a system call outside the thread's seccomp allow-list does:
+    /// kill (the kernel kills abide with SIGSYS), trap (abide names the
+    /// call and exits 1), log (allowed, logged by the kernel), or off.
+    #[arg(long, value_name = "off|log|trap|kill", default_value = "kill")]
+    seccomp: abide_vmm::seccomp::Action,
+    /// Drop to this user (name or uid) once /dev/kvm, the images, taps and
+    /// sockets are open.
+    #[arg(long)]
+    user: Option<String>,
+    /// Drop to this group (name or gid; default: the user's group).
+    #[arg(long)]
+    group: Option<String>,
+}
+
+/// Sets up the sandbox of `s` before anything runs: PR_SET_NO_NEW_PRIVS,
+/// the user to drop to later, and every thread kind's seccomp filter.
+fn sandbox(s: &SandboxArgs) -> Result<(), abide_vmm::Error> {
+    let target = abide_vmm::privileges::resolve(s.user.as_deref(), s.group.as_deref())?;
+    abide_vmm::privileges::configure(target)?;
+    abide_vmm::seccomp::configure(s.seccomp)?;
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct RunCmd {
+    #[command(flatten)]
+    vm: RunArgs,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+}
+
 /// Host-side settings that may differ from the saved or migrated guest's.
 #[derive(clap::Args)]
 struct OverrideArgs {
@@ -80,6 +115,8 @@ struct ReceiveArgs {
     listen: Option<String>,
     #[command(flatten)]
     overrides: OverrideArgs,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 }
 
 #[derive(clap::Args)]
@@ -106,6 +143,8 @@ struct ServeArgs {
     /// Unix socket to serve the API on (created with mode 0600).
     #[arg(long)]
     api_socket: PathBuf,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 }
 
 #[derive(clap::Args)]
@@ -130,6 +169,8 @@ struct RestoreArgs {
     snapshot: PathBuf,
     #[command(flatten)]
     overrides: OverrideArgs,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 }
 
 #[derive(clap::Args)]
@@ -389,7 +430,8 @@ fn snapshot(a: &SnapshotArgs) -> Result<(), abide_vmm::Error> {
     Ok(())
 }
 
-fn main() -> ExitCode {
+/// `pub` for the tests' hook binary, which includes this file as a module.
+pub fn main() -> ExitCode {
     let started = std::time::Instant::now();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -399,21 +441,27 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run(args) => build_config(&args)
+        Command::Run(RunCmd {
+            vm: args,
+            sandbox: s,
+        }) => sandbox(&s)
+            .and_then(|()| build_config(&args))
             .and_then(|cfg| abide_vmm::run_with_api(&cfg, args.api_socket.as_deref())),
-        Command::Restore(args) => restore(args, started),
+        Command::Restore(args) => sandbox(&args.sandbox).and_then(|()| restore(args, started)),
         Command::Config(args) => build_config(&args).and_then(|cfg| {
             serde_json::to_string_pretty(&VmSpec::from_config(&cfg))
                 .map(|json| println!("{json}"))
                 .map(|()| ExitReason::Poweroff)
                 .map_err(abide_vmm::Error::Json)
         }),
-        Command::Serve(args) => abide_vmm::api::Listener::bind(&args.api_socket)
-            .map_err(abide_vmm::Error::Api)
+        Command::Serve(args) => sandbox(&args.sandbox)
+            .and_then(|()| {
+                abide_vmm::api::Listener::bind(&args.api_socket).map_err(abide_vmm::Error::Api)
+            })
             .and_then(abide_vmm::control::serve)
             .map(|()| ExitReason::Poweroff),
         Command::Snapshot(a) => snapshot(&a).map(|()| ExitReason::Poweroff),
-        Command::Receive(args) => receive(args),
+        Command::Receive(args) => sandbox(&args.sandbox).and_then(|()| receive(args)),
         Command::Migrate(a) => abide_vmm::migration::client::migrate(
             &a.api_socket,
             &json!({

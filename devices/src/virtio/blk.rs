@@ -619,6 +619,31 @@ impl Handler for BlockWorker {
     }
 }
 
+/// For the fuzz targets (feature `fuzzing`): runs one chain against a
+/// disk image in `file` (read-write, `sectors` long), as the worker does.
+#[cfg(feature = "fuzzing")]
+pub(super) fn fuzz_chain(
+    mem: &GuestMem,
+    file: File,
+    sectors: u64,
+    chain: DescriptorChain<&GuestMem>,
+    max: usize,
+) -> Result<u32, Unusable> {
+    let mut io = BlockIo {
+        disk: Arc::new(Disk {
+            file,
+            capacity: sectors,
+            read_only: false,
+            direct: false,
+            id: [0; ID_LEN],
+        }),
+        mem: mem.clone(),
+        bounce: None,
+        metrics: Arc::new(super::metrics::DeviceMetrics::default()),
+    };
+    io.handle(chain, max)
+}
+
 #[cfg(test)]
 mod tests {
     use vm_memory::{Address, GuestAddress};

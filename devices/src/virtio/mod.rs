@@ -7,6 +7,9 @@
 //! device work.
 
 pub mod blk;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod net;
 pub mod pci;
@@ -20,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use abide_machines::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+pub use worker::set_worker_start_hook;
 
 /// Device status bits.
 pub mod status {

@@ -648,6 +648,41 @@ impl<B: NetBackend> Handler for NetWorker<B> {
     }
 }
 
+/// For the fuzz targets (feature `fuzzing`): delivers `frame` into one
+/// chain, or transmits one chain to a backend that drops it, as the worker
+/// does.
+#[cfg(feature = "fuzzing")]
+pub(super) fn fuzz_chain(
+    mem: &GuestMem,
+    chain: DescriptorChain<&GuestMem>,
+    max: usize,
+    receive: Option<&[u8]>,
+) -> Result<u32, Unusable> {
+    struct Drop;
+    impl std::os::fd::AsRawFd for Drop {
+        fn as_raw_fd(&self) -> std::os::fd::RawFd {
+            -1
+        }
+    }
+    impl NetBackend for Drop {
+        fn recv(&self, _: &mut [u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+        fn send(&self, frame: &[u8]) -> io::Result<()> {
+            assert!(frame.len() <= MAX_FRAME_LEN, "a {}-byte frame", frame.len());
+            Ok(())
+        }
+    }
+    match receive {
+        Some(frame) => deliver(mem, chain, frame, max),
+        None => {
+            let mut buf = vec![0u8; MAX_BUFFER_LEN];
+            let metrics = super::metrics::DeviceMetrics::default();
+            transmit(mem, &Drop, &mut buf, chain, max, &metrics)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::net::UnixDatagram;

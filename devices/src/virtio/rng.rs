@@ -221,6 +221,18 @@ impl Handler for RngWorker {
     }
 }
 
+/// For the fuzz targets (feature `fuzzing`): fills one chain as the
+/// worker does.
+#[cfg(feature = "fuzzing")]
+pub(super) fn fuzz_chain(
+    mem: &GuestMem,
+    chain: DescriptorChain<&GuestMem>,
+    max: usize,
+) -> Result<u32, Unusable> {
+    let mut scratch = vec![0u8; 4096];
+    fill(mem, &mut scratch, chain, max)
+}
+
 #[cfg(test)]
 mod tests {
     use vm_memory::GuestAddress;

@@ -76,6 +76,23 @@ fn em_error(e: event_manager::Error) -> io::Error {
     io::Error::other(e)
 }
 
+/// Called first on every worker thread with the device model's name
+/// (`virtio-blk`, ...). The VMM sets it once, to install the thread's
+/// seccomp filter; the device models know nothing of seccomp.
+static THREAD_START: std::sync::OnceLock<fn(&'static str)> = std::sync::OnceLock::new();
+
+/// Sets the function every device worker thread calls when it starts,
+/// before it handles any event. Only the first call takes effect.
+pub fn set_worker_start_hook(hook: fn(&'static str)) {
+    let _ = THREAD_START.set(hook);
+}
+
+fn thread_started(kind: &'static str) {
+    if let Some(hook) = THREAD_START.get() {
+        hook(kind);
+    }
+}
+
 /// A device worker thread. Dropping it stops and joins the thread.
 pub(crate) struct Worker<H> {
     stop: EventFd,
@@ -92,7 +109,7 @@ impl<H> std::fmt::Debug for Worker<H> {
 
 impl<H: Handler> Worker<H> {
     /// Registers `handler`'s event sources and starts its thread.
-    pub(crate) fn spawn(name: &str, handler: H) -> io::Result<Self> {
+    pub(crate) fn spawn(name: &'static str, handler: H) -> io::Result<Self> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let mut em = EventManager::<Runner<H>>::new().map_err(em_error)?;
         let id = em.add_subscriber(Runner {
@@ -105,9 +122,13 @@ impl<H: Handler> Worker<H> {
         if let Some(e) = init_error {
             return Err(em_error(e));
         }
+        let kind = name;
         let thread = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || run(em, id))?;
+            .spawn(move || {
+                thread_started(kind);
+                run(em, id)
+            })?;
         Ok(Self {
             stop,
             thread: Some(thread),

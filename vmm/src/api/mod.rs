@@ -151,7 +151,10 @@ impl Listener {
         );
         let thread = std::thread::Builder::new()
             .name("abide-api".into())
-            .spawn(move || server.run())
+            .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Api);
+                server.run()
+            })
             .map_err(ApiError::Thread)?;
         Ok((
             ApiServer {

@@ -63,6 +63,7 @@ impl Controller {
         let spawned = std::thread::Builder::new()
             .name("migration".into())
             .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Migration);
                 let mut event = |mut v: Value| {
                     let kind = match v["event"].as_str() {
                         Some("progress") => "migration-progress",
@@ -233,6 +234,7 @@ pub fn receive(
     if let Some(at) = &at {
         c.listen(at, o)?;
     }
+    super::confine()?;
     c.main_loop(server.as_ref().map(|(_, cmds)| cmds));
     c.end_vm(Some("vmm.shutdown"));
     drop(server);

@@ -258,6 +258,15 @@ impl Controller {
     }
 }
 
+/// Ends the set-up: drops to `--user`/`--group` (once the VM's devices,
+/// files and sockets are open) and confines the control thread with its
+/// seccomp filter.
+pub(crate) fn confine() -> Result<(), Error> {
+    crate::privileges::drop_now()?;
+    crate::seccomp::install(crate::seccomp::ThreadKind::Control)?;
+    Ok(())
+}
+
 fn limits() -> ServerLimits {
     ServerLimits::default()
 }
@@ -273,6 +282,8 @@ pub fn run(vm: Vm, api: Option<Listener>, restored: Option<Value>) -> Result<Exi
     let server = api
         .map(|l| l.serve(c.shared.clone(), limits()))
         .transpose()?;
+    // Set-up is done: from here on the control thread is confined.
+    confine()?;
     c.start(false)?;
     c.main_loop(server.as_ref().map(|(_, cmds)| cmds));
     c.end_vm(Some("vmm.shutdown"));
@@ -286,6 +297,7 @@ pub fn run(vm: Vm, api: Option<Listener>, restored: Option<Value>) -> Result<Exi
 pub fn serve(api: Listener) -> Result<(), Error> {
     let mut c = Controller::new(Mode::Serve)?;
     let (server, commands) = api.serve(c.shared.clone(), limits())?;
+    confine()?;
     c.main_loop(Some(&commands));
     c.end_vm(Some("vmm.shutdown"));
     drop(server);

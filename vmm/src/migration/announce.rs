@@ -38,6 +38,7 @@ pub fn start(ports: Vec<(Tap, [u8; 6])>) {
     let spawned = std::thread::Builder::new()
         .name("announce".into())
         .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadKind::Announce);
             for pause in ROUNDS {
                 std::thread::sleep(Duration::from_millis(pause));
                 for (tap, mac) in &ports {

@@ -46,6 +46,7 @@ pub fn start(
     std::thread::Builder::new()
         .name("incoming".into())
         .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadKind::Incoming);
             let r = listener
                 .accept()
                 .map_err(|source| MigrationError::Listen {

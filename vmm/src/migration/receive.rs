@@ -339,4 +339,31 @@ mod tests {
         use crate::snapshot::state::SectionSource;
         assert_eq!(s.names(), ["vcpu.0"]);
     }
+
+    /// Open-ended names (`vcpu.N`) cannot make the destination keep
+    /// state without end: the count and the total are bounded.
+    #[test]
+    fn a_stream_cannot_pile_up_state_sections() {
+        use crate::snapshot::state::{MAX_SECTIONS, MAX_SECTION_BYTES};
+        let mut s = Sections::default();
+        for i in 0..MAX_SECTIONS {
+            take_section(&mut s, &frame(&format!("vcpu.{i}"), 1, false)).expect("within");
+        }
+        let e = take_section(&mut s, &frame("vcpu.999999", 1, false)).expect_err("one more");
+        assert!(
+            e.to_string().contains("more than 4096 state sections"),
+            "{e}"
+        );
+
+        let mut s = Sections::default();
+        let quarter = MAX_SECTION_BYTES / 4;
+        for i in 0..4 {
+            s.insert(&format!("rom.{i}"), 1, vec![0; quarter])
+                .expect("within");
+        }
+        let e = s
+            .insert("rom.4", 1, vec![0; 1])
+            .expect_err("past the total");
+        assert!(e.to_string().contains("in all (at 'rom.4')"), "{e}");
+    }
 }

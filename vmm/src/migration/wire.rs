@@ -108,6 +108,21 @@ fn read_exact(r: &mut impl Read, buf: &mut [u8]) -> Result<(), WireError> {
     })
 }
 
+/// Reads exactly `len` bytes into `buf` (replacing its contents), growing
+/// it only as the bytes arrive: a peer that declares a large length and
+/// then sends little costs what it sent, not what it declared.
+fn read_declared(r: &mut impl Read, len: usize, buf: &mut Vec<u8>) -> Result<(), WireError> {
+    buf.clear();
+    // Enough for any control frame at once; larger payloads grow by
+    // doubling as they come.
+    buf.reserve(len.min(64 << 10));
+    let got = r.take(len as u64).read_to_end(buf).map_err(WireError::Io)?;
+    if got < len {
+        return Err(WireError::Closed);
+    }
+    Ok(())
+}
+
 /// Writes the stream header.
 pub fn write_header(w: &mut impl Write, header: &Header) -> Result<(), WireError> {
     let bytes = header.encode(STREAM_MAGIC)?;
@@ -130,8 +145,8 @@ pub fn read_header(r: &mut impl Read) -> Result<Header, WireError> {
             "header length {len} is implausible"
         )));
     }
-    let mut json = vec![0u8; len];
-    read_exact(r, &mut json)?;
+    let mut json = Vec::new();
+    read_declared(r, len, &mut json)?;
     let mut hash = [0u8; HASH_LEN];
     read_exact(r, &mut hash)?;
     Ok(Header::decode(&json, &hash)?)
@@ -181,8 +196,7 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<u8, WireError>
             char::from(head[0]).escape_default()
         )));
     }
-    buf.resize(len, 0);
-    read_exact(r, buf)?;
+    read_declared(r, len, buf)?;
     Ok(head[0])
 }
 
@@ -433,6 +447,29 @@ mod tests {
         let mut r = &huge[..];
         let e = read_frame(&mut r, &mut Vec::new()).expect_err("huge");
         assert!(e.to_string().contains("implausible"), "{e}");
+    }
+
+    /// A frame or header that declares a large length (within the limits)
+    /// and then ends costs what arrived, not what was declared.
+    #[test]
+    fn declared_lengths_are_not_allocated_before_the_bytes_arrive() {
+        let declared = MAX_FRAME - 1;
+        let mut frame = vec![SECTION];
+        frame.extend_from_slice(&(declared as u32).to_le_bytes());
+        frame.extend_from_slice(&[7u8; 100]);
+        let mut buf = Vec::new();
+        let e = read_frame(&mut &frame[..], &mut buf).expect_err("cut short");
+        assert!(matches!(e, WireError::Closed), "{e}");
+        assert!(
+            buf.capacity() < 1 << 20,
+            "{} bytes reserved for a frame that sent 100",
+            buf.capacity()
+        );
+        let mut header = STREAM_MAGIC.to_vec();
+        header.extend_from_slice(&((MAX_HEADER - 1) as u32).to_le_bytes());
+        header.extend_from_slice(b"{\"format\":");
+        let e = read_header(&mut &header[..]).expect_err("cut short");
+        assert!(matches!(e, WireError::Closed), "{e}");
     }
 
     #[test]

@@ -650,6 +650,40 @@ mod tests {
         }
     }
 
+    /// A header that declares a section far larger than the file (or
+    /// larger than a section may be) is refused before anything of that
+    /// size is read or allocated.
+    #[test]
+    fn huge_declared_sections_are_refused_without_reading_them() {
+        let mut h = Header::new("pc-1.0", json!({}), json!({}));
+        h.sections.push(SectionEntry {
+            name: "vcpu.0".into(),
+            version: 1,
+            optional: false,
+            offset: 4096,
+            length: 1 << 40,
+            sha256: "00".repeat(32),
+        });
+        let bytes = h.encode(MAGIC).expect("encode");
+        let err = Snapshot::parse(bytes, KNOWN).expect_err("huge");
+        assert!(
+            matches!(err, SnapshotError::Truncated(ref w) if w.contains("'vcpu.0' cut short")),
+            "{err}"
+        );
+        // An offset + length that overflows u64 is refused the same way.
+        h.sections[0].offset = u64::MAX - 10;
+        let bytes = h.encode(MAGIC).expect("encode");
+        assert!(matches!(
+            Snapshot::parse(bytes, KNOWN),
+            Err(SnapshotError::Truncated(_))
+        ));
+        // A header length past the limit is refused before it is read.
+        let mut b = MAGIC.to_vec();
+        b.extend_from_slice(&u32::MAX.to_le_bytes());
+        let err = Snapshot::parse(b, KNOWN).expect_err("huge header");
+        assert!(err.to_string().contains("implausible"), "{err}");
+    }
+
     #[test]
     fn wrong_magic() {
         let mut b = sample();

@@ -61,18 +61,40 @@ pub trait SectionSource {
     fn names(&self) -> Vec<String>;
 }
 
+/// Most sections a migration stream may deliver: a VM has a few per vCPU
+/// and per PCI function (names like `vcpu.N` are open-ended, so the count
+/// needs its own bound).
+pub const MAX_SECTIONS: usize = 4096;
+/// Most bytes of state sections a migration stream may deliver in all
+/// (each frame is bounded on its own; this bounds their sum). The state of
+/// a VM, option ROMs included, is a few MiB.
+pub const MAX_SECTION_BYTES: usize = 256 << 20;
+
 /// Sections held in memory, by name.
 #[derive(Debug, Default)]
-pub struct Sections(BTreeMap<String, (u32, Vec<u8>)>);
+pub struct Sections(BTreeMap<String, (u32, Vec<u8>)>, usize);
 
 impl Sections {
-    /// Adds a section; a name given twice is an error.
+    /// Adds a section; a name given twice is an error, and so is one past
+    /// [`MAX_SECTIONS`] or [`MAX_SECTION_BYTES`].
     pub fn insert(
         &mut self,
         name: &str,
         version: u32,
         bytes: Vec<u8>,
     ) -> Result<(), SnapshotError> {
+        if self.0.len() >= MAX_SECTIONS {
+            return Err(SnapshotError::Header(format!(
+                "more than {MAX_SECTIONS} state sections (at '{name}')"
+            )));
+        }
+        let total = self.1.saturating_add(bytes.len());
+        if total > MAX_SECTION_BYTES {
+            return Err(SnapshotError::Header(format!(
+                "state sections of more than {MAX_SECTION_BYTES} bytes in all (at '{name}')"
+            )));
+        }
+        self.1 = total;
         if self.0.insert(name.to_string(), (version, bytes)).is_some() {
             return Err(SnapshotError::Header(format!(
                 "section '{name}' appears twice"

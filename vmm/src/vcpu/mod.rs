@@ -398,6 +398,7 @@ impl Vcpu {
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{}", self.index))
             .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu);
                 let mut me = self;
                 if let Err(e) = me.run_loop(&ctl, &rx) {
                     let _ = ctl.errors.send(e);
