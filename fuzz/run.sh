@@ -14,6 +14,9 @@
 # requests and VM configurations); what a run finds goes to
 # fuzz/target/corpus/TARGET and is kept for the next run. A crash leaves
 # its input in fuzz/artifacts/TARGET/ and fails the script.
+#
+# FUZZ_ARGS adds libFuzzer options to every target's run (for example
+# FUZZ_ARGS=-max_len=8192 for a long snapshot_reader run; docs/fuzzing.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 secs="${1:-60}"
@@ -38,9 +41,10 @@ for t in "${targets[@]}"; do
     seeds=()
     [ -d "target/seeds/$t" ] && seeds=("target/seeds/$t")
     log="target/$t.log"
+    # shellcheck disable=SC2086 # FUZZ_ARGS is split into options on purpose
     if ! "target/x86_64-unknown-linux-gnu/release/$t" -max_total_time="$secs" -print_final_stats=1 \
         -artifact_prefix="artifacts/$t/" -rss_limit_mb=2048 -timeout=10 \
-        "target/corpus/$t" "${seeds[@]}" >"$log" 2>&1; then
+        ${FUZZ_ARGS:-} "target/corpus/$t" "${seeds[@]}" >"$log" 2>&1; then
         echo "fuzz: $t FAILED; input in fuzz/artifacts/$t/, log in fuzz/$log" >&2
         tail -40 "$log" >&2
         fail=1
