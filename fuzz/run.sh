@@ -50,8 +50,8 @@ for t in "${targets[@]}"; do
         fail=1
         continue
     fi
-    runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo '?')
-    cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 || true)
+    runs=$(grep -a -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo '?')
+    cov=$(grep -a -o 'cov: [0-9]*' "$log" | tail -1 || true)
     echo "fuzz: $t ok: $runs executions in ${secs} s, $cov" >&2
 done
 exit $fail
