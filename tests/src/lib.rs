@@ -476,23 +476,17 @@ pub mod session {
             )
         };
         let out = attempt();
-        if out.code == Some(125) && out.stderr.contains("abide-nested: TEST HOST CRASHED") {
-            eprintln!(
-                "RUNNING THE {what} SESSION ONCE MORE: the nested test host crashed \
-                 (not the command); its first run's stderr:\n{}",
-                out.stderr
-            );
-            return attempt();
-        }
-        if !crate::host_has_hw_virt() && nested_guest_crashed(&out) {
-            eprintln!(
-                "RUNNING THE {what} SESSION ONCE MORE: a guest's vCPU triple-faulted in the \
-                 nested test host, a known defect of its emulated AMD-V (see \
-                 resources/linux/README.md); the first run's output:\n{out}"
-            );
-            return attempt();
-        }
-        out
+        let why = if out.code == Some(125) && out.stderr.contains("abide-nested: TEST HOST CRASHED")
+        {
+            "the nested test host crashed (not the command)"
+        } else if !crate::host_has_hw_virt() && nested_guest_crashed(&out) {
+            "a guest's vCPU triple-faulted in the nested test host, a known defect of its \
+             emulated AMD-V (see resources/linux/README.md)"
+        } else {
+            return out;
+        };
+        eprintln!("RUNNING THE {what} SESSION ONCE MORE: {why}; the first run's output:\n{out}");
+        attempt()
     }
 
     /// What Abide prints when a guest's vCPU triple-faulted.
