@@ -1,9 +1,10 @@
 //! The `Persist` state decoders of the devices a snapshot or migration
-//! restores from bytes: the UART, RTC, i8042, ACPI PM block and the PCI
-//! host bridge. Every decoder must refuse bad bytes with an error, and what
+//! restores from bytes: the UART, RTC, i8042, ACPI PM block, fw_cfg and
+//! the PCI host bridge. Every decoder must refuse bad bytes with an error, and what
 //! it accepts must save and restore again.
 #![no_main]
 
+use abide_devices::legacy::fw_cfg::FwCfg;
 use abide_devices::legacy::i8042::I8042;
 use abide_devices::legacy::irq::IrqLine;
 use abide_devices::legacy::pm::AcpiPm;
@@ -33,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
     let version = u32::from(*v % 4);
     let machine = abide_machines::resolve("pc-2.0").expect("pc-2.0");
     let exit = ExitSignal::new().expect("eventfd");
-    match which % 5 {
+    match which % 6 {
         0 => {
             let irq = IrqLine::new().expect("eventfd");
             let mut s = Serial::new(irq, Box::new(std::io::sink()));
@@ -50,6 +51,11 @@ fuzz_target!(|data: &[u8]| {
         3 => {
             let mut pm = AcpiPm::new(machine.legacy.pm, exit);
             check(&mut pm, version, bytes);
+        }
+        4 => {
+            let mut f = FwCfg::new(vec![], vec![("etc/e820".into(), vec![0; 20])], None)
+                .expect("fw_cfg");
+            check(&mut f, version, bytes);
         }
         _ => {
             let mut hb = HostBridge::new(PciIds {

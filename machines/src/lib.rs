@@ -462,6 +462,7 @@ pub fn pc_1_0() -> MachineDescription {
                     VirtioCap::Device,
                     VirtioCap::Msix,
                 ],
+                pci_cfg_window: false,
             },
             blk: VirtioModel {
                 msix_vectors: 2,

@@ -43,6 +43,9 @@ pub fn pc_3_0() -> MachineDescription {
     m.name = "pc-3.0".to_string();
     m.pci.mmio32_base = 0xf000_0000;
     m.pci.mmio32_size = 0x0ec0_0000;
+    // SeaBIOS places 64-bit BARs above 4 GiB, out of a 32-bit iPXE's
+    // reach: the window in config space lets it drive virtio-net anyway.
+    m.virtio.layout.pci_cfg_window = true;
     m
 }
 
@@ -185,15 +188,17 @@ mod tests {
     }
 
     #[test]
-    fn pc_3_0_differs_from_pc_2_0_only_in_the_32_bit_window() {
+    fn pc_3_0_differs_from_pc_2_0_in_the_32_bit_window_and_the_pci_cfg_window() {
         let (a, mut b) = (pc_2_0(), pc_3_0());
         let p = &b.pci;
         // Inside the 32-bit hole, above ECAM, ending at the IOAPIC.
         assert!(p.mmio32_base >= p.ecam_base + p.ecam_size);
         assert_eq!(p.mmio32_base + p.mmio32_size, b.memory.ioapic_addr);
+        assert!(!a.virtio.layout.pci_cfg_window && b.virtio.layout.pci_cfg_window);
         b.name = a.name.clone();
         b.pci.mmio32_base = a.pci.mmio32_base;
         b.pci.mmio32_size = a.pci.mmio32_size;
+        b.virtio.layout.pci_cfg_window = false;
         assert_eq!(a, b);
     }
 }

@@ -131,6 +131,17 @@ pub struct VirtioBarLayout {
     /// Capabilities in list order, from the first capability offset (each
     /// kind once). Queue `i` notifies at `notify + i * notify_multiplier`.
     pub cap_order: [VirtioCap; 5],
+    /// Whether a `VIRTIO_PCI_CAP_PCI_CFG` capability ends the list: a
+    /// window in configuration space onto BAR 0, for firmware that cannot
+    /// reach the BAR itself (a 32-bit iPXE when SeaBIOS places the 64-bit
+    /// BAR above 4 GiB). Added with pc-3.0: absent means none (older
+    /// manifests and machine types).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub pci_cfg_window: bool,
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 /// One virtio device model as the guest sees it.

@@ -26,10 +26,11 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 #   qemu-system-data                   linuxboot_dma.bin for --firmware with --kernel (linux_firmware.rs)
 #   syslinux syslinux-common mtools dosfstools
 #                                      the boot disk linux_firmware.rs builds (FAT + SYSLINUX, no mount)
+#   dnsmasq-base                       DHCP and TFTP for the network boot in linux_firmware.rs
 #   g++                                libFuzzer, built by libfuzzer-sys for the fuzz smoke run (fuzz/)
 packages=(qemu-system-x86 seabios ipxe-qemu busybox-static cpio lz4 binutils
           xz-utils zstd python3 python3-venv time gcc g++ libc6-dev e2fsprogs iproute2 curl
-          qemu-system-data syslinux syslinux-common mtools dosfstools)
+          qemu-system-data syslinux syslinux-common mtools dosfstools dnsmasq-base)
 
 missing=()
 for p in "${packages[@]}"; do

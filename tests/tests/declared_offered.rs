@@ -160,10 +160,18 @@ fn check_virtio(g: &Guest, m: &MachineDescription, slot: u8, name: &str, model: 
         .collect();
     assert_eq!(
         caps.len(),
-        expected.len(),
+        expected.len() + usize::from(l.pci_cfg_window),
         "{}: {caps:x?}",
         at("capabilities")
     );
+    if l.pci_cfg_window {
+        // VIRTIO_PCI_CAP_PCI_CFG ends the list: a 20-byte window whose
+        // bar, offset and length the driver sets.
+        let &(id, off) = caps.last().expect("a capability");
+        assert_eq!(id, 0x09, "{}", at("PCI_CFG window capability"));
+        assert_eq!(g.cfg_read(slot, off + 2, 1), 20, "{}", at("PCI_CFG length"));
+        assert_eq!(g.cfg_read(slot, off + 3, 1), 5, "{}", at("PCI_CFG type"));
+    }
     for (&(id, off), want) in caps.iter().zip(&expected) {
         if *want == VirtioCap::Msix {
             assert_eq!(id, 0x11, "{}", at("MSI-X capability"));

@@ -151,6 +151,11 @@ fn the_firmware_image_travels_with_the_snapshot() {
     let (entry, saved) = parts.section("rom.firmware").expect("rom.firmware");
     assert_eq!(entry["optional"], json!(true));
     assert_eq!(saved, &booted[..]);
+    // fw_cfg's registers: the last item SeaBIOS selected, read to its end.
+    let (_, fw_cfg) = parts.section("device.fw_cfg").expect("device.fw_cfg");
+    let fw_cfg: serde_json::Value = serde_json::from_slice(fw_cfg).expect("fw_cfg json");
+    assert!(fw_cfg["selector"].as_u64().is_some(), "{fw_cfg}");
+    assert!(fw_cfg["offset"].as_u64().is_some_and(|o| o > 0), "{fw_cfg}");
     assert_eq!(
         parts.header["manifest"]["firmware"]["image_sha256"],
         json!(sha256_bytes(&booted))

@@ -10,12 +10,15 @@
 //! the other Linux tests run: directly where the CPU has vmx/svm, otherwise
 //! in the nested test host (QEMU TCG with emulated AMD-V).
 //!
+//! Over the network, iPXE from the NIC's ROM BAR boots the kernel and the
+//! initramfs that dnsmasq serves over DHCP and TFTP on the tap's host end.
+//!
 //! A disk image built by the test (FAT with SYSLINUX, the kernel and the
 //! initramfs) boots through SeaBIOS's virtio-blk driver to userspace and
 //! powers off.
 //!
 //! Needs the `seabios`, `ipxe-qemu`, `qemu-system-data`, `syslinux`,
-//! `mtools` and `dosfstools` packages (installed by
+//! `mtools`, `dosfstools` and `dnsmasq-base` packages (installed by
 //! resources/scripts/setup.sh); a missing file fails the test, saying
 //! which.
 
@@ -77,6 +80,24 @@ WAIT_EXIT=yes
 run_case kernel 300 'abide-linux: poweroff' --machine pc --cpus 2 --memory 512M \
     --firmware '@BIOS@' --kernel "$KERNEL" --initrd "$INITRD" \
     --cmdline 'console=ttyS0 abide.test=basic'
+# Network boot, the seed's scenario: iPXE from the NIC's ROM BAR gets an
+# address and a script from dnsmasq (DHCP and TFTP) on the tap's host end,
+# fetches the kernel and the initramfs over TFTP and boots them. On pc-3.0
+# iPXE reaches the 64-bit BAR that SeaBIOS places above 4 GiB through the
+# VIRTIO_PCI_CAP_PCI_CFG window.
+N=$T/tftp
+mkdir -p "$N" && cp "$KERNEL" "$N/vmlinuz" && cp "$INITRD" "$N/initrd.img" &&
+printf '#!ipxe\nkernel vmlinuz console=ttyS0 abide.test=basic\ninitrd initrd.img\nboot\n' > "$N/boot.ipxe" &&
+ip addr add 192.168.217.1/24 dev "$TAP" || host "failed: preparing the network boot"
+dnsmasq --no-daemon --conf-file=/dev/null --log-facility=- --port=0 --bind-interfaces \
+    --interface="$TAP" --dhcp-range=192.168.217.10,192.168.217.20,1h \
+    --dhcp-leasefile="$T/leases" --enable-tftp --tftp-root="$N" --dhcp-boot=boot.ipxe \
+    > "$T/dnsmasq.log" 2>&1 &
+D_PID=$!
+run_case net 420 'abide-linux: poweroff' --machine pc --cpus 2 --memory 512M \
+    --firmware '@BIOS_256K@' --net "tap=$TAP,rom=@EFI_ROM@"
+kill "$D_PID" 2>/dev/null; wait "$D_PID" 2>/dev/null
+echo "@@@ begin dnsmasq"; cat "$T/dnsmasq.log"; echo "@@@ end dnsmasq rc=0"
 # Disk boot: a FAT file system on the whole disk with SYSLINUX (Debian's
 # syslinux, mtools and dosfstools), the kernel, the initramfs and a
 # syslinux.cfg; SeaBIOS boots it through its virtio-blk driver.
@@ -116,7 +137,8 @@ fn session() -> String {
     for tool in ["/usr/bin/syslinux", "/usr/bin/mcopy", "/usr/sbin/mkfs.vfat"] {
         need(tool);
     }
-    run_session(&script, 600, "firmware").stdout
+    need("/usr/sbin/dnsmasq");
+    run_session(&script, 900, "firmware").stdout
 }
 
 fn found(out: &str, case: &str) -> bool {
@@ -183,6 +205,36 @@ fn firmware_runs_option_roms_and_boots_a_kernel() {
         out.lines()
             .any(|l| l.starts_with("host: kernel found=yes exited=yes rc=0 ")),
         "the firmware-booted kernel did not power off cleanly\n{out}"
+    );
+
+    // Over the network: iPXE from the ROM BAR drove the modern-only
+    // virtio-net, took a lease and the script from dnsmasq, fetched the
+    // kernel and the initramfs over TFTP, and Linux reached userspace.
+    let (serial, _) = section(&out, "net.serial");
+    let (dnsmasq, _) = section(&out, "dnsmasq");
+    assert!(
+        serial.contains("iPXE (PCI 00:01.0) starting execution"),
+        "{serial}"
+    );
+    assert!(
+        !serial.contains("No more network devices"),
+        "iPXE found no network device\n{serial}"
+    );
+    assert!(dnsmasq.contains("DHCPACK"), "no lease\n{dnsmasq}\n{serial}");
+    for file in ["boot.ipxe", "vmlinuz", "initrd.img"] {
+        assert!(
+            dnsmasq
+                .lines()
+                .any(|l| l.contains("sent ") && l.contains(file)),
+            "dnsmasq did not send {file}\n{dnsmasq}\n{serial}"
+        );
+    }
+    assert!(serial.contains("abide-linux: userspace"), "{serial}");
+    assert!(serial.contains("abide-linux: nproc=2"), "{serial}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("host: net found=yes exited=yes rc=0 ")),
+        "the network-booted kernel did not power off cleanly\n{out}"
     );
 
     // From disk: SeaBIOS's virtio-blk driver, SYSLINUX, the kernel.

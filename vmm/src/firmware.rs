@@ -263,14 +263,14 @@ pub fn unmap(vm: &VmFd) -> Result<(), FirmwareBootError> {
 }
 
 /// Puts fw_cfg (with `contents`, DMA into `mem`) and the debug port on
-/// `pio`.
+/// `pio`; returns the fw_cfg device, whose registers snapshots carry.
 pub fn attach(
     pio: &Bus,
     machine: &MachineDescription,
     f: &FirmwareConfig,
     contents: bios::FwCfgContents,
     mem: &GuestMem,
-) -> Result<(), FirmwareBootError> {
+) -> Result<Arc<Mutex<FwCfg>>, FirmwareBootError> {
     let l = &machine.firmware;
     let dev = Arc::new(Mutex::new(FwCfg::new(
         contents.items,
@@ -284,7 +284,7 @@ pub fn attach(
     )
     .map_err(|e| FirmwareBootError::Bus("fw_cfg", e))?;
     pio.insert(
-        Arc::new(Mutex::new(FwCfgDma(dev))),
+        Arc::new(Mutex::new(FwCfgDma(dev.clone()))),
         u64::from(l.fw_cfg.dma),
         8,
     )
@@ -308,5 +308,5 @@ pub fn attach(
         1,
     )
     .map_err(|e| FirmwareBootError::Bus("the firmware debug port", e))?;
-    Ok(())
+    Ok(dev)
 }

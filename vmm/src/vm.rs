@@ -58,6 +58,8 @@ pub struct Vm {
     /// The firmware image's read-only mapping (`--firmware`), kept alive
     /// for as long as KVM maps it.
     _firmware: Option<crate::firmware::FirmwareRegion>,
+    /// The fw_cfg device of a `--firmware` guest.
+    pub(crate) fw_cfg: Option<Arc<Mutex<abide_devices::legacy::fw_cfg::FwCfg>>>,
 }
 
 /// A VM whose vCPU threads exist: running, or parked by a pause.
@@ -261,9 +263,12 @@ impl Vm {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
         let legacy = legacy::attach(&vm, &pio, &machine, serial_out, &exit)?;
-        if let (Some(f), Some((_, contents))) = (&cfg.firmware, firmware) {
-            crate::firmware::attach(&pio, &machine, f, contents, &ram.mem)?;
-        }
+        let fw_cfg = match (&cfg.firmware, firmware) {
+            (Some(f), Some((_, contents))) => Some(crate::firmware::attach(
+                &pio, &machine, f, contents, &ram.mem,
+            )?),
+            _ => None,
+        };
         let pci = PciPlatform::new(&machine, &pio, &mmio, &exit)?;
         let max_gsi = kvm.check_extension_int(kvm_ioctls::Cap::IrqRouting).max(0) as u32;
         let router = GsiRouter::new(vm.clone(), max_gsi, &machine.irqchip)?;
@@ -339,6 +344,7 @@ impl Vm {
             net_ports,
             net_slots,
             _firmware: firmware_region,
+            fw_cfg,
         })
     }
 

@@ -195,6 +195,51 @@ impl FwCfg {
     }
 }
 
+/// Saved fw_cfg registers (version 1). The items are not saved: they are
+/// rebuilt from the configuration, as a firmware reboot would read them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FwCfgStateV1 {
+    /// The selected item.
+    pub selector: u16,
+    /// The read position within it.
+    pub offset: u64,
+    /// The DMA address register's high half, written and not yet used.
+    pub dma_high: u32,
+}
+
+impl crate::persist::Persist for FwCfg {
+    const KIND: &'static str = "fw_cfg";
+    const VERSION: u32 = 1;
+    type State = FwCfgStateV1;
+
+    fn save(&self) -> FwCfgStateV1 {
+        FwCfgStateV1 {
+            selector: self.selector,
+            offset: self.offset as u64,
+            dma_high: self.dma_high,
+        }
+    }
+
+    fn restore(
+        &mut self,
+        _version: u32,
+        s: FwCfgStateV1,
+    ) -> Result<(), crate::persist::PersistError> {
+        // Any position is harmless (past an item's end reads zeros), but
+        // one past 4 GiB was never written by Abide: items are smaller.
+        self.offset = usize::try_from(s.offset)
+            .ok()
+            .filter(|o| (*o as u64) <= u64::from(u32::MAX) + 1)
+            .ok_or_else(|| crate::persist::PersistError::Invalid {
+                device: Self::KIND,
+                reason: format!("read position {} is past any item", s.offset),
+            })?;
+        self.selector = s.selector;
+        self.dma_high = s.dma_high;
+        Ok(())
+    }
+}
+
 /// The selector and data ports.
 #[derive(Debug)]
 pub struct FwCfgIo(pub Arc<Mutex<FwCfg>>);
@@ -327,6 +372,38 @@ mod tests {
         assert_eq!(read_item(&mut io, 0x20, 5), [1, 2, 3, 0, 0]);
         // An unknown key reads as zeros.
         assert_eq!(read_item(&mut io, 0x1234, 2), [0, 0]);
+    }
+
+    #[test]
+    fn registers_survive_a_snapshot_and_bad_state_is_refused() {
+        use crate::persist::Persist;
+        let d = dev(None);
+        let mut io = FwCfgIo(d.clone());
+        io.write(0, &0x20u16.to_le_bytes());
+        let mut b = [0u8; 1];
+        io.read(1, &mut b);
+        assert_eq!(b, [1]);
+        FwCfgDma(d.clone()).write(0, &7u32.to_be_bytes());
+        let (v, bytes) = d.lock().expect("lock").save_section();
+        // A new device (as a restore builds it) goes on where this one was.
+        let e = dev(None);
+        e.lock()
+            .expect("lock")
+            .restore_section(v, &bytes)
+            .expect("restore");
+        let mut io = FwCfgIo(e.clone());
+        io.read(1, &mut b);
+        assert_eq!(b, [2], "the second byte of etc/e820");
+        assert_eq!(e.lock().expect("lock").dma_high, 7);
+        let mut bad = e.lock().expect("lock").save();
+        bad.offset = u64::MAX;
+        let bytes = serde_json::to_vec(&bad).expect("json");
+        let err = e
+            .lock()
+            .expect("lock")
+            .restore_section(1, &bytes)
+            .expect_err("an offset past any item");
+        assert!(err.to_string().contains("past any item"), "{err}");
     }
 
     #[test]

@@ -33,6 +33,11 @@ pub trait PciFunction: Send {
         let _ = image;
         Err("this PCI function has no ROM slot".into())
     }
+    /// Guest read of configuration space: what [`PciConfig::read`] holds,
+    /// unless the function answers some bytes itself (a window onto a BAR).
+    fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        self.config().read(offset, data);
+    }
     /// Called after the guest wrote `len` bytes at config `offset`, so the
     /// function can react (e.g. MSI-X enable and mask).
     fn config_written(&mut self, _offset: usize, _len: usize) {}
@@ -199,8 +204,7 @@ impl PciRoot {
                 .function
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .config()
-                .read(addr.offset, data),
+                .config_read(addr.offset, data),
             None => data.fill(0xff),
         }
     }

@@ -30,6 +30,9 @@ const CAP_COMMON: u8 = 1;
 const CAP_NOTIFY: u8 = 2;
 const CAP_ISR: u8 = 3;
 const CAP_DEVICE: u8 = 4;
+const CAP_PCI_CFG: u8 = 5;
+/// `pci_cfg_data` within the `VIRTIO_PCI_CAP_PCI_CFG` capability.
+const PCI_CFG_DATA: usize = 16;
 const ISR_QUEUE: u8 = 1;
 const ISR_CONFIG: u8 = 2;
 /// Length of the common configuration this transport implements: the
@@ -162,6 +165,8 @@ pub struct VirtioPci {
     active: bool,
     rom: Option<Vec<u8>>,
     msix_cap: usize,
+    /// Offset of the `VIRTIO_PCI_CAP_PCI_CFG` capability (0: none).
+    pci_cfg_cap: usize,
     notify: Option<Arc<dyn NotifyRegistrar>>,
     /// BAR 0 base at which the kick eventfds are registered.
     notify_base: Option<u64>,
@@ -317,6 +322,16 @@ impl VirtioPci {
                 }
             }
         }
+        // The driver writes `bar`, `offset` and `length`, then reads or
+        // writes `pci_cfg_data` (virtio 1.x, 4.1.4.7).
+        let pci_cfg_cap = if l.pci_cfg_window {
+            config.add_capability(
+                &vendor_cap(CAP_PCI_CFG, 0, 0, Some(0)),
+                &[0, 0xff, u32::MAX, u32::MAX, u32::MAX],
+            )?
+        } else {
+            0
+        };
         let rom = match p.rom {
             Some((slot, image)) => {
                 if image.len() as u64 > slot {
@@ -361,6 +376,7 @@ impl VirtioPci {
             active: false,
             rom,
             msix_cap,
+            pci_cfg_cap,
             notify: p.notify,
             notify_base: None,
             paused: false,
@@ -730,6 +746,31 @@ impl VirtioPci {
         }
     }
 
+    /// The BAR 0 access the `VIRTIO_PCI_CAP_PCI_CFG` window stands for
+    /// now: its offset and length, when the capability exists and names
+    /// BAR 0 with a naturally aligned 1-, 2- or 4-byte access inside it.
+    fn window_access(&self) -> Option<(u64, usize)> {
+        if self.pci_cfg_cap == 0 {
+            return None;
+        }
+        let at = |o: usize| {
+            let mut b = [0u8; 4];
+            self.config.read(self.pci_cfg_cap + o, &mut b);
+            u32::from_le_bytes(b)
+        };
+        let (bar, offset, length) = (at(4) & 0xff, at(8), at(12));
+        let fits = matches!(length, 1 | 2 | 4)
+            && offset % length == 0
+            && u64::from(offset) + u64::from(length) <= self.layout.bar_size;
+        (bar == 0 && fits).then_some((u64::from(offset), length as usize))
+    }
+
+    /// Whether config bytes `offset..offset + len` touch `pci_cfg_data`.
+    fn touches_window_data(&self, offset: usize, len: usize) -> bool {
+        let data = self.pci_cfg_cap + PCI_CFG_DATA;
+        self.pci_cfg_cap != 0 && offset < data + 4 && offset + len > data
+    }
+
     fn region(&self, offset: u64) -> Option<(Region, u64)> {
         let l = &self.layout;
         let nq = self.queues.len() as u64;
@@ -1044,7 +1085,36 @@ impl PciFunction for VirtioPci {
         &mut self.config
     }
 
+    fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        self.config.read(offset, data);
+        if !self.touches_window_data(offset, data.len()) {
+            return;
+        }
+        // `pci_cfg_data` reads BAR 0 through the window; bytes past the
+        // access's length read as zero.
+        let mut window = [0u8; 4];
+        if let Some((at, len)) = self.window_access() {
+            self.bar_read(0, at, &mut window[..len]);
+        }
+        let data_at = self.pci_cfg_cap + PCI_CFG_DATA;
+        for (i, d) in data.iter_mut().enumerate() {
+            if let Some(w) = (offset + i)
+                .checked_sub(data_at)
+                .and_then(|j| window.get(j))
+            {
+                *d = *w;
+            }
+        }
+    }
+
     fn config_written(&mut self, offset: usize, len: usize) {
+        if self.touches_window_data(offset, len) {
+            if let Some((at, n)) = self.window_access() {
+                let mut b = [0u8; 4];
+                self.config.read(self.pci_cfg_cap + PCI_CFG_DATA, &mut b);
+                self.bar_write(0, at, &b[..n]);
+            }
+        }
         // Message control is the upper half of the capability's first dword.
         let ctrl = self.msix_cap + 2;
         if offset < ctrl + 2 && offset + len > ctrl {
@@ -1447,6 +1517,56 @@ mod tests {
         assert_eq!(ids.len(), 5);
         assert_eq!(&ids[..4], &[(9, 1), (9, 2), (9, 3), (9, 4)]);
         assert_eq!(ids[4].0, 0x11);
+    }
+
+    #[test]
+    fn the_pci_cfg_window_reaches_bar_0_from_config_space() {
+        let mut d = built_with(|p| p.layout.pci_cfg_window = true).expect("built");
+        // The window ends the list, after MSI-X; without it, no such cap.
+        let ids = cap_list(&d);
+        assert_eq!(ids.len(), 6);
+        assert_eq!(ids[5], (9, 5));
+        assert!(!cap_list(&device().0).contains(&(9, 5)));
+        let cap = d.pci_cfg_cap;
+        let mut len = [0u8; 1];
+        d.config_read(cap + 2, &mut len);
+        assert_eq!(len[0], 20);
+        let cfg_w = |d: &mut VirtioPci, off: usize, v: u32, n: usize| {
+            d.config_mut().write(off, &v.to_le_bytes()[..n]);
+            d.config_written(off, n);
+        };
+        let cfg_r = |d: &mut VirtioPci, off: usize, n: usize| {
+            let mut b = [0u8; 4];
+            d.config_read(off, &mut b[..n]);
+            u32::from_le_bytes(b)
+        };
+        let data = cap + PCI_CFG_DATA;
+        // Aim at the common configuration's num_queues (0x12, 2 bytes).
+        cfg_w(&mut d, cap + 4, 0, 1);
+        cfg_w(&mut d, cap + 8, 0x12, 4);
+        cfg_w(&mut d, cap + 12, 2, 4);
+        assert_eq!(cfg_r(&mut d, data, 4), r(&mut d, 0x12, 2) as u32);
+        assert_ne!(cfg_r(&mut d, data, 2), 0);
+        // A write through the window lands: device_status (0x14, 1 byte).
+        cfg_w(&mut d, cap + 8, 0x14, 4);
+        cfg_w(&mut d, cap + 12, 1, 4);
+        cfg_w(&mut d, data, u32::from(status::ACKNOWLEDGE), 1);
+        assert_eq!(r(&mut d, 0x14, 1), u64::from(status::ACKNOWLEDGE));
+        assert_eq!(cfg_r(&mut d, data, 1), u32::from(status::ACKNOWLEDGE));
+        // Misaligned, oversized, past the BAR or another BAR: no access.
+        for (bar, off, n) in [(0, 0x13, 2), (0, 0x14, 3), (0, 0x10_0000, 4), (1, 0x14, 1)] {
+            cfg_w(&mut d, cap + 4, bar, 1);
+            cfg_w(&mut d, cap + 8, off, 4);
+            cfg_w(&mut d, cap + 12, n, 4);
+            assert_eq!(
+                d.window_access(),
+                None,
+                "bar {bar} offset {off:#x} length {n}"
+            );
+            assert_eq!(cfg_r(&mut d, data, 4), 0);
+            cfg_w(&mut d, data, 0, 1);
+        }
+        assert_eq!(r(&mut d, 0x14, 1), u64::from(status::ACKNOWLEDGE));
     }
 
     /// Builds the Dummy behind a transport whose parameters `edit` changed.

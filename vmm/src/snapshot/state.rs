@@ -64,6 +64,9 @@ pub trait SectionSource {
 /// Most sections a migration stream may deliver: a VM has a few per vCPU
 /// and per PCI function (names like `vcpu.N` are open-ended, so the count
 /// needs its own bound).
+/// The section of a firmware guest's fw_cfg registers.
+const FW_CFG_SECTION: &str = "device.fw_cfg";
+
 pub const MAX_SECTIONS: usize = 4096;
 /// Most bytes of state sections a migration stream may deliver in all
 /// (each frame is bounded on its own; this bounds their sum). The state of
@@ -210,6 +213,9 @@ pub fn plan(vm: &Vm) -> Vec<Planned> {
     out.push(legacy(&vm.legacy.i8042));
     out.push(legacy(&vm.legacy.rtc));
     out.push(legacy(&vm.legacy.pm));
+    if let Some(f) = &vm.fw_cfg {
+        out.push(legacy(f));
+    }
     let root = vm.pci.root.lock().unwrap_or_else(|e| e.into_inner());
     for slot in root.slots() {
         let Some(f) = root.function(slot) else {
@@ -312,7 +318,10 @@ pub fn collect(vm: &Vm, vcpus: &Vcpus) -> Result<Vec<StateSection>, Error> {
         legacy(&vm.legacy.i8042),
         legacy(&vm.legacy.rtc),
         legacy(&vm.legacy.pm),
-    ] {
+    ]
+    .into_iter()
+    .chain(vm.fw_cfg.as_deref().map(legacy))
+    {
         push(name, v, bytes);
     }
     let root = vm.pci.root.lock().unwrap_or_else(|e| e.into_inner());
@@ -409,6 +418,13 @@ pub fn load_timed(
     legacy(src, &vm.legacy.i8042, &mut claimed)?;
     legacy(src, &vm.legacy.rtc, &mut claimed)?;
     legacy(src, &vm.legacy.pm, &mut claimed)?;
+    // fw_cfg's registers: saved since firmware guests could be saved but
+    // one step later, so a stream without them restores its reset state.
+    if let Some(f) = &vm.fw_cfg {
+        if src.names().iter().any(|n| n == FW_CFG_SECTION) {
+            legacy(src, f, &mut claimed)?;
+        }
+    }
     let mut roms = saved_roms(src)?;
     if let Some(image) = roms.remove(&RomKey::Firmware) {
         // Serve the saved image (a migration built the VM before the
