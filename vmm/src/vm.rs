@@ -58,6 +58,8 @@ pub struct Vm {
     /// The firmware image's read-only mapping (`--firmware`), kept alive
     /// for as long as KVM maps it.
     _firmware: Option<crate::firmware::FirmwareRegion>,
+    /// vCPU threads started ahead of [`Vm::start`] ([`Vm::start_threads_early`]).
+    early_threads: Vec<vcpu::WaitingThread>,
     /// The fw_cfg device of a `--firmware` guest.
     pub(crate) fw_cfg: Option<Arc<Mutex<abide_devices::legacy::fw_cfg::FwCfg>>>,
 }
@@ -345,7 +347,22 @@ impl Vm {
             net_slots,
             _firmware: firmware_region,
             fw_cfg,
+            early_threads: Vec::new(),
         })
+    }
+
+    /// Starts the vCPU threads now, waiting for their vCPUs, so that
+    /// [`Vm::start`] only hands the vCPUs over (an incoming migration
+    /// calls this while memory arrives: thread creation stays out of the
+    /// guest's downtime).
+    pub(crate) fn start_threads_early(&mut self) -> Result<(), Error> {
+        for v in &self.vcpus {
+            if self.early_threads.iter().all(|t| t.index() != v.index) {
+                let t = vcpu::WaitingThread::start(v.index).map_err(Error::Thread)?;
+                self.early_threads.push(t);
+            }
+        }
+        Ok(())
     }
 
     /// Serves `image` as the firmware image from now on (a restored or
@@ -449,10 +466,11 @@ impl Vm {
         }
         let (tx, rx) = mpsc::channel();
         let vcpus = std::mem::take(&mut self.vcpus);
+        let early = std::mem::take(&mut self.early_threads);
         let vcpus = if paused {
-            Vcpus::start_paused(vcpus, self.exit.clone(), tx)
+            Vcpus::start_paused(vcpus, self.exit.clone(), tx, early)
         } else {
-            Vcpus::start(vcpus, self.exit.clone(), tx)
+            Vcpus::start(vcpus, self.exit.clone(), tx, early)
         }
         .map_err(Error::Thread)?;
         Ok(Started {

@@ -208,8 +208,9 @@ impl Vcpus {
         vcpus: Vec<Vcpu>,
         exit: ExitSignal,
         errors: mpsc::Sender<VcpuError>,
+        early: Vec<WaitingThread>,
     ) -> std::io::Result<Self> {
-        Self::spawn_all(vcpus, exit, errors, false)
+        Self::spawn_all(vcpus, exit, errors, false, early)
     }
 
     /// Like [`Vcpus::start`], but every thread parks before its first
@@ -218,8 +219,9 @@ impl Vcpus {
         vcpus: Vec<Vcpu>,
         exit: ExitSignal,
         errors: mpsc::Sender<VcpuError>,
+        early: Vec<WaitingThread>,
     ) -> std::io::Result<Self> {
-        let mut me = Self::spawn_all(vcpus, exit, errors, true)?;
+        let mut me = Self::spawn_all(vcpus, exit, errors, true, early)?;
         let mut waiting: Vec<u32> = me.threads.iter().map(|t| t.index).collect();
         let start = Instant::now();
         while !waiting.is_empty() {
@@ -243,6 +245,7 @@ impl Vcpus {
         exit: ExitSignal,
         errors: mpsc::Sender<VcpuError>,
         paused: bool,
+        mut early: Vec<WaitingThread>,
     ) -> std::io::Result<Self> {
         let (acked, acks) = mpsc::channel();
         let ctl = RunControl {
@@ -259,7 +262,13 @@ impl Vcpus {
             paused: false,
         };
         for v in vcpus {
-            match v.spawn(me.ctl.clone()) {
+            // A thread started early for this vCPU takes it; otherwise
+            // one starts now.
+            let thread = match early.iter().position(|t| t.index == v.index) {
+                Some(i) => Ok(early.swap_remove(i)),
+                None => WaitingThread::start(v.index),
+            };
+            match thread.and_then(|t| t.take(v, me.ctl.clone())) {
                 Ok(t) => me.threads.push(t),
                 Err(e) => {
                     me.stop();
@@ -389,30 +398,76 @@ fn install_kick_handler() {
     });
 }
 
-impl Vcpu {
-    /// Starts the vCPU on its own thread.
-    fn spawn(self, ctl: RunControl) -> std::io::Result<VcpuThread> {
+/// A vCPU's thread, started (and confined) before the vCPU is handed to
+/// it. Every vCPU thread begins so; an incoming migration starts them
+/// while memory arrives, to keep their start out of the guest's downtime.
+/// Dropped without a vCPU, the thread ends.
+pub struct WaitingThread {
+    index: u32,
+    handle: JoinHandle<()>,
+    commands: mpsc::Sender<VcpuCommand>,
+    hand: mpsc::Sender<(Vcpu, RunControl)>,
+}
+
+impl WaitingThread {
+    /// Starts the thread of vCPU `index`.
+    pub fn start(index: u32) -> std::io::Result<Self> {
         install_kick_handler();
-        let index = self.index;
         let (commands, rx) = mpsc::channel();
+        let (hand, handed) = mpsc::channel::<(Vcpu, RunControl)>();
         let handle = std::thread::Builder::new()
-            .name(format!("vcpu{}", self.index))
+            .name(format!("vcpu{index}"))
             .spawn(move || {
                 crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu);
-                let mut me = self;
+                let Ok((mut me, ctl)) = handed.recv() else {
+                    return;
+                };
                 if let Err(e) = me.run_loop(&ctl, &rx) {
                     let _ = ctl.errors.send(e);
                     // Wake the VMM; the error is on the channel.
                     let _ = ctl.exit.eventfd().write(1);
                 }
             })?;
-        Ok(VcpuThread {
+        Ok(Self {
             index,
             handle,
             commands,
+            hand,
         })
     }
 
+    /// The vCPU index this thread is for.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Hands `vcpu` (of this thread's index) to the thread, which runs it
+    /// under `ctl`.
+    fn take(self, vcpu: Vcpu, ctl: RunControl) -> std::io::Result<VcpuThread> {
+        debug_assert_eq!(vcpu.index, self.index);
+        self.hand.send((vcpu, ctl)).map_err(|_| {
+            std::io::Error::other(format!(
+                "the thread of vCPU {} ended before its vCPU was ready",
+                self.index
+            ))
+        })?;
+        Ok(VcpuThread {
+            index: self.index,
+            handle: self.handle,
+            commands: self.commands,
+        })
+    }
+}
+
+impl std::fmt::Debug for WaitingThread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WaitingThread")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vcpu {
     /// Parks the thread until told to resume. Returns false to leave.
     fn park(&mut self, ctl: &RunControl, commands: &mpsc::Receiver<VcpuCommand>) -> bool {
         // Complete any port or MMIO access KVM is waiting on: with
