@@ -455,6 +455,27 @@ impl Vm {
     /// [`Vm::resume`]; otherwise the guest runs (a restored VM's devices
     /// are resumed first).
     pub(crate) fn start(&mut self, paused: bool) -> Result<Started, Error> {
+        let started = self.launch(paused)?;
+        if paused {
+            started
+                .vcpus
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .await_parked()
+                .map_err(Error::Thread)?;
+        }
+        Ok(started)
+    }
+
+    /// Like `start(true)`, but returns while the vCPU threads are still
+    /// taking their vCPUs and parking (an incoming migration answers
+    /// *ready* meanwhile); `Vcpus::await_parked` must follow before the
+    /// guest is resumed.
+    pub(crate) fn start_parking(&mut self) -> Result<Started, Error> {
+        self.launch(true)
+    }
+
+    fn launch(&mut self, paused: bool) -> Result<Started, Error> {
         let console = self
             .serial_is_console
             .then(|| console::attach_stdin(self.legacy.serial.clone()));
@@ -468,7 +489,7 @@ impl Vm {
         let vcpus = std::mem::take(&mut self.vcpus);
         let early = std::mem::take(&mut self.early_threads);
         let vcpus = if paused {
-            Vcpus::start_paused(vcpus, self.exit.clone(), tx, early)
+            Vcpus::start_parking(vcpus, self.exit.clone(), tx, early)
         } else {
             Vcpus::start(vcpus, self.exit.clone(), tx, early)
         }

@@ -131,10 +131,11 @@ pub fn receive(
     let early_threads_ms = crate::api::ms(t);
     let mut report = take(&mut conn, &mut vm, &header, status)?;
     report.phases["early_threads_ms"] = json!(early_threads_ms);
-    // The vCPU threads take their vCPUs now and park, with their state
-    // loaded: after *commit* the guest only has to be let go.
+    // The vCPU threads take their vCPUs now, with their state loaded, and
+    // park while *ready* goes out: after *commit* the guest only has to
+    // be let go.
     let t = Instant::now();
-    let started = match vm.start(true) {
+    let started = match vm.start_parking() {
         Ok(s) => s,
         Err(e) => return Err(tell(&mut conn, wire::ERROR, e.into())),
     };
@@ -147,10 +148,13 @@ pub fn receive(
             return Err(e);
         }
     };
-    // Committed: the guest is this side's to run.
+    // Committed: the guest is this side's to run, once every vCPU thread
+    // parked (long done, normally).
     let resumed = {
         let mut v = started.vcpus.lock().unwrap_or_else(|e| e.into_inner());
-        vm.resume(&mut v)
+        v.await_parked()
+            .map_err(crate::Error::Thread)
+            .and_then(|()| vm.resume(&mut v))
     };
     if let Err(e) = resumed {
         // The source stays paused (it learns why): the operator decides.

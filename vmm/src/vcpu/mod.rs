@@ -221,23 +221,45 @@ impl Vcpus {
         errors: mpsc::Sender<VcpuError>,
         early: Vec<WaitingThread>,
     ) -> std::io::Result<Self> {
-        let mut me = Self::spawn_all(vcpus, exit, errors, true, early)?;
-        let mut waiting: Vec<u32> = me.threads.iter().map(|t| t.index).collect();
+        let mut me = Self::start_parking(vcpus, exit, errors, early)?;
+        me.await_parked()?;
+        Ok(me)
+    }
+
+    /// Like [`Vcpus::start_paused`], without waiting: the threads take
+    /// their vCPUs and park on their own while the caller goes on;
+    /// [`Vcpus::await_parked`] must follow before [`Vcpus::resume`].
+    pub fn start_parking(
+        vcpus: Vec<Vcpu>,
+        exit: ExitSignal,
+        errors: mpsc::Sender<VcpuError>,
+        early: Vec<WaitingThread>,
+    ) -> std::io::Result<Self> {
+        Self::spawn_all(vcpus, exit, errors, true, early)
+    }
+
+    /// Waits until every thread of [`Vcpus::start_parking`] parked. A
+    /// thread that does not is an error, and every thread is stopped.
+    pub fn await_parked(&mut self) -> std::io::Result<()> {
+        if self.paused {
+            return Ok(());
+        }
+        let mut waiting: Vec<u32> = self.threads.iter().map(|t| t.index).collect();
         let start = Instant::now();
         while !waiting.is_empty() {
-            if let Ok(i) = me.acks.recv_timeout(Duration::from_millis(10)) {
+            if let Ok(i) = self.acks.recv_timeout(Duration::from_millis(10)) {
                 waiting.retain(|w| *w != i);
             } else if start.elapsed() > PAUSE_TIMEOUT
-                || me.threads.iter().any(|t| t.handle.is_finished())
+                || self.threads.iter().any(|t| t.handle.is_finished())
             {
-                me.stop();
+                self.stop_all();
                 return Err(std::io::Error::other(
                     "a vCPU thread did not reach its pause",
                 ));
             }
         }
-        me.paused = true;
-        Ok(me)
+        self.paused = true;
+        Ok(())
     }
 
     fn spawn_all(
