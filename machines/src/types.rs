@@ -43,8 +43,8 @@ pub fn pc_3_0() -> MachineDescription {
     m.name = "pc-3.0".to_string();
     m.pci.mmio32_base = 0xf000_0000;
     m.pci.mmio32_size = 0x0ec0_0000;
-    // SeaBIOS places 64-bit BARs above 4 GiB, out of a 32-bit iPXE's
-    // reach: the window in config space lets it drive virtio-net anyway.
+    // iPXE's virtio-net driver refuses a device without the config-space
+    // window onto BAR 0 (network boot through firmware needs it).
     m.virtio.layout.pci_cfg_window = true;
     m
 }

@@ -132,10 +132,10 @@ pub struct VirtioBarLayout {
     /// kind once). Queue `i` notifies at `notify + i * notify_multiplier`.
     pub cap_order: [VirtioCap; 5],
     /// Whether a `VIRTIO_PCI_CAP_PCI_CFG` capability ends the list: a
-    /// window in configuration space onto BAR 0, for firmware that cannot
-    /// reach the BAR itself (a 32-bit iPXE when SeaBIOS places the 64-bit
-    /// BAR above 4 GiB). Added with pc-3.0: absent means none (older
-    /// manifests and machine types).
+    /// window in configuration space onto BAR 0, which the virtio
+    /// specification asks of every device and iPXE's virtio-net driver
+    /// requires. Added with pc-3.0: absent means none (older manifests
+    /// and machine types).
     #[serde(default, skip_serializing_if = "is_false")]
     pub pci_cfg_window: bool,
 }

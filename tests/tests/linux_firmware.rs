@@ -82,9 +82,8 @@ run_case kernel 300 'abide-linux: poweroff' --machine pc --cpus 2 --memory 512M 
     --cmdline 'console=ttyS0 abide.test=basic'
 # Network boot, the seed's scenario: iPXE from the NIC's ROM BAR gets an
 # address and a script from dnsmasq (DHCP and TFTP) on the tap's host end,
-# fetches the kernel and the initramfs over TFTP and boots them. On pc-3.0
-# iPXE reaches the 64-bit BAR that SeaBIOS places above 4 GiB through the
-# VIRTIO_PCI_CAP_PCI_CFG window.
+# fetches the kernel and the initramfs over TFTP and boots them. iPXE's
+# virtio-net driver needs pc-3.0's VIRTIO_PCI_CAP_PCI_CFG capability.
 N=$T/tftp
 mkdir -p "$N" && cp "$KERNEL" "$N/vmlinuz" && cp "$INITRD" "$N/initrd.img" &&
 printf '#!ipxe\nkernel vmlinuz console=ttyS0 abide.test=basic\ninitrd initrd.img\nboot\n' > "$N/boot.ipxe" &&
