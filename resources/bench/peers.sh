@@ -25,11 +25,14 @@
 # Toolchain. `cargo +stable`, whatever rust-toolchain file the peer pins
 # (Firecracker pins a channel; Cloud Hypervisor only has a rust-version).
 # Firecracker is built for x86_64-unknown-linux-musl, its release target,
-# when rustup has that target and a musl C compiler (musl-gcc, Debian's
-# musl-tools; aws-lc-sys compiles C) is installed; otherwise for
-# x86_64-unknown-linux-gnu, for which Firecracker's build falls back to an
-# empty default seccomp filter (its build.rs has filters for musl only):
-# the .version file and the benchmark notes say which.
+# when rustup has that target and a musl C compiler is installed (musl-gcc,
+# Debian's musl-tools: aws-lc-sys compiles C; the kernel UAPI headers of
+# linux-libc-dev are put after musl's); otherwise for the host's gnu target,
+# for which Firecracker's build falls back to an empty default seccomp
+# filter (its build.rs has filters for musl only): the .version file says
+# which. Either way Firecracker needs libclang for bindgen (userfaultfd-sys;
+# Debian 12: libclang1-14 and libclang-common-14-dev) and libseccomp's
+# development library (its build script links -lseccomp; libseccomp-dev).
 # Release profiles are the peers' own ([profile.release] in their Cargo.toml).
 #
 # Usage: resources/bench/peers.sh [--only cloud-hypervisor|firecracker]
@@ -117,7 +120,7 @@ export_tree() { # SRC REF DEST
 build_peer() { # NAME SHORT SRC REF TARGET CARGO-ARGS...
     local name=$1 short=$2 src=$3 ref=$4 target=$5
     shift 5
-    local out="$cache/bin/$name" commit tree log want bin target_args=()
+    local out="$cache/bin/$name" commit tree log want bin target_args=() cc_env=() hdrs
     [[ -n $src ]] || die "$name: no source given (see --help for CLOUD_HYPERVISOR_SRC / FIRECRACKER_SRC)"
     commit=$(git -C "$src" rev-parse --verify --quiet "$ref^{commit}") ||
         die "$src has no tag or commit '$ref' (git -C $src tag lists its tags)"
@@ -140,9 +143,20 @@ build_peer() { # NAME SHORT SRC REF TARGET CARGO-ARGS...
         target_args=(--target "$target")
         bin="$cache/build/$short/$target/release/$name"
     fi
+    if [[ $target == *-linux-musl ]]; then
+        # musl-gcc sees musl's headers only; C code in the crates (e.g.
+        # userfaultfd-sys) also includes the kernel's UAPI headers, which
+        # come after musl's, as in Firecracker's own build container.
+        hdrs="$cache/musl-kernel-headers"
+        mkdir -p "$hdrs"
+        ln -sfn /usr/include/linux "$hdrs/linux"
+        ln -sfn "/usr/include/${host_target%%-*}-linux-gnu/asm" "$hdrs/asm"
+        ln -sfn /usr/include/asm-generic "$hdrs/asm-generic"
+        cc_env=("CFLAGS_${target//-/_}=-idirafter $hdrs")
+    fi
     say "$name: building (cargo build $*; log: $log); this takes a while on 2 cores"
     if ! (cd "$tree" && env "${git_env[@]}" nice -n 10 cargo +stable fetch --locked &&
-          env "${git_env[@]}" nice -n 10 cargo +stable build --locked --release "${target_args[@]}" \
+          env "${git_env[@]}" "${cc_env[@]}" nice -n 10 cargo +stable build --locked --release "${target_args[@]}" \
               --target-dir "$cache/build/$short" "$@") > "$log" 2>&1; then
         tail -n 30 "$log" >&2
         die "$name: build failed (log: $log)"
