@@ -155,6 +155,7 @@ with open(path, "w") as f:
     json.dump({
         "boot-source": {"kernel_image_path": kernel, "initrd_path": initrd, "boot_args": cmdline},
         "machine-config": {"vcpu_count": int(cpus), "mem_size_mib": int(mem)},
+        "drives": [],
     }, f, indent=1)
 EOF
         args+=(:: firecracker "$fc_bin" --no-api --config-file "$fc_config")

@@ -232,7 +232,7 @@ def main():
               f"{max(walls):.3f} | {statistics.median(peaks):.1f} | "
               f"{(statistics.median(over) if over else float('nan')):.1f} | {ex_s} |")
     for name, reason in kill.items():
-        if name in results:
+        if results.get(name):
             print(f"\n{name}: killed right after the marker ({reason}); "
                   "its peak RSS is the peak up to then.")
     return 1 if bad else 0
