@@ -25,7 +25,7 @@ Per run:
             from KVM's debugfs statistics (/sys/kernel/debug/kvm/PID-FD/exits,
             the sum over the VM's vCPUs; also io_exits and mmio_exits) when
             debugfs is mounted and exactly one VM exists then; otherwise
-            not counted.
+            not counted (the table says in how many runs it was).
 
 A run succeeds when the marker was seen and the VMM exited with status 0
 after the guest powered off. Configurations named with --kill-after-marker
@@ -226,6 +226,8 @@ def main():
         if exs:
             med = {k: statistics.median(e[k] for e in exs) for k in EXIT_STATS}
             ex_s = f"{med['exits']:.0f} ({med['io_exits']:.0f} / {med['mmio_exits']:.0f})"
+            if len(exs) < len(rs):
+                ex_s += f", {len(exs)} of {len(rs)} runs counted"
         else:
             ex_s = "not counted"
         print(f"| {name} | {len(rs)}/{a.runs} | {statistics.median(walls):.3f} | {min(walls):.3f} | "
