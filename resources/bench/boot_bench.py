@@ -78,6 +78,9 @@ def guest_ram_rss_kib(pid, mem_kib):
 
 KVM_DEBUGFS = "/sys/kernel/debug/kvm"
 EXIT_STATS = ("exits", "io_exits", "mmio_exits")
+# Printed per run when present, to see where the exits come from.
+EXTRA_STATS = ("halt_exits", "irq_exits", "irq_window_exits", "request_irq_exits",
+               "signal_exits", "insn_emulation", "hypercalls")
 
 
 def kvm_exit_counts():
@@ -92,6 +95,12 @@ def kvm_exit_counts():
                 counts[stat] = int(f.read().strip())
         except (OSError, ValueError):
             return None
+    for stat in EXTRA_STATS:
+        try:
+            with open(os.path.join(vms[0], stat)) as f:
+                counts[stat] = int(f.read().strip())
+        except (OSError, ValueError):
+            pass
     return counts
 
 
@@ -181,7 +190,8 @@ def main():
             if ok:
                 ex = r["exits"]
                 ex_s = ("KVM exits not counted" if ex is None else
-                        f"KVM exits {ex['exits']} (io {ex['io_exits']}, mmio {ex['mmio_exits']})")
+                        f"KVM exits {ex['exits']} (io {ex['io_exits']}, mmio {ex['mmio_exits']}"
+                        + "".join(f", {k} {ex[k]}" for k in EXTRA_STATS if k in ex) + ")")
                 end = "killed" if r["killed"] else "exit"
                 print(f"boot-bench: {name} {tag}: userspace after {r['wall']:.3f} s, "
                       f"{end} after {r['total']:.3f} s, peak RSS {r['peak_kib'] / 1024:.1f} MiB, "

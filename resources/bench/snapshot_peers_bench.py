@@ -29,6 +29,9 @@ timestamped (time.monotonic()) as it is read.
                 from the same spawn to the first complete "progress n=K"
                 line on the new process's console.
   files         allocated size (st_blocks) of the snapshot files, MiB.
+  resumed       the first progress line after the restore is K+1, K being
+                the last complete one before the save (K+2 when the guest
+                was paused in the middle of printing line K+1).
 """
 import argparse
 import json
@@ -51,6 +54,7 @@ class Console:
 
     def __init__(self, stream, log_path):
         self.lines = []
+        self.partial = b""  # an unfinished last line, once the stream ended
         self.cond = threading.Condition()
         self.log = open(log_path, "ab")
         self.t = threading.Thread(target=self._run, args=(stream,), daemon=True)
@@ -72,6 +76,7 @@ class Console:
                     self.lines.append((now, line.replace(b"\r", b"")))
                 self.cond.notify_all()
         with self.cond:
+            self.partial = buf.replace(b"\r", b"")
             self.lines.append((time.monotonic(), None))
             self.cond.notify_all()
 
@@ -204,8 +209,12 @@ class Abide(Vmm):
         deadline = t0 + self.a.timeout
         while time.monotonic() < deadline:
             with open(self.err, "rb") as f:
-                if b"ready_ms=" in f.read():
-                    return time.monotonic()
+                err = f.read()
+            if b"ready_ms=" in err:
+                now = time.monotonic()
+                m = re.search(rb"restore (verify_ms=.*ready_ms=\S+)", err)
+                self.detail = m.group(1).decode(errors="replace") if m else ""
+                return now
             if p.poll() is not None:
                 raise RuntimeError("abide restore exited")
             time.sleep(0.001)
@@ -314,6 +323,10 @@ def one_run(cls, name, a, rnd):
         # The last line the guest printed before it was paused.
         last = max(int(m.group(1)) for _, l in con.lines if l and (m := PROGRESS.search(l)))
         kill(p)
+        con.t.join(timeout=10)
+        # Paused in the middle of "progress n=K": the restored guest first
+        # finishes that line, so its first complete progress line is K+1.
+        midline = bool(con.partial.strip())
         size = alloc_mib(files)
         rcmd, renv = v.restore()
         if renv is None:
@@ -331,8 +344,10 @@ def one_run(cls, name, a, rnd):
         step(name, "running")
         _, t_line, line = rcon.wait_for(lambda l: PROGRESS.search(l) is not None, a.timeout)
         n = int(PROGRESS.search(line).group(1))
-        return {"save_ms": save_s * 1e3, "run_ms": (t_run - t1) * 1e3,
-                "line_ms": (t_line - t1) * 1e3, "file_mib": size, "next": n == last + 1,
+        detail = getattr(v, "detail", "")
+        return {"detail": detail, "save_ms": save_s * 1e3, "run_ms": (t_run - t1) * 1e3,
+                "line_ms": (t_line - t1) * 1e3, "file_mib": size,
+                "next": n == last + 1 or (midline and n == last + 2), "midline": midline,
                 "n": n, "last": last}
     finally:
         kill(p)
@@ -378,7 +393,8 @@ def main():
                 continue
             print(f"snapshot-peers: {name} {tag}: save {r['save_ms']:.0f} ms, "
                   f"restore -> running {r['run_ms']:.0f} ms, -> next line {r['line_ms']:.0f} ms "
-                  f"(n={r['n']} after {r['last']}), files {r['file_mib']:.1f} MiB",
+                  f"(n={r['n']} after {r['last']}{', paused mid-line' if r['midline'] else ''}), files {r['file_mib']:.1f} MiB"
+                  + (f"; {r['detail']}" if r["detail"] else ""),
                   file=sys.stderr, flush=True)
             if not warm:
                 results[name].append(r)
@@ -387,7 +403,7 @@ def main():
           f"{a.runs} runs each (+{a.warmup} warm-up), medians.")
     print()
     print("| VMM | ok runs | save wall (ms) | restore → running (ms) | restore → next progress line (ms) "
-          "| files (MiB allocated) | resumed at n+1 |")
+          "| files (MiB allocated) | resumed at the next line |")
     print("|---|---|---|---|---|---|---|")
     for s in a.skip:
         name, _, reason = s.partition("=")
