@@ -48,8 +48,10 @@ fc_bin=${ABIDE_BENCH_FIRECRACKER:-$repo/.cache/peers/bin/firecracker}
 if ((!inner)); then
     "$repo/resources/linux/build-guest-initramfs.sh" >&2
     export ABIDE_BIN=$abide_bin ABIDE_BENCH_CLOUD_HYPERVISOR=$ch_bin ABIDE_BENCH_FIRECRACKER=$fc_bin
+    # A normal run takes well under a minute per VMM and round; this bounds
+    # a hang of the nested host (seen twice, see docs/benchmarks.md).
     exec "$repo/resources/linux/run-direct-or-nested.sh" \
-        --timeout $(((runs + warmup) * 3 * (step_timeout * 4 + 30) + 300)) -- \
+        --timeout $(((runs + warmup) * 3 * (step_timeout + 60) + 300)) -- \
         "${BASH_SOURCE[0]}" --inner -n "$runs" --warmup "$warmup" --mem "$mem" --fill "$fill" \
         --timeout "$step_timeout"
 fi
