@@ -141,7 +141,25 @@ def one_run(cmd, mem_kib, timeout, log_path, kill_after_marker=False):
                         killed = True
                 else:
                     buf = buf[-len(MARKER):]
-    _, status, ru = os.wait4(p.pid, 0)
+    # Bounded: a VMM stuck in the kernel (seen inside the nested test host)
+    # may not die even on SIGKILL; report it instead of hanging the bench.
+    wait_end = time.monotonic() + (30 if (timed_out or killed) else timeout)
+    while True:
+        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > wait_end:
+            if not timed_out and not killed:
+                p.kill()
+                timed_out = True
+                wait_end = time.monotonic() + 30
+                continue
+            print(f"boot-bench: pid {p.pid} ({cmd[0]}) did not die within 30 s of SIGKILL; "
+                  "abandoning it", file=sys.stderr, flush=True)
+            return {"wall": None, "total": time.monotonic() - t0, "rc": None,
+                    "timed_out": True, "killed": killed, "exits": exits,
+                    "peak_kib": 0, "guest_kib": guest_rss}
+        time.sleep(0.01)
     p.returncode = os.waitstatus_to_exitcode(status)
     return {
         "wall": None if t_marker is None else t_marker - t0,
