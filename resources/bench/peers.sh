@@ -105,7 +105,7 @@ export_tree() { # SRC REF DEST
                sed -n 's/^blob //p')
     while IFS= read -r path; do
         missing+=(":(exclude)$path")
-        say "note: $src lacks the blob of $path at $ref; left out of the build tree"
+        say "note: $src lacks the blob of $path at $ref; left out of the build tree (git archive may still print 'invalid object' for it)"
     done < <(paste <(cut -f1 <<< "$list" | git -C "$src" cat-file --batch-check='%(objectname)') \
                    <(cut -f2- <<< "$list") |
                  awk -F'\t' '$1 ~ / missing$/ { print $2 }')
