@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Boot benchmark: time from VMM start to the guest's first userspace output,
-# and the VMM's memory overhead, for Abide and QEMU (reference), on the same
-# Debian cloud kernel and test initramfs with abide.test=marker.
+# and the VMM's memory overhead, for Abide, its peers Cloud Hypervisor and
+# Firecracker, and QEMU (reference), on the same Debian cloud kernel and
+# test initramfs with abide.test=marker.
 #
 # Configurations (each RUNS times, default 5, round-robin after one warm-up):
 #   abide-bzImage     $ABIDE_BIN run --kernel vmlinuz ... (Linux boot protocol)
@@ -10,6 +11,16 @@
 #                     (SeaBIOS + linuxboot_dma.bin, as QEMU -M pc boots)
 #   qemu-pc-bzImage   qemu -M pc (SeaBIOS) -kernel vmlinuz
 #   qemu-microvm-pvh  qemu -M microvm -kernel vmlinux (PVH)
+#   cloud-hypervisor-pvh  cloud-hypervisor --kernel vmlinux (PVH) --initramfs
+#                     ... --serial tty --console off (its defaults otherwise)
+#   firecracker       firecracker --no-api --config-file (vmlinux, which it
+#                     boots through the PVH note, initrd, serial on stdout).
+#                     Firecracker does not end when the guest powers off
+#                     (no ACPI S5 and no other power-off device; its guests
+#                     stop it by rebooting through the i8042), so its runs
+#                     are killed right after the marker is sampled.
+# The peers are built by resources/bench/peers.sh; their rows say NOT
+# MEASURED when their binaries do not exist.
 # Runs directly when this machine has vmx/svm, otherwise everything happens
 # inside the nested test host (resources/nested/run.sh), where timings are
 # those of KVM nested in QEMU TCG: compare rows with each other, not with
@@ -17,7 +28,9 @@
 #
 # Method: see resources/bench/boot_bench.py (wall = spawn -> marker line on
 # the serial console; peak RSS = ru_maxrss; overhead = peak RSS minus the RSS
-# of the guest-RAM mapping sampled at the marker).
+# of the guest-RAM mapping sampled at the marker; KVM exits up to the marker
+# from KVM's debugfs statistics, which the script mounts inside the nested
+# test host).
 #
 # Usage: resources/bench/boot.sh [-n RUNS] [--warmup N] [--only NAME[,NAME...]]
 #                                [--run-timeout SECS (per boot, default 60)]
@@ -27,6 +40,10 @@
 #                       its rows say NOT MEASURED when it does not exist
 #   ABIDE_BENCH_CMDLINE guest command line
 #                       (default "console=ttyS0 quiet abide.test=marker")
+#   ABIDE_BENCH_CLOUD_HYPERVISOR  cloud-hypervisor binary
+#                       (default <repo>/.cache/peers/bin/cloud-hypervisor)
+#   ABIDE_BENCH_FIRECRACKER       firecracker binary
+#                       (default <repo>/.cache/peers/bin/firecracker)
 set -euo pipefail
 
 die() { printf 'boot-bench: error: %s\n' "$*" >&2; exit 1; }
@@ -52,14 +69,20 @@ done
 
 abide_bin=${ABIDE_BIN:-$repo/target/release/abide}
 [[ $abide_bin == /* ]] || abide_bin="$repo/$abide_bin"
+ch_bin=${ABIDE_BENCH_CLOUD_HYPERVISOR:-$repo/.cache/peers/bin/cloud-hypervisor}
+fc_bin=${ABIDE_BENCH_FIRECRACKER:-$repo/.cache/peers/bin/firecracker}
+[[ $ch_bin == /* ]] || ch_bin="$repo/$ch_bin"
+[[ $fc_bin == /* ]] || fc_bin="$repo/$fc_bin"
 
 if ((!inner)); then
     # Build outside: writes inside the nested host are discarded.
     "$repo/resources/linux/build-guest-initramfs.sh" >&2
-    export ABIDE_BIN=$abide_bin
-    # Worst case: every boot of every configuration hits the per-run timeout.
+    # ABIDE_* variables reach the nested test host; the binaries are files
+    # of this machine, which it sees at the same paths.
+    export ABIDE_BIN=$abide_bin ABIDE_BENCH_CLOUD_HYPERVISOR=$ch_bin ABIDE_BENCH_FIRECRACKER=$fc_bin
+    # Worst case: every boot of every configuration (7) hits the per-run timeout.
     exec "$repo/resources/linux/run-direct-or-nested.sh" \
-        --timeout $(((runs + warmup) * 4 * (run_timeout + 5) + 300)) -- \
+        --timeout $(((runs + warmup) * 7 * (run_timeout + 5) + 300)) -- \
         "${BASH_SOURCE[0]}" --inner -n "$runs" --warmup "$warmup" --run-timeout "$run_timeout" \
         ${only:+--only "$only"}
 fi
@@ -110,6 +133,44 @@ if selected qemu-microvm-pvh; then
            -kernel "$vmlinux" -initrd "$initrd" -append "$cmdline"
            -nodefaults -no-user-config -nographic -serial stdio -no-reboot)
 fi
+if selected cloud-hypervisor-pvh; then
+    if [[ -x $ch_bin ]]; then
+        # Its defaults otherwise (virtio-pci; a virtio-rng device).
+        args+=(:: cloud-hypervisor-pvh "$ch_bin" --kernel "$vmlinux" --initramfs "$initrd"
+               --cmdline "$cmdline" --cpus "boot=$cpus" --memory "size=${mem}M"
+               --serial tty --console off)
+    else
+        echo "boot-bench: NOT MEASURED: $ch_bin missing (resources/bench/peers.sh builds it) -> skipping cloud-hypervisor-pvh" >&2
+        skips+=(--skip "cloud-hypervisor-pvh=binary missing ($ch_bin; resources/bench/peers.sh builds it)")
+    fi
+fi
+kills=()
+if selected firecracker; then
+    if [[ -x $fc_bin ]]; then
+        fc_config=${TMPDIR:-/tmp}/boot-bench-firecracker.json
+        python3 - "$fc_config" "$vmlinux" "$initrd" "$cmdline" "$cpus" "$mem" <<'EOF'
+import json, sys
+path, kernel, initrd, cmdline, cpus, mem = sys.argv[1:]
+with open(path, "w") as f:
+    json.dump({
+        "boot-source": {"kernel_image_path": kernel, "initrd_path": initrd, "boot_args": cmdline},
+        "machine-config": {"vcpu_count": int(cpus), "mem_size_mib": int(mem)},
+        "drives": [],
+    }, f, indent=1)
+EOF
+        args+=(:: firecracker "$fc_bin" --no-api --config-file "$fc_config")
+        kills+=(--kill-after-marker "firecracker=it does not exit when the guest powers off")
+    else
+        echo "boot-bench: NOT MEASURED: $fc_bin missing (resources/bench/peers.sh builds it) -> skipping firecracker" >&2
+        skips+=(--skip "firecracker=binary missing ($fc_bin; resources/bench/peers.sh builds it)")
+    fi
+fi
+# KVM's per-VM exit counters (boot_bench.py reads them at the marker). Only
+# mounted inside the nested test host, which is thrown away afterwards.
+if [[ -n ${ABIDE_NESTED:-} && ! -d /sys/kernel/debug/kvm ]]; then
+    mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null ||
+        echo "boot-bench: cannot mount debugfs: KVM exits not counted" >&2
+fi
 if [[ -r /proc/cpuinfo ]] && grep -qw -e vmx -e svm /proc/cpuinfo && [[ -n ${ABIDE_NESTED:-} ]]; then
     where="inside the nested test host (KVM on emulated AMD-V in QEMU TCG)"
 else
@@ -118,4 +179,4 @@ fi
 echo "boot-bench: $where; kernel $(cat "$g/release" 2>/dev/null || echo '?'); cmdline: $cmdline" >&2
 python3 "$script_dir/boot_bench.py" --runs "$runs" --warmup "$warmup" --mem-mib "$mem" \
     --timeout "$run_timeout" \
-    "${skips[@]}" "${args[@]}"
+    "${skips[@]}" "${kills[@]}" "${args[@]}"
