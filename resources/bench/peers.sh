@@ -65,6 +65,20 @@ while (($#)); do
 done
 case $only in ''|cloud-hypervisor|firecracker) ;; *) die "--only: cloud-hypervisor or firecracker, not '$only'" ;; esac
 
+# The build's own Debian packages (see above), installed when missing, and
+# the musl target for Firecracker's release build.
+apt_missing=()
+for pkg in musl-tools libclang1-14 libclang-common-14-dev libseccomp-dev; do
+    dpkg -s "$pkg" 2>/dev/null | grep -q '^Status: install ok installed' || apt_missing+=("$pkg")
+done
+if ((${#apt_missing[@]})); then
+    say "installing ${apt_missing[*]}"
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${apt_missing[@]}"; } ||
+        say "could not install ${apt_missing[*]}; Firecracker may fall back to the gnu target or fail"
+fi
+rustup +stable target add x86_64-unknown-linux-musl >/dev/null 2>&1 ||
+    say "rustup could not add x86_64-unknown-linux-musl; Firecracker builds for the gnu target"
+
 cache=${PEERS_CACHE:-$repo/.cache/peers}
 mkdir -p "$cache/bin" "$cache/src" "$cache/build" "$cache/logs"
 command -v cargo >/dev/null || die "cargo not found"
