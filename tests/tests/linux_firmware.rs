@@ -83,7 +83,9 @@ run_case kernel 300 'abide-linux: poweroff' --machine pc --cpus 2 --memory 512M 
 # Network boot, the seed's scenario: iPXE from the NIC's ROM BAR gets an
 # address and a script from dnsmasq (DHCP and TFTP) on the tap's host end,
 # fetches the kernel and the initramfs over TFTP and boots them. iPXE's
-# virtio-net driver needs pc-3.0's VIRTIO_PCI_CAP_PCI_CFG capability.
+# virtio-net driver needs pc-3.0's VIRTIO_PCI_CAP_PCI_CFG capability. One
+# vCPU: multi-vCPU guests sometimes hang in the nested test host
+# (resources/linux/README.md), and the kernel and disk cases cover SMP.
 N=$T/tftp
 mkdir -p "$N" && cp "$KERNEL" "$N/vmlinuz" && cp "$INITRD" "$N/initrd.img" &&
 printf '#!ipxe\nkernel vmlinuz console=ttyS0 abide.test=basic\ninitrd initrd.img\nboot\n' > "$N/boot.ipxe" &&
@@ -93,7 +95,7 @@ dnsmasq --no-daemon --conf-file=/dev/null --log-facility=- --port=0 --bind-inter
     --dhcp-leasefile="$T/leases" --enable-tftp --tftp-root="$N" --dhcp-boot=boot.ipxe \
     > "$T/dnsmasq.log" 2>&1 &
 D_PID=$!
-run_case net 420 'abide-linux: poweroff' --machine pc --cpus 2 --memory 512M \
+run_case net 420 'abide-linux: poweroff' --machine pc --cpus 1 --memory 512M \
     --firmware '@BIOS_256K@' --net "tap=$TAP,rom=@EFI_ROM@"
 kill "$D_PID" 2>/dev/null; wait "$D_PID" 2>/dev/null
 echo "@@@ begin dnsmasq"; cat "$T/dnsmasq.log"; echo "@@@ end dnsmasq rc=0"
@@ -164,13 +166,16 @@ fn assert_rom_ran(out: &str, case: &str) {
     );
 }
 
-/// Linux reached userspace in `case` seeing 2 CPUs, and powered the
+/// Linux reached userspace in `case` seeing `cpus` CPUs, and powered the
 /// machine off cleanly (abide exited with 0 by itself).
-fn assert_linux_ran_and_powered_off(out: &str, case: &str) {
+fn assert_linux_ran_and_powered_off(out: &str, case: &str, cpus: u32) {
     let (serial, _) = section(out, &format!("{case}.serial"));
     assert!(found(out, case), "{out}");
     assert!(serial.contains("abide-linux: userspace"), "{serial}");
-    assert!(serial.contains("abide-linux: nproc=2"), "{serial}");
+    assert!(
+        serial.contains(&format!("abide-linux: nproc={cpus}")),
+        "{serial}"
+    );
     assert!(
         out.lines()
             .any(|l| l.starts_with(&format!("host: {case} found=yes exited=yes rc=0 "))),
@@ -197,7 +202,7 @@ fn firmware_runs_option_roms_and_boots_a_kernel() {
     let (serial, _) = section(&out, "kernel.serial");
     assert!(fw.contains("Found 2 cpu(s)"), "{fw}");
     assert!(fw.contains("Booting from ROM"), "{fw}");
-    assert_linux_ran_and_powered_off(&out, "kernel");
+    assert_linux_ran_and_powered_off(&out, "kernel", 2);
     // Abide's own ACPI tables reached Linux through etc/table-loader, and
     // the guest powered off through them (ACPI S5): abide exited with 0.
     assert!(serial.contains("ACPI: RSDP"), "{serial}");
@@ -235,7 +240,7 @@ fn firmware_runs_option_roms_and_boots_a_kernel() {
             "dnsmasq did not send {file}\n{dnsmasq}\n{serial}"
         );
     }
-    assert_linux_ran_and_powered_off(&out, "net");
+    assert_linux_ran_and_powered_off(&out, "net", 1);
 
     // From disk: SeaBIOS's virtio-blk driver, SYSLINUX, the kernel.
     let (fw, _) = section(&out, "disk.fw");
@@ -243,5 +248,5 @@ fn firmware_runs_option_roms_and_boots_a_kernel() {
     assert!(fw.contains("found virtio-blk at 00:01.0"), "{fw}");
     assert!(serial.contains("Booting from Hard Disk"), "{serial}");
     assert!(serial.contains("SYSLINUX"), "{serial}");
-    assert_linux_ran_and_powered_off(&out, "disk");
+    assert_linux_ran_and_powered_off(&out, "disk", 2);
 }
