@@ -214,21 +214,9 @@ impl Vcpus {
     }
 
     /// Like [`Vcpus::start`], but every thread parks before its first
-    /// KVM_RUN: the guest does not run until [`Vcpus::resume`].
-    pub fn start_paused(
-        vcpus: Vec<Vcpu>,
-        exit: ExitSignal,
-        errors: mpsc::Sender<VcpuError>,
-        early: Vec<WaitingThread>,
-    ) -> std::io::Result<Self> {
-        let mut me = Self::start_parking(vcpus, exit, errors, early)?;
-        me.await_parked()?;
-        Ok(me)
-    }
-
-    /// Like [`Vcpus::start_paused`], without waiting: the threads take
-    /// their vCPUs and park on their own while the caller goes on;
-    /// [`Vcpus::await_parked`] must follow before [`Vcpus::resume`].
+    /// KVM_RUN. Returns without waiting: the threads take their vCPUs and
+    /// park on their own while the caller goes on; [`Vcpus::await_parked`]
+    /// must follow before [`Vcpus::resume`] lets the guest run.
     pub fn start_parking(
         vcpus: Vec<Vcpu>,
         exit: ExitSignal,
