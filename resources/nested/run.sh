@@ -150,6 +150,21 @@ else
     mkfifo "$fifo"
     timeout -k 10 "$timeout_s" "${qemu[@]}" < /dev/null > "$fifo" 2> "$qemu_err" &
     qpid=$!
+    # Watchdog: the nested host's own kernel reports a CPU stuck for a
+    # minute or more (CI, 4 December 2026: "soft lockup - CPU#1 stuck for
+    # 704s" in a kworker, the host hung until the 940 s timeout) or
+    # panicked. It will not recover: stop it now, so that the caller's
+    # one re-run starts within seconds instead of at the timeout.
+    (
+        while kill -0 "$qpid" 2>/dev/null; do
+            if grep -qE 'stuck for ([6-9][0-9]|[0-9]{3,})s|Kernel panic' "$tmpdir/kernel.log" 2>/dev/null; then
+                echo hung > "$tmpdir/watchdog"
+                kill "$qpid" 2>/dev/null
+                break
+            fi
+            sleep 5
+        done
+    ) &
     state=pre rc=''
     : > "$console_log"
     while IFS= read -r line || [[ -n $line ]]; do
@@ -186,7 +201,11 @@ fi
 if [[ -n $rc ]]; then
     exit "$rc"
 fi
-if ((qrc == 124 || qrc == 137)); then
+watchdog=''
+[[ -f $tmpdir/watchdog ]] && watchdog=1
+if [[ -n $watchdog ]]; then
+    echo "abide-nested: error: the nested host's kernel reported a CPU stuck for a minute or more (or panicked); stopped it" >&2
+elif ((qrc == 124 || qrc == 137)); then
     printf 'abide-nested: error: timed out after %s s without the command finishing\n' "$timeout_s" >&2
 else
     printf 'abide-nested: error: the nested host stopped (qemu exit status %s) without reporting the command exit status\n' "$qrc" >&2
@@ -216,11 +235,13 @@ else
 fi
 if grep -q 'Kernel panic' "$tmpdir/kernel.log" 2>/dev/null; then
     crash=${crash:+$crash and }'a kernel panic'
+elif [[ -n $watchdog ]]; then
+    crash=${crash:+$crash and }'a soft lockup'
 fi
 # The one line callers may act on (the Linux tests run a session once more
 # when the test equipment itself crashed; never on a timeout or a failure
 # of the command).
-if [[ -n $crash && $qrc != 124 && $qrc != 137 ]]; then
+if [[ -n $crash && ( -n $watchdog || ( $qrc != 124 && $qrc != 137 ) ) ]]; then
     echo "abide-nested: TEST HOST CRASHED: $crash of the nested host itself, not a failure reported by the command" >&2
 fi
 exit 125

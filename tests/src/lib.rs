@@ -457,7 +457,9 @@ pub mod session {
     /// - the nested host itself crashed (its kernel panicked or it
     ///   triple-faulted: `run.sh` says `TEST HOST CRASHED` after showing
     ///   the evidence; seen twice in CI on 3 December 2026, the host
-    ///   stopped 11-14 s in, during a guest's boot);
+    ///   stopped 11-14 s in, during a guest's boot), or hung (its kernel
+    ///   reported a CPU stuck for a minute or more, and `run.sh`'s
+    ///   watchdog stopped it; CI on 4 December 2026);
     /// - in the nested host, a guest's vCPU triple-faulted ([`NESTED_GUEST_CRASH`]):
     ///   QEMU TCG's emulated AMD-V does that to multi-vCPU Linux guests
     ///   now and then (resources/linux/README.md, "The nested test host").
@@ -466,6 +468,9 @@ pub mod session {
     ///   ([`NESTED_GUEST_STALL`]; CI on 4 December 2026: "rcu_preempt
     ///   kthread timer wakeup didn't happen" on a 2-vCPU guest), or the
     ///   session timed out waiting for it.
+    ///
+    /// If the second run ends with the test host crashed again, a third
+    /// and last run follows; no other failure gets a third.
     ///
     /// A real fault of Abide repeats and fails the second run too. Any other
     /// failure, and anything where Linux runs directly, counts at once.
@@ -480,22 +485,34 @@ pub mod session {
                 Duration::from_secs(timeout_s + 20),
             )
         };
-        let out = attempt();
-        let why = if out.code == Some(125) && out.stderr.contains("abide-nested: TEST HOST CRASHED")
-        {
-            "the nested test host crashed (not the command)"
-        } else if !crate::host_has_hw_virt() && nested_guest_crashed(&out) {
-            "a guest's vCPU triple-faulted in the nested test host, a known defect of its \
-             emulated AMD-V (see resources/linux/README.md)"
-        } else if !crate::host_has_hw_virt() && nested_guest_stalled(&out) {
-            "a guest stopped making progress in the nested test host (its kernel reported \
-             a stall, or the session waited in vain), a known defect of its emulated AMD-V \
-             (see resources/linux/README.md)"
-        } else {
-            return out;
-        };
-        eprintln!("RUNNING THE {what} SESSION ONCE MORE: {why}; the first run's output:\n{out}");
-        attempt()
+        let mut out = attempt();
+        // A third run only after the test host itself crashed (twice in a
+        // row in one CI run on 4 December 2026: a hang, then a panic);
+        // the host's watchdog ends such a run within about a minute.
+        for run in 2..=3 {
+            let host_crashed =
+                out.code == Some(125) && out.stderr.contains("abide-nested: TEST HOST CRASHED");
+            let why = if host_crashed {
+                "the nested test host crashed (not the command)"
+            } else if run == 3 {
+                return out;
+            } else if !crate::host_has_hw_virt() && nested_guest_crashed(&out) {
+                "a guest's vCPU triple-faulted in the nested test host, a known defect of its \
+                 emulated AMD-V (see resources/linux/README.md)"
+            } else if !crate::host_has_hw_virt() && nested_guest_stalled(&out) {
+                "a guest stopped making progress in the nested test host (its kernel reported \
+                 a stall, or the session waited in vain), a known defect of its emulated AMD-V \
+                 (see resources/linux/README.md)"
+            } else {
+                return out;
+            };
+            eprintln!(
+                "RUNNING THE {what} SESSION ONCE MORE (run {run} of at most 3): {why}; \
+                 the previous run's output:\n{out}"
+            );
+            out = attempt();
+        }
+        out
     }
 
     /// What Abide prints when a guest's vCPU triple-faulted.
