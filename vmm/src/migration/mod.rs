@@ -46,6 +46,41 @@ pub const DEFAULT_MAX_DOWNTIME: Duration = Duration::from_millis(300);
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Pre-copy passes after which a migration that does not converge fails.
 pub const MAX_PASSES: u32 = 30;
+/// Pre-copy passes after which a migration whose last pages fit the
+/// downtime limit stops, even if each pass still shrinks them.
+pub const SOFT_PASSES: u32 = 8;
+/// Dirty pages few enough to stop pre-copy at once (within the limit).
+pub const FEW_PAGES: u64 = 64;
+
+/// Whether pre-copy stops now and the guest is paused, after pass `passes`
+/// left `dirty` pages (the pass before left `before`, if there was one)
+/// whose copy is estimated at `estimate`.
+///
+/// Fitting the limit is not enough: the limit is a bound, not the aim.
+/// The first pass takes longest, so the pages it leaves dirty are many;
+/// each further pass is shorter and leaves fewer. Pre-copy goes on while a
+/// pass shrinks the dirty set by a quarter or more, and stops (within the
+/// limit) once it no longer does, once few pages are left, or after
+/// [`SOFT_PASSES`] passes.
+pub fn converged(
+    estimate: Duration,
+    limit: Duration,
+    dirty: u64,
+    before: Option<u64>,
+    passes: u32,
+) -> bool {
+    if estimate > limit {
+        return false;
+    }
+    if dirty <= FEW_PAGES || passes >= SOFT_PASSES {
+        return true;
+    }
+    match before {
+        // Shrank by less than a quarter: another pass would not pay.
+        Some(before) => dirty.saturating_mul(4) > before.saturating_mul(3),
+        None => false,
+    }
+}
 
 /// Errors of a migration, on either side.
 #[derive(Debug, thiserror::Error)]
@@ -235,4 +270,31 @@ pub(crate) fn mib_s(bytes: u64, secs: f64) -> f64 {
         return 0.0;
     }
     bytes as f64 / (1024.0 * 1024.0) / secs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn pre_copy_goes_on_while_passes_shrink_the_dirty_set() {
+        let limit = MS(300);
+        // Over the limit: never stop here (the caller fails or goes on).
+        assert!(!converged(MS(301), limit, 10, Some(1000), 20));
+        // Within the limit after the first, long pass: one more pass.
+        assert!(!converged(MS(100), limit, 5000, None, 0));
+        // Shrinking by a quarter or more: go on.
+        assert!(!converged(MS(50), limit, 700, Some(1000), 1));
+        // Shrinking by less: stop.
+        assert!(converged(MS(50), limit, 800, Some(1000), 1));
+        // Growing: stop.
+        assert!(converged(MS(50), limit, 1200, Some(1000), 1));
+        // Few pages left, or enough passes: stop.
+        assert!(converged(MS(1), limit, FEW_PAGES, None, 0));
+        assert!(converged(MS(50), limit, 100, Some(1000), SOFT_PASSES));
+        // A paused guest dirties nothing.
+        assert!(converged(MS(0), limit, 0, None, 0));
+    }
 }

@@ -1,5 +1,6 @@
 //! The source side: pre-copy, convergence, stop-and-copy, commit.
 
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -382,6 +383,7 @@ impl Sender<'_> {
         progress(&self.progress(0, pages, 0, 0.0));
         let mut last_sync = t0;
         let mut pending = PageBits::empty(self.vm);
+        let mut before = None;
         loop {
             self.take_dirty(&mut pending)?;
             let now = Instant::now();
@@ -391,9 +393,11 @@ impl Sender<'_> {
             last_sync = now;
             let bw = self.bandwidth().max(1.0);
             let estimate = Duration::from_secs_f64(self.dirty_bytes as f64 / bw);
-            if estimate <= self.opts.max_downtime {
+            let limit = self.opts.max_downtime;
+            if super::converged(estimate, limit, dirty, before, self.passes) {
                 return Ok((pending, self.passes));
             }
+            before = Some(dirty);
             self.check_limits()?;
             if self.passes >= MAX_PASSES {
                 return Err(self.no_convergence(format!(
@@ -472,17 +476,23 @@ impl Sender<'_> {
         }
         self.phase("collect_ms", t);
         const PHASE: &str = "sending the device and vCPU state";
+        // One write for all of it: the destination wakes once, not once a
+        // section.
+        let mut out = Vec::new();
         for s in &sections {
-            wire::write_section(&mut self.conn, &s.name, s.version, s.optional, &s.bytes)
+            wire::write_section(&mut out, &s.name, s.version, s.optional, &s.bytes)
                 .map_err(|e| stream(&mut self.conn, PHASE, e))?;
-            self.bytes += s.bytes.len() as u64;
         }
         wire::write_json(
-            &mut self.conn,
+            &mut out,
             wire::STATE_END,
             &json!({"sections": sections.len()}),
         )
         .map_err(|e| stream(&mut self.conn, PHASE, e))?;
+        self.conn
+            .write_all(&out)
+            .map_err(|e| stream(&mut self.conn, PHASE, WireError::Io(e)))?;
+        self.bytes += out.len() as u64;
         self.phase("state_ms", t);
         let t = Instant::now();
         let mut buf = Vec::new();
@@ -569,6 +579,11 @@ pub fn send(
         }
     };
     let precopy_ms = crate::api::ms(precopy_start);
+    // The collecting code runs once now, not for the first time in the
+    // pause.
+    let t = Instant::now();
+    state::rehearse_collect(vm);
+    s.phase("rehearse_ms", t);
     // Stop-and-copy: from here the guest is paused.
     let paused_at = Instant::now();
     let paused = {
