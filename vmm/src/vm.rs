@@ -30,6 +30,10 @@ pub static EMBEDDED_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/abi
 
 /// A built, not yet running VM.
 pub struct Vm {
+    /// A restored VM's memory loader (snapshot memory version 2), while
+    /// chunks are still coming in. First, so that it is dropped first:
+    /// its userfaultfd closes before anything else of the VM goes.
+    pub(crate) lazy: Option<crate::snapshot::lazy::LazyMemory>,
     pub(crate) machine: MachineDescription,
     pub(crate) cfg: VmConfig,
     cpu: vcpu::cpuid::ResolvedCpu,
@@ -328,6 +332,7 @@ impl Vm {
             });
         }
         Ok(Self {
+            lazy: None,
             machine,
             cfg: kept,
             cpu,
@@ -512,6 +517,11 @@ impl Vm {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .stop_all();
+        // A chunk of restored memory that failed verification ended the VM
+        // (a vCPU waiting on it may report an error of its own too).
+        if let Some(e) = self.lazy.as_ref().and_then(|l| l.failure()) {
+            return Err(Error::Snapshot(crate::snapshot::RestoreError::Chunk(e)));
+        }
         if let Ok(e) = started.errors.try_recv() {
             return Err(Error::Vcpu(e));
         }
