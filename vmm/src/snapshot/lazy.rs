@@ -489,6 +489,21 @@ fn register(plan: &Plan) -> std::io::Result<(OwnedFd, EventFd)> {
     Ok((uffd, EventFd::new(libc::EFD_NONBLOCK)?))
 }
 
+/// How long the VM has to end after a chunk failed verification before the
+/// process ends instead (see `Loader::run`).
+const STOP_GRACE_MS: i32 = 2000;
+
+/// The recorded failure, as text.
+fn p_failure(shared: &Shared) -> String {
+    shared
+        .progress
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .failure
+        .as_ref()
+        .map_or_else(String::new, |f| f.to_string())
+}
+
 /// What the loader reports.
 #[derive(Debug, Default)]
 struct Progress {
@@ -673,24 +688,43 @@ impl Loader {
         self.shared.changed.notify_all();
         if failed {
             (self.on_failure)();
-            // Whoever waits for a page stays waiting: nothing unverified is
-            // ever installed. The userfaultfd closes when the VM is torn
-            // down (its vCPUs stopped first).
-            self.wait_stop();
+            // Whoever waits for a page of the bad chunk stays waiting:
+            // nothing unverified is ever installed. The VM normally ends
+            // within milliseconds (its vCPUs stopped, then the VM torn down,
+            // which stops this thread). A vCPU waiting inside KVM for the bad
+            // chunk cannot be taken out (PVM retries the fault as long as it
+            // is missing), so if the VM has not ended by then, the process
+            // ends: releasing that vCPU would need bytes that are not the
+            // snapshot's.
+            if !self.wait_stop(STOP_GRACE_MS) {
+                let why = p_failure(&self.shared);
+                eprintln!(
+                    "abide: error: {why}; a vCPU or device is waiting for that memory, and nothing verified can be given to it: ending the process"
+                );
+                // SAFETY: _exit ends the process at once; guest memory and
+                // the snapshot file need no cleanup.
+                unsafe { libc::_exit(crate::EXIT_ERROR) };
+            }
         }
     }
 
-    fn wait_stop(&self) {
+    /// Waits up to `ms` for the stop event; whether it came.
+    fn wait_stop(&self, ms: i32) -> bool {
         let mut fds = [libc::pollfd {
             fd: self.stop.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         }];
+        let end = Instant::now() + std::time::Duration::from_millis(ms as u64);
         loop {
+            let left = end.saturating_duration_since(Instant::now()).as_millis() as i32;
             // SAFETY: `fds` is valid for the call.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) };
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), 1, left) };
             if r > 0 {
-                return;
+                return true;
+            }
+            if left == 0 {
+                return false;
             }
         }
     }
