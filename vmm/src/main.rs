@@ -280,13 +280,14 @@ fn restore(a: RestoreArgs, started: std::time::Instant) -> Result<ExitReason, ab
         // resumed and the vCPU threads spawned (the guest's first
         // instruction follows within the thread start-up).
         eprintln!(
-            "abide: restore verify_ms={} abi_ms={} load_ms={} ready_ms={} memory={} memory_ms={}{}",
+            "abide: restore verify_ms={} abi_ms={} load_ms={} ready_ms={} memory={} memory_ms={} slots_wait_ms={}{}",
             report.verify_ms,
             report.abi_ms,
             report.load_ms,
             abide_vmm::api::ms(started),
             report.memory,
             report.memory_ms,
+            report.slots_ms,
             report
                 .memory_note
                 .as_deref()

@@ -34,6 +34,10 @@ pub struct Vm {
     /// chunks are still coming in. First, so that it is dropped first:
     /// its userfaultfd closes before anything else of the VM goes.
     pub(crate) lazy: Option<crate::snapshot::lazy::LazyMemory>,
+    /// RAM's memory slots while KVM still registers them (a restore;
+    /// [`Vm::await_slots`]). Before `ram`, so that it is joined before the
+    /// memory goes.
+    slots: crate::memory::PendingSlots,
     pub(crate) machine: MachineDescription,
     pub(crate) cfg: VmConfig,
     cpu: vcpu::cpuid::ResolvedCpu,
@@ -133,6 +137,41 @@ pub fn open_kvm() -> Result<Kvm, Error> {
     })
 }
 
+/// The start of a VM that a restore makes before it has checked the
+/// snapshot's guest ABI: KVM's VM and its RAM, whose memory slots take
+/// KVM an SRCU grace period (milliseconds) to register, so they are
+/// registered in the background from the first moment the size is known.
+pub(crate) struct Early {
+    kvm: Kvm,
+    vm: Arc<VmFd>,
+    ram: GuestRam,
+    slots: crate::memory::PendingSlots,
+    machine: String,
+    memory: u64,
+}
+
+impl Early {
+    /// KVM's VM with `memory` bytes of `machine`'s RAM, its slots being
+    /// registered.
+    pub(crate) fn start(machine: &MachineDescription, memory: u64) -> Result<Self, Error> {
+        let kvm = open_kvm()?;
+        let vm = Arc::new(kvm.create_vm().map_err(|source| Error::Kvm {
+            what: "create a VM",
+            source,
+        })?);
+        let ram = GuestRam::new(machine, memory)?;
+        let slots = ram.register_in_background(vm.clone());
+        Ok(Self {
+            kvm,
+            vm,
+            ram,
+            slots,
+            machine: machine.name.clone(),
+            memory,
+        })
+    }
+}
+
 impl Vm {
     /// Builds the VM: memory, firmware tables, kernel, devices, vCPUs.
     pub fn build(machine: MachineDescription, cfg: &VmConfig) -> Result<Self, Error> {
@@ -144,6 +183,18 @@ impl Vm {
         cfg: &VmConfig,
         start: Start,
     ) -> Result<Self, Error> {
+        Self::build_from(machine, cfg, start, None)
+    }
+
+    /// [`Vm::build_with`], going on from `early` when it was made for this
+    /// machine type and memory size (otherwise it is dropped).
+    pub(crate) fn build_from(
+        machine: MachineDescription,
+        cfg: &VmConfig,
+        start: Start,
+        early: Option<Early>,
+    ) -> Result<Self, Error> {
+        let early = early.filter(|e| e.machine == machine.name && e.memory == cfg.memory);
         cfg.validate(&machine)?;
         crate::irq::check_irqchip(&machine)?;
         let types = abide_machines::machine_types();
@@ -177,7 +228,10 @@ impl Vm {
         }
         let serial_out = serial_sink(&cfg.serial)?;
 
-        let kvm = open_kvm()?;
+        let (kvm, early) = match early {
+            Some(e) => (e.kvm, Some((e.vm, e.ram, e.slots))),
+            None => (open_kvm()?, None),
+        };
         let kvm_err = |what| move |source| Error::Kvm { what, source };
         // Refuse a CPU model this host cannot run before anything is set up.
         let supported = kvm
@@ -217,7 +271,13 @@ impl Vm {
                 path: std::path::PathBuf::from("(duplicate handle)"),
                 source,
             })?;
-        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
+        let (vm, early) = match early {
+            Some((vm, ram, slots)) => (vm, Some((ram, slots))),
+            None => (
+                Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?),
+                None,
+            ),
+        };
         vm.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("set the TSS address"))?;
         vm.create_irq_chip()
@@ -228,8 +288,20 @@ impl Vm {
         })
         .map_err(kvm_err("create the in-kernel PIT"))?;
 
-        let ram = GuestRam::new(&machine, cfg.memory)?;
-        ram.register(&vm)?;
+        // A restore overlaps the slots' registration with the rest of the
+        // build and the state's loading (Vm::await_slots); a boot waits
+        // here, before anything is written to the VM.
+        let (ram, mut slots) = match early {
+            Some(e) => e,
+            None => {
+                let ram = GuestRam::new(&machine, cfg.memory)?;
+                let slots = ram.register_in_background(vm.clone());
+                (ram, slots)
+            }
+        };
+        if start == Start::Boot {
+            slots.wait()?;
+        }
         let firmware_region = match &firmware {
             Some((image, _)) => Some(crate::firmware::map(
                 &vm,
@@ -333,6 +405,7 @@ impl Vm {
         }
         Ok(Self {
             lazy: None,
+            slots,
             machine,
             cfg: kept,
             cpu,
@@ -480,7 +553,14 @@ impl Vm {
         self.launch(true)
     }
 
+    /// Waits until KVM has every RAM memory slot (registered in the
+    /// background by a restore's build).
+    pub(crate) fn await_slots(&mut self) -> Result<(), Error> {
+        self.slots.wait().map_err(Error::from)
+    }
+
     fn launch(&mut self, paused: bool) -> Result<Started, Error> {
+        self.await_slots()?;
         let console = self
             .serial_is_console
             .then(|| console::attach_stdin(self.legacy.serial.clone()));
