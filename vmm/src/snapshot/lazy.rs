@@ -1020,9 +1020,9 @@ mod tests {
         .expect("plan");
         assert_eq!(plan.chunks(), 3);
         let mut buf = vec![0u8; size as usize];
-        for i in 0..3 {
+        for (i, c) in chunks.iter().enumerate() {
             plan.verify(&file, i, &mut buf).expect("verifies");
-            let at = (chunks[i].gpa - 0x10_0000) as usize;
+            let at = (c.gpa - 0x10_0000) as usize;
             assert_eq!(&buf[..], &ram[at..at + size as usize], "chunk {i}");
         }
         // One flipped bit in the file's copy of page 70: chunk 1 fails,
@@ -1136,7 +1136,7 @@ mod tests {
             assert_eq!(mem[p * PAGE as usize + 17], ram[p * PAGE as usize + 17]);
         }
         lazy.wait_loaded().expect("every chunk verified");
-        assert_eq!(&mem[..], &ram[..]);
+        assert_eq!(mem, &ram[..]);
         assert!(!failed.load(std::sync::atomic::Ordering::SeqCst));
         drop(lazy);
 

@@ -625,7 +625,7 @@ fn load_chunked(
             }
         }
     };
-    lazy::eager(&plan, &file)?;
+    lazy::eager(&plan, file)?;
     report.memory = "eager";
     report.memory_note = Some(why);
     Ok(())
