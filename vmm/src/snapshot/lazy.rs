@@ -1165,7 +1165,15 @@ mod tests {
         .expect("userfaultfd");
         let e = lazy.wait_loaded().expect_err("corrupt chunk");
         assert!(matches!(e, ChunkError::Corrupt { index: 2, .. }), "{e}");
-        assert!(failed.load(std::sync::atomic::Ordering::SeqCst));
+        // The failure is recorded first, then the VM's end is asked for.
+        let t = Instant::now();
+        while !failed.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(
+                t.elapsed().as_secs() < 1,
+                "the loader never asked for the VM's end"
+            );
+            std::thread::yield_now();
+        }
         assert_eq!(lazy.failure().map(|f| f.to_string()), Some(e.to_string()));
         // SAFETY: as above.
         let mem2 = unsafe { std::slice::from_raw_parts(host2 as *const u8, len) };
