@@ -151,7 +151,12 @@ class Abide:
                 err = f.read()
             if b"ready_ms=" in err:
                 t_run = time.monotonic()
-                m = re.search(rb"restore (verify_ms=.*)", err)
+                # The line is written in pieces: read it once it is whole.
+                while b"\n" not in err[err.index(b"ready_ms="):] and time.monotonic() < deadline:
+                    time.sleep(0.0002)
+                    with open(self.err, "rb") as f:
+                        err = f.read()
+                m = re.search(rb"restore (verify_ms=[^\n]*)\n", err)
                 self.detail = m.group(1).decode(errors="replace") if m else ""
                 ready = re.search(rb"ready_ms=([0-9.]+)", err)
                 self.ready_ms = float(ready.group(1)) if ready else None
@@ -168,7 +173,7 @@ class Abide:
             while time.monotonic() < deadline:
                 with open(self.err, "rb") as f:
                     err = f.read()
-                m = re.search(rb"abide: restore memory verified: ([^\n]*)", err)
+                m = re.search(rb"abide: restore memory verified: ([^\n]*)\n", err)
                 if m:
                     self.verified_ms = (time.monotonic() - t0) * 1e3
                     self.loader = m.group(1).decode(errors="replace")
