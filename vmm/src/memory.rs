@@ -63,6 +63,11 @@ pub enum MemoryError {
 pub struct PendingSlots(Option<std::io::Result<std::thread::JoinHandle<Result<(), MemoryError>>>>);
 
 impl PendingSlots {
+    /// Slots already registered.
+    pub fn done() -> Self {
+        Self(None)
+    }
+
     /// Waits until every slot is registered.
     pub fn wait(&mut self) -> Result<(), MemoryError> {
         match self.0.take() {

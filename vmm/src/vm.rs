@@ -151,16 +151,18 @@ pub(crate) struct Early {
 }
 
 impl Early {
-    /// KVM's VM with `memory` bytes of `machine`'s RAM, its slots being
-    /// registered.
+    /// KVM's VM with its in-kernel irqchip and PIT and `memory` bytes of
+    /// `machine`'s RAM, its slots being registered.
     pub(crate) fn start(machine: &MachineDescription, memory: u64) -> Result<Self, Error> {
         let kvm = open_kvm()?;
-        let vm = Arc::new(kvm.create_vm().map_err(|source| Error::Kvm {
-            what: "create a VM",
-            source,
-        })?);
+        let kvm_err = |what| move |source| Error::Kvm { what, source };
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
         let ram = GuestRam::new(machine, memory)?;
-        let slots = ram.register_in_background(vm.clone());
+        // The slots first (a fresh VM's first grace period is the
+        // quickest), then the in-kernel devices, each costing another.
+        ram.register(&vm)?;
+        let slots = crate::memory::PendingSlots::done();
+        create_irqchips(&vm)?;
         Ok(Self {
             kvm,
             vm,
@@ -170,6 +172,37 @@ impl Early {
             memory,
         })
     }
+
+    /// [`Early::start`] on its own thread, while the caller goes on (a
+    /// restore checks the snapshot's ABI meanwhile).
+    pub(crate) fn start_in_background(
+        machine: MachineDescription,
+        memory: u64,
+    ) -> std::thread::JoinHandle<Option<Self>> {
+        let spawned = std::thread::Builder::new()
+            .name("abide-early-vm".into())
+            .spawn(move || Self::start(&machine, memory).ok());
+        match spawned {
+            Ok(t) => t,
+            // No thread: the build does it all itself.
+            Err(_) => std::thread::spawn(|| None),
+        }
+    }
+}
+
+/// The TSS address, the in-kernel PIC/IOAPIC/LAPIC and the PIT.
+fn create_irqchips(vm: &VmFd) -> Result<(), Error> {
+    let kvm_err = |what| move |source| Error::Kvm { what, source };
+    vm.set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(kvm_err("set the TSS address"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("create the in-kernel PIC/IOAPIC/LAPIC"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kvm_err("create the in-kernel PIT"))?;
+    Ok(())
 }
 
 impl Vm {
@@ -273,20 +306,12 @@ impl Vm {
             })?;
         let (vm, early) = match early {
             Some((vm, ram, slots)) => (vm, Some((ram, slots))),
-            None => (
-                Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?),
-                None,
-            ),
+            None => {
+                let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
+                create_irqchips(&vm)?;
+                (vm, None)
+            }
         };
-        vm.set_tss_address(KVM_TSS_ADDRESS)
-            .map_err(kvm_err("set the TSS address"))?;
-        vm.create_irq_chip()
-            .map_err(kvm_err("create the in-kernel PIC/IOAPIC/LAPIC"))?;
-        vm.create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .map_err(kvm_err("create the in-kernel PIT"))?;
 
         // A restore overlaps the slots' registration with the rest of the
         // build and the state's loading (Vm::await_slots); a boot waits

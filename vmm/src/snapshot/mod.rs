@@ -422,13 +422,18 @@ pub fn restore(path: &Path, o: &Overrides) -> Result<(Vm, RestoreReport), Error>
         })
     })?;
     report.verify_ms = crate::api::ms(t);
-    // KVM's VM and RAM for the saved machine type and size, their memory
-    // slots registering while the ABI is checked (a refusal drops them).
+    // KVM's VM, in-kernel devices and RAM for the saved machine type and
+    // size, made on another thread while the ABI is checked (a refusal
+    // drops them): each costs KVM a grace period, milliseconds on a busy
+    // host.
     let early = serde_json::from_value::<SavedHost>(snap.header.host.clone())
         .ok()
         .and_then(|saved| {
             let machine = abide_machines::resolve(&saved.config.machine).ok()?;
-            crate::vm::Early::start(&machine, saved.config.memory).ok()
+            Some(crate::vm::Early::start_in_background(
+                machine,
+                saved.config.memory,
+            ))
         });
     let t = Instant::now();
     let roms = state::saved_roms(&snap).map_err(snap_err)?;
@@ -442,6 +447,7 @@ pub fn restore(path: &Path, o: &Overrides) -> Result<(Vm, RestoreReport), Error>
     report.abi_ms = crate::api::ms(t);
     let t = Instant::now();
     let machine = abide_machines::resolve(&cfg.machine)?;
+    let early = early.and_then(|t| t.join().ok().flatten());
     let mut vm = Vm::build_from(machine, &cfg, Start::Restore, early)?;
     let t_mem = Instant::now();
     load_memory(&mut vm, &snap, &mut report).map_err(snap_err)?;
