@@ -994,6 +994,20 @@ fn snapshot_target_versions_are_checked_before_pausing() {
     for s in parts.header["sections"].as_array().expect("sections") {
         assert_eq!(s["version"], json!(1), "{s}");
     }
+    // Guest memory for 0.2.0 and 0.3.0: `memory` in version 1 with its
+    // whole-section SHA-256 (what they verify), and the chunk hashes in a
+    // section marked optional, which they skip.
+    let file3 = dir.join("0.3.0.snap");
+    let out = snap("0.3.0", &file3);
+    assert_eq!(out.code, Some(0), "{out}");
+    for f in [&file, &file3] {
+        let parts = split(&std::fs::read(f).expect("read"));
+        let (e, data) = section_named(&parts, "memory");
+        assert_eq!(e["version"], json!(1), "{e}");
+        assert_eq!(e["sha256"], json!(sha256_bytes(data)), "{e}");
+        let (c, _) = section_named(&parts, "memory.chunks");
+        assert_eq!(c["optional"], json!(true), "{c}");
+    }
     vm.snapshot_and_stop(&dir.join("last.snap"));
 
     // A machine type newer than the target release: refused, nothing
