@@ -30,8 +30,8 @@ pub static EMBEDDED_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/abi
 
 /// A built, not yet running VM.
 pub struct Vm {
-    /// A restored VM's memory loader (snapshot memory version 2), while
-    /// chunks are still coming in. First, so that it is dropped first:
+    /// A restored VM's memory loader (a snapshot with `memory.chunks`),
+    /// while chunks are still coming in. First, so that it is dropped first:
     /// its userfaultfd closes before anything else of the VM goes.
     pub(crate) lazy: Option<crate::snapshot::lazy::LazyMemory>,
     /// RAM's memory slots while KVM still registers them (a restore;
@@ -137,10 +137,11 @@ pub fn open_kvm() -> Result<Kvm, Error> {
     })
 }
 
-/// The start of a VM that a restore makes before it has checked the
-/// snapshot's guest ABI: KVM's VM and its RAM, whose memory slots take
-/// KVM an SRCU grace period (milliseconds) to register, so they are
-/// registered in the background from the first moment the size is known.
+/// The start of a VM that a restore makes, on its own thread, while it
+/// checks the snapshot's guest ABI: KVM's VM, its RAM and memory slot, and
+/// the in-kernel PIC/IOAPIC/PIT. Each of these costs KVM an SRCU grace
+/// period, milliseconds on a busy host; the slot goes first, while the
+/// fresh VM's SRCU is idle (grace periods in a row wait longer).
 pub(crate) struct Early {
     kvm: Kvm,
     vm: Arc<VmFd>,

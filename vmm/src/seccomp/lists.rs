@@ -199,7 +199,7 @@ const MIGRATION: &[Entry] = &[
     ("fdatasync", "flushing disks before the guest moves"),
 ];
 
-/// The memory loader of a restored VM (snapshot memory version 2): reads
+/// The memory loader of a restored VM (a snapshot with `memory.chunks`): reads
 /// each chunk from the snapshot file, verifies it, and copies it into
 /// guest RAM through the userfaultfd.
 const MEMORY: &[Entry] = &[
