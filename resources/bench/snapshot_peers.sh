@@ -13,11 +13,22 @@
 # Runs inside the nested test host unless this machine has vmx/svm (see
 # resources/bench/boot.sh); snapshot files go to its RAM-backed /tmp.
 #
+# --direct: instead, restore to running directly on this machine's
+# /dev/kvm, never in the nested host (resources/bench/snapshot_direct_bench.py):
+# on PVM a stock kernel never reaches userspace, so the guest is the PVH
+# vmlinux stopped --boot-secs (default 3) into its boot, 256 MiB, 2 vCPUs.
+# Rows: Abide (chunk hashes, lazy), Abide eager (ABIDE_RESTORE_EAGER=1),
+# Abide before (ABIDE_BIN_BEFORE, a build without chunk hashes, if given)
+# and Firecracker, if its binary is there. Cloud Hypervisor is left out
+# (its restore copies all of memory; see the nested table).
+#
 # Usage: resources/bench/snapshot_peers.sh [-n RUNS] [--warmup N]
 #            [--mem MIB] [--fill MIB] [--timeout SECS (per step, default 120)]
+#            [--direct [--boot-secs S]]
 # Environment: ABIDE_BIN, ABIDE_BENCH_CLOUD_HYPERVISOR, ABIDE_BENCH_FIRECRACKER
 # as for resources/bench/boot.sh (peers built by resources/bench/peers.sh);
-# ABIDE_BENCH_VERBOSE=1 prints every step with a time stamp.
+# ABIDE_BIN_BEFORE (--direct only); ABIDE_BENCH_VERBOSE=1 prints every step
+# with a time stamp.
 set -euo pipefail
 
 die() { printf 'snapshot-peers: error: %s\n' "$*" >&2; exit 1; }
@@ -25,7 +36,7 @@ die() { printf 'snapshot-peers: error: %s\n' "$*" >&2; exit 1; }
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(git -C "$script_dir" rev-parse --show-toplevel 2>/dev/null || (cd "$script_dir/../.." && pwd))
 
-runs=3 warmup=1 mem=256 fill=64 step_timeout=120 inner=0
+runs=3 warmup=1 mem=256 fill=64 step_timeout=120 inner=0 direct=0 boot_secs=3
 while (($#)); do
     case $1 in
         -n|--runs) runs=${2:?}; shift 2 ;;
@@ -34,6 +45,8 @@ while (($#)); do
         --fill) fill=${2:?}; shift 2 ;;
         --timeout) step_timeout=${2:?}; shift 2 ;;
         --inner) inner=1; shift ;;
+        --direct) direct=1; shift ;;
+        --boot-secs) boot_secs=${2:?}; shift 2 ;;
         -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
@@ -44,6 +57,27 @@ for v in "$runs" "$mem" "$fill" "$step_timeout"; do [[ $v =~ ^[1-9][0-9]*$ ]] ||
 abide_bin=${ABIDE_BIN:-$repo/target/release/abide}
 ch_bin=${ABIDE_BENCH_CLOUD_HYPERVISOR:-$repo/.cache/peers/bin/cloud-hypervisor}
 fc_bin=${ABIDE_BENCH_FIRECRACKER:-$repo/.cache/peers/bin/firecracker}
+
+if ((direct)); then
+    "$repo/resources/linux/build-guest-initramfs.sh" >&2
+    g="$repo/.cache/linux/guest"
+    [[ -c /dev/kvm ]] || die "/dev/kvm missing"
+    [[ -x $abide_bin ]] || die "no abide binary at $abide_bin"
+    extra=()
+    if [[ -n ${ABIDE_BIN_BEFORE:-} ]]; then
+        [[ -x $ABIDE_BIN_BEFORE ]] || die "ABIDE_BIN_BEFORE=$ABIDE_BIN_BEFORE is not executable"
+        extra+=(--abide-before "$ABIDE_BIN_BEFORE")
+    fi
+    if [[ -x $fc_bin ]]; then
+        extra+=(--firecracker "$fc_bin")
+    else
+        echo "snapshot-peers: NOT MEASURED: firecracker: $fc_bin missing" >&2
+    fi
+    echo "snapshot-peers: directly on this machine's /dev/kvm ($(grep -qw -e vmx -e svm /proc/cpuinfo && echo 'hardware virtualization' || echo 'PVM')); kernel $(cat "$g/release" 2>/dev/null || echo '?') (PVH vmlinux); abide $("$abide_bin" --version 2>/dev/null | head -n1)" >&2
+    exec python3 "$script_dir/snapshot_direct_bench.py" --kernel "$g/vmlinux" --initrd "$g/initramfs.cpio.gz" \
+        --abide "$abide_bin" --runs "$runs" --warmup "$warmup" --mem-mib "$mem" --boot-secs "$boot_secs" \
+        --timeout "$step_timeout" "${extra[@]}"
+fi
 
 if ((!inner)); then
     "$repo/resources/linux/build-guest-initramfs.sh" >&2

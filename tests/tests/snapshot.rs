@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use abide_tests::{
-    abide_bin, check_blk_loop, progress_rounds, rom_image, rom_nic, run_abide, sha256_bytes,
-    stable_lines, temp_dir, Outcome, Tap,
+    abide_bin, check_blk_loop, progress_rounds, rom_image, rom_nic, run_abide, run_command,
+    sha256_bytes, stable_lines, temp_dir, Outcome, Tap,
 };
 use abide_tests::{split_snapshot as split, SnapshotParts as Parts};
 use serde_json::{json, Value};
@@ -39,10 +39,16 @@ impl Running {
     /// Starts `abide ARGS` (run or restore) with its serial log and control
     /// socket named after `tag`.
     fn launch(dir: &Path, tag: &str, args: &[&str]) -> Self {
+        Self::launch_env(dir, tag, args, &[])
+    }
+
+    /// [`Running::launch`] with environment variables.
+    fn launch_env(dir: &Path, tag: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let api = dir.join(format!("{tag}.sock"));
         let serial = dir.join(format!("{tag}.log"));
         let mut cmd = Command::new(abide_bin());
         cmd.args(args)
+            .envs(env.iter().copied())
             .arg("--api-socket")
             .arg(&api)
             .arg("--serial")
@@ -78,6 +84,33 @@ impl Running {
             "the API socket should be removed on exit"
         );
         reply
+    }
+}
+
+impl Running {
+    /// Snapshots to `path` and stops this abide, keeping its stderr to
+    /// read ([`Running::stderr_text`]).
+    fn snapshot_and_stop_keep(&mut self, path: &Path) {
+        let out = abide_tests::snapshot_and_stop(&self.api, path);
+        assert_eq!(out.code, Some(0), "abide snapshot failed\n{out}");
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                assert!(status.success(), "abide did not quit cleanly: {status}");
+                break;
+            }
+            assert!(start.elapsed() < TIMEOUT, "abide did not quit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Everything this abide wrote to stderr (once it has exited).
+    fn stderr_text(&mut self) -> String {
+        let mut s = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut s);
+        }
+        s
     }
 }
 
@@ -161,6 +194,29 @@ fn checksum_workload_continues_from_the_same_point() {
         "snapshot + restore must give the same output as an uninterrupted run"
     );
     assert!(joined.contains("guest: user cpl=3 rounds=300 checksum="));
+
+    // Again with the memory loader's background pass held back for 10
+    // minutes: every chunk the guest uses then comes in on its vCPUs'
+    // first touches (through KVM and the userfaultfd), verified, and the
+    // run still ends exactly as the uninterrupted one.
+    let faulted = dir.join("faulted.log");
+    let out = run_command(
+        Command::new(abide_bin())
+            .args(["restore", snap.to_str().expect("utf-8"), "--serial"])
+            .arg(serial_arg(&faulted))
+            .env("ABIDE_RESTORE_BACKGROUND_DELAY_MS", "600000")
+            .env("ABIDE_RESTORE_TIMINGS", "1"),
+        None,
+        TIMEOUT,
+    );
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(out.stderr.contains(" memory=lazy "), "{out}");
+    assert!(
+        !out.stderr.contains("restore memory verified"),
+        "the background pass must not have run\n{out}"
+    );
+    let joined = format!("{before_text}{}", read(&faulted));
+    assert_eq!(stable_lines(&joined), stable_lines(&read(&reference)));
 }
 
 #[test]
@@ -349,13 +405,14 @@ fn corrupt_snapshots_are_refused() {
     let n = good.len();
     refused(&dir, "truncated", &good[..n / 2], "truncated");
     refused(&dir, "truncated-header", &good[..100], "truncated");
+    // Guest memory: see memory_is_verified_chunk_by_chunk.
     let mut flipped = good.clone();
-    flipped[n - 3000] ^= 0x40;
+    flipped[payload_at(&good, "memory.map") + 5] ^= 0x40;
     refused(
         &dir,
-        "flipped-memory",
+        "flipped-memory-map",
         &flipped,
-        "corrupt (checksum mismatch)",
+        "snapshot section 'memory.map' is corrupt (checksum mismatch)",
     );
     let mut flipped = good.clone();
     flipped[200] ^= 0x01;
@@ -402,6 +459,265 @@ fn corrupt_snapshots_are_refused() {
     let path = dir.join("optional.snap");
     std::fs::write(&path, join(p)).expect("write");
     restore_ticks_then_quit(&path, &dir, "optional");
+}
+
+/// Where section `name`'s payload starts in the snapshot `bytes`.
+fn payload_at(bytes: &[u8], name: &str) -> usize {
+    let p = split(bytes);
+    let e = p.header["sections"]
+        .as_array()
+        .expect("sections")
+        .iter()
+        .find(|s| s["name"] == json!(name))
+        .unwrap_or_else(|| panic!("no section {name}"))
+        .clone();
+    e["offset"].as_u64().expect("offset") as usize
+}
+
+/// Section `name` of a split snapshot (exact name): its entry and payload.
+fn section_named<'a>(p: &'a Parts, name: &str) -> (&'a Value, &'a [u8]) {
+    let sections = p.header["sections"].as_array().expect("sections");
+    let i = sections
+        .iter()
+        .position(|s| s["name"] == json!(name))
+        .unwrap_or_else(|| panic!("no section {name}"));
+    (&sections[i], &p.payloads[i])
+}
+
+/// Guest memory `[gpa, gpa + len)` as a snapshot holds it: the saved runs
+/// in place, zeros elsewhere.
+fn guest_bytes(p: &Parts, gpa: u64, len: u64) -> Vec<u8> {
+    let map: Value = serde_json::from_slice(section_named(p, "memory.map").1).expect("map");
+    let mem = section_named(p, "memory").1;
+    let mut out = vec![0u8; len as usize];
+    for run in map["runs"].as_array().expect("runs") {
+        let (rg, rl, ro) = (
+            run["gpa"].as_u64().expect("gpa"),
+            run["len"].as_u64().expect("len"),
+            run["offset"].as_u64().expect("offset"),
+        );
+        let (s, e) = (rg.max(gpa), (rg + rl).min(gpa + len));
+        if s < e {
+            let from = (ro + s - rg) as usize;
+            out[(s - gpa) as usize..(e - gpa) as usize]
+                .copy_from_slice(&mem[from..from + (e - s) as usize]);
+        }
+    }
+    out
+}
+
+/// The guest address of byte `at` of the memory section.
+fn gpa_of_memory_byte(p: &Parts, at: u64) -> u64 {
+    let map: Value = serde_json::from_slice(section_named(p, "memory.map").1).expect("map");
+    map["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .find_map(|r| {
+            let (g, l, o) = (
+                r["gpa"].as_u64()?,
+                r["len"].as_u64()?,
+                r["offset"].as_u64()?,
+            );
+            (at >= o && at < o + l).then_some(g + at - o)
+        })
+        .expect("byte in a run")
+}
+
+/// Guest memory travels with a SHA-256 per 256 KiB chunk in the optional
+/// `memory.chunks` section (`memory` and `memory.map` stay version 1, so
+/// releases before it read the file as before). Restore verifies each
+/// chunk on first touch or in the background: a corrupt chunk stops the VM
+/// with an error naming it; without a userfaultfd (ABIDE_RESTORE_EAGER)
+/// every chunk is verified before the guest runs; without the section (a
+/// file of 0.2.0 or 0.3.0) memory is verified whole, before the guest runs.
+#[test]
+fn memory_is_verified_chunk_by_chunk() {
+    let dir = temp_dir("snap-chunks");
+    let snap = small_snapshot(&dir, &[]);
+    let good = std::fs::read(&snap).expect("read");
+    let parts = split(&good);
+    for name in ["memory.map", "memory"] {
+        let (e, _) = section_named(&parts, name);
+        assert_eq!(
+            (&e["version"], &e["optional"]),
+            (&json!(1), &json!(false)),
+            "{e}"
+        );
+    }
+    let (e, chunks) = section_named(&parts, "memory.chunks");
+    assert_eq!(
+        (&e["version"], &e["optional"]),
+        (&json!(1), &json!(true)),
+        "{e}"
+    );
+    let chunks: Value = serde_json::from_slice(chunks).expect("chunks JSON");
+    let size = chunks["chunk_size"].as_u64().expect("chunk_size");
+    assert_eq!(size, 256 << 10);
+    let list = chunks["chunks"].as_array().expect("chunks").clone();
+    assert!(list.len() > 1, "{chunks}");
+    // Each hash is that of the chunk's guest memory (128 MiB of RAM in one
+    // region, so no chunk is cut short), and every saved page is in one.
+    for c in &list {
+        let gpa = c["gpa"].as_u64().expect("gpa");
+        assert_eq!(gpa % size, 0);
+        assert_eq!(
+            c["sha256"],
+            json!(sha256_bytes(&guest_bytes(&parts, gpa, size))),
+            "{c}"
+        );
+    }
+    let map: Value = serde_json::from_slice(section_named(&parts, "memory.map").1).expect("map");
+    for r in map["runs"].as_array().expect("runs") {
+        let g = r["gpa"].as_u64().expect("gpa");
+        assert!(
+            list.iter()
+                .any(|c| c["gpa"].as_u64() == Some(g / size * size)),
+            "{r}"
+        );
+    }
+
+    // Lazily: the guest goes on; a snapshot of the restored VM waits for
+    // every chunk to be in (the loader says so first), and restores too.
+    let timings = [("ABIDE_RESTORE_TIMINGS", "1")];
+    let mut vm = Running::launch_env(
+        &dir,
+        "lazy",
+        &["restore", snap.to_str().expect("utf-8")],
+        &timings,
+    );
+    vm.wait_for("guest: tick n=");
+    let again = dir.join("again.snap");
+    vm.snapshot_and_stop_keep(&again);
+    let err = vm.stderr_text();
+    assert!(err.contains(" memory=lazy "), "{err}");
+    assert!(
+        err.contains(&format!(
+            "abide: restore memory verified: {} chunks",
+            list.len()
+        )),
+        "{err}"
+    );
+    restore_ticks_then_quit(&again, &dir, "again");
+
+    // A flipped bit in the middle of guest memory: the VM stops, exit 1,
+    // with the chunk named; never a hang.
+    let mem_at = payload_at(&good, "memory");
+    let mem_len = section_named(&parts, "memory").1.len();
+    let off = mem_len / 2 + 123;
+    let gpa = gpa_of_memory_byte(&parts, off as u64);
+    let chunk = gpa / size * size;
+    let index = list
+        .iter()
+        .position(|c| c["gpa"].as_u64() == Some(chunk))
+        .expect("chunk listed");
+    let mut bad = good.clone();
+    bad[mem_at + off] ^= 0x10;
+    let bad_path = dir.join("bad.snap");
+    std::fs::write(&bad_path, &bad).expect("write");
+    let named = format!(
+        "snapshot memory chunk {index} (guest {chunk:#x}..{:#x}) is corrupt (SHA-256 mismatch)",
+        chunk + size
+    );
+    let serial = dir.join("bad.log");
+    let out = restore(&bad_path, &["--serial", &serial_arg(&serial)]);
+    assert_eq!(out.code, Some(1), "a corrupt chunk must stop the VM\n{out}");
+    assert!(out.stderr.contains(&named), "expected '{named}'\n{out}");
+
+    // Eagerly (no userfaultfd): verified before the guest's first
+    // instruction; a good file restores.
+    let eager = [("ABIDE_RESTORE_EAGER", "1"), ("ABIDE_RESTORE_TIMINGS", "1")];
+    let serial = dir.join("bad-eager.log");
+    let out = run_command(
+        Command::new(abide_bin())
+            .args([
+                "restore",
+                bad_path.to_str().expect("utf-8"),
+                "--serial",
+                &serial_arg(&serial),
+            ])
+            .envs(eager),
+        None,
+        TIMEOUT,
+    );
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains(&named), "expected '{named}'\n{out}");
+    assert!(
+        !serial.exists() || read(&serial).is_empty(),
+        "the guest ran\n{out}"
+    );
+    let mut vm = Running::launch_env(
+        &dir,
+        "eager",
+        &["restore", snap.to_str().expect("utf-8")],
+        &eager,
+    );
+    vm.wait_for("guest: tick n=");
+    vm.snapshot_and_stop_keep(&dir.join("eager-again.snap"));
+    let err = vm.stderr_text();
+    assert!(err.contains(" memory=eager "), "{err}");
+    assert!(err.contains("(ABIDE_RESTORE_EAGER is set)"), "{err}");
+
+    // Hashes that do not match the saved pages, or a corrupt hash section:
+    // refused before the guest runs.
+    let mut p = split(&good);
+    let i = p.header["sections"]
+        .as_array()
+        .expect("sections")
+        .iter()
+        .position(|s| s["name"] == json!("memory.chunks"))
+        .expect("chunks");
+    let mut edited = chunks.clone();
+    edited["chunks"]
+        .as_array_mut()
+        .expect("chunks")
+        .remove(index);
+    p.payloads[i] = serde_json::to_vec(&edited).expect("json");
+    refused(&dir, "chunk-missing", &join(p), "its chunk has no hash");
+    let mut flipped = good.clone();
+    flipped[payload_at(&good, "memory.chunks") + 40] ^= 0x01;
+    refused(
+        &dir,
+        "flipped-chunks",
+        &flipped,
+        "snapshot section 'memory.chunks' is corrupt (checksum mismatch)",
+    );
+
+    // Without the section, as 0.2.0 and 0.3.0 wrote: memory is verified
+    // whole and mapped; the same flipped bit is refused before the guest
+    // runs.
+    let strip = |bytes: &[u8]| {
+        let mut p = split(bytes);
+        let sections = p.header["sections"].as_array_mut().expect("sections");
+        let i = sections
+            .iter()
+            .position(|s| s["name"] == json!("memory.chunks"))
+            .expect("chunks");
+        sections.remove(i);
+        p.payloads.remove(i);
+        join(p)
+    };
+    let old = dir.join("old.snap");
+    std::fs::write(&old, strip(&good)).expect("write");
+    let mut vm = Running::launch_env(
+        &dir,
+        "old",
+        &["restore", old.to_str().expect("utf-8")],
+        &timings,
+    );
+    vm.wait_for("guest: tick n=");
+    vm.snapshot_and_stop_keep(&dir.join("old-again.snap"));
+    let err = vm.stderr_text();
+    assert!(err.contains(" memory=mapped "), "{err}");
+    let mut old_bad = strip(&good);
+    let at = payload_at(&old_bad, "memory") + off;
+    old_bad[at] ^= 0x10;
+    refused(
+        &dir,
+        "old-flipped",
+        &old_bad,
+        "snapshot section 'memory' is corrupt (checksum mismatch)",
+    );
 }
 
 /// Restores `snap` with COM1 in a file and a control socket, waits for the
@@ -677,6 +993,20 @@ fn snapshot_target_versions_are_checked_before_pausing() {
     let parts = split(&std::fs::read(&file).expect("read"));
     for s in parts.header["sections"].as_array().expect("sections") {
         assert_eq!(s["version"], json!(1), "{s}");
+    }
+    // Guest memory for 0.2.0 and 0.3.0: `memory` in version 1 with its
+    // whole-section SHA-256 (what they verify), and the chunk hashes in a
+    // section marked optional, which they skip.
+    let file3 = dir.join("0.3.0.snap");
+    let out = snap("0.3.0", &file3);
+    assert_eq!(out.code, Some(0), "{out}");
+    for f in [&file, &file3] {
+        let parts = split(&std::fs::read(f).expect("read"));
+        let (e, data) = section_named(&parts, "memory");
+        assert_eq!(e["version"], json!(1), "{e}");
+        assert_eq!(e["sha256"], json!(sha256_bytes(data)), "{e}");
+        let (c, _) = section_named(&parts, "memory.chunks");
+        assert_eq!(c["optional"], json!(true), "{c}");
     }
     vm.snapshot_and_stop(&dir.join("last.snap"));
 

@@ -280,11 +280,19 @@ fn restore(a: RestoreArgs, started: std::time::Instant) -> Result<ExitReason, ab
         // resumed and the vCPU threads spawned (the guest's first
         // instruction follows within the thread start-up).
         eprintln!(
-            "abide: restore verify_ms={} abi_ms={} load_ms={} ready_ms={}",
+            "abide: restore verify_ms={} abi_ms={} load_ms={} ready_ms={} memory={} memory_ms={} slots_wait_ms={}{}",
             report.verify_ms,
             report.abi_ms,
             report.load_ms,
-            abide_vmm::api::ms(started)
+            abide_vmm::api::ms(started),
+            report.memory,
+            report.memory_ms,
+            report.slots_ms,
+            report
+                .memory_note
+                .as_deref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default()
         );
     }
     let figures = json!({
@@ -292,6 +300,9 @@ fn restore(a: RestoreArgs, started: std::time::Instant) -> Result<ExitReason, ab
         "verify_ms": report.verify_ms,
         "abi_ms": report.abi_ms,
         "load_ms": report.load_ms,
+        "memory": report.memory,
+        "memory_ms": report.memory_ms,
+        "memory_note": report.memory_note,
     });
     abide_vmm::control::run(vm, api, Some(figures))
 }

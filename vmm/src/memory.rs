@@ -57,6 +57,43 @@ pub enum MemoryError {
     },
 }
 
+/// Memory slots being registered by [`GuestRam::register_in_background`].
+/// Dropping it waits for the registration too.
+#[derive(Debug)]
+pub struct PendingSlots(Option<std::io::Result<std::thread::JoinHandle<Result<(), MemoryError>>>>);
+
+impl PendingSlots {
+    /// Slots already registered.
+    pub fn done() -> Self {
+        Self(None)
+    }
+
+    /// Waits until every slot is registered.
+    pub fn wait(&mut self) -> Result<(), MemoryError> {
+        match self.0.take() {
+            None => Ok(()),
+            Some(Ok(t)) => t.join().unwrap_or_else(|_| {
+                Err(MemoryError::Map {
+                    addr: 0,
+                    size: 0,
+                    reason: "the memory slot thread panicked".into(),
+                })
+            }),
+            Some(Err(e)) => Err(MemoryError::Map {
+                addr: 0,
+                size: 0,
+                reason: format!("cannot start the memory slot thread: {e}"),
+            }),
+        }
+    }
+}
+
+impl Drop for PendingSlots {
+    fn drop(&mut self) {
+        let _ = self.wait();
+    }
+}
+
 /// Guest RAM and the file that backs it.
 #[derive(Debug)]
 pub struct GuestRam {
@@ -249,6 +286,58 @@ impl GuestRam {
     /// Registers every region with KVM as a memory slot.
     pub fn register(&self, vm: &VmFd) -> Result<(), MemoryError> {
         self.set_slots(vm, 0)
+    }
+
+    /// [`GuestRam::register`] on another thread: creating a memory slot
+    /// waits for an SRCU grace period (milliseconds on a busy host), which
+    /// a restore overlaps with building devices and loading state. The
+    /// slots exist once [`PendingSlots::wait`] returns; nothing may run
+    /// the guest before. The mapping must outlive the handle (the VM holds
+    /// both, the handle first).
+    pub fn register_in_background(&self, vm: std::sync::Arc<VmFd>) -> PendingSlots {
+        let descs: Vec<_> = self.slot_descs(0);
+        let thread = std::thread::Builder::new()
+            .name("abide-memslots".into())
+            .spawn(move || {
+                for (slot, desc) in descs {
+                    let desc = desc?;
+                    // SAFETY: as in set_slots: the region is a live mapping
+                    // owned by the VM's memory, which outlives this thread
+                    // (the handle is joined before the memory is dropped).
+                    unsafe { vm.set_user_memory_region(desc) }
+                        .map_err(|source| MemoryError::Slot { slot, source })?;
+                }
+                Ok(())
+            });
+        PendingSlots(Some(thread))
+    }
+
+    fn slot_descs(
+        &self,
+        flags: u32,
+    ) -> Vec<(u32, Result<kvm_userspace_memory_region, MemoryError>)> {
+        self.mem
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                let slot = slot as u32;
+                let desc = region
+                    .get_host_address(vm_memory::MemoryRegionAddress(0))
+                    .map_err(|e| MemoryError::Map {
+                        addr: region.start_addr().0,
+                        size: region.len(),
+                        reason: e.to_string(),
+                    })
+                    .map(|host| kvm_userspace_memory_region {
+                        slot,
+                        flags,
+                        guest_phys_addr: region.start_addr().0,
+                        memory_size: region.len(),
+                        userspace_addr: host as u64,
+                    });
+                (slot, desc)
+            })
+            .collect()
     }
 
     /// Turns KVM's dirty page logging on or off for every memory slot.

@@ -30,6 +30,14 @@ pub static EMBEDDED_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/abi
 
 /// A built, not yet running VM.
 pub struct Vm {
+    /// A restored VM's memory loader (a snapshot with `memory.chunks`),
+    /// while chunks are still coming in. First, so that it is dropped first:
+    /// its userfaultfd closes before anything else of the VM goes.
+    pub(crate) lazy: Option<crate::snapshot::lazy::LazyMemory>,
+    /// RAM's memory slots while KVM still registers them (a restore;
+    /// [`Vm::await_slots`]). Before `ram`, so that it is joined before the
+    /// memory goes.
+    slots: crate::memory::PendingSlots,
     pub(crate) machine: MachineDescription,
     pub(crate) cfg: VmConfig,
     cpu: vcpu::cpuid::ResolvedCpu,
@@ -129,6 +137,75 @@ pub fn open_kvm() -> Result<Kvm, Error> {
     })
 }
 
+/// The start of a VM that a restore makes, on its own thread, while it
+/// checks the snapshot's guest ABI: KVM's VM, its RAM and memory slot, and
+/// the in-kernel PIC/IOAPIC/PIT. Each of these costs KVM an SRCU grace
+/// period, milliseconds on a busy host; the slot goes first, while the
+/// fresh VM's SRCU is idle (grace periods in a row wait longer).
+pub(crate) struct Early {
+    kvm: Kvm,
+    vm: Arc<VmFd>,
+    ram: GuestRam,
+    slots: crate::memory::PendingSlots,
+    machine: String,
+    memory: u64,
+}
+
+impl Early {
+    /// KVM's VM with its in-kernel irqchip and PIT and `memory` bytes of
+    /// `machine`'s RAM, its slots being registered.
+    pub(crate) fn start(machine: &MachineDescription, memory: u64) -> Result<Self, Error> {
+        let kvm = open_kvm()?;
+        let kvm_err = |what| move |source| Error::Kvm { what, source };
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
+        let ram = GuestRam::new(machine, memory)?;
+        // The slots first (a fresh VM's first grace period is the
+        // quickest), then the in-kernel devices, each costing another.
+        ram.register(&vm)?;
+        let slots = crate::memory::PendingSlots::done();
+        create_irqchips(&vm)?;
+        Ok(Self {
+            kvm,
+            vm,
+            ram,
+            slots,
+            machine: machine.name.clone(),
+            memory,
+        })
+    }
+
+    /// [`Early::start`] on its own thread, while the caller goes on (a
+    /// restore checks the snapshot's ABI meanwhile).
+    pub(crate) fn start_in_background(
+        machine: MachineDescription,
+        memory: u64,
+    ) -> std::thread::JoinHandle<Option<Self>> {
+        let spawned = std::thread::Builder::new()
+            .name("abide-early-vm".into())
+            .spawn(move || Self::start(&machine, memory).ok());
+        match spawned {
+            Ok(t) => t,
+            // No thread: the build does it all itself.
+            Err(_) => std::thread::spawn(|| None),
+        }
+    }
+}
+
+/// The TSS address, the in-kernel PIC/IOAPIC/LAPIC and the PIT.
+fn create_irqchips(vm: &VmFd) -> Result<(), Error> {
+    let kvm_err = |what| move |source| Error::Kvm { what, source };
+    vm.set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(kvm_err("set the TSS address"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("create the in-kernel PIC/IOAPIC/LAPIC"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kvm_err("create the in-kernel PIT"))?;
+    Ok(())
+}
+
 impl Vm {
     /// Builds the VM: memory, firmware tables, kernel, devices, vCPUs.
     pub fn build(machine: MachineDescription, cfg: &VmConfig) -> Result<Self, Error> {
@@ -140,6 +217,18 @@ impl Vm {
         cfg: &VmConfig,
         start: Start,
     ) -> Result<Self, Error> {
+        Self::build_from(machine, cfg, start, None)
+    }
+
+    /// [`Vm::build_with`], going on from `early` when it was made for this
+    /// machine type and memory size (otherwise it is dropped).
+    pub(crate) fn build_from(
+        machine: MachineDescription,
+        cfg: &VmConfig,
+        start: Start,
+        early: Option<Early>,
+    ) -> Result<Self, Error> {
+        let early = early.filter(|e| e.machine == machine.name && e.memory == cfg.memory);
         cfg.validate(&machine)?;
         crate::irq::check_irqchip(&machine)?;
         let types = abide_machines::machine_types();
@@ -173,7 +262,10 @@ impl Vm {
         }
         let serial_out = serial_sink(&cfg.serial)?;
 
-        let kvm = open_kvm()?;
+        let (kvm, early) = match early {
+            Some(e) => (e.kvm, Some((e.vm, e.ram, e.slots))),
+            None => (open_kvm()?, None),
+        };
         let kvm_err = |what| move |source| Error::Kvm { what, source };
         // Refuse a CPU model this host cannot run before anything is set up.
         let supported = kvm
@@ -213,19 +305,29 @@ impl Vm {
                 path: std::path::PathBuf::from("(duplicate handle)"),
                 source,
             })?;
-        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
-        vm.set_tss_address(KVM_TSS_ADDRESS)
-            .map_err(kvm_err("set the TSS address"))?;
-        vm.create_irq_chip()
-            .map_err(kvm_err("create the in-kernel PIC/IOAPIC/LAPIC"))?;
-        vm.create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .map_err(kvm_err("create the in-kernel PIT"))?;
+        let (vm, early) = match early {
+            Some((vm, ram, slots)) => (vm, Some((ram, slots))),
+            None => {
+                let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
+                create_irqchips(&vm)?;
+                (vm, None)
+            }
+        };
 
-        let ram = GuestRam::new(&machine, cfg.memory)?;
-        ram.register(&vm)?;
+        // A restore overlaps the slots' registration with the rest of the
+        // build and the state's loading (Vm::await_slots); a boot waits
+        // here, before anything is written to the VM.
+        let (ram, mut slots) = match early {
+            Some(e) => e,
+            None => {
+                let ram = GuestRam::new(&machine, cfg.memory)?;
+                let slots = ram.register_in_background(vm.clone());
+                (ram, slots)
+            }
+        };
+        if start == Start::Boot {
+            slots.wait()?;
+        }
         let firmware_region = match &firmware {
             Some((image, _)) => Some(crate::firmware::map(
                 &vm,
@@ -328,6 +430,8 @@ impl Vm {
             });
         }
         Ok(Self {
+            lazy: None,
+            slots,
             machine,
             cfg: kept,
             cpu,
@@ -475,7 +579,14 @@ impl Vm {
         self.launch(true)
     }
 
+    /// Waits until KVM has every RAM memory slot (registered in the
+    /// background by a restore's build).
+    pub(crate) fn await_slots(&mut self) -> Result<(), Error> {
+        self.slots.wait().map_err(Error::from)
+    }
+
     fn launch(&mut self, paused: bool) -> Result<Started, Error> {
+        self.await_slots()?;
         let console = self
             .serial_is_console
             .then(|| console::attach_stdin(self.legacy.serial.clone()));
@@ -512,6 +623,11 @@ impl Vm {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .stop_all();
+        // A chunk of restored memory that failed verification ended the VM
+        // (a vCPU waiting on it may report an error of its own too).
+        if let Some(e) = self.lazy.as_ref().and_then(|l| l.failure()) {
+            return Err(Error::Snapshot(crate::snapshot::RestoreError::Chunk(e)));
+        }
         if let Ok(e) = started.errors.try_recv() {
             return Err(Error::Vcpu(e));
         }

@@ -231,6 +231,9 @@ impl Controller {
             "verify_ms": report.verify_ms,
             "abi_ms": report.abi_ms,
             "load_ms": report.load_ms,
+            "memory": report.memory,
+            "memory_ms": report.memory_ms,
+            "memory_note": report.memory_note,
         });
         self.adopt(vm);
         if let Err(e) = self.start(!body.resume) {

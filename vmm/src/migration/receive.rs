@@ -118,7 +118,9 @@ pub fn receive(
         Ok(m) => m,
         Err(e) => return Err(refuse(&mut conn, crate::Error::from(e).into())),
     };
-    let mut vm = match Vm::build_with(machine, &cfg, Start::Restore) {
+    let mut vm = match Vm::build_with(machine, &cfg, Start::Restore)
+        .and_then(|mut vm| vm.await_slots().map(|()| vm))
+    {
         Ok(vm) => vm,
         Err(e) => return Err(refuse(&mut conn, e.into())),
     };

@@ -564,6 +564,13 @@ pub fn send(
     if let Err(e) = s.handshake() {
         return Err(abort(&mut s, e));
     }
+    // A restored VM whose memory is still coming in: all of it first (the
+    // guest runs meanwhile); pre-copy reads populated memory only.
+    if let Some(l) = &vm.lazy {
+        if let Err(e) = l.wait_loaded() {
+            return Err(abort(&mut s, MigrationError::Memory(e.to_string())));
+        }
+    }
     if let Err(e) = vm.ram.set_dirty_logging(&vm.vm, true) {
         return Err(abort(&mut s, MigrationError::Memory(e.to_string())));
     }

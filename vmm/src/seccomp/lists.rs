@@ -199,6 +199,35 @@ const MIGRATION: &[Entry] = &[
     ("fdatasync", "flushing disks before the guest moves"),
 ];
 
+/// The memory loader of a restored VM (a snapshot with `memory.chunks`): reads
+/// each chunk from the snapshot file, verifies it, and copies it into
+/// guest RAM through the userfaultfd.
+const MEMORY: &[Entry] = &[
+    (
+        "pread64",
+        "reading a chunk of guest memory from the snapshot file",
+    ),
+    (
+        "poll",
+        "waiting for page faults on guest RAM and for its stop event",
+    ),
+    (
+        "ppoll",
+        "waiting for page faults on guest RAM and for its stop event",
+    ),
+    (
+        "ioctl",
+        "UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WAKE: installing verified chunks",
+    ),
+];
+
+/// Restoring a VM whose memory is verified chunk by chunk: the control
+/// thread creates the userfaultfd (its loader thread then has MEMORY).
+const RESTORE: &[Entry] = &[(
+    "userfaultfd",
+    "a restored VM's memory is filled as it is first touched, chunk by verified chunk",
+)];
+
 /// The control (main) thread: builds and restores VMs, takes snapshots,
 /// receives migrations, carries out the API's requests. It does the most
 /// and is the broadest list; what it does not allow, no thread can do.
@@ -325,7 +354,23 @@ pub(super) fn for_kind(kind: ThreadKind) -> Vec<&'static [Entry]> {
     use ThreadKind::*;
     match kind {
         // Builds everything and starts every other kind of thread.
-        Control | Incoming => vec![
+        Control => vec![
+            BASE,
+            SPAWN,
+            WORKER,
+            WORKER_SETUP,
+            BLK,
+            NET,
+            VCPU,
+            API,
+            PROBE,
+            MIGRATION,
+            CONTROL,
+            MEMORY,
+            RESTORE,
+        ],
+        // Builds a received VM (no snapshot file, so no memory loader).
+        Incoming => vec![
             BASE,
             SPAWN,
             WORKER,
@@ -360,5 +405,6 @@ pub(super) fn for_kind(kind: ThreadKind) -> Vec<&'static [Entry]> {
         Console => vec![BASE],
         Intx => vec![BASE, WORKER],
         Announce => vec![BASE, NET],
+        Memory => vec![BASE, MEMORY],
     }
 }

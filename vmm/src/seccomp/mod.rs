@@ -76,11 +76,14 @@ pub enum ThreadKind {
     Intx,
     /// Announces a migrated guest's MAC addresses.
     Announce,
+    /// Loads a restored VM's memory: verifies each chunk and copies it in
+    /// through the userfaultfd.
+    Memory,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 11] = [
+    pub const ALL: [ThreadKind; 12] = [
         Self::Control,
         Self::Api,
         Self::Vcpu,
@@ -92,6 +95,7 @@ impl ThreadKind {
         Self::Console,
         Self::Intx,
         Self::Announce,
+        Self::Memory,
     ];
 
     /// The kind's name in messages.
@@ -108,6 +112,7 @@ impl ThreadKind {
             Self::Console => "stdin console",
             Self::Intx => "INTx resampler",
             Self::Announce => "announce",
+            Self::Memory => "memory loader",
         }
     }
 
@@ -423,7 +428,7 @@ mod tests {
             (
                 Control,
                 vec![
-                    Api, Vcpu, Blk, Net, Rng, Migration, Incoming, Console, Intx, Announce,
+                    Api, Vcpu, Blk, Net, Rng, Migration, Incoming, Console, Intx, Announce, Memory,
                 ],
             ),
             (Incoming, vec![Vcpu, Blk, Net, Rng, Intx, Console]),

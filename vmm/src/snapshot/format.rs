@@ -18,7 +18,10 @@
 //! it does not know is an error unless the writer marked it optional (a
 //! "subsection" an older reader may skip). Every byte is covered by a
 //! checksum, so truncation and corruption are caught before any state is
-//! loaded.
+//! loaded. A reader may instead verify a large section piece by piece
+//! ([`Snapshot::open_chunked`]): guest memory, when the snapshot also has
+//! a `memory.chunks` section (a SHA-256 per chunk, itself verified here),
+//! is checked chunk by chunk before any byte of a chunk is used.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -402,6 +405,9 @@ pub struct Snapshot {
     source: Source,
     /// Known sections, by name.
     index: BTreeMap<String, usize>,
+    /// Accepted chunked sections, not verified here (their reader checks
+    /// each chunk).
+    chunked: std::collections::BTreeSet<String>,
 }
 
 impl Snapshot {
@@ -409,16 +415,34 @@ impl Snapshot {
     /// each section name (or name prefix ending in '.'), the newest version
     /// this reader understands.
     pub fn parse(bytes: Vec<u8>, known: &[(&str, u32)]) -> Result<Self, SnapshotError> {
-        Self::verify(Source::Bytes(bytes), known)
+        Self::verify(Source::Bytes(bytes), known, &[])
     }
 
     /// Opens and verifies a snapshot file. Every section is read once to
     /// check its checksum; memory sections are not kept in memory.
     pub fn open(path: &Path, known: &[(&str, u32)]) -> Result<Self, SnapshotError> {
-        Self::verify(Source::File(File::open(path)?), known)
+        Self::verify(Source::File(File::open(path)?), known, &[])
     }
 
-    fn verify(source: Source, known: &[(&str, u32)]) -> Result<Self, SnapshotError> {
+    /// Like [`Snapshot::open`], but for each (section, hashes) pair of
+    /// `chunked` whose hashes section the snapshot has, the section is only
+    /// bounds-checked, not hashed whole: the caller verifies it chunk by
+    /// chunk against the hashes section (which is verified here) before
+    /// using any byte. [`Snapshot::section`] refuses such a section;
+    /// [`Snapshot::mapped`] gives where it lies.
+    pub fn open_chunked(
+        path: &Path,
+        known: &[(&str, u32)],
+        chunked: &[(&str, &str)],
+    ) -> Result<Self, SnapshotError> {
+        Self::verify(Source::File(File::open(path)?), known, chunked)
+    }
+
+    fn verify(
+        source: Source,
+        known: &[(&str, u32)],
+        chunked_by: &[(&str, &str)],
+    ) -> Result<Self, SnapshotError> {
         let total = source.len()?;
         let mut magic = [0u8; 8];
         if total < MAGIC.len() as u64 {
@@ -450,6 +474,7 @@ impl Snapshot {
             .map_err(|_| SnapshotError::Truncated("header checksum missing".into()))?;
         let header = Header::decode(&json, &hash)?;
         let mut index = BTreeMap::new();
+        let mut chunked = std::collections::BTreeSet::new();
         for (i, s) in header.sections.iter().enumerate() {
             if !accept_section(s, known)? {
                 continue;
@@ -460,7 +485,16 @@ impl Snapshot {
                     s.name
                 )));
             }
-            if hash_range(&source, s.offset, s.length)? != s.sha256 {
+            let by_chunks = chunked_by.iter().any(|(n, by)| {
+                *n == s.name
+                    && header
+                        .sections
+                        .iter()
+                        .any(|h| h.name == *by && accept_section(h, known).unwrap_or(false))
+            });
+            if by_chunks {
+                chunked.insert(s.name.clone());
+            } else if hash_range(&source, s.offset, s.length)? != s.sha256 {
                 return Err(SnapshotError::SectionChecksum(s.name.clone()));
             }
             if index.insert(s.name.clone(), i).is_some() {
@@ -474,6 +508,7 @@ impl Snapshot {
             header,
             source,
             index,
+            chunked,
         })
     }
 
@@ -488,6 +523,12 @@ impl Snapshot {
     /// A verified section's version and payload.
     pub fn section(&self, name: &str) -> Result<(u32, Vec<u8>), SnapshotError> {
         let s = self.entry(name)?;
+        if self.chunked.contains(name) {
+            return Err(SnapshotError::BadSection {
+                name: name.into(),
+                reason: "it is verified chunk by chunk and cannot be read whole".into(),
+            });
+        }
         if s.length > MAX_INLINE {
             return Err(SnapshotError::BadSection {
                 name: name.into(),
@@ -499,8 +540,10 @@ impl Snapshot {
         Ok((s.version, buf))
     }
 
-    /// Where a verified page section lies in the file: (version, file,
-    /// offset, length). `None` for a snapshot parsed from memory.
+    /// Where a page section lies in the file: (version, file, offset,
+    /// length), verified unless it is chunked (see
+    /// [`Snapshot::open_chunked`]). `None` for a snapshot parsed from
+    /// memory.
     pub fn mapped(&self, name: &str) -> Result<Option<(u32, &File, u64, u64)>, SnapshotError> {
         let s = self.entry(name)?;
         Ok(match &self.source {
@@ -759,6 +802,53 @@ mod tests {
             .expect("read");
         assert_eq!(page40[4095], 3);
         assert!(s.read_section_at("memory", 3 * 4096, &mut page40).is_err());
+    }
+
+    /// `open_chunked` leaves a section with chunk hashes to its reader (a
+    /// flipped byte there is not caught here, and the section cannot be
+    /// read whole), and hashes it whole when the snapshot has no hashes
+    /// section, as every reader before the chunks did.
+    #[test]
+    fn chunked_sections_are_left_to_their_reader_only_with_their_hashes() {
+        let dir = std::env::temp_dir().join(format!("abide-fmt-chunked-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let known: &[(&str, u32)] = &[("memory", 1), ("memory.chunks", 1)];
+        let chunked: &[(&str, &str)] = &[("memory", "memory.chunks")];
+        let ram = vec![7u8; 8192];
+        let write = |with_hashes: bool, name: &str| {
+            let mut w = Writer::new("pc-1.0", json!({}), json!({}));
+            w.pages("memory", 1, vec![&ram[..]]);
+            if with_hashes {
+                w.section("memory.chunks", 1, true, b"{}".to_vec());
+            }
+            let path = dir.join(name);
+            w.write_to(&path).expect("write");
+            let mut bytes = std::fs::read(&path).expect("read");
+            let s = Snapshot::open(&path, known).expect("intact");
+            let at = s.header.sections[0].offset as usize;
+            bytes[at + 100] ^= 1;
+            std::fs::write(&path, &bytes).expect("corrupt");
+            path
+        };
+        let path = write(true, "with");
+        let s = Snapshot::open_chunked(&path, known, chunked).expect("memory left to its reader");
+        assert!(matches!(
+            s.section("memory"),
+            Err(SnapshotError::BadSection { .. })
+        ));
+        assert!(s.mapped("memory").expect("entry").is_some());
+        assert_eq!(s.section("memory.chunks").expect("hashes").1, b"{}");
+        // Whole verification (what older readers do) catches the flip.
+        assert!(matches!(
+            Snapshot::open(&path, known),
+            Err(SnapshotError::SectionChecksum(ref n)) if n == "memory"
+        ));
+        let path = write(false, "without");
+        assert!(matches!(
+            Snapshot::open_chunked(&path, known, chunked),
+            Err(SnapshotError::SectionChecksum(ref n)) if n == "memory"
+        ));
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     #[test]

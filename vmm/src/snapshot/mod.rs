@@ -10,11 +10,20 @@
 //!
 //! Restoring first verifies every checksum and section version, then
 //! rebuilds the manifest this Abide would give the saved configuration and
-//! refuses on any difference, before any guest state is loaded. Memory is
-//! mapped privately from the file, so it is read lazily as the guest
-//! touches it.
+//! refuses on any difference, before any guest state is loaded. Guest
+//! memory comes in one of two ways:
+//!
+//! - With a `memory.chunks` section (optional, written since 0.4: a
+//!   SHA-256 per 256 KiB chunk of guest RAM), [`lazy`] verifies each chunk
+//!   when it is first touched (or in the background, soon after), before
+//!   the guest or a device can see any of its bytes. Releases before it
+//!   skip the section and verify the `memory` section whole, as before.
+//! - Without it (snapshots of 0.2.0 and 0.3.0): the whole section is
+//!   hashed up front, then mapped privately from the file, read lazily as
+//!   the guest touches it.
 
 pub mod format;
+pub mod lazy;
 pub mod state;
 
 use std::path::{Path, PathBuf};
@@ -32,8 +41,17 @@ use crate::vm::{Start, Vm};
 use crate::Error;
 use format::{MemoryRun, Snapshot, SnapshotError, Writer, PAGE};
 
-/// Version of the `memory.map` section.
+/// Version of the `memory.map` and `memory` sections.
 const MEMORY_VERSION: u32 = 1;
+
+/// The optional section with a SHA-256 per chunk of guest memory
+/// ([`lazy::MemoryChunks`]), and its version.
+const CHUNKS: &str = "memory.chunks";
+const CHUNKS_VERSION: u32 = 1;
+
+/// Sections verified chunk by chunk, when the snapshot has the section of
+/// their chunk hashes, instead of whole.
+const CHUNKED: &[(&str, &str)] = &[("memory", CHUNKS)];
 
 /// Newest version of each section this build reads (prefixes end in '.').
 /// PCI functions check their own kind's version when restored.
@@ -44,6 +62,7 @@ pub const KNOWN_SECTIONS: &[(&str, u32)] = &[
     ("pci.", 1),
     ("memory.map", MEMORY_VERSION),
     ("memory", MEMORY_VERSION),
+    (CHUNKS, CHUNKS_VERSION),
     (state::ROM_PREFIX, state::ROM_VERSION),
 ];
 
@@ -135,6 +154,10 @@ pub enum RestoreError {
     /// Mapping memory.
     #[error("cannot map guest memory from the snapshot")]
     Map(#[source] std::io::Error),
+    /// A chunk of guest memory failed verification (or could not be read
+    /// or installed) after the restored VM started.
+    #[error(transparent)]
+    Chunk(#[from] lazy::ChunkError),
     /// The target release cannot read what this guest's state needs.
     #[error("cannot write a snapshot that Abide {target} restores: {source}")]
     Target {
@@ -215,6 +238,12 @@ fn plan(vm: &Vm) -> Vec<crate::compat::Planned> {
             why: None,
         });
     }
+    p.push(crate::compat::Planned {
+        name: CHUNKS.into(),
+        version: CHUNKS_VERSION,
+        optional: true,
+        why: Some("a SHA-256 per chunk of guest memory, so that restore verifies each chunk when it is first needed".into()),
+    });
     p
 }
 
@@ -239,6 +268,12 @@ pub fn save(vm: &Vm, vcpus: &mut Vcpus, path: &Path, o: &SaveOptions) -> Result<
         }
         None => None,
     };
+    // A restored VM whose memory is still coming in: all of it first (the
+    // guest runs meanwhile), or the save would miss what has not arrived.
+    if let Some(l) = &vm.lazy {
+        l.wait_loaded()
+            .map_err(|e| Error::Snapshot(RestoreError::Chunk(e)))?;
+    }
     let was_paused = vcpus.is_paused();
     let t = Instant::now();
     vm.pause(vcpus)?;
@@ -315,9 +350,20 @@ fn write(
             offset += run_len;
         }
     }
+    let runs = map.runs.clone();
     let map = serde_json::to_vec(&map).map_err(Error::Json)?;
     w.section("memory.map", MEMORY_VERSION, false, map);
-    w.pages("memory", MEMORY_VERSION, pages);
+    // The section's own SHA-256 (what releases before the chunks read) on
+    // this thread, the chunks' on another: two passes over the same
+    // memory, side by side.
+    let chunks = std::thread::scope(|s| {
+        let chunks = s.spawn(|| lazy::MemoryChunks::hash(lazy::CHUNK_SIZE, &runs, &slices));
+        w.pages("memory", MEMORY_VERSION, pages);
+        chunks.join()
+    })
+    .map_err(|_| Error::Thread(std::io::Error::other("hashing memory chunks failed")))?;
+    let chunks = serde_json::to_vec(&chunks).map_err(Error::Json)?;
+    w.section(CHUNKS, CHUNKS_VERSION, true, chunks);
     let bytes = w.write_to(path).map_err(|source| {
         Error::Snapshot(RestoreError::Write {
             path: path.to_path_buf(),
@@ -342,7 +388,7 @@ pub fn check_abi(saved: &serde_json::Value, here: &crate::manifest::Manifest) ->
 }
 
 /// Timings of a restore.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct RestoreReport {
     /// Reading and verifying the file.
     pub verify_ms: f64,
@@ -350,6 +396,18 @@ pub struct RestoreReport {
     pub abi_ms: f64,
     /// Building the VM and loading state (memory mapped, not copied).
     pub load_ms: f64,
+    /// How guest memory comes in: `mapped` (no chunk hashes: verified
+    /// whole, then mapped from the file), `lazy` (verified per chunk on
+    /// first touch and in the background), `eager` (chunk hashes but no
+    /// userfaultfd: every chunk verified and copied before the start).
+    pub memory: &'static str,
+    /// Part of `load_ms` spent on memory (eager: verifying and copying).
+    pub memory_ms: f64,
+    /// Why memory with chunk hashes was loaded eagerly.
+    pub memory_note: Option<String>,
+    /// Part of `load_ms` spent waiting for KVM to finish registering the
+    /// memory slots (begun when the VM was built).
+    pub slots_ms: f64,
 }
 
 /// Builds a VM from the snapshot at `path`, ready to [`Vm::run`].
@@ -357,13 +415,26 @@ pub fn restore(path: &Path, o: &Overrides) -> Result<(Vm, RestoreReport), Error>
     let snap_err = |e: RestoreError| Error::Snapshot(e);
     let mut report = RestoreReport::default();
     let t = Instant::now();
-    let snap = Snapshot::open(path, KNOWN_SECTIONS).map_err(|source| {
+    let snap = Snapshot::open_chunked(path, KNOWN_SECTIONS, CHUNKED).map_err(|source| {
         snap_err(RestoreError::Read {
             path: path.to_path_buf(),
             source,
         })
     })?;
     report.verify_ms = crate::api::ms(t);
+    // KVM's VM, in-kernel devices and RAM for the saved machine type and
+    // size, made on another thread while the ABI is checked (a refusal
+    // drops them): each costs KVM a grace period, milliseconds on a busy
+    // host.
+    let early = serde_json::from_value::<SavedHost>(snap.header.host.clone())
+        .ok()
+        .and_then(|saved| {
+            let machine = abide_machines::resolve(&saved.config.machine).ok()?;
+            Some(crate::vm::Early::start_in_background(
+                machine,
+                saved.config.memory,
+            ))
+        });
     let t = Instant::now();
     let roms = state::saved_roms(&snap).map_err(snap_err)?;
     let (cfg, diffs) = state::config_for(&snap.header, o, &roms)?;
@@ -376,14 +447,26 @@ pub fn restore(path: &Path, o: &Overrides) -> Result<(Vm, RestoreReport), Error>
     report.abi_ms = crate::api::ms(t);
     let t = Instant::now();
     let machine = abide_machines::resolve(&cfg.machine)?;
-    let mut vm = Vm::build_with(machine, &cfg, Start::Restore)?;
-    load_memory(&vm, &snap).map_err(snap_err)?;
-    state::load(&mut vm, &snap, &["memory.map", "memory"]).map_err(snap_err)?;
+    let early = early.and_then(|t| t.join().ok().flatten());
+    let mut vm = Vm::build_from(machine, &cfg, Start::Restore, early)?;
+    let t_mem = Instant::now();
+    load_memory(&mut vm, &snap, &mut report).map_err(snap_err)?;
+    report.memory_ms = crate::api::ms(t_mem);
+    state::load(&mut vm, &snap, &["memory.map", "memory", CHUNKS]).map_err(snap_err)?;
+    // KVM registered the memory slots meanwhile (state loading needs none:
+    // a vCPU's clock page is looked up again when it first runs).
+    let t_slots = Instant::now();
+    vm.await_slots()?;
+    report.slots_ms = crate::api::ms(t_slots);
     report.load_ms = crate::api::ms(t);
     Ok((vm, report))
 }
 
-fn load_memory(vm: &Vm, snap: &Snapshot) -> Result<(), RestoreError> {
+fn load_memory(
+    vm: &mut Vm,
+    snap: &Snapshot,
+    report: &mut RestoreReport,
+) -> Result<(), RestoreError> {
     let (_, bytes) = snap.section("memory.map")?;
     let map: MemoryMap = serde_json::from_slice(&bytes).map_err(|e| RestoreError::Malformed {
         name: "memory.map".into(),
@@ -435,6 +518,16 @@ fn load_memory(vm: &Vm, snap: &Snapshot) -> Result<(), RestoreError> {
             "runs cover {end} bytes but the memory section has {total}"
         )));
     }
+    if snap.sections().any(|s| s == CHUNKS) {
+        let (_, bytes) = snap.section(CHUNKS)?;
+        let chunks: lazy::MemoryChunks =
+            serde_json::from_slice(&bytes).map_err(|e| RestoreError::Malformed {
+                name: CHUNKS.into(),
+                reason: e.to_string(),
+            })?;
+        return load_chunked(vm, &map, &chunks, file, section_offset, report);
+    }
+    report.memory = "mapped";
     for (host, run) in targets {
         use std::os::fd::AsRawFd;
         // SAFETY: `host..host+len` lies inside a mapping owned by the VM's
@@ -460,5 +553,86 @@ fn load_memory(vm: &Vm, snap: &Snapshot) -> Result<(), RestoreError> {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .extend(map.runs.iter().map(|r| (r.gpa, r.len)));
+    Ok(())
+}
+
+/// Memory with chunk hashes: plans where every chunk comes from (checked
+/// against the runs), then loads memory lazily through a userfaultfd, or
+/// eagerly where none can be had.
+fn load_chunked(
+    vm: &mut Vm,
+    map: &MemoryMap,
+    chunks: &lazy::MemoryChunks,
+    file: &std::fs::File,
+    section_offset: u64,
+    report: &mut RestoreReport,
+) -> Result<(), RestoreError> {
+    let bad = |reason: String| RestoreError::Malformed {
+        name: CHUNKS.into(),
+        reason,
+    };
+    let mut regions = Vec::new();
+    for r in vm.ram.mem.iter() {
+        let host = r
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| bad(e.to_string()))?;
+        regions.push((r.start_addr().0, host as usize, r.len()));
+    }
+    let plan = lazy::Plan::new(
+        chunks.chunk_size,
+        &chunks.chunks,
+        &map.runs,
+        &regions,
+        section_offset,
+    )
+    .map_err(bad)?;
+    if plan.chunks() == 0 {
+        report.memory = "lazy";
+        return Ok(());
+    }
+    // Every page of guest RAM must be missing when loading starts: a page
+    // already there would keep its bytes instead of the snapshot's (a
+    // restored VM's build writes none; this makes sure).
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fallocate on the memfd the VM owns, within its size; no
+        // memory is passed, and no vCPU or device runs yet.
+        let r = unsafe {
+            libc::fallocate(
+                vm.ram.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                vm.ram.size as libc::off_t,
+            )
+        };
+        if r < 0 {
+            return Err(RestoreError::Map(std::io::Error::last_os_error()));
+        }
+    }
+    let mut plan = plan;
+    let why = if std::env::var_os("ABIDE_RESTORE_EAGER").is_some() {
+        "ABIDE_RESTORE_EAGER is set".to_string()
+    } else {
+        let exit = vm.exit.clone();
+        match lazy::LazyMemory::start(
+            plan,
+            file.try_clone().map_err(RestoreError::Map)?,
+            Box::new(move || exit.request(abide_devices::ExitReason::Poweroff)),
+            std::env::var_os("ABIDE_RESTORE_TIMINGS").is_some(),
+        ) {
+            Ok(l) => {
+                vm.lazy = Some(l);
+                report.memory = "lazy";
+                return Ok(());
+            }
+            Err((e, p)) => {
+                plan = p;
+                format!("no userfaultfd: {e}")
+            }
+        }
+    };
+    lazy::eager(&plan, file)?;
+    report.memory = "eager";
+    report.memory_note = Some(why);
     Ok(())
 }
