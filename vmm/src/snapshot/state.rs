@@ -784,7 +784,10 @@ mod tests {
                     .filter(|(k, v)| y.get(*k) != Some(*v))
                     .map(|(k, v)| format!("{k}: {} -> {v}", y[k]))
                     .collect(),
-                _ => (va != vb).then(|| format!("{vb} -> {va}")).into_iter().collect(),
+                _ => (va != vb)
+                    .then(|| format!("{vb} -> {va}"))
+                    .into_iter()
+                    .collect(),
             };
             assert_eq!((&a.name, a.version), (&b.name, b.version));
             assert!(changed.is_empty(), "{}: {changed:?}", a.name);
