@@ -41,78 +41,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
-
-def http(sock_path, method, path, body=None, timeout=60):
-    data = b"" if body is None else json.dumps(body).encode()
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(sock_path)
-        s.sendall((f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n"
-                   f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode() + data)
-        resp = b""
-        while b"\r\n\r\n" not in resp:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            resp += chunk
-        head, _, rest = resp.partition(b"\r\n\r\n")
-        lines = head.decode(errors="replace").split("\r\n")
-        status = int(lines[0].split()[1])
-        length = 0
-        for h in lines[1:]:
-            k, _, v = h.partition(":")
-            if k.strip().lower() == "content-length":
-                length = int(v.strip())
-        while len(rest) < length:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            rest += chunk
-        return status, rest.decode(errors="replace")
-    finally:
-        s.close()
-
-
-def wait_socket(path, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if os.path.exists(path):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(path)
-                return
-            except OSError:
-                pass
-            finally:
-                s.close()
-        time.sleep(0.0002)
-    raise RuntimeError(f"API socket {path} did not appear")
-
-
-def ok(status, body, what):
-    if not 200 <= status < 300:
-        raise RuntimeError(f"{what}: HTTP {status} {body.strip()[:300]}")
-
-
-def kill(p):
-    if p is not None and p.poll() is None:
-        p.kill()
-    if p is not None:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            print(f"snapshot-direct: pid {p.pid} did not die within 30 s of SIGKILL", file=sys.stderr)
-
-
-def alloc_mib(paths):
-    return sum(os.stat(p).st_blocks * 512 for p in paths if os.path.exists(p)) / (1 << 20)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from snapshot_peers_bench import alloc_mib, http, kill, ok, wait_socket  # noqa: E402
 
 
 class Abide:
@@ -129,7 +64,7 @@ class Abide:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def save(self, p):
-        wait_socket(self.sock, self.a.timeout)
+        wait_socket(self.sock, self.a.timeout, poll=0.0002)
         r = subprocess.run([self.bin, "snapshot", "--api-socket", self.sock, "--stop", self.snap],
                            capture_output=True, text=True, timeout=self.a.timeout)
         if r.returncode != 0:
@@ -223,7 +158,7 @@ class Firecracker:
         t0 = time.monotonic()
         q = subprocess.Popen([self.a.firecracker, "--api-sock", rsock],
                              stdin=subprocess.DEVNULL, stdout=self.rlog, stderr=subprocess.STDOUT)
-        wait_socket(rsock, self.a.timeout)
+        wait_socket(rsock, self.a.timeout, poll=0.0002)
         ok(*http(rsock, "PUT", "/snapshot/load",
                  {"snapshot_path": self.state,
                   "mem_backend": {"backend_path": self.mem, "backend_type": "File"},

@@ -133,7 +133,7 @@ def http(sock_path, method, path, body=None, timeout=60):
         s.close()
 
 
-def wait_socket(path, timeout):
+def wait_socket(path, timeout, poll=0.002):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if os.path.exists(path):
@@ -145,7 +145,7 @@ def wait_socket(path, timeout):
                 pass
             finally:
                 s.close()
-        time.sleep(0.002)
+        time.sleep(poll)
     raise RuntimeError(f"API socket {path} did not appear")
 
 
@@ -166,6 +166,8 @@ def alloc_mib(paths):
 
 
 def kill(p):
+    if p is None:
+        return
     if p.poll() is None:
         p.kill()
     try:
