@@ -474,14 +474,20 @@ fn payload_at(bytes: &[u8], name: &str) -> usize {
     e["offset"].as_u64().expect("offset") as usize
 }
 
-/// Section `name` of a split snapshot (exact name): its entry and payload.
-fn section_named<'a>(p: &'a Parts, name: &str) -> (&'a Value, &'a [u8]) {
-    let sections = p.header["sections"].as_array().expect("sections");
-    let i = sections
+/// Where section `name` of a split snapshot (exact name) is.
+fn section_index(p: &Parts, name: &str) -> usize {
+    p.header["sections"]
+        .as_array()
+        .expect("sections")
         .iter()
         .position(|s| s["name"] == json!(name))
-        .unwrap_or_else(|| panic!("no section {name}"));
-    (&sections[i], &p.payloads[i])
+        .unwrap_or_else(|| panic!("no section {name}"))
+}
+
+/// Section `name` of a split snapshot (exact name): its entry and payload.
+fn section_named<'a>(p: &'a Parts, name: &str) -> (&'a Value, &'a [u8]) {
+    let i = section_index(p, name);
+    (&p.header["sections"][i], &p.payloads[i])
 }
 
 /// Guest memory `[gpa, gpa + len)` as a snapshot holds it: the saved runs
@@ -580,16 +586,17 @@ fn memory_is_verified_chunk_by_chunk() {
     // Lazily: the guest goes on; a snapshot of the restored VM waits for
     // every chunk to be in (the loader says so first), and restores too.
     let timings = [("ABIDE_RESTORE_TIMINGS", "1")];
-    let mut vm = Running::launch_env(
-        &dir,
-        "lazy",
-        &["restore", snap.to_str().expect("utf-8")],
-        &timings,
-    );
-    vm.wait_for("guest: tick n=");
+    // Restores `from` with `env`, waits for the guest to tick, snapshots
+    // it to `to` and stops it; returns its standard error.
+    let restore_and_save = |tag: &str, from: &Path, env: &[(&str, &str)], to: &Path| {
+        let mut vm =
+            Running::launch_env(&dir, tag, &["restore", from.to_str().expect("utf-8")], env);
+        vm.wait_for("guest: tick n=");
+        vm.snapshot_and_stop_keep(to);
+        vm.stderr_text()
+    };
     let again = dir.join("again.snap");
-    vm.snapshot_and_stop_keep(&again);
-    let err = vm.stderr_text();
+    let err = restore_and_save("lazy", &snap, &timings, &again);
     assert!(err.contains(" memory=lazy "), "{err}");
     assert!(
         err.contains(&format!(
@@ -646,27 +653,14 @@ fn memory_is_verified_chunk_by_chunk() {
         !serial.exists() || read(&serial).is_empty(),
         "the guest ran\n{out}"
     );
-    let mut vm = Running::launch_env(
-        &dir,
-        "eager",
-        &["restore", snap.to_str().expect("utf-8")],
-        &eager,
-    );
-    vm.wait_for("guest: tick n=");
-    vm.snapshot_and_stop_keep(&dir.join("eager-again.snap"));
-    let err = vm.stderr_text();
+    let err = restore_and_save("eager", &snap, &eager, &dir.join("eager-again.snap"));
     assert!(err.contains(" memory=eager "), "{err}");
     assert!(err.contains("(ABIDE_RESTORE_EAGER is set)"), "{err}");
 
     // Hashes that do not match the saved pages, or a corrupt hash section:
     // refused before the guest runs.
     let mut p = split(&good);
-    let i = p.header["sections"]
-        .as_array()
-        .expect("sections")
-        .iter()
-        .position(|s| s["name"] == json!("memory.chunks"))
-        .expect("chunks");
+    let i = section_index(&p, "memory.chunks");
     let mut edited = chunks.clone();
     edited["chunks"]
         .as_array_mut()
@@ -688,26 +682,17 @@ fn memory_is_verified_chunk_by_chunk() {
     // runs.
     let strip = |bytes: &[u8]| {
         let mut p = split(bytes);
-        let sections = p.header["sections"].as_array_mut().expect("sections");
-        let i = sections
-            .iter()
-            .position(|s| s["name"] == json!("memory.chunks"))
-            .expect("chunks");
-        sections.remove(i);
+        let i = section_index(&p, "memory.chunks");
+        p.header["sections"]
+            .as_array_mut()
+            .expect("sections")
+            .remove(i);
         p.payloads.remove(i);
         join(p)
     };
     let old = dir.join("old.snap");
     std::fs::write(&old, strip(&good)).expect("write");
-    let mut vm = Running::launch_env(
-        &dir,
-        "old",
-        &["restore", old.to_str().expect("utf-8")],
-        &timings,
-    );
-    vm.wait_for("guest: tick n=");
-    vm.snapshot_and_stop_keep(&dir.join("old-again.snap"));
-    let err = vm.stderr_text();
+    let err = restore_and_save("old", &old, &timings, &dir.join("old-again.snap"));
     assert!(err.contains(" memory=mapped "), "{err}");
     let mut old_bad = strip(&good);
     let at = payload_at(&old_bad, "memory") + off;
