@@ -298,17 +298,9 @@ impl GuestRam {
         let descs: Vec<_> = self.slot_descs(0);
         let thread = std::thread::Builder::new()
             .name("abide-memslots".into())
-            .spawn(move || {
-                for (slot, desc) in descs {
-                    let desc = desc?;
-                    // SAFETY: as in set_slots: the region is a live mapping
-                    // owned by the VM's memory, which outlives this thread
-                    // (the handle is joined before the memory is dropped).
-                    unsafe { vm.set_user_memory_region(desc) }
-                        .map_err(|source| MemoryError::Slot { slot, source })?;
-                }
-                Ok(())
-            });
+            // The VM's memory outlives this thread: the handle is joined
+            // before the memory is dropped.
+            .spawn(move || set_slot_descs(&vm, descs));
         PendingSlots(Some(thread))
     }
 
@@ -376,30 +368,25 @@ impl GuestRam {
     }
 
     fn set_slots(&self, vm: &VmFd, flags: u32) -> Result<(), MemoryError> {
-        for (slot, region) in self.mem.iter().enumerate() {
-            let slot = slot as u32;
-            let host = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|e| MemoryError::Map {
-                    addr: region.start_addr().0,
-                    size: region.len(),
-                    reason: e.to_string(),
-                })?;
-            let desc = kvm_userspace_memory_region {
-                slot,
-                flags,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the region is a live mapping owned by `self.mem`, which
-            // outlives the VM (the VM is dropped before its memory); only
-            // the flags change when a slot is registered again.
-            unsafe { vm.set_user_memory_region(desc) }
-                .map_err(|source| MemoryError::Slot { slot, source })?;
-        }
-        Ok(())
+        set_slot_descs(vm, self.slot_descs(flags))
     }
+}
+
+/// Registers the slots [`GuestRam::slot_descs`] described, whose regions
+/// must be live mappings that outlive the VM (the VM is dropped before
+/// its memory; only the flags change when a slot is registered again).
+fn set_slot_descs(
+    vm: &VmFd,
+    descs: Vec<(u32, Result<kvm_userspace_memory_region, MemoryError>)>,
+) -> Result<(), MemoryError> {
+    for (slot, desc) in descs {
+        let desc = desc?;
+        // SAFETY: `desc` describes a live mapping owned by the VM's memory,
+        // which outlives the VM (see above).
+        unsafe { vm.set_user_memory_region(desc) }
+            .map_err(|source| MemoryError::Slot { slot, source })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -353,22 +353,13 @@ pub(super) const SETID: &[Entry] = &[
 pub(super) fn for_kind(kind: ThreadKind) -> Vec<&'static [Entry]> {
     use ThreadKind::*;
     match kind {
-        // Builds everything and starts every other kind of thread.
-        Control => vec![
-            BASE,
-            SPAWN,
-            WORKER,
-            WORKER_SETUP,
-            BLK,
-            NET,
-            VCPU,
-            API,
-            PROBE,
-            MIGRATION,
-            CONTROL,
-            MEMORY,
-            RESTORE,
-        ],
+        // Builds everything and starts every other kind of thread: what a
+        // received VM's builder does, and restoring memory chunk by chunk.
+        Control => {
+            let mut l = for_kind(Incoming);
+            l.extend([MEMORY, RESTORE]);
+            l
+        }
         // Builds a received VM (no snapshot file, so no memory loader).
         Incoming => vec![
             BASE,

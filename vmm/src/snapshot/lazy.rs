@@ -829,8 +829,7 @@ impl Loader {
     fn install(&self, uffd: &OwnedFd, i: usize, buf: &mut [u8]) -> Result<(), ChunkError> {
         self.plan.verify(&self.file, i, buf)?;
         let d = &self.plan.data[i];
-        let mut done = 0usize;
-        while done < d.len {
+        fill(d.len, d.gpa, |done| {
             let mut c = UffdioCopy {
                 dst: (d.host + done) as u64,
                 src: buf[done..].as_ptr() as u64,
@@ -838,33 +837,15 @@ impl Loader {
                 mode: 0,
                 copy: 0,
             };
-            match ioctl(uffd, UFFDIO_COPY, &mut c) {
-                Ok(()) => done = d.len,
-                Err(e) => {
-                    let copied = usize::try_from(c.copy).unwrap_or(0);
-                    match e.raw_os_error() {
-                        Some(libc::EAGAIN) => done += copied,
-                        // A page already there (nothing but this thread
-                        // fills guest RAM; kept for robustness): skip it.
-                        Some(libc::EEXIST) => done += copied + PAGE as usize,
-                        _ => {
-                            return Err(ChunkError::Install {
-                                gpa: d.gpa + done as u64,
-                                reason: e.to_string(),
-                            })
-                        }
-                    }
-                }
-            }
-        }
-        Ok(())
+            let r = ioctl(uffd, UFFDIO_COPY, &mut c);
+            (r, usize::try_from(c.copy).unwrap_or(0))
+        })
     }
 }
 
 /// Fills a chunk without saved pages with zeros.
 fn zero(uffd: &OwnedFd, host: usize, gpa: u64, len: usize) -> Result<(), ChunkError> {
-    let mut done = 0usize;
-    while done < len {
+    fill(len, gpa, |done| {
         let mut z = UffdioZeropage {
             range: UffdioRange {
                 start: (host + done) as u64,
@@ -873,21 +854,35 @@ fn zero(uffd: &OwnedFd, host: usize, gpa: u64, len: usize) -> Result<(), ChunkEr
             mode: 0,
             zeropage: 0,
         };
-        match ioctl(uffd, UFFDIO_ZEROPAGE, &mut z) {
-            Ok(()) => done = len,
-            Err(e) => {
-                let filled = usize::try_from(z.zeropage).unwrap_or(0);
-                match e.raw_os_error() {
-                    Some(libc::EAGAIN) => done += filled,
-                    Some(libc::EEXIST) => done += filled + PAGE as usize,
-                    _ => {
-                        return Err(ChunkError::Install {
-                            gpa: gpa + done as u64,
-                            reason: e.to_string(),
-                        })
-                    }
+        let r = ioctl(uffd, UFFDIO_ZEROPAGE, &mut z);
+        (r, usize::try_from(z.zeropage).unwrap_or(0))
+    })
+}
+
+/// Fills `len` bytes of guest RAM (from `gpa`) with `op`, a UFFDIO_COPY or
+/// UFFDIO_ZEROPAGE from offset `done` on that returns its result and the
+/// bytes it filled. Interrupted (EAGAIN), it goes on after them; a page
+/// already there (EEXIST: nothing but the loader fills guest RAM; kept
+/// for robustness) is skipped.
+fn fill(
+    len: usize,
+    gpa: u64,
+    mut op: impl FnMut(usize) -> (std::io::Result<()>, usize),
+) -> Result<(), ChunkError> {
+    let mut done = 0usize;
+    while done < len {
+        match op(done) {
+            (Ok(()), _) => done = len,
+            (Err(e), filled) => match e.raw_os_error() {
+                Some(libc::EAGAIN) => done += filled,
+                Some(libc::EEXIST) => done += filled + PAGE as usize,
+                _ => {
+                    return Err(ChunkError::Install {
+                        gpa: gpa + done as u64,
+                        reason: e.to_string(),
+                    })
                 }
-            }
+            },
         }
     }
     Ok(())
