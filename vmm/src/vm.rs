@@ -317,17 +317,19 @@ impl Vm {
         // A restore overlaps the slots' registration with the rest of the
         // build and the state's loading (Vm::await_slots); a boot waits
         // here, before anything is written to the VM.
-        let (ram, mut slots) = match early {
+        let (ram, slots) = match early {
             Some(e) => e,
             None => {
                 let ram = GuestRam::new(&machine, cfg.memory)?;
-                let slots = ram.register_in_background(vm.clone());
+                let slots = if start == Start::Boot {
+                    ram.register(&vm)?;
+                    crate::memory::PendingSlots::done()
+                } else {
+                    ram.register_in_background(vm.clone())
+                };
                 (ram, slots)
             }
         };
-        if start == Start::Boot {
-            slots.wait()?;
-        }
         let firmware_region = match &firmware {
             Some((image, _)) => Some(crate::firmware::map(
                 &vm,
