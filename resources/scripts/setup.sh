@@ -14,7 +14,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
 # Packages and why they are needed:
 #   qemu-system-x86 seabios ipxe-qemu  nested test host + reference VMM
-#   busybox-static cpio                initramfs contents and packing
+#   busybox-static cpio                initramfs contents and packing; httpd for the network boot
 #   lz4                                extract the PVH vmlinux from the bzImage
 #   binutils                           readelf (PVH note check)
 #   xz-utils zstd                      decompress kernel modules if compressed
@@ -26,7 +26,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 #   qemu-system-data                   linuxboot_dma.bin for --firmware with --kernel (linux_firmware.rs)
 #   syslinux syslinux-common mtools dosfstools
 #                                      the boot disk linux_firmware.rs builds (FAT + SYSLINUX, no mount)
-#   dnsmasq-base                       DHCP and TFTP for the network boot in linux_firmware.rs
+#   dnsmasq-base                       DHCP and TFTP (the boot script) for the network boot in linux_firmware.rs
 #   g++                                libFuzzer, built by libfuzzer-sys for the fuzz smoke run (fuzz/)
 packages=(qemu-system-x86 seabios ipxe-qemu busybox-static cpio lz4 binutils
           xz-utils zstd python3 python3-venv time gcc g++ libc6-dev e2fsprogs iproute2 curl

@@ -467,7 +467,9 @@ pub mod session {
     /// - in the nested host, a guest hung: its kernel reported a stall
     ///   ([`NESTED_GUEST_STALL`]; CI on 4 December 2026: "rcu_preempt
     ///   kthread timer wakeup didn't happen" on a 2-vCPU guest), or the
-    ///   session timed out waiting for it.
+    ///   session timed out waiting for it (the nested host's own timeout
+    ///   included), or a VMM got stuck in the nested host's kernel so
+    ///   that SIGKILL did not end it (`host: NAME unkillable: ...`).
     ///
     /// If the second run ends with the test host crashed again, a third
     /// and last run follows; no other failure gets a third.
@@ -540,13 +542,24 @@ pub mod session {
         let said = |s: &str| NESTED_GUEST_STALL.iter().any(|w| s.contains(w));
         said(&out.stdout)
             || said(&out.stderr)
+            // A VMM stuck in the nested host's kernel: SIGKILL does not end
+            // it (a session script's `host: NAME unkillable: ...`).
+            || out
+                .stdout
+                .lines()
+                .any(|l| l.starts_with("host: ") && l.contains(" unkillable: "))
             || (out.code != Some(0)
                 && (out.timed_out
+                    || out.stderr.contains(NESTED_HOST_TIMEOUT)
                     || out
                         .stdout
                         .lines()
                         .any(|l| l.starts_with("host: failed: no '"))))
     }
+
+    /// What `resources/nested/run.sh` says when the command inside did not
+    /// finish within its `--timeout`.
+    pub const NESTED_HOST_TIMEOUT: &str = "abide-nested: error: timed out after";
 
     /// Asserts that no line of the guest console `log` shows kernel
     /// trouble ([`KERNEL_TROUBLE`]).
