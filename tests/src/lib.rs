@@ -468,8 +468,10 @@ pub mod session {
     ///   ([`NESTED_GUEST_STALL`]; CI on 4 December 2026: "rcu_preempt
     ///   kthread timer wakeup didn't happen" on a 2-vCPU guest), or the
     ///   session timed out waiting for it (the nested host's own timeout
-    ///   included), or a VMM got stuck in the nested host's kernel so
-    ///   that SIGKILL did not end it (`host: NAME unkillable: ...`).
+    ///   included, and a case that waited in vain and killed its VMM:
+    ///   `host: NAME found=no exited=no ...`), or a VMM got stuck in the
+    ///   nested host's kernel so that SIGKILL did not end it
+    ///   (`host: NAME unkillable: ...`).
     ///
     /// If the second run ends with the test host crashed again, a third
     /// and last run follows; no other failure gets a third.
@@ -548,6 +550,12 @@ pub mod session {
                 .stdout
                 .lines()
                 .any(|l| l.starts_with("host: ") && l.contains(" unkillable: "))
+            // A case of a session that waited in vain for its guest and
+            // then killed it (`run_case` in tests/tests/linux_firmware.rs).
+            || out
+                .stdout
+                .lines()
+                .any(|l| l.starts_with("host: ") && l.contains(" found=no exited=no "))
             || (out.code != Some(0)
                 && (out.timed_out
                     || out.stderr.contains(NESTED_HOST_TIMEOUT)
