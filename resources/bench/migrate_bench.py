@@ -192,7 +192,18 @@ def run_qemu(a, work, mib, rate, buf, tag):
         qmp1.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
         qmp1.wait_migration()
         wall = (time.monotonic() - t0) * 1000.0
+        # QEMU 7.2 emits "completed" before it has filled in total-time and
+        # downtime: a query right after the event can read 0 for both. Ask
+        # again for up to 2 s; a run still without them has no figures
+        # (None, left out of the medians), never a 0.
         info = qmp1.cmd("query-migrate")
+        for _ in range(100):
+            if info.get("total-time") and info.get("downtime") is not None:
+                break
+            time.sleep(0.02)
+            info = qmp1.cmd("query-migrate")
+        if not info.get("total-time"):
+            info["total-time"] = info["downtime"] = None
         ram = info.get("ram", {})
         # Everything the source printed is read before the ticks are compared.
         qmp1.cmd("quit")
@@ -267,7 +278,7 @@ def main():
         return statistics.median(xs) if xs else None
 
     def f(x, d=1):
-        return "" if x is None else f"{x:.{d}f}"
+        return "n/a" if x is None else f"{x:.{d}f}"
 
     print(f"| case | VMM | ok runs | total (ms) | downtime, VMM's report (ms) | downtime, guest's view (ms) | MiB sent |")
     print("|---|---|---|---|---|---|---|")
