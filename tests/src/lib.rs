@@ -537,32 +537,30 @@ pub mod session {
     ];
 
     /// A guest that hung: its kernel says so (whatever the session's exit
-    /// code, as the console is asserted on afterwards), or the session
-    /// failed waiting for the guest (`host: failed: no '...' within`) or
-    /// ran out of time.
+    /// code, as the console is asserted on afterwards), a session case
+    /// waited in vain for it and killed it, its VMM could not be killed,
+    /// or the session failed waiting for the guest (`host: failed: no
+    /// '...' within`) or ran out of time.
     fn nested_guest_stalled(out: &Outcome) -> bool {
         let said = |s: &str| NESTED_GUEST_STALL.iter().any(|w| s.contains(w));
+        let host_line = |p: &dyn Fn(&str) -> bool| {
+            out.stdout
+                .lines()
+                .filter_map(|l| l.strip_prefix("host: "))
+                .any(p)
+        };
         said(&out.stdout)
             || said(&out.stderr)
             // A VMM stuck in the nested host's kernel: SIGKILL does not end
             // it (a session script's `host: NAME unkillable: ...`).
-            || out
-                .stdout
-                .lines()
-                .any(|l| l.starts_with("host: ") && l.contains(" unkillable: "))
+            || host_line(&|l| l.contains(" unkillable: "))
             // A case of a session that waited in vain for its guest and
             // then killed it (`run_case` in tests/tests/linux_firmware.rs).
-            || out
-                .stdout
-                .lines()
-                .any(|l| l.starts_with("host: ") && l.contains(" found=no exited=no "))
+            || host_line(&|l| l.contains(" found=no exited=no "))
             || (out.code != Some(0)
                 && (out.timed_out
                     || out.stderr.contains(NESTED_HOST_TIMEOUT)
-                    || out
-                        .stdout
-                        .lines()
-                        .any(|l| l.starts_with("host: failed: no '"))))
+                    || host_line(&|l| l.starts_with("failed: no '"))))
     }
 
     /// What `resources/nested/run.sh` says when the command inside did not

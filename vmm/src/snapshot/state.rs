@@ -291,13 +291,25 @@ pub fn saved_roms(src: &dyn SectionSource) -> Result<BTreeMap<RomKey, Vec<u8>>, 
 /// Reads the state of a paused VM (vCPUs and device workers stopped),
 /// memory excepted.
 pub fn collect(vm: &Vm, vcpus: &Vcpus) -> Result<Vec<StateSection>, Error> {
-    let snap_err = |e: crate::vcpu::state::StateError| Error::Snapshot(RestoreError::State(e));
     collect_with(vm, Some(vcpus.save().map_err(snap_err)?))
+}
+
+fn snap_err(e: crate::vcpu::state::StateError) -> Error {
+    Error::Snapshot(RestoreError::State(e))
+}
+
+/// The vCPU states of a VM whose vCPUs it still holds (not handed to
+/// their threads).
+fn own_vcpu_states(vm: &Vm) -> Result<Vec<VcpuState>, Error> {
+    vm.vcpus
+        .iter()
+        .map(|v| VcpuState::save(&v.fd, &v.msrs))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(snap_err)
 }
 
 /// [`collect`] with the vCPU states given (`None`: no `vcpu.N` sections).
 fn collect_with(vm: &Vm, vcpu_states: Option<Vec<VcpuState>>) -> Result<Vec<StateSection>, Error> {
-    let snap_err = |e: crate::vcpu::state::StateError| Error::Snapshot(RestoreError::State(e));
     let mut out = Vec::new();
     let mut push = |name: String, version: u32, bytes: Vec<u8>| {
         out.push(StateSection {
@@ -363,13 +375,7 @@ pub fn rehearse_collect(vm: &Vm) {
 /// calls it before pre-copy so that the pause does not pay for the first
 /// run of the load code (see [`rehearse_collect`]).
 pub fn rehearse_load(vm: &mut Vm) -> Result<(), Error> {
-    let snap_err = |e: crate::vcpu::state::StateError| Error::Snapshot(RestoreError::State(e));
-    let states = vm
-        .vcpus
-        .iter()
-        .map(|v| VcpuState::save(&v.fd, &v.msrs))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(snap_err)?;
+    let states = own_vcpu_states(vm)?;
     let mut sections = Sections::default();
     for s in collect_with(vm, Some(states))? {
         sections
@@ -736,12 +742,7 @@ mod tests {
         let machine = abide_machines::resolve(&cfg.machine).expect("machine");
         let mut vm = Vm::build_with(machine, &cfg, Start::Restore).expect("a VM (needs /dev/kvm)");
         let read = |vm: &Vm| {
-            let states = vm
-                .vcpus
-                .iter()
-                .map(|v| VcpuState::save(&v.fd, &v.msrs))
-                .collect::<Result<Vec<_>, _>>()
-                .expect("vCPU state");
+            let states = own_vcpu_states(vm).expect("vCPU state");
             let mut s = collect_with(vm, Some(states)).expect("state");
             s.retain(|s| s.name != "vm");
             // The clocks run on, in every read: the TSC and the ACPI PM
