@@ -25,6 +25,8 @@ step "test guest: fmt and clippy (x86_64-unknown-none)"
         --target-dir "$PWD/../../target/guest-clippy" -- -D warnings)
 step "build"
 cargo build --release --workspace
+step "the README's run command: the shipped build (profile dist) boots the test guest"
+./run.sh
 step "tests"
 cargo test --release --workspace
 step "fuzz smoke: every fuzz target for 3 s (docs/fuzzing.md)"

@@ -320,15 +320,28 @@ fn load_initrd<M: GuestMemoryBackend>(
     if addr < floor {
         return Err(BootError::InitrdTooLarge { size, limit });
     }
-    let mut data = Vec::new();
-    initrd
-        .read_to_end(&mut data)
-        .map_err(BootError::ReadInitrd)?;
-    mem.write_slice(&data, GuestAddress(addr))
-        .map_err(|source| BootError::GuestWrite {
-            what: "initramfs",
-            source,
-        })?;
+    // Straight from the file into guest memory: a buffer the size of the
+    // initramfs would stay in the VMM's peak RSS for as long as it runs.
+    let mut done = 0u64;
+    while done < size {
+        let want = usize::try_from(size - done).unwrap_or(usize::MAX);
+        let got = mem
+            .read_volatile_from(GuestAddress(addr + done), initrd, want)
+            .map_err(|source| match source {
+                vm_memory::GuestMemoryError::IOError(e) => BootError::ReadInitrd(e),
+                source => BootError::GuestWrite {
+                    what: "initramfs",
+                    source,
+                },
+            })?;
+        if got == 0 {
+            return Err(BootError::ReadInitrd(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("the initramfs ended after {done} of its {size} bytes"),
+            )));
+        }
+        done += got as u64;
+    }
     Ok((addr, size))
 }
 

@@ -36,7 +36,7 @@
 #                                [--run-timeout SECS (per boot, default 60)]
 # Exit status: 0 when every measured boot reached userspace and exited 0.
 # Environment:
-#   ABIDE_BIN           abide binary (default <repo>/target/release/abide);
+#   ABIDE_BIN           abide binary (default <repo>/target/dist/abide);
 #                       its rows say NOT MEASURED when it does not exist
 #   ABIDE_BENCH_CMDLINE guest command line
 #                       (default "console=ttyS0 quiet abide.test=marker")
@@ -67,7 +67,7 @@ done
 [[ $warmup =~ ^[0-9]+$ ]] || die "--warmup needs a number"
 [[ $run_timeout =~ ^[1-9][0-9]*$ ]] || die "--run-timeout needs a positive number"
 
-abide_bin=${ABIDE_BIN:-$repo/target/release/abide}
+abide_bin=${ABIDE_BIN:-$repo/target/dist/abide}
 [[ $abide_bin == /* ]] || abide_bin="$repo/$abide_bin"
 ch_bin=${ABIDE_BENCH_CLOUD_HYPERVISOR:-$repo/.cache/peers/bin/cloud-hypervisor}
 fc_bin=${ABIDE_BENCH_FIRECRACKER:-$repo/.cache/peers/bin/firecracker}
@@ -104,7 +104,7 @@ for kind in bzImage pvh; do
         args+=(:: "$name" "$abide_bin" run --kernel "$k" --initrd "$initrd"
                --cmdline "$cmdline" --memory "${mem}M" --cpus "$cpus" --serial stdio)
     else
-        echo "boot-bench: NOT MEASURED: abide binary missing ($abide_bin) -> skipping $name" >&2
+        echo "boot-bench: NOT MEASURED: abide binary missing ($abide_bin; cargo build --profile dist -p abide-vmm --bin abide builds it) -> skipping $name" >&2
         skips+=(--skip "$name=abide binary missing ($abide_bin)")
     fi
 done

@@ -32,7 +32,7 @@
 # Exit status: 0 when every measured run saved, restored and resumed the
 # guest at the next line.
 # Environment:
-#   ABIDE_BIN         abide binary (default <repo>/target/release/abide)
+#   ABIDE_BIN         abide binary (default <repo>/target/dist/abide)
 #   ABIDE_NESTED_MEM  memory of the nested test host in MiB (default here:
 #                     6144, or more for larger --sizes)
 #   ABIDE_BENCH_VERBOSE=1  print every step with a time stamp (to find where
@@ -63,7 +63,7 @@ done
 [[ $step_timeout =~ ^[1-9][0-9]*$ ]] || die "--timeout needs a positive number"
 [[ $sizes =~ ^[0-9]+:[0-9]+(,[0-9]+:[0-9]+)*$ ]] || die "--sizes takes MIB:FILL[,MIB:FILL...]"
 
-abide_bin=${ABIDE_BIN:-$repo/target/release/abide}
+abide_bin=${ABIDE_BIN:-$repo/target/dist/abide}
 [[ $abide_bin == /* ]] || abide_bin="$repo/$abide_bin"
 g="$repo/.cache/linux/guest"
 
@@ -93,7 +93,7 @@ native_ref() {
 }
 
 if ((!inner)); then
-    [[ -x $abide_bin ]] || die "no abide binary at $abide_bin (cargo build --release)"
+    [[ -x $abide_bin ]] || die "no abide binary at $abide_bin (cargo build --profile dist -p abide-vmm --bin abide)"
     # Build outside: writes inside the nested host are discarded.
     "$repo/resources/linux/build-guest-initramfs.sh" >&2
     export ABIDE_BIN=$abide_bin

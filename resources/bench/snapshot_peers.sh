@@ -54,7 +54,7 @@ done
 for v in "$runs" "$mem" "$fill" "$step_timeout"; do [[ $v =~ ^[1-9][0-9]*$ ]] || die "bad number: $v"; done
 [[ $warmup =~ ^[0-9]+$ ]] || die "--warmup needs a number"
 
-abide_bin=${ABIDE_BIN:-$repo/target/release/abide}
+abide_bin=${ABIDE_BIN:-$repo/target/dist/abide}
 ch_bin=${ABIDE_BENCH_CLOUD_HYPERVISOR:-$repo/.cache/peers/bin/cloud-hypervisor}
 fc_bin=${ABIDE_BENCH_FIRECRACKER:-$repo/.cache/peers/bin/firecracker}
 
@@ -62,7 +62,7 @@ if ((direct)); then
     "$repo/resources/linux/build-guest-initramfs.sh" >&2
     g="$repo/.cache/linux/guest"
     [[ -c /dev/kvm ]] || die "/dev/kvm missing"
-    [[ -x $abide_bin ]] || die "no abide binary at $abide_bin"
+    [[ -x $abide_bin ]] || die "no abide binary at $abide_bin (cargo build --profile dist -p abide-vmm --bin abide)"
     extra=()
     if [[ -n ${ABIDE_BIN_BEFORE:-} ]]; then
         [[ -x $ABIDE_BIN_BEFORE ]] || die "ABIDE_BIN_BEFORE=$ABIDE_BIN_BEFORE is not executable"

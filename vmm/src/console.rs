@@ -51,30 +51,28 @@ fn raw_mode() -> Option<libc::termios> {
 /// while the FIFO is full so no byte is lost. The thread ends at EOF.
 pub fn attach_stdin(serial: Arc<Mutex<Serial>>) -> Console {
     let saved = raw_mode();
-    let spawned = std::thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || {
-            crate::seccomp::enter(crate::seccomp::ThreadKind::Console);
-            let mut stdin = std::io::stdin().lock();
-            let mut buf = [0u8; 64];
-            loop {
-                let n = match stdin.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                let mut pending = &buf[..n];
-                while !pending.is_empty() {
-                    let taken = serial
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .enqueue_input(pending);
-                    pending = &pending[taken..];
-                    if !pending.is_empty() {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
+    let spawned = abide_devices::thread("stdin").spawn(move || {
+        crate::seccomp::enter(crate::seccomp::ThreadKind::Console);
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = [0u8; 64];
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let mut pending = &buf[..n];
+            while !pending.is_empty() {
+                let taken = serial
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .enqueue_input(pending);
+                pending = &pending[taken..];
+                if !pending.is_empty() {
+                    std::thread::sleep(Duration::from_millis(1));
                 }
             }
-        });
+        }
+    });
     if let Err(e) = spawned {
         eprintln!("abide: warning: guest console input disabled: {e}");
     }

@@ -48,29 +48,27 @@ impl Resampler {
         )?;
         let entries: Arc<Mutex<Vec<Entry>>> = Arc::new(Mutex::new(Vec::new()));
         let (ep, en) = (epoll.clone(), entries.clone());
-        let thread = std::thread::Builder::new()
-            .name("intx-resample".into())
-            .spawn(move || {
-                crate::seccomp::enter(crate::seccomp::ThreadKind::Intx);
-                let mut events = vec![EpollEvent::default(); 16];
-                loop {
-                    let n = match ep.wait(-1, &mut events) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(_) => return,
-                    };
-                    for ev in &events[..n] {
-                        if ev.data() == STOP_TOKEN {
-                            return;
-                        }
-                        let list = en.lock().unwrap_or_else(|e| e.into_inner());
-                        if let Some(e) = list.get(ev.data() as usize) {
-                            let _ = e.fd.read();
-                            (e.handler)();
-                        }
+        let thread = abide_devices::thread("intx-resample").spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadKind::Intx);
+            let mut events = vec![EpollEvent::default(); 16];
+            loop {
+                let n = match ep.wait(-1, &mut events) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => return,
+                };
+                for ev in &events[..n] {
+                    if ev.data() == STOP_TOKEN {
+                        return;
+                    }
+                    let list = en.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(e) = list.get(ev.data() as usize) {
+                        let _ = e.fd.read();
+                        (e.handler)();
                     }
                 }
-            })?;
+            }
+        })?;
         Ok(Self {
             epoll,
             entries,

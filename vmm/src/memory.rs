@@ -296,8 +296,7 @@ impl GuestRam {
     /// both, the handle first).
     pub fn register_in_background(&self, vm: std::sync::Arc<VmFd>) -> PendingSlots {
         let descs: Vec<_> = self.slot_descs(0);
-        let thread = std::thread::Builder::new()
-            .name("abide-memslots".into())
+        let thread = abide_devices::thread("abide-memslots")
             // The VM's memory outlives this thread: the handle is joined
             // before the memory is dropped.
             .spawn(move || set_slot_descs(&vm, descs));

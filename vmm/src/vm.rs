@@ -180,8 +180,7 @@ impl Early {
         machine: MachineDescription,
         memory: u64,
     ) -> std::thread::JoinHandle<Option<Self>> {
-        let spawned = std::thread::Builder::new()
-            .name("abide-early-vm".into())
+        let spawned = abide_devices::thread("abide-early-vm")
             .spawn(move || Self::start(&machine, memory).ok());
         match spawned {
             Ok(t) => t,

@@ -123,12 +123,10 @@ impl<H: Handler> Worker<H> {
             return Err(em_error(e));
         }
         let kind = name;
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                thread_started(kind);
-                run(em, id)
-            })?;
+        let thread = crate::thread(name).spawn(move || {
+            thread_started(kind);
+            run(em, id)
+        })?;
         Ok(Self {
             stop,
             thread: Some(thread),

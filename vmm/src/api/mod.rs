@@ -149,8 +149,7 @@ impl Listener {
             wake.clone(),
             stop.clone(),
         );
-        let thread = std::thread::Builder::new()
-            .name("abide-api".into())
+        let thread = abide_devices::thread("abide-api")
             .spawn(move || {
                 crate::seccomp::enter(crate::seccomp::ThreadKind::Api);
                 server.run()

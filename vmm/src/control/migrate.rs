@@ -60,38 +60,36 @@ impl Controller {
             .map_err(|e| Reply::wrong_state(state, e))?;
         self.shared.set_state(VmState::Migrating);
         let shared = self.shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("migration".into())
-            .spawn(move || {
-                crate::seccomp::enter(crate::seccomp::ThreadKind::Migration);
-                let mut event = |mut v: Value| {
-                    let kind = match v["event"].as_str() {
-                        Some("progress") => "migration-progress",
-                        _ => "migration-result",
-                    };
-                    if let Some(o) = v.as_object_mut() {
-                        o.remove("event");
-                        o.remove("ok");
-                    }
-                    if kind == "migration-result" {
-                        shared.migration_figures().send_done(&v);
-                    }
-                    shared.events.publish(kind, v);
+        let spawned = abide_devices::thread("migration").spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadKind::Migration);
+            let mut event = |mut v: Value| {
+                let kind = match v["event"].as_str() {
+                    Some("progress") => "migration-progress",
+                    _ => "migration-result",
                 };
-                if shared.migration.run(&vm, &vcpus, &opts, &mut event) {
-                    // The guest runs at the destination: this VM ends.
-                    vm.exit.request(ExitReason::Migrated);
-                } else {
-                    // Failed: the guest runs on here, or stays paused when
-                    // the link died after commit (the operator decides).
-                    let paused = vcpus.lock().unwrap_or_else(|e| e.into_inner()).is_paused();
-                    shared.set_state(if paused {
-                        VmState::Paused
-                    } else {
-                        VmState::Running
-                    });
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("event");
+                    o.remove("ok");
                 }
-            });
+                if kind == "migration-result" {
+                    shared.migration_figures().send_done(&v);
+                }
+                shared.events.publish(kind, v);
+            };
+            if shared.migration.run(&vm, &vcpus, &opts, &mut event) {
+                // The guest runs at the destination: this VM ends.
+                vm.exit.request(ExitReason::Migrated);
+            } else {
+                // Failed: the guest runs on here, or stays paused when
+                // the link died after commit (the operator decides).
+                let paused = vcpus.lock().unwrap_or_else(|e| e.into_inner()).is_paused();
+                shared.set_state(if paused {
+                    VmState::Paused
+                } else {
+                    VmState::Running
+                });
+            }
+        });
         match spawned {
             Ok(h) => self.migration = Some(h),
             Err(e) => {

@@ -35,18 +35,16 @@ pub fn start(ports: Vec<(Tap, [u8; 6])>) {
     if ports.is_empty() {
         return;
     }
-    let spawned = std::thread::Builder::new()
-        .name("announce".into())
-        .spawn(move || {
-            crate::seccomp::enter(crate::seccomp::ThreadKind::Announce);
-            for pause in ROUNDS {
-                std::thread::sleep(Duration::from_millis(pause));
-                for (tap, mac) in &ports {
-                    // A tap that refuses a frame drops it, as a wire would.
-                    let _ = tap.send(&rarp_frame(*mac));
-                }
+    let spawned = abide_devices::thread("announce").spawn(move || {
+        crate::seccomp::enter(crate::seccomp::ThreadKind::Announce);
+        for pause in ROUNDS {
+            std::thread::sleep(Duration::from_millis(pause));
+            for (tap, mac) in &ports {
+                // A tap that refuses a frame drops it, as a wire would.
+                let _ = tap.send(&rarp_frame(*mac));
             }
-        });
+        }
+    });
     if let Err(e) = spawned {
         eprintln!("abide: warning: cannot announce the guest's new network port: {e}");
     }

@@ -43,8 +43,7 @@ pub fn start(
     let (listener, shown) = listen(at)?;
     let set = move |s: &str| *phase.lock().unwrap_or_else(|e| e.into_inner()) = s.to_string();
     set(&format!("waiting for the source on {shown}"));
-    std::thread::Builder::new()
-        .name("incoming".into())
+    abide_devices::thread("incoming")
         .spawn(move || {
             crate::seccomp::enter(crate::seccomp::ThreadKind::Incoming);
             let r = listener

@@ -572,13 +572,11 @@ impl LazyMemory {
         // thread that cannot start leaves the plan to the caller (who then
         // loads eagerly).
         let (tx, rx) = std::sync::mpsc::channel::<Loader>();
-        let spawned = std::thread::Builder::new()
-            .name("abide-memory".into())
-            .spawn(move || {
-                if let Ok(l) = rx.recv() {
-                    l.run();
-                }
-            });
+        let spawned = abide_devices::thread("abide-memory").spawn(move || {
+            if let Ok(l) = rx.recv() {
+                l.run();
+            }
+        });
         match spawned {
             Ok(thread) => {
                 // The thread waits in recv, so the receiver is alive.

@@ -425,19 +425,17 @@ impl WaitingThread {
         install_kick_handler();
         let (commands, rx) = mpsc::channel();
         let (hand, handed) = mpsc::channel::<(Vcpu, RunControl)>();
-        let handle = std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || {
-                crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu);
-                let Ok((mut me, ctl)) = handed.recv() else {
-                    return;
-                };
-                if let Err(e) = me.run_loop(&ctl, &rx) {
-                    let _ = ctl.errors.send(e);
-                    // Wake the VMM; the error is on the channel.
-                    let _ = ctl.exit.eventfd().write(1);
-                }
-            })?;
+        let handle = abide_devices::thread(format!("vcpu{index}")).spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu);
+            let Ok((mut me, ctl)) = handed.recv() else {
+                return;
+            };
+            if let Err(e) = me.run_loop(&ctl, &rx) {
+                let _ = ctl.errors.send(e);
+                // Wake the VMM; the error is on the channel.
+                let _ = ctl.exit.eventfd().write(1);
+            }
+        })?;
         Ok(Self {
             index,
             handle,
