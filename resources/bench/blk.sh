@@ -133,6 +133,11 @@ if ((!inner)); then
             for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
             return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
         }
+        # A whole result line only: the nested host relays the output through
+        # its serial console, and a line cut short there is left out (noted).
+        / blkbench mode=/ && !/^[a-z]+ blkbench mode=[a-z]+ qd=[0-9]+ ops=[0-9]+ bytes=[0-9]+ secs=[0-9.]+ iops=[0-9]+ mib_s=[0-9.]+$/ {
+            bad[++nbad] = $0; next
+        }
         / blkbench mode=/ {
             who = $1; delete f
             for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
@@ -170,6 +175,7 @@ if ((!inner)); then
             print ""
             print "Medians of " runs " runs (host: 1 run)."
             for (v in note) print "note: " v ": " note[v]
+            for (i = 1; i <= nbad; i++) print "note: garbled result line left out: " bad[i]
         }' "$log"
     exit 0
 fi
