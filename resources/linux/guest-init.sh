@@ -143,15 +143,23 @@ run_test() {
             done
             ;;
         blkbench)
-            # Storage benchmark (resources/bench/blk.sh): QD1 O_DIRECT reads.
-            secs=5
+            # Storage benchmark (resources/bench/blk.sh): QD1 O_DIRECT reads;
+            # with abide.bench_qd=N (N > 1) also 4 KiB random reads at
+            # queue depth N (native AIO).
+            secs=5 qd=1
             # shellcheck disable=SC2013 # the command line is split into words on purpose
             for arg in $(cat /proc/cmdline); do
-                case $arg in abide.bench_secs=*) secs=${arg#abide.bench_secs=} ;; esac
+                case $arg in
+                    abide.bench_secs=*) secs=${arg#abide.bench_secs=} ;;
+                    abide.bench_qd=*) qd=${arg#abide.bench_qd=} ;;
+                esac
             done
             for mode in randread seqread; do
                 say "$(blkbench /dev/vda "$mode" "$secs" 2>&1)"
             done
+            if [ "$qd" -gt 1 ]; then
+                say "$(blkbench /dev/vda randread "$secs" "$qd" 2>&1)"
+            fi
             ;;
         progress)
             # Snapshot benchmark (resources/bench/snapshot.sh): fill
