@@ -46,7 +46,7 @@
 # Usage: resources/bench/blk.sh [-n RUNS] [--secs SECONDS] [--size MIB]
 #                               [--qd DEPTH] [--run-timeout SECS]
 # Environment:
-#   ABIDE_BIN                     abide (default <repo>/target/release/abide)
+#   ABIDE_BIN                     abide (default <repo>/target/dist/abide)
 #   ABIDE_BENCH_CLOUD_HYPERVISOR  cloud-hypervisor binary
 #                                 (default <repo>/.cache/peers/bin/cloud-hypervisor)
 #   ABIDE_BENCH_FIRECRACKER       firecracker binary
@@ -72,7 +72,7 @@ done
 [[ $runs =~ ^[1-9][0-9]*$ ]] || die "-n needs a positive number"
 if [[ ! $qd =~ ^[0-9]+$ ]] || ((qd < 2 || qd > 256)); then die "--qd needs a number from 2 to 256"; fi
 [[ $run_timeout =~ ^[1-9][0-9]*$ ]] || die "--run-timeout needs a positive number"
-abide=${ABIDE_BIN:-$repo/target/release/abide}
+abide=${ABIDE_BIN:-$repo/target/dist/abide}
 ch_bin=${ABIDE_BENCH_CLOUD_HYPERVISOR:-$repo/.cache/peers/bin/cloud-hypervisor}
 fc_bin=${ABIDE_BENCH_FIRECRACKER:-$repo/.cache/peers/bin/firecracker}
 cache="$repo/.cache/bench"
@@ -105,7 +105,7 @@ build_initrd() {
 }
 
 if ((!inner)); then
-    [[ -x $abide ]] || die "no abide binary at $abide (cargo build --release)"
+    [[ -x $abide ]] || die "no abide binary at $abide (cargo build --profile dist -p abide-vmm --bin abide)"
     mkdir -p "$cache"
     build_initrd
     if [[ ! -s $img ]]; then
