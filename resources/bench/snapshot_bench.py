@@ -45,14 +45,12 @@ rounds), one run is:
   4. Quit the restored VM, delete FILE.
 """
 import argparse
-import array
 import faulthandler
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,12 +58,12 @@ import tempfile
 import threading
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import qemu_qmp  # noqa: E402
+from qemu_qmp import Fail, Qmp  # noqa: E402  (Fail and Qmp also for migrate_bench.py)
+
 PROGRESS = re.compile(r"abide-linux: progress n=(\d+)")
 READY = "abide-linux: progress-ready"
-
-
-class Fail(Exception):
-    pass
 
 
 VERBOSE = False
@@ -150,75 +148,6 @@ class Lines:
             if self.partial:
                 out.append(self.partial.decode(errors="replace") + "  (no newline)")
         return out
-
-
-class Qmp:
-    def __init__(self, path, deadline):
-        while True:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(path)
-                break
-            except OSError:
-                s.close()
-                if time.monotonic() > deadline:
-                    raise Fail(f"cannot connect to QMP at {path}")
-                time.sleep(0.002)
-        self.s = s
-        self.deadline = deadline
-        self.buf = b""
-        self.events = []
-        self._read()  # greeting
-        self.cmd("qmp_capabilities")
-
-    def _read(self):
-        while b"\n" not in self.buf:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise Fail("QMP timed out")
-            self.s.settimeout(left)
-            try:
-                chunk = self.s.recv(65536)
-            except socket.timeout:
-                raise Fail("QMP timed out") from None
-            if not chunk:
-                raise Fail("QMP connection closed")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def cmd(self, name, fd=None, **args):
-        data = (json.dumps({"execute": name, "arguments": args}) + "\n").encode()
-        if fd is None:
-            self.s.sendall(data)
-        else:
-            self.s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
-        while True:
-            m = self._read()
-            if "event" in m:
-                self.events.append(m)
-                continue
-            if "error" in m:
-                raise Fail(f"QMP {name}: {m['error'].get('desc', m['error'])}")
-            return m.get("return")
-
-    def wait_migration(self):
-        seen = 0
-        while True:
-            for e in self.events[seen:]:
-                if e.get("event") == "MIGRATION":
-                    st = e.get("data", {}).get("status")
-                    if st == "completed":
-                        return
-                    if st in ("failed", "cancelled"):
-                        raise Fail(f"migration {st}")
-            seen = len(self.events)
-            m = self._read()
-            if "event" in m:
-                self.events.append(m)
-
-    def close(self):
-        self.s.close()
 
 
 def spawn(cmd, env=None):
@@ -396,19 +325,10 @@ def run_qemu(ctx, mib, fill, tag):
         qmp = Qmp(q1, deadline)
         wait_booted(con, deadline)
         step("booted; migrate set-up")
-        # Set-up a management tool does before saving (not timed).
-        qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
-        qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
-        fd = os.open(snap, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            qmp.cmd("getfd", fd=fd, fdname="mig")
-        finally:
-            os.close(fd)
+        qemu_qmp.save_setup(qmp, snap)  # not timed
         qmp.deadline = time.monotonic() + a.timeout
         t0 = time.monotonic()
-        qmp.cmd("stop")
-        qmp.cmd("migrate", uri="fd:mig")
-        qmp.wait_migration()
+        qemu_qmp.save(qmp)
         t1 = time.monotonic()
         r["save_wall"] = ms(t0, t1)
         info = qmp.cmd("query-migrate")
@@ -430,14 +350,7 @@ def run_qemu(ctx, mib, fill, tag):
         err = Lines(p.stderr, ctx.log(f"{tag}-restore.stderr"))
         ctx.cur = (con, err)
         qmp = Qmp(q2, deadline)
-        qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
-        fd = os.open(snap, os.O_RDONLY)
-        try:
-            qmp.cmd("getfd", fd=fd, fdname="mig")
-        finally:
-            os.close(fd)
-        qmp.cmd("migrate-incoming", uri="fd:mig")
-        qmp.wait_migration()
+        qemu_qmp.incoming(qmp, snap)
         r["incoming_done"] = ms(t0, time.monotonic())
         qmp.cmd("cont")
         r["first_insn"] = ms(t0, time.monotonic())

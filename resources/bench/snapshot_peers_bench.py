@@ -2,7 +2,8 @@
 """Snapshot save/restore against the peers (run by resources/bench/snapshot_peers.sh).
 
 Usage: snapshot_peers_bench.py --kernel VMLINUX --initrd INITRD [--abide BIN]
-           [--cloud-hypervisor BIN] [--firecracker BIN] [--runs N] [--warmup N]
+           [--cloud-hypervisor BIN] [--firecracker BIN] [--qemu BIN]
+           [--qemu-machine M] [--runs N] [--warmup N]
            [--mem-mib M] [--fill-mib F] [--timeout SECS] [--workdir DIR]
 
 Each VMM boots the same PVH vmlinux and initramfs with
@@ -12,10 +13,23 @@ progress lines the guest is paused and snapshotted, the VMM is killed, and
 the snapshot is restored in a new VMM process. Every console line is
 timestamped (time.monotonic()) as it is read.
 
+QEMU boots the PVH vmlinux with `-M microvm,rtc=on` (--qemu-machine), as
+resources/bench/boot.sh's qemu-microvm-pvh does, so that the guest is the
+same as the other VMMs': `-enable-kvm -cpu host -m M -smp 2 -kernel
+VMLINUX -initrd INITRD -append CMDLINE -nodefaults -no-user-config
+-nographic -serial stdio -no-reboot -qmp unix:S,server=on,wait=off`. QEMU
+7.2 has no file: migration URI, so the snapshot file is passed to it with
+QMP getfd and used as `fd:mig` (resources/bench/qemu_qmp.py, shared with
+snapshot_bench.py).
+
   save wall     Abide: `abide snapshot --api-socket S --stop FILE` (pause +
                 save, file fsync'd); Cloud Hypervisor: API vm.pause then
                 vm.snapshot (destination_url=file://DIR); Firecracker: API
-                PATCH /vm Paused then PUT /snapshot/create (Full).
+                PATCH /vm Paused then PUT /snapshot/create (Full); QEMU:
+                QMP `stop`, `migrate fd:mig`, until the MIGRATION event
+                "completed" (set up first, not timed: QMP connected,
+                migration events on, max-bandwidth unlimited as `virsh
+                save` does, the file passed with getfd).
   restore -> running
                 from spawning the restoring process to: Abide's
                 "abide: restore ... ready_ms=" line on stderr (printed just
@@ -24,7 +38,11 @@ timestamped (time.monotonic()) as it is read.
                 default memory_restore_mode=copy) the reply to vm.resume,
                 retried until the restored VM accepts it; Firecracker the
                 reply to PUT /snapshot/load with resume_vm=true (memory file
-                backend, mapped privately).
+                backend, mapped privately); QEMU (the boot command line
+                plus `-incoming defer`) the reply to QMP `cont`, sent after
+                connecting, events on, getfd of the file,
+                `migrate-incoming fd:mig` and its MIGRATION "completed"
+                event (QEMU resumes the vCPUs before it replies).
   restore -> next line
                 from the same spawn to the first complete "progress n=K"
                 line on the new process's console.
@@ -45,6 +63,9 @@ import subprocess
 import sys
 import threading
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import qemu_qmp  # noqa: E402
 
 PROGRESS = re.compile(rb"progress n=(\d+)")
 
@@ -185,6 +206,9 @@ class Vmm:
         self.name, self.a, self.work = name, a, work
         self.cmdline = (f"console=ttyS0 quiet abide.test=progress abide.fill_mib={a.fill_mib}")
 
+    def prepare(self, p):
+        """Untimed set-up right before the save."""
+
 
 class Abide(Vmm):
     def boot(self):
@@ -292,6 +316,45 @@ class Firecracker(Vmm):
         return time.monotonic()
 
 
+class Qemu(Vmm):
+    def cmd(self, qmp):
+        return [self.a.qemu, "-enable-kvm", "-M", self.a.qemu_machine, "-cpu", "host",
+                "-m", str(self.a.mem_mib), "-smp", "2", "-kernel", self.a.kernel, "-initrd", self.a.initrd,
+                "-append", self.cmdline, "-nodefaults", "-no-user-config", "-nographic",
+                "-serial", "stdio", "-no-reboot", "-qmp", f"unix:{qmp},server=on,wait=off"]
+
+    def boot(self):
+        self.sock = os.path.join(self.work, "boot.qmp")
+        self.snap = os.path.join(self.work, "qemu.mig")
+        return self.cmd(self.sock), None
+
+    def prepare(self, p):
+        self.qmp = qemu_qmp.Qmp(self.sock, time.monotonic() + self.a.timeout)
+        qemu_qmp.save_setup(self.qmp, self.snap)
+        self.qmp.deadline = time.monotonic() + self.a.timeout
+
+    def save(self, p):
+        qemu_qmp.save(self.qmp)
+        self.qmp.close()
+        return [self.snap]
+
+    def restore(self):
+        self.rsock = os.path.join(self.work, "restore.qmp")
+        return self.cmd(self.rsock) + ["-incoming", "defer"], None
+
+    def running(self, p, t0):
+        qmp = qemu_qmp.Qmp(self.rsock, t0 + self.a.timeout)
+        try:
+            qemu_qmp.incoming(qmp, self.snap)
+            t_in = time.monotonic()
+            qmp.cmd("cont")
+            now = time.monotonic()
+        finally:
+            qmp.close()
+        self.detail = f"incoming completed {(t_in - t0) * 1e3:.0f} ms after spawn"
+        return now
+
+
 VERBOSE = False
 
 
@@ -318,6 +381,7 @@ def one_run(cls, name, a, rnd):
         for _ in range(3):
             i, _, _ = con.wait_for(lambda l: PROGRESS.search(l) is not None, a.timeout, i + 1)
         step(name, "three progress lines; saving")
+        v.prepare(p)
         t0 = time.monotonic()
         files = v.save(p)
         save_s = time.monotonic() - t0
@@ -365,6 +429,8 @@ def main():
     ap.add_argument("--abide")
     ap.add_argument("--cloud-hypervisor")
     ap.add_argument("--firecracker")
+    ap.add_argument("--qemu")
+    ap.add_argument("--qemu-machine", default="microvm,rtc=on")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--mem-mib", type=int, default=256)
@@ -378,7 +444,8 @@ def main():
     VERBOSE = a.verbose
     configs = [(n, c) for n, c, b in (("abide", Abide, a.abide),
                                       ("cloud-hypervisor", CloudHypervisor, a.cloud_hypervisor),
-                                      ("firecracker", Firecracker, a.firecracker)) if b]
+                                      ("firecracker", Firecracker, a.firecracker),
+                                      ("qemu", Qemu, a.qemu)) if b]
     results = {n: [] for n, _ in configs}
     bad = False
     for rnd in range(a.warmup + a.runs):
