@@ -118,10 +118,17 @@ def guest_gap(src, dst):
             first[0] = False
             ln = prefix + ln
         return TICK.search(ln)
-    _, t2, _, m2 = dst.wait_for(pred, time.monotonic() + 30)
+    def seen():
+        with src.cv, dst.cv:
+            return (f"source's last lines {[ln for _, ln in src.lines[-2:]]} + {prefix!r}, "
+                    f"destination's first lines {[ln for _, ln in dst.lines[:4]]}")
+    try:
+        _, t2, _, m2 = dst.wait_for(pred, time.monotonic() + 30)
+    except Fail as e:
+        raise Fail(f"no tick at the destination ({e}): {seen()}")
     n1, n2 = int(m1.group(1)), int(m2.group(1))
     if n2 != n1 + 1:
-        raise Fail(f"ticks not consecutive across the switch: {n1} -> {n2}")
+        raise Fail(f"ticks not consecutive across the switch: {n1} -> {n2}: {seen()}")
     return (t2 - t1) * 1000.0 - PERIOD_MS, n1, n2
 
 
@@ -379,7 +386,10 @@ def run_ch(a, work, mib, rate, buf, tag):
         th.join(30)
         if "ok" not in recv:
             raise Fail(f"vm.receive-migration: {recv.get('error', 'no answer')}")
-        gap, n1, n2 = guest_gap(con1, con2)
+        try:
+            gap, n1, n2 = guest_gap(con1, con2)
+        except Fail as e:
+            raise Fail(f"{e}; destination stderr: {' | '.join(err2.tail(4))}")
         r = {"wall": wall, "total": float(m.group(1)) * 1000.0, "downtime": float(m.group(2)),
              "guest_gap": gap, "mib_sent": float(pre[-1].group(2)) if pre else None,
              "iterations": int(pre[-1].group(1)) if pre else None, "ticks": f"{n1}->{n2}"}
