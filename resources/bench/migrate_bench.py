@@ -2,8 +2,9 @@
 """Live-migration benchmark inner loop (run by resources/bench/migrate.sh; needs KVM).
 
 Usage: migrate_bench.py --abide BIN --kernel BZIMAGE --initrd INITRD
+                        [--ch BIN --vmlinux VMLINUX] [--ch-transport tcp|unix]
                         [--runs N] [--warmup N] [--cases NAME:MIB:RATE:BUF[,...]]
-                        [--only abide,qemu] [--cpus N] [--timeout SECS] [--verbose]
+                        [--only abide,qemu,ch] [--cpus N] [--timeout SECS] [--verbose]
 
 A case is a guest of MIB MiB running the Linux test guest's `ticker`
 (abide.test=ticker: a console line every 10 ms, sleeping in between); with
@@ -13,9 +14,24 @@ every VMM, RUNS times (round-robin after WARMUP discarded rounds), one run:
   1. Boot the source (2 vCPUs, serial console on its stdout, read through a
      pipe by a thread that timestamps every line with time.monotonic()),
      wait for "ticker-ready", then 2 s.
+     Cloud Hypervisor boots the PVH vmlinux instead of the bzImage (it has
+     no bzImage loader): `--kernel VMLINUX --initramfs INITRD --cmdline ...
+     --cpus boot=2 --memory size=MIBM --serial tty --console off` (its
+     defaults otherwise, as resources/bench/boot.sh runs it), plus
+     `--api-socket path=S -v` (-v: info-level log on stderr, which is
+     where it reports its migration figures).
   2. Start the destination listening on TCP loopback.
        Abide: `abide receive --listen tcp:127.0.0.1:PORT --serial stdio`.
        QEMU:  the same command line plus `-incoming tcp:127.0.0.1:PORT`.
+       Cloud Hypervisor: `cloud-hypervisor --api-socket path=D -v` with no
+              VM, then (HTTP over the Unix socket D, in a thread: the
+              request only returns once the VM has arrived)
+              `PUT /api/v1/vm.receive-migration {"receiver_url":
+              "tcp:127.0.0.1:PORT"}` (or "unix:PATH" with --ch-transport
+              unix), until the listener is bound (/proc/net/tcp, or the
+              socket file). The VM's config, serial "tty" included, comes
+              with the migration: the guest's console goes on to the
+              destination process's stdout.
   3. Migrate, and wait until the source has let go.
        Abide: `abide migrate --api-socket S --to tcp:127.0.0.1:PORT`
               (default limits: 300 ms downtime, no bandwidth limit). total,
@@ -25,6 +41,16 @@ every VMM, RUNS times (round-robin after WARMUP discarded rounds), one run:
               the bandwidth) `migrate tcp:...`, until the MIGRATION event
               "completed"; total-time, downtime and ram transferred from
               query-migrate.
+       Cloud Hypervisor: `PUT /api/v1/vm.send-migration
+              {"destination_url": "tcp:127.0.0.1:PORT"}` (defaults:
+              downtime_ms 300, timeout_s 3600, one connection, precopy,
+              local off). The request returns at once (v53 migrates in a
+              worker thread); the end is its log line "Migration completed
+              after X s with a downtime of Y ms", which gives total (0.1 s
+              resolution) and downtime (from pausing the vCPUs to the
+              destination's answer to "complete", which resumes the VM
+              there); MiB sent is the "total" of its "Precopy complete"
+              line (guest memory only, rounded up to MiB).
      wall = from sending the migrate request to its end.
   4. The guest's view: the last tick line the source completed and the
      first one the destination completed (a line cut by the switch counts
@@ -33,9 +59,11 @@ every VMM, RUNS times (round-robin after WARMUP discarded rounds), one run:
   5. Quit both.
 """
 import argparse
+import http.client
 import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -68,7 +96,6 @@ def cmdline(rate, buf):
 
 
 def free_port():
-    import socket
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -91,10 +118,17 @@ def guest_gap(src, dst):
             first[0] = False
             ln = prefix + ln
         return TICK.search(ln)
-    _, t2, _, m2 = dst.wait_for(pred, time.monotonic() + 30)
+    def seen():
+        with src.cv, dst.cv:
+            return (f"source's last lines {[ln for _, ln in src.lines[-2:]]} + {prefix!r}, "
+                    f"destination's first lines {[ln for _, ln in dst.lines[:4]]}")
+    try:
+        _, t2, _, m2 = dst.wait_for(pred, time.monotonic() + 30)
+    except Fail as e:
+        raise Fail(f"no tick at the destination ({e}): {seen()}")
     n1, n2 = int(m1.group(1)), int(m2.group(1))
     if n2 != n1 + 1:
-        raise Fail(f"ticks not consecutive across the switch: {n1} -> {n2}")
+        raise Fail(f"ticks not consecutive across the switch: {n1} -> {n2}: {seen()}")
     return (t2 - t1) * 1000.0 - PERIOD_MS, n1, n2
 
 
@@ -223,11 +257,162 @@ def run_qemu(a, work, mib, rate, buf, tag):
                 reap(p, 0)
 
 
+# Cloud Hypervisor's figures, from its info-level log (vmm/src/lib.rs, v53.0).
+CH_DONE = re.compile(r"Migration completed after ([0-9.]+)s with a downtime of (\d+)ms")
+CH_PRECOPY = re.compile(r"Precopy complete: iter=(\d+) .*?total=(\d+)MiB")
+CH_FAILED = re.compile(r"Migration failed: ")
+
+
+class UnixHTTP(http.client.HTTPConnection):
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(self.unix_path)
+        self.sock = s
+
+
+def ch_api(sock, path, body=None, method="PUT", timeout=30):
+    """One request to Cloud Hypervisor's REST API on the Unix socket `sock`."""
+    c = UnixHTTP(sock, timeout)
+    try:
+        data = json.dumps(body) if body is not None else None
+        hdr = {"Content-Type": "application/json"} if data is not None else {}
+        c.request(method, "/api/v1/" + path, body=data, headers=hdr)
+        r = c.getresponse()
+        out = r.read()
+    finally:
+        c.close()
+    if r.status >= 300:
+        raise Fail(f"cloud-hypervisor {path}: HTTP {r.status} {out.decode(errors='replace')[:300]}")
+    return out
+
+
+def wait_api(sock, p, deadline):
+    while True:
+        if os.path.exists(sock):
+            try:
+                return ch_api(sock, "vmm.ping", method="GET", timeout=5)
+            except (OSError, http.client.HTTPException):
+                pass
+        if p.poll() is not None:
+            raise Fail(f"cloud-hypervisor exited ({p.returncode}) before its API socket answered")
+        if time.monotonic() > deadline:
+            raise Fail("timed out waiting for cloud-hypervisor's API socket")
+        time.sleep(0.02)
+
+
+def tcp_listening(port):
+    want = f":{port:04X}"
+    for f in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(f) as fh:
+                next(fh)
+                for ln in fh:
+                    x = ln.split()
+                    if x[1].endswith(want) and x[3] == "0A":
+                        return True
+        except OSError:
+            pass
+    return False
+
+
+def run_ch(a, work, mib, rate, buf, tag):
+    import threading
+    s1, s2, ms = (os.path.join(work, n) for n in ("ch-src.sock", "ch-dst.sock", "ch-mig.sock"))
+    for f in (s1, s2, ms):
+        if os.path.exists(f):
+            os.unlink(f)
+    deadline = time.monotonic() + a.timeout
+    procs = []
+    try:
+        src = [a.ch, "--api-socket", f"path={s1}", "--kernel", a.vmlinux, "--initramfs", a.initrd,
+               "--cmdline", cmdline(rate, buf), "--cpus", f"boot={a.cpus}", "--memory", f"size={mib}M",
+               "--serial", "tty", "--console", "off", "-v"]
+        p1, con1, err1 = boot(src, os.path.join(work, f"{tag}-src"), deadline)
+        procs.append(p1)
+        wait_api(s1, p1, deadline)
+        time.sleep(2)
+        p2 = spawn([a.ch, "--api-socket", f"path={s2}", "-v"])
+        procs.append(p2)
+        con2 = Lines(p2.stdout, os.path.join(work, f"{tag}-dst.console"))
+        err2 = Lines(p2.stderr, os.path.join(work, f"{tag}-dst.stderr"))
+        wait_api(s2, p2, deadline)
+        if a.ch_transport == "unix":
+            url = f"unix:{ms}"
+            bound = lambda: os.path.exists(ms)  # noqa: E731
+        else:
+            port = free_port()
+            url = f"tcp:127.0.0.1:{port}"
+            bound = lambda: tcp_listening(port)  # noqa: E731
+        recv = {}
+
+        def receive():
+            try:
+                ch_api(s2, "vm.receive-migration", {"receiver_url": url}, timeout=a.timeout)
+                recv["ok"] = True
+            except (Fail, OSError, http.client.HTTPException) as e:
+                recv["error"] = e
+        th = threading.Thread(target=receive, daemon=True)
+        th.start()
+        while not bound():
+            if "error" in recv or p2.poll() is not None:
+                raise Fail(f"destination did not listen: {recv.get('error')}; "
+                           f"stderr: {' | '.join(err2.tail(5))}")
+            if time.monotonic() > deadline:
+                raise Fail("timed out waiting for the destination's listener")
+            time.sleep(0.005)
+        step("cloud-hypervisor send-migration")
+        with err1.cv:
+            start = len(err1.lines)
+        t0 = time.monotonic()
+        ch_api(s1, "vm.send-migration", {"destination_url": url}, timeout=a.timeout)
+        try:
+            _, t1, _, m = err1.wait_for(lambda ln: CH_DONE.search(ln) or CH_FAILED.search(ln),
+                                        time.monotonic() + a.timeout, start)
+        except Fail as e:
+            raise Fail(f"{e}; source stderr: {' | '.join(err1.tail(5))}")
+        if m.re is CH_FAILED:
+            raise Fail(f"cloud-hypervisor: {m.string.strip()[-300:]}")
+        wall = (t1 - t0) * 1000.0
+        with err1.cv:
+            pre = [m2 for _, ln in err1.lines for m2 in [CH_PRECOPY.search(ln)] if m2]
+        # The source shuts its VM down and exits by itself after a migration.
+        reap(p1, 30)
+        con1.join()
+        th.join(30)
+        if "ok" not in recv:
+            raise Fail(f"vm.receive-migration: {recv.get('error', 'no answer')}")
+        try:
+            gap, n1, n2 = guest_gap(con1, con2)
+        except Fail as e:
+            raise Fail(f"{e}; destination stderr: {' | '.join(err2.tail(4))}")
+        r = {"wall": wall, "total": float(m.group(1)) * 1000.0, "downtime": float(m.group(2)),
+             "guest_gap": gap, "mib_sent": float(pre[-1].group(2)) if pre else None,
+             "iterations": int(pre[-1].group(1)) if pre else None, "ticks": f"{n1}->{n2}"}
+        try:
+            ch_api(s2, "vmm.shutdown")
+        except (Fail, OSError, http.client.HTTPException):
+            pass
+        reap(p2, 30)
+        return r
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                reap(p, 0)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--abide", required=True)
     ap.add_argument("--qemu", default="qemu-system-x86_64")
     ap.add_argument("--kernel")
+    ap.add_argument("--ch", help="cloud-hypervisor binary (for --only ...,ch)")
+    ap.add_argument("--vmlinux", help="the PVH vmlinux of --kernel, for Cloud Hypervisor")
+    ap.add_argument("--ch-transport", choices=("tcp", "unix"), default="tcp")
     ap.add_argument("--initrd")
     ap.add_argument("--test-guest", action="store_true",
                     help="Abide only: its embedded test guest, idle (spin ticker) instead of Linux")
@@ -250,8 +435,13 @@ def main():
         vmms = ["abide"]
     elif not (a.kernel and a.initrd):
         ap.error("--kernel and --initrd are required (or --test-guest)")
+    for v in vmms:
+        if v not in ("abide", "qemu", "ch"):
+            ap.error(f"--only: unknown VMM {v} (abide, qemu, ch)")
+    if "ch" in vmms and not (a.ch and a.vmlinux):
+        ap.error("--only ...,ch needs --ch and --vmlinux")
     work = tempfile.mkdtemp(prefix="abide-migbench.")
-    runners = {"abide": run_abide, "qemu": run_qemu}
+    runners = {"abide": run_abide, "qemu": run_qemu, "ch": run_ch}
     configs = [(c, v) for c in cases for v in vmms]
     results = {(c[0], v): [] for c, v in configs}
     failed = 0
@@ -262,7 +452,8 @@ def main():
             step(f"{v} {name} {label}")
             try:
                 r = runners[v](a, work, mib, rate, buf, f"{v}-{name}-{rnd}")
-            except (Fail, OSError, subprocess.SubprocessError, json.JSONDecodeError, KeyError) as e:
+            except (Fail, OSError, subprocess.SubprocessError, json.JSONDecodeError, KeyError,
+                    http.client.HTTPException) as e:
                 print(f"migrate-bench: {v} {name} {label}: FAILED: {e}", file=sys.stderr, flush=True)
                 if not warm:
                     failed += 1
@@ -280,12 +471,20 @@ def main():
     def f(x, d=1):
         return "n/a" if x is None else f"{x:.{d}f}"
 
-    print(f"| case | VMM | ok runs | total (ms) | downtime, VMM's report (ms) | downtime, guest's view (ms) | MiB sent |")
-    print("|---|---|---|---|---|---|---|")
+    names = {"abide": "Abide", "qemu": "QEMU", "ch": "Cloud Hypervisor"}
+    transport = {"abide": "TCP loopback", "qemu": "TCP loopback",
+                 "ch": "TCP loopback" if a.ch_transport == "tcp" else "Unix socket"}
+    print("| case | VMM | transport | ok runs | total (ms) | downtime, VMM's report (ms) | "
+          "downtime, guest's view (ms) | wall (ms) | MiB sent |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for (name, mib, rate, buf), v in configs:
         rs = results[(name, v)]
-        print(f"| {name} | {'Abide' if v == 'abide' else 'QEMU'} | {len(rs)}/{a.runs} | {f(med(rs, 'total'), 0)} | "
-              f"{f(med(rs, 'downtime'))} | {f(med(rs, 'guest_gap'))} | {f(med(rs, 'mib_sent'))} |")
+        print(f"| {name} | {names[v]} | {transport[v]} | {len(rs)}/{a.runs} | {f(med(rs, 'total'), 0)} | "
+              f"{f(med(rs, 'downtime'))} | {f(med(rs, 'guest_gap'))} | {f(med(rs, 'wall'), 0)} | "
+              f"{f(med(rs, 'mib_sent'))} |")
+    if not a.test_guest:
+        print("| all | Firecracker | - | - | not measured: Firecracker has no live migration "
+              "(snapshot and restore only) | | | | |")
     sys.exit(1 if failed else 0)
 
 
