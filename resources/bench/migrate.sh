@@ -30,7 +30,7 @@
 # --only: a comma-separated subset of abide, qemu, ch (default all three;
 # ch is left out, with a NOT MEASURED line, when its binary is missing).
 # Exit status: 0 when every measured run migrated with consecutive ticks.
-# Environment: ABIDE_BIN (default <repo>/target/release/abide),
+# Environment: ABIDE_BIN (default <repo>/target/dist/abide),
 #   ABIDE_BENCH_CLOUD_HYPERVISOR (default <repo>/.cache/peers/bin/
 #   cloud-hypervisor, built by resources/bench/peers.sh),
 #   ABIDE_NESTED_MEM (default: twice the largest guest plus 3 GiB, at least
@@ -65,7 +65,7 @@ done
 [[ $only =~ ^(abide|qemu|ch)(,(abide|qemu|ch))*$ ]] || die "--only takes a comma-separated subset of abide,qemu,ch"
 [[ $ch_transport == tcp || $ch_transport == unix ]] || die "--ch-transport takes tcp or unix"
 
-abide_bin=${ABIDE_BIN:-$repo/target/release/abide}
+abide_bin=${ABIDE_BIN:-$repo/target/dist/abide}
 [[ $abide_bin == /* ]] || abide_bin="$repo/$abide_bin"
 ch_bin=${ABIDE_BENCH_CLOUD_HYPERVISOR:-$repo/.cache/peers/bin/cloud-hypervisor}
 [[ $ch_bin == /* ]] || ch_bin="$repo/$ch_bin"
@@ -73,7 +73,7 @@ g="$repo/.cache/linux/guest"
 verbose=${ABIDE_BENCH_VERBOSE:+--verbose}
 
 if ((!inner)); then
-    [[ -x $abide_bin ]] || die "no abide binary at $abide_bin (cargo build --release)"
+    [[ -x $abide_bin ]] || die "no abide binary at $abide_bin (cargo build --profile dist -p abide-vmm --bin abide)"
     # Build outside: writes inside the nested host are discarded.
     "$repo/resources/linux/build-guest-initramfs.sh" >&2
     export ABIDE_BIN=$abide_bin ABIDE_BENCH_CLOUD_HYPERVISOR=$ch_bin
