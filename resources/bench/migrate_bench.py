@@ -59,7 +59,6 @@ every VMM, RUNS times (round-robin after WARMUP discarded rounds), one run:
   5. Quit both.
 """
 import argparse
-import http.client
 import json
 import os
 import re
@@ -72,6 +71,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from snapshot_bench import Fail, Lines, Qmp, reap, spawn  # noqa: E402
+from snapshot_peers_bench import http as unix_http  # noqa: E402
 
 TICK = re.compile(r"abide-linux: tick n=(\d+)")
 READY = "abide-linux: ticker-ready"
@@ -263,31 +263,14 @@ CH_PRECOPY = re.compile(r"Precopy complete: iter=(\d+) .*?total=(\d+)MiB")
 CH_FAILED = re.compile(r"Migration failed: ")
 
 
-class UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path, timeout):
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self.unix_path)
-        self.sock = s
-
-
 def ch_api(sock, path, body=None, method="PUT", timeout=30):
     """One request to Cloud Hypervisor's REST API on the Unix socket `sock`."""
-    c = UnixHTTP(sock, timeout)
     try:
-        data = json.dumps(body) if body is not None else None
-        hdr = {"Content-Type": "application/json"} if data is not None else {}
-        c.request(method, "/api/v1/" + path, body=data, headers=hdr)
-        r = c.getresponse()
-        out = r.read()
-    finally:
-        c.close()
-    if r.status >= 300:
-        raise Fail(f"cloud-hypervisor {path}: HTTP {r.status} {out.decode(errors='replace')[:300]}")
+        status, out = unix_http(sock, method, "/api/v1/" + path, body, timeout)
+    except (IndexError, ValueError) as e:
+        raise Fail(f"cloud-hypervisor {path}: unreadable answer ({e})") from e
+    if status >= 300:
+        raise Fail(f"cloud-hypervisor {path}: HTTP {status} {out[:300]}")
     return out
 
 
@@ -296,7 +279,7 @@ def wait_api(sock, p, deadline):
         if os.path.exists(sock):
             try:
                 return ch_api(sock, "vmm.ping", method="GET", timeout=5)
-            except (OSError, http.client.HTTPException):
+            except (Fail, OSError):
                 pass
         if p.poll() is not None:
             raise Fail(f"cloud-hypervisor exited ({p.returncode}) before its API socket answered")
@@ -354,7 +337,7 @@ def run_ch(a, work, mib, rate, buf, tag):
             try:
                 ch_api(s2, "vm.receive-migration", {"receiver_url": url}, timeout=a.timeout)
                 recv["ok"] = True
-            except (Fail, OSError, http.client.HTTPException) as e:
+            except (Fail, OSError) as e:
                 recv["error"] = e
         th = threading.Thread(target=receive, daemon=True)
         th.start()
@@ -395,7 +378,7 @@ def run_ch(a, work, mib, rate, buf, tag):
              "iterations": int(pre[-1].group(1)) if pre else None, "ticks": f"{n1}->{n2}"}
         try:
             ch_api(s2, "vmm.shutdown")
-        except (Fail, OSError, http.client.HTTPException):
+        except (Fail, OSError):
             pass
         reap(p2, 30)
         return r
@@ -452,8 +435,7 @@ def main():
             step(f"{v} {name} {label}")
             try:
                 r = runners[v](a, work, mib, rate, buf, f"{v}-{name}-{rnd}")
-            except (Fail, OSError, subprocess.SubprocessError, json.JSONDecodeError, KeyError,
-                    http.client.HTTPException) as e:
+            except (Fail, OSError, subprocess.SubprocessError, json.JSONDecodeError, KeyError) as e:
                 print(f"migrate-bench: {v} {name} {label}: FAILED: {e}", file=sys.stderr, flush=True)
                 if not warm:
                     failed += 1
