@@ -140,6 +140,13 @@ def boot(cmd, log, deadline):
     return p, con, err
 
 
+def reap_all(procs):
+    """Kill whatever a runner started and did not end itself."""
+    for p in procs:
+        if p.returncode is None:
+            reap(p, 0)
+
+
 def run_abide(a, work, mib, rate, buf, tag):
     global TICK, READY, PERIOD_MS
     s1, s2 = os.path.join(work, "src.sock"), os.path.join(work, "dst.sock")
@@ -188,9 +195,7 @@ def run_abide(a, work, mib, rate, buf, tag):
         reap(p2, 30)
         return r
     finally:
-        for p in procs:
-            if p.returncode is None:
-                reap(p, 0)
+        reap_all(procs)
 
 
 def qemu_cmd(a, mib, rate, buf, qmp):
@@ -252,9 +257,7 @@ def run_qemu(a, work, mib, rate, buf, tag):
         reap(p2, 30)
         return r
     finally:
-        for p in procs:
-            if p.returncode is None:
-                reap(p, 0)
+        reap_all(procs)
 
 
 # Cloud Hypervisor's figures, from its info-level log (vmm/src/lib.rs, v53.0).
@@ -383,9 +386,7 @@ def run_ch(a, work, mib, rate, buf, tag):
         reap(p2, 30)
         return r
     finally:
-        for p in procs:
-            if p.returncode is None:
-                reap(p, 0)
+        reap_all(procs)
 
 
 def main():
