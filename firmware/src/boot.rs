@@ -12,7 +12,9 @@ use linux_loader::loader::elf::start_info::{
 };
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{BzImage, KernelLoader, KernelLoaderResult};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile, VolatileMemoryError,
+};
 
 use crate::e820;
 
@@ -322,25 +324,19 @@ fn load_initrd<M: GuestMemoryBackend>(
     }
     // Straight from the file into guest memory: a buffer the size of the
     // initramfs would stay in the VMM's peak RSS for as long as it runs.
-    let mut done = 0u64;
-    while done < size {
-        let want = usize::try_from(size - done).unwrap_or(usize::MAX);
-        let got = mem
-            .read_volatile_from(GuestAddress(addr + done), initrd, want)
-            .map_err(|source| match source {
-                vm_memory::GuestMemoryError::IOError(e) => BootError::ReadInitrd(e),
-                source => BootError::GuestWrite {
-                    what: "initramfs",
-                    source,
-                },
+    let count = usize::try_from(size).map_err(|_| BootError::InitrdTooLarge { size, limit })?;
+    let guest_write = |source| BootError::GuestWrite {
+        what: "initramfs",
+        source,
+    };
+    for slice in mem.get_slices(GuestAddress(addr), count) {
+        let mut slice = slice.map_err(guest_write)?;
+        initrd
+            .read_exact_volatile(&mut slice)
+            .map_err(|e| match e {
+                VolatileMemoryError::IOError(e) => BootError::ReadInitrd(e),
+                e => guest_write(e.into()),
             })?;
-        if got == 0 {
-            return Err(BootError::ReadInitrd(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("the initramfs ended after {done} of its {size} bytes"),
-            )));
-        }
-        done += got as u64;
     }
     Ok((addr, size))
 }
@@ -396,6 +392,34 @@ mod tests {
             detect_format(&mut f).expect("format"),
             KernelFormat::BzImage
         );
+    }
+
+    #[test]
+    fn initrd_lands_whole_below_the_limit_across_regions() {
+        type Mem = vm_memory::GuestMemoryMmap;
+        // Two regions that meet at 64 KiB; the initramfs straddles them.
+        let mem = Mem::from_ranges(&[
+            (GuestAddress(0), 0x1_0000),
+            (GuestAddress(0x1_0000), 0x1_0000),
+        ])
+        .expect("guest memory");
+        assert_eq!(mem.num_regions(), 2);
+        let bytes: Vec<u8> = (0..5 * 4096 + 100).map(|i| (i * 7 + 3) as u8).collect();
+        let mut f = temp_file(&bytes);
+        let (addr, size) = load_initrd(&mem, &mut f, 0x1000, 0x1_2000).expect("loaded");
+        assert_eq!(size, bytes.len() as u64);
+        assert_eq!(addr, (0x1_2000 - size) & !(PAGE - 1));
+        assert!(addr < 0x1_0000 && addr + size > 0x1_0000);
+        let mut back = vec![0u8; bytes.len()];
+        mem.read_slice(&mut back, GuestAddress(addr))
+            .expect("read back");
+        assert_eq!(back, bytes);
+        // One that does not fit above the floor is refused.
+        let mut big = temp_file(&bytes);
+        assert!(matches!(
+            load_initrd(&mem, &mut big, 0xf000, 0x1_2000),
+            Err(BootError::InitrdTooLarge { .. })
+        ));
     }
 
     #[test]
