@@ -31,12 +31,10 @@
 #             killed once the guest printed "abide-linux: poweroff".
 # Rows of a VMM that did not run say why (binary missing, no /dev/vda, ...).
 #
-# The guest: the test initramfs (resources/linux/build-guest-initramfs.sh)
-# with this tree's guest-init.sh as /init, blkbench built from this tree,
-# and virtio_mmio.ko added to its modules, as a second cpio archive appended
-# to it (.cache/bench/blk-initramfs.cpio.gz). The shared test initramfs is
-# only built when it is missing, so that worktrees sharing .cache do not
-# rebuild it for each other. Command line: console=ttyS0 quiet
+# The guest: the test initramfs (resources/linux/build-guest-initramfs.sh,
+# with this tree's guest-init.sh as /init and blkbench), and virtio_mmio.ko
+# added to its modules, as a second cpio archive appended to it
+# (.cache/bench/blk-initramfs.cpio.gz). Command line: console=ttyS0 quiet
 # abide.test=blkbench abide.bench_secs=SECS abide.bench_qd=QD.
 #
 # Inside the nested test host (no vmx/svm here) all VMMs read a copy of the
@@ -80,26 +78,25 @@ img="$cache/disk-${size}m.img"
 g="$repo/.cache/linux/guest"
 initrd="$cache/blk-initramfs.cpio.gz"
 
-# The bench guest: the test initramfs plus an overlay archive.
+# The bench guest: the test initramfs (this tree's /init and blkbench) plus
+# an overlay archive with virtio_mmio.ko for Firecracker.
+# shellcheck source=../linux/initramfs-lib.sh
+source "$repo/resources/linux/initramfs-lib.sh"
 build_initrd() {
-    [[ -s $g/initramfs.cpio.gz ]] || "$repo/resources/linux/build-guest-initramfs.sh" >&2
+    "$repo/resources/linux/build-guest-initramfs.sh" >&2
     local release deb over
     release=$(cat "$g/release")
     deb=$(find "$repo/.cache/linux/debs" -name "linux-image-${release}-unsigned_*.deb" | head -n1)
     [[ -n $deb ]] || die "no package of the guest kernel $release in .cache/linux/debs (resources/linux/fetch-kernels.sh)"
     over=$(mktemp -d)
-    mkdir -p "$over/bin" "$over/lib/modules/abide"
-    install -m 755 "$repo/resources/linux/guest-init.sh" "$over/init"
-    gcc -O2 -static -o "$over/bin/blkbench" "$script_dir/blkbench.c"
+    mkdir -p "$over/root/lib/modules/abide"
     dpkg-deb --fsys-tarfile "$deb" |
         tar -xO "./lib/modules/$release/kernel/drivers/virtio/virtio_mmio.ko" \
-            > "$over/lib/modules/abide/virtio_mmio.ko"
+            > "$over/root/lib/modules/abide/virtio_mmio.ko"
     # virtio_mmio depends on virtio and virtio_ring, which come first.
-    { cat "$g/modules/load-order"; echo virtio_mmio.ko; } > "$over/lib/modules/abide/load-order"
-    { cat "$g/initramfs.cpio.gz"
-      (cd "$over" && find . -print0 | LC_ALL=C sort -z |
-          cpio --null -o -H newc -R 0:0 --reproducible --quiet) | gzip -9n
-    } > "$initrd.tmp"
+    { cat "$g/modules/load-order"; echo virtio_mmio.ko; } > "$over/root/lib/modules/abide/load-order"
+    initramfs_pack "$over/root" "$over/overlay.cpio.gz"
+    cat "$g/initramfs.cpio.gz" "$over/overlay.cpio.gz" > "$initrd.tmp"
     mv "$initrd.tmp" "$initrd"
     rm -rf "$over"
 }
