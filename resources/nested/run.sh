@@ -29,6 +29,8 @@
 #   ABIDE_NESTED_ROOT=ro   no overlay: read-only root with fresh tmpfs on
 #                          /tmp, /var/tmp and /run (outside /tmp hidden)
 #   ABIDE_NESTED_DEBUG=1   show the nested host's kernel log and console
+#   ABIDE_NESTED_HOLD_VM=0 do not hold an idle VM open during the command
+#                          (resources/nested/hold-kvm.py; default 1)
 #   ABIDE_NESTED_KERNEL    host kernel (default .cache/linux/host/vmlinux)
 #   ABIDE_NESTED_CMDLINE   extra host kernel command line arguments
 set -euo pipefail
@@ -61,6 +63,7 @@ smp=${ABIDE_NESTED_SMP:-2}
 tcg_thread=${ABIDE_NESTED_TCG_THREAD:-multi}
 p9cache=${ABIDE_NESTED_9P_CACHE:-loose}
 debug=${ABIDE_NESTED_DEBUG:-0}
+hold=${ABIDE_NESTED_HOLD_VM:-1}
 [[ $mem =~ ^[0-9]+$ ]] || die "ABIDE_NESTED_MEM must be MiB as a number, not '$mem'"
 [[ $smp =~ ^[0-9]+$ ]] || die "ABIDE_NESTED_SMP must be a number, not '$smp'"
 [[ $tcg_thread == single || $tcg_thread == multi ]] ||
@@ -102,6 +105,11 @@ trap 'exit 130' INT TERM
     printf 'cd -- %q || { echo "abide-nested: cannot cd to %q inside the nested host" >&2; exit 125; }\n' "$cwd" "$cwd"
     # Without -i nothing can type on the console: give COMMAND an empty stdin.
     if ((interactive)); then echo 'exec 2>&1'; else echo 'exec </dev/null 2>&1'; fi
+    # One idle VM held open for the whole run, so that the command's VMs
+    # coming and going never flip KVM's global state (hold-kvm.py says why).
+    if [[ $hold == 1 ]]; then
+        printf '/usr/bin/python3 %q || true\n' "$script_dir/hold-kvm.py"
+    fi
     printf 'exec'; printf ' %q' "$@"; printf '\n'
 } > "$cmdfile"
 chmod 644 "$cmdfile"

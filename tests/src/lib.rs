@@ -433,8 +433,13 @@ pub mod session {
     /// nested host itself failed (its reason is on stderr); 1 a step of the
     /// script (`host: failed: ...`, logs follow).
     pub fn run_session(script: &str, budget: u64, what: &str) -> Outcome {
+        run_session_runs(script, budget, what, 3)
+    }
+
+    /// [`run_session`] with at most `runs` runs ([`run_where_linux_runs_runs`]).
+    pub fn run_session_runs(script: &str, budget: u64, what: &str, runs: u32) -> Outcome {
         let start = now();
-        let out = run_where_linux_runs(&["sh", "-c", script], budget + 40, what);
+        let out = run_where_linux_runs_runs(&["sh", "-c", script], budget + 40, what, runs);
         eprintln!(
             "{} (session {} s)",
             out.stderr.lines().next().unwrap_or(""),
@@ -475,10 +480,24 @@ pub mod session {
     ///
     /// If the second run ends with the test host crashed again, a third
     /// and last run follows; no other failure gets a third.
+    /// ([`run_where_linux_runs_runs`] sets how many runs.)
     ///
     /// A real fault of Abide repeats and fails the second run too. Any other
     /// failure, and anything where Linux runs directly, counts at once.
     pub fn run_where_linux_runs(command: &[&str], timeout_s: u64, what: &str) -> Outcome {
+        run_where_linux_runs_runs(command, timeout_s, what, 3)
+    }
+
+    /// [`run_where_linux_runs`] with at most `runs` runs in all: a crash of the test host itself gets another run
+    /// up to the last, a guest's crash or stall in the nested host up to
+    /// the one before (with `runs` = 3, as [`run_where_linux_runs`]: one
+    /// more run for a guest, two more for the host).
+    pub fn run_where_linux_runs_runs(
+        command: &[&str],
+        timeout_s: u64,
+        what: &str,
+        runs: u32,
+    ) -> Outcome {
         let attempt = || {
             run_command(
                 Command::new(repo_root().join("resources/linux/run-direct-or-nested.sh"))
@@ -493,12 +512,12 @@ pub mod session {
         // A third run only after the test host itself crashed (twice in a
         // row in one CI run on 4 December 2026: a hang, then a panic);
         // the host's watchdog ends such a run within about a minute.
-        for run in 2..=3 {
+        for run in 2..=runs {
             let host_crashed =
                 out.code == Some(125) && out.stderr.contains("abide-nested: TEST HOST CRASHED");
             let why = if host_crashed {
                 "the nested test host crashed (not the command)"
-            } else if run == 3 {
+            } else if run == runs {
                 return out;
             } else if !crate::host_has_hw_virt() && nested_guest_crashed(&out) {
                 "a guest's vCPU triple-faulted in the nested test host, a known defect of its \
@@ -511,7 +530,7 @@ pub mod session {
                 return out;
             };
             eprintln!(
-                "RUNNING THE {what} SESSION ONCE MORE (run {run} of at most 3): {why}; \
+                "RUNNING THE {what} SESSION ONCE MORE (run {run} of at most {runs}): {why}; \
                  the previous run's output:\n{out}"
             );
             out = attempt();

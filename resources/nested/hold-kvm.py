@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Hold one idle VM open in the nested test host for as long as it runs.
+
+resources/nested/run.sh starts this before the command. It creates a VM
+with an in-kernel irqchip and one vCPU that never runs, and whose local
+APIC is hardware-disabled, then forks: the child keeps the file
+descriptors (and so the VM) until the nested host powers off; the parent
+exits 0 once the VM exists, so the command starts after it.
+
+Why: the nested host's kernel changes global state whenever the first VM
+appears or the last goes away, and whenever the count of vCPUs whose
+LAPIC is disabled moves between 0 and 1. KVM then turns AMD-V on or off
+on every CPU through IPIs (kvm_usage_count), and flips static keys
+(preempt notifiers, apic_sw_disabled, apic_hw_disabled), which patches
+the kernel's text on every CPU. Under QEMU TCG those cross-CPU operations
+are where the nested host's own kernel crashed (CI, 4 December 2026: a
+guest's triple fault reset its vCPU, kvm_lapic_reset -> static_key_slow_inc
+-> jump_label_update, then "TASK stack guard page was hit" in that vCPU
+thread). With this VM held, every test's VMs come and go without any of
+them: the counts never return to 0.
+
+Exit status: 0 with the VM held; 1 (and a message) if it could not be
+made, in which case the command runs anyway.
+"""
+import fcntl
+import os
+import signal
+import struct
+import sys
+
+KVM_CREATE_VM = 0xAE01
+KVM_CREATE_IRQCHIP = 0xAE60
+KVM_CREATE_VCPU = 0xAE41
+# _IOW(KVMIO, 0x89, struct kvm_msrs), sizeof(struct kvm_msrs) = 8
+KVM_SET_MSRS = 0x4008AE89
+MSR_IA32_APICBASE = 0x1B
+# The default base with the BSP bit and without the enable bit (bit 11).
+APICBASE_DISABLED = 0xFEE00000 | 0x100
+
+
+def main():
+    try:
+        kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        vm = fcntl.ioctl(kvm, KVM_CREATE_VM, 0)
+        fcntl.ioctl(vm, KVM_CREATE_IRQCHIP, 0)
+        vcpu = fcntl.ioctl(vm, KVM_CREATE_VCPU, 0)
+        # struct kvm_msrs { u32 nmsrs; u32 pad; struct kvm_msr_entry { u32
+        # index; u32 reserved; u64 data; } entries[]; }
+        msrs = bytearray(struct.pack("=IIIIQ", 1, 0, MSR_IA32_APICBASE, 0, APICBASE_DISABLED))
+        done = fcntl.ioctl(vcpu, KVM_SET_MSRS, msrs, True)
+        if done != 1:
+            raise OSError(f"KVM_SET_MSRS set {done} of 1 MSRs")
+    except OSError as e:
+        print(f"abide-nested: warning: cannot hold an idle VM open ({e}); "
+              "VMs coming and going will flip the kernel's KVM state", file=sys.stderr)
+        return 1
+    if os.fork() == 0:
+        os.setsid()
+        devnull = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        while True:
+            signal.pause()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
