@@ -83,9 +83,22 @@ EXTRA_STATS = ("halt_exits", "irq_exits", "irq_window_exits", "request_irq_exits
                "signal_exits", "insn_emulation", "hypercalls")
 
 
+def held_by_nested_host(vm_dir):
+    """Whether the VM is the idle one the nested test host holds open
+    (resources/nested/hold-kvm.py): debugfs names each VM PID-FD."""
+    pid = os.path.basename(vm_dir).split("-")[0]
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"hold-kvm.py" in f.read()
+    except OSError:
+        return False
+
+
 def kvm_exit_counts():
-    """{stat: count} of the one VM in KVM's debugfs, or None."""
-    vms = [d for d in glob.glob(os.path.join(KVM_DEBUGFS, "*-*")) if os.path.isdir(d)]
+    """{stat: count} of the one VM in KVM's debugfs (besides the nested
+    host's idle one), or None."""
+    vms = [d for d in glob.glob(os.path.join(KVM_DEBUGFS, "*-*"))
+           if os.path.isdir(d) and not held_by_nested_host(d)]
     if len(vms) != 1:
         return None
     counts = {}

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Hold one idle VM open in the nested test host for as long as it runs.
 
-resources/nested/run.sh starts this before the command. It creates a VM
-with an in-kernel irqchip and one vCPU that never runs, and whose local
-APIC is hardware-disabled, then forks: the child keeps the file
+resources/nested/run.sh starts this before the command. It forks a
+child that creates a VM with an in-kernel irqchip and one vCPU that never
+runs, and whose local APIC is hardware-disabled, and keeps its file
 descriptors (and so the VM) until the nested host powers off; the parent
 exits 0 once the VM exists, so the command starts after it.
 
@@ -38,32 +38,50 @@ MSR_IA32_APICBASE = 0x1B
 APICBASE_DISABLED = 0xFEE00000 | 0x100
 
 
+def make_vm():
+    """The idle VM; its file descriptors stay open in this process."""
+    kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    vm = fcntl.ioctl(kvm, KVM_CREATE_VM, 0)
+    fcntl.ioctl(vm, KVM_CREATE_IRQCHIP, 0)
+    vcpu = fcntl.ioctl(vm, KVM_CREATE_VCPU, 0)
+    # struct kvm_msrs { u32 nmsrs; u32 pad; struct kvm_msr_entry { u32
+    # index; u32 reserved; u64 data; } entries[]; }
+    msrs = bytearray(struct.pack("=IIIIQ", 1, 0, MSR_IA32_APICBASE, 0, APICBASE_DISABLED))
+    done = fcntl.ioctl(vcpu, KVM_SET_MSRS, msrs, True)
+    if done != 1:
+        raise OSError(f"KVM_SET_MSRS set {done} of 1 MSRs")
+
+
 def main():
-    try:
-        kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-        vm = fcntl.ioctl(kvm, KVM_CREATE_VM, 0)
-        fcntl.ioctl(vm, KVM_CREATE_IRQCHIP, 0)
-        vcpu = fcntl.ioctl(vm, KVM_CREATE_VCPU, 0)
-        # struct kvm_msrs { u32 nmsrs; u32 pad; struct kvm_msr_entry { u32
-        # index; u32 reserved; u64 data; } entries[]; }
-        msrs = bytearray(struct.pack("=IIIIQ", 1, 0, MSR_IA32_APICBASE, 0, APICBASE_DISABLED))
-        done = fcntl.ioctl(vcpu, KVM_SET_MSRS, msrs, True)
-        if done != 1:
-            raise OSError(f"KVM_SET_MSRS set {done} of 1 MSRs")
-    except OSError as e:
-        print(f"abide-nested: warning: cannot hold an idle VM open ({e}); "
+    # The child makes the VM, so that KVM's debugfs names it after the
+    # process that lives on (PID-FD; resources/bench/boot_bench.py leaves
+    # it out by that PID), and tells the parent how it went.
+    r, w = os.pipe()
+    if os.fork() != 0:
+        os.close(w)
+        said = os.read(r, 4096)
+        if said == b"ok":
+            return 0
+        why = said.decode(errors="replace") or "the holding process died"
+        print(f"abide-nested: warning: cannot hold an idle VM open ({why}); "
               "VMs coming and going will flip the kernel's KVM state", file=sys.stderr)
         return 1
-    if os.fork() == 0:
-        os.setsid()
-        devnull = os.open("/dev/null", os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        while True:
-            signal.pause()
-    return 0
+    os.close(r)
+    os.setsid()
+    try:
+        make_vm()
+    except OSError as e:
+        os.write(w, str(e).encode())
+        os._exit(1)
+    os.write(w, b"ok")
+    os.close(w)
+    devnull = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    while True:
+        signal.pause()
 
 
 if __name__ == "__main__":
