@@ -422,6 +422,7 @@ pub fn wait_for_serial(child: &mut Child, serial: &Path, needle: &str, timeout: 
 /// `host: key=value` lines, `@@@ begin NAME` ... `@@@ end NAME rc=` sections
 /// and the guest's `abide-linux: ` lines.
 pub mod session {
+    use std::io::Write;
     use std::process::Command;
     use std::time::Duration;
 
@@ -532,6 +533,13 @@ pub mod session {
             eprintln!(
                 "RUNNING THE {what} SESSION ONCE MORE (run {run} of at most {runs}): {why}; \
                  the previous run's output:\n{out}"
+            );
+            // The test harness keeps what eprintln! writes to itself unless
+            // the test fails; this one line goes straight to stderr, so that
+            // a CI log shows every rerun, of passing tests too.
+            let _ = writeln!(
+                std::io::stderr(),
+                "abide-tests: RERUN of the {what} session (run {run} of at most {runs}): {why}"
             );
             out = attempt();
         }
