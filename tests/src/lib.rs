@@ -535,15 +535,87 @@ pub mod session {
                  the previous run's output:\n{out}"
             );
             // The test harness keeps what eprintln! writes to itself unless
-            // the test fails; this one line goes straight to stderr, so that
-            // a CI log shows every rerun, of passing tests too.
+            // the test fails; this goes straight to stderr, so that a CI log
+            // shows every rerun, of passing tests too, with its evidence.
             let _ = writeln!(
                 std::io::stderr(),
-                "abide-tests: RERUN of the {what} session (run {run} of at most {runs}): {why}"
+                "abide-tests: RERUN of the {what} session (run {run} of at most {runs}): {why}\n{}",
+                rerun_evidence(&out, what, run - 1)
             );
             out = attempt();
         }
         out
+    }
+
+    /// The lines of a failed run that say what happened (Abide's errors and
+    /// the registers of a crashed vCPU, the session's `host:` lines, the
+    /// nested host's verdict), at most 24, and where the whole output is
+    /// kept (`target/nested-reruns/`).
+    fn rerun_evidence(out: &Outcome, what: &str, run: u32) -> String {
+        const SAYS: &[&str] = &[
+            "error",
+            "triple fault",
+            "rip=",
+            "host: ",
+            "TEST HOST CRASHED",
+            "rcu: INFO",
+            "soft lockup",
+        ];
+        let mut lines: Vec<String> = out
+            .stderr
+            .lines()
+            .chain(out.stdout.lines())
+            .filter(|l| SAYS.iter().any(|w| l.contains(w)))
+            .take(24)
+            .map(|l| format!("  | {l}"))
+            .collect();
+        let name: String = what
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let path = repo_root()
+            .join("target/nested-reruns")
+            .join(format!("{name}-run{run}.log"));
+        let kept = std::fs::create_dir_all(path.parent().expect("has a parent"))
+            .and_then(|()| std::fs::write(&path, out.to_string()));
+        lines.push(match kept {
+            Ok(()) => format!("  the whole output of run {run}: {}", path.display()),
+            Err(e) => format!(
+                "  (could not keep run {run}'s output in {}: {e})",
+                path.display()
+            ),
+        });
+        lines.join("\n")
+    }
+
+    #[test]
+    fn a_rerun_shows_its_evidence_and_keeps_the_whole_output() {
+        let out = Outcome {
+            code: Some(1),
+            stdout: "chatter\nhost: net found=no exited=yes rc=1 seconds=40\n".into(),
+            stderr: format!(
+                "Error: vCPU 0 {NESTED_GUEST_CRASH}\n  rip=0x000000000000fff0 rsp=0x0\nnoise\n"
+            ),
+            elapsed: Duration::from_secs(40),
+            timed_out: false,
+            signal: None,
+        };
+        let said = rerun_evidence(&out, "unit test: evidence", 1);
+        assert!(
+            said.contains("  | Error: vCPU 0 shut down (triple fault)"),
+            "{said}"
+        );
+        assert!(said.contains("  | host: net found=no"), "{said}");
+        assert!(said.contains("rip=0x000000000000fff0"), "{said}");
+        assert!(
+            !said.contains("chatter") && !said.contains("noise"),
+            "{said}"
+        );
+        let path = repo_root().join("target/nested-reruns/unit-test--evidence-run1.log");
+        assert!(said.contains(&path.display().to_string()), "{said}");
+        let kept = std::fs::read_to_string(&path).expect("the whole output is kept");
+        assert_eq!(kept, out.to_string());
+        let _ = std::fs::remove_file(&path);
     }
 
     /// What Abide prints when a guest's vCPU triple-faulted.
