@@ -434,7 +434,7 @@ pub mod session {
     /// nested host itself failed (its reason is on stderr); 1 a step of the
     /// script (`host: failed: ...`, logs follow).
     pub fn run_session(script: &str, budget: u64, what: &str) -> Outcome {
-        run_session_runs(script, budget, what, 3)
+        run_session_runs(script, budget, what, RUNS)
     }
 
     /// [`run_session`] with at most `runs` runs ([`run_where_linux_runs_runs`]).
@@ -486,13 +486,22 @@ pub mod session {
     /// A real fault of Abide repeats and fails the second run too. Any other
     /// failure, and anything where Linux runs directly, counts at once.
     pub fn run_where_linux_runs(command: &[&str], timeout_s: u64, what: &str) -> Outcome {
-        run_where_linux_runs_runs(command, timeout_s, what, 3)
+        run_where_linux_runs_runs(command, timeout_s, what, RUNS)
     }
 
-    /// [`run_where_linux_runs`] with at most `runs` runs in all: a crash of the test host itself gets another run
-    /// up to the last, a guest's crash or stall in the nested host up to
-    /// the one before (with `runs` = 3, as [`run_where_linux_runs`]: one
-    /// more run for a guest, two more for the host).
+    /// How many runs a session gets at most by default
+    /// ([`run_where_linux_runs_runs`]).
+    pub const RUNS: u32 = 3;
+
+    /// What `resources/nested/run.sh` says when the nested host itself
+    /// crashed or hung (after showing the evidence).
+    pub const NESTED_HOST_CRASHED: &str = "abide-nested: TEST HOST CRASHED";
+
+    /// [`run_where_linux_runs`] with at most `runs` runs in all: a crash of
+    /// the test host itself gets another run up to the last, a guest's
+    /// crash or stall in the nested host up to the one before (with
+    /// [`RUNS`], as [`run_where_linux_runs`]: one more run for a guest,
+    /// two more for the host).
     pub fn run_where_linux_runs_runs(
         command: &[&str],
         timeout_s: u64,
@@ -510,12 +519,11 @@ pub mod session {
             )
         };
         let mut out = attempt();
-        // A third run only after the test host itself crashed (twice in a
+        // The last run only after the test host itself crashed (twice in a
         // row in one CI run on 4 December 2026: a hang, then a panic);
         // the host's watchdog ends such a run within about a minute.
         for run in 2..=runs {
-            let host_crashed =
-                out.code == Some(125) && out.stderr.contains("abide-nested: TEST HOST CRASHED");
+            let host_crashed = out.code == Some(125) && out.stderr.contains(NESTED_HOST_CRASHED);
             let why = if host_crashed {
                 "the nested test host crashed (not the command)"
             } else if run == runs {
@@ -549,23 +557,22 @@ pub mod session {
 
     /// The lines of a failed run that say what happened (Abide's errors and
     /// the registers of a crashed vCPU, the session's `host:` lines, the
-    /// nested host's verdict), at most 24, and where the whole output is
-    /// kept (`target/nested-reruns/`).
+    /// nested host's verdict, a guest kernel's stall reports), at most 24,
+    /// and where the whole output is kept (`target/nested-reruns/`).
     fn rerun_evidence(out: &Outcome, what: &str, run: u32) -> String {
         const SAYS: &[&str] = &[
             "error",
             "triple fault",
             "rip=",
             "host: ",
-            "TEST HOST CRASHED",
-            "rcu: INFO",
-            "soft lockup",
+            NESTED_HOST_CRASHED,
         ];
+        let says = |l: &str| SAYS.iter().chain(NESTED_GUEST_STALL).any(|w| l.contains(w));
         let mut lines: Vec<String> = out
             .stderr
             .lines()
             .chain(out.stdout.lines())
-            .filter(|l| SAYS.iter().any(|w| l.contains(w)))
+            .filter(|l| says(l))
             .take(24)
             .map(|l| format!("  | {l}"))
             .collect();

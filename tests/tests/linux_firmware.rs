@@ -26,7 +26,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use abide_tests::session::{run_session_runs, section};
+use abide_tests::session::{run_session_runs, section, RUNS};
 use abide_tests::{abide_bin, guest_file};
 
 const BIOS: &str = "/usr/share/seabios/bios.bin";
@@ -265,7 +265,7 @@ fn assert_linux_ran_and_powered_off(out: &str, case: &str, cpus: u32) {
 
 #[test]
 fn firmware_runs_option_roms_and_boots_a_kernel() {
-    let out = session(ROMS_KERNEL_DISK, "firmware", 900, 3);
+    let out = session(ROMS_KERNEL_DISK, "firmware", 900, RUNS);
     // pc-1.0 with the PXE ROM (128 KiB slot), the newest type with the
     // combined EFI+PXE ROM (256 KiB slot) and the 256 KiB BIOS.
     assert_rom_ran(&out, "pxe");
